@@ -1,0 +1,54 @@
+//! Activation functions and their derivatives.
+
+/// The activation fused into a batch-norm or squeeze-excitation kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    /// x·sigmoid(x), also called swish (EfficientNet V1/V2).
+    Silu,
+    /// min(max(x, 0), 6) (EfficientNet-Lite).
+    Relu6,
+}
+
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Act {
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Act::None => x,
+            Act::Silu => x * sigmoid(x),
+            Act::Relu6 => x.clamp(0.0, 6.0),
+        }
+    }
+
+    /// d act(x) / dx at `x` (PyTorch's convention at ReLU6's corners: 0).
+    #[inline(always)]
+    pub fn derivative(self, x: f32) -> f32 {
+        match self {
+            Act::None => 1.0,
+            Act::Silu => {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Act::Relu6 => {
+                if x > 0.0 && x < 6.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::None => "none",
+            Act::Silu => "silu",
+            Act::Relu6 => "relu6",
+        }
+    }
+}

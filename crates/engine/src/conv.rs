@@ -1,0 +1,198 @@
+//! Dense k×k convolution (groups = 1) with TF "SAME" padding, by im2col and a matrix product,
+//! and the 1×1 stride-1 case as a plain matrix product over the NHWC rows.
+
+use crate::matmul::{matmul, Layout};
+use crate::shape::{same_padding, Nhwc};
+
+/// The geometry of one dense convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub input: Nhwc,
+    pub kernel: usize,
+    pub stride: usize,
+    pub cout: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pad_top: usize,
+    pad_left: usize,
+}
+
+impl ConvGeom {
+    pub fn new(input: Nhwc, kernel: usize, stride: usize, cout: usize) -> Self {
+        let (out_h, pad_top) = same_padding(input.h, kernel, stride);
+        let (out_w, pad_left) = same_padding(input.w, kernel, stride);
+        ConvGeom { input, kernel, stride, cout, out_h, out_w, pad_top, pad_left }
+    }
+
+    pub fn output(&self) -> Nhwc {
+        Nhwc::new(self.input.n, self.out_h, self.out_w, self.cout)
+    }
+
+    /// A 1×1 stride-1 convolution needs no im2col: the input rows are the matrix.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1
+    }
+
+    /// Length of one im2col row: the reduction dimension of the product.
+    pub fn patch_len(&self) -> usize {
+        self.kernel * self.kernel * self.input.c
+    }
+
+    /// Scratch needed for one image's im2col matrix (0 for pointwise convolutions).
+    pub fn col_len(&self) -> usize {
+        if self.is_pointwise() {
+            0
+        } else {
+            self.out_h * self.out_w * self.patch_len()
+        }
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.patch_len()
+    }
+
+    pub fn macs(&self) -> usize {
+        self.output().rows() * self.patch_len() * self.cout
+    }
+}
+
+/// Packs a PyTorch weight `[cout][cin][kh][kw]` into the im2col layout `[kh][kw][cin][cout]`.
+pub fn pack_weight(g: &ConvGeom, torch: &[f32], packed: &mut [f32]) {
+    let (k, cin, cout) = (g.kernel, g.input.c, g.cout);
+    for o in 0..cout {
+        for i in 0..cin {
+            for t in 0..k * k {
+                packed[(t * cin + i) * cout + o] = torch[(o * cin + i) * k * k + t];
+            }
+        }
+    }
+}
+
+/// Adds a gradient in the packed layout to one in PyTorch's layout (the inverse of [`pack_weight`]).
+pub fn unpack_weight_add(g: &ConvGeom, packed: &[f32], torch: &mut [f32]) {
+    let (k, cin, cout) = (g.kernel, g.input.c, g.cout);
+    for o in 0..cout {
+        for i in 0..cin {
+            for t in 0..k * k {
+                torch[(o * cin + i) * k * k + t] += packed[(t * cin + i) * cout + o];
+            }
+        }
+    }
+}
+
+/// Fills `col` (`[out_h·out_w, k·k·cin]`) with the zero-padded patches of one image.
+fn im2col(g: &ConvGeom, image: &[f32], col: &mut [f32]) {
+    let (k, cin, s) = (g.kernel, g.input.c, g.stride);
+    let (h, w) = (g.input.h as isize, g.input.w as isize);
+    let patch = g.patch_len();
+    for oh in 0..g.out_h {
+        for ow in 0..g.out_w {
+            let row = &mut col[(oh * g.out_w + ow) * patch..][..patch];
+            for kh in 0..k {
+                let ih = (oh * s + kh) as isize - g.pad_top as isize;
+                for kw in 0..k {
+                    let iw = (ow * s + kw) as isize - g.pad_left as isize;
+                    let dst = &mut row[(kh * k + kw) * cin..][..cin];
+                    if ih < 0 || ih >= h || iw < 0 || iw >= w {
+                        dst.fill(0.0);
+                    } else {
+                        let src = ((ih * w + iw) as usize) * cin;
+                        dst.copy_from_slice(&image[src..src + cin]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the patches in `col` back into one image's gradient (the adjoint of [`im2col`]).
+fn col2im_add(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
+    let (k, cin, s) = (g.kernel, g.input.c, g.stride);
+    let (h, w) = (g.input.h as isize, g.input.w as isize);
+    let patch = g.patch_len();
+    for oh in 0..g.out_h {
+        for ow in 0..g.out_w {
+            let row = &col[(oh * g.out_w + ow) * patch..][..patch];
+            for kh in 0..k {
+                let ih = (oh * s + kh) as isize - g.pad_top as isize;
+                if ih < 0 || ih >= h {
+                    continue;
+                }
+                for kw in 0..k {
+                    let iw = (ow * s + kw) as isize - g.pad_left as isize;
+                    if iw < 0 || iw >= w {
+                        continue;
+                    }
+                    let dst = ((ih * w + iw) as usize) * cin;
+                    let src = &row[(kh * k + kw) * cin..][..cin];
+                    for (d, v) in image[dst..dst + cin].iter_mut().zip(src) {
+                        *d += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv(x, w)`. `w` is PyTorch's layout for pointwise convolutions and the packed layout
+/// ([`pack_weight`]) otherwise; `col` is scratch of [`ConvGeom::col_len`].
+pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], col: &mut [f32]) {
+    let out = g.output();
+    if g.is_pointwise() {
+        // [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed.
+        matmul(y, out.rows(), g.cout, g.input.c, x, Layout::Normal, w, Layout::Transposed, false);
+        return;
+    }
+    let in_img = g.input.h * g.input.w * g.input.c;
+    let out_px = g.out_h * g.out_w;
+    for b in 0..g.input.n {
+        im2col(g, &x[b * in_img..][..in_img], col);
+        let y_img = &mut y[b * out_px * g.cout..][..out_px * g.cout];
+        matmul(y_img, out_px, g.cout, g.patch_len(), col, Layout::Normal, w, Layout::Normal, false);
+    }
+}
+
+/// Gradients of [`forward`]: `dw` (same layout as `w`) is accumulated into; `dx`, when wanted,
+/// is overwritten. `col` and `dcol` are scratch of [`ConvGeom::col_len`] each.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    col: &mut [f32],
+    dcol: &mut [f32],
+) {
+    let out = g.output();
+    let (cin, cout) = (g.input.c, g.cout);
+    if g.is_pointwise() {
+        let rows = out.rows();
+        // dw[cout, cin] += dyᵀ · x
+        matmul(dw, cout, cin, rows, dy, Layout::Transposed, x, Layout::Normal, true);
+        if let Some(dx) = dx {
+            // dx[rows, cin] = dy · w[cout, cin]
+            matmul(dx, rows, cin, cout, dy, Layout::Normal, w, Layout::Normal, false);
+        }
+        return;
+    }
+    let in_img = g.input.h * g.input.w * cin;
+    let out_px = g.out_h * g.out_w;
+    let patch = g.patch_len();
+    let mut dx = dx;
+    if let Some(dx) = dx.as_deref_mut() {
+        dx.fill(0.0);
+    }
+    for b in 0..g.input.n {
+        let dy_img = &dy[b * out_px * cout..][..out_px * cout];
+        im2col(g, &x[b * in_img..][..in_img], col);
+        // dw[patch, cout] += colᵀ · dy
+        matmul(dw, patch, cout, out_px, col, Layout::Transposed, dy_img, Layout::Normal, true);
+        if let Some(dx) = dx.as_deref_mut() {
+            // dcol[out_px, patch] = dy · wᵀ
+            matmul(dcol, out_px, patch, cout, dy_img, Layout::Normal, w, Layout::Transposed, false);
+            col2im_add(g, dcol, &mut dx[b * in_img..][..in_img]);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Depthwise k×k convolution (one filter per channel) with TF "SAME" padding, NHWC.
+//!
+//! The inner loops run along channels, contiguous in NHWC, so they vectorize; rows of the output
+//! are spread over the thread pool.
+
+use rayon::prelude::*;
+
+use crate::shape::{same_padding, Nhwc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DwGeom {
+    pub input: Nhwc,
+    pub kernel: usize,
+    pub stride: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pad_top: usize,
+    pad_left: usize,
+}
+
+impl DwGeom {
+    pub fn new(input: Nhwc, kernel: usize, stride: usize) -> Self {
+        let (out_h, pad_top) = same_padding(input.h, kernel, stride);
+        let (out_w, pad_left) = same_padding(input.w, kernel, stride);
+        DwGeom { input, kernel, stride, out_h, out_w, pad_top, pad_left }
+    }
+
+    pub fn output(&self) -> Nhwc {
+        Nhwc::new(self.input.n, self.out_h, self.out_w, self.input.c)
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.kernel * self.kernel * self.input.c
+    }
+
+    pub fn macs(&self) -> usize {
+        self.output().len() * self.kernel * self.kernel
+    }
+
+    /// The input index range along one axis touched by output `o`, as (first tap, input start, taps).
+    #[inline]
+    fn taps(&self, o: usize, pad: usize, size: usize) -> (usize, usize, usize) {
+        let start = (o * self.stride) as isize - pad as isize;
+        let first = (-start).max(0) as usize;
+        let end = (start + self.kernel as isize).min(size as isize);
+        let first_in = (start + first as isize) as usize;
+        (first, first_in, (end - first_in as isize).max(0) as usize)
+    }
+}
+
+/// Packs a PyTorch weight `[c][1][kh][kw]` into `[kh][kw][c]`.
+pub fn pack_weight(g: &DwGeom, torch: &[f32], packed: &mut [f32]) {
+    let (c, kk) = (g.input.c, g.kernel * g.kernel);
+    for ch in 0..c {
+        for t in 0..kk {
+            packed[t * c + ch] = torch[ch * kk + t];
+        }
+    }
+}
+
+/// Adds a packed gradient `[kh][kw][c]` into PyTorch's layout `[c][1][kh][kw]`.
+pub fn unpack_weight_add(g: &DwGeom, packed: &[f32], torch: &mut [f32]) {
+    let (c, kk) = (g.input.c, g.kernel * g.kernel);
+    for ch in 0..c {
+        for t in 0..kk {
+            torch[ch * kk + t] += packed[t * c + ch];
+        }
+    }
+}
+
+/// `y = depthwise(x, w)` with `w` packed as `[kh][kw][c]`.
+pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let c = g.input.c;
+    let (ih_len, iw_len) = (g.input.h, g.input.w);
+    let in_img = ih_len * iw_len * c;
+    let row_len = g.out_w * c;
+    y.par_chunks_mut(row_len).enumerate().for_each(|(r, out_row)| {
+        let (b, oh) = (r / g.out_h, r % g.out_h);
+        let img = &x[b * in_img..][..in_img];
+        let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
+        for ow in 0..g.out_w {
+            let acc = &mut out_row[ow * c..][..c];
+            acc.fill(0.0);
+            let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+            for dh in 0..nh {
+                for dw in 0..nw {
+                    let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
+                    let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
+                    for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
+                        *a += xv * wv;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Gradients of [`forward`]: `dx` is overwritten, `dw` (packed) accumulated into.
+/// `scratch` holds one packed weight gradient per image (`n · weight_len`).
+pub fn backward(
+    g: &DwGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let c = g.input.c;
+    let (ih_len, iw_len) = (g.input.h, g.input.w);
+    let in_img = ih_len * iw_len * c;
+    let out_img = g.out_h * g.out_w * c;
+    let wl = g.weight_len();
+    // One image per task: its dx region and its weight-gradient partial are private to it.
+    dx.par_chunks_mut(in_img)
+        .zip(scratch[..g.input.n * wl].par_chunks_mut(wl))
+        .enumerate()
+        .for_each(|(b, (dx_img, dw_part))| {
+            dx_img.fill(0.0);
+            dw_part.fill(0.0);
+            let img = &x[b * in_img..][..in_img];
+            let dy_img = &dy[b * out_img..][..out_img];
+            for oh in 0..g.out_h {
+                let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
+                for ow in 0..g.out_w {
+                    let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+                    let go = &dy_img[(oh * g.out_w + ow) * c..][..c];
+                    for dh in 0..nh {
+                        for dwi in 0..nw {
+                            let off = ((ih0 + dh) * iw_len + iw0 + dwi) * c;
+                            let t = ((kh0 + dh) * g.kernel + kw0 + dwi) * c;
+                            let xs = &img[off..][..c];
+                            let ws = &w[t..][..c];
+                            let gw = &mut dw_part[t..][..c];
+                            for ((gwv, xv), gov) in gw.iter_mut().zip(xs).zip(go) {
+                                *gwv += gov * xv;
+                            }
+                            let gx = &mut dx_img[off..][..c];
+                            for ((gxv, gov), wv) in gx.iter_mut().zip(go).zip(ws) {
+                                *gxv += gov * wv;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    for part in scratch[..g.input.n * wl].chunks(wl) {
+        for (d, p) in dw.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Batch normalization over the rows of an NHWC tensor (`[rows, c]`), fused with an activation.
+//!
+//! Training mode normalizes with the batch's mean and biased variance; the running statistics use
+//! the unbiased variance, as PyTorch and TensorFlow's fused batch norm both do. Eval mode applies
+//! the running statistics as one scale and shift per channel.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::act::Act;
+
+/// Rows per parallel task in the reductions: small enough that f32 partial sums stay accurate.
+const ROWS_PER_TASK: usize = 512;
+
+/// Sums `f` over row ranges in parallel. `f(rows, partial)` adds its range's contribution into
+/// `partial` (length `width`); the partials are combined in f64.
+pub fn par_row_sums(rows: usize, width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f64> {
+    let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
+    (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let mut partial = vec![0f32; width];
+            let range = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
+            f(range, &mut partial);
+            partial
+        })
+        .fold(
+            || vec![0f64; width],
+            |mut acc, partial| {
+                for (a, p) in acc.iter_mut().zip(&partial) {
+                    *a += *p as f64;
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f64; width],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        )
+}
+
+/// Applies `f(row_chunk_in, row_chunk_out)` over matching row chunks of two `[rows, c]` tensors.
+fn par_rows(x: &[f32], y: &mut [f32], c: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    let chunk = ROWS_PER_TASK * c;
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| f(xc, yc));
+}
+
+/// Training-mode forward: `y = act(γ·(x − mean)/sqrt(var + eps) + β)` with the batch statistics,
+/// which are written to `mean`, `var` (biased) and `invstd` for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn train_forward(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    act: Act,
+    mean: &mut [f32],
+    var: &mut [f32],
+    invstd: &mut [f32],
+    y: &mut [f32],
+) {
+    let rows = x.len() / c;
+    let sums = par_row_sums(rows, c, |r, acc| {
+        for row in x[r.start * c..r.end * c].chunks_exact(c) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    });
+    for (m, s) in mean.iter_mut().zip(&sums) {
+        *m = (s / rows as f64) as f32;
+    }
+    let mean_ro: &[f32] = mean;
+    // Two passes (mean, then squared deviations) keep the variance accurate for large means.
+    let sq = par_row_sums(rows, c, |r, acc| {
+        for row in x[r.start * c..r.end * c].chunks_exact(c) {
+            for ((a, v), m) in acc.iter_mut().zip(row).zip(mean_ro) {
+                let d = v - m;
+                *a += d * d;
+            }
+        }
+    });
+    for ch in 0..c {
+        let v = (sq[ch] / rows as f64) as f32;
+        var[ch] = v;
+        invstd[ch] = 1.0 / (v + eps).sqrt();
+    }
+    eval_affine(x, c, gamma, beta, mean, invstd, act, y);
+}
+
+/// `y = act(γ·(x − mean)·invstd + β)` as one scale and shift per channel.
+#[allow(clippy::too_many_arguments)]
+fn eval_affine(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32], act: Act, y: &mut [f32]) {
+    let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
+    let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    scale_shift_act(x, c, &scale, &shift, act, y);
+}
+
+/// `y = act(x·scale + shift)` per channel: eval-mode batch norm with folded statistics.
+pub fn scale_shift_act(x: &[f32], c: usize, scale: &[f32], shift: &[f32], act: Act, y: &mut [f32]) {
+    par_rows(x, y, c, |xc, yc| {
+        for (xr, yr) in xc.chunks_exact(c).zip(yc.chunks_exact_mut(c)) {
+            match act {
+                // Separate loops per activation so each one vectorizes.
+                Act::None => {
+                    for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                        *o = v * s + b;
+                    }
+                }
+                Act::Silu => {
+                    for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                        *o = Act::Silu.apply(v * s + b);
+                    }
+                }
+                Act::Relu6 => {
+                    for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                        *o = (v * s + b).clamp(0.0, 6.0);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Eval-mode forward from running statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_forward(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    act: Act,
+    y: &mut [f32],
+) {
+    let invstd: Vec<f32> = running_var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    eval_affine(x, c, gamma, beta, running_mean, &invstd, act, y);
+}
+
+/// Moves the running statistics towards the batch's: `r ← (1 − m)·r + m·batch`, with the
+/// unbiased variance (`var · rows/(rows − 1)`).
+pub fn update_running_stats(
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    mean: &[f32],
+    var: &[f32],
+    rows: usize,
+    momentum: f32,
+) {
+    let bessel = if rows > 1 { rows as f32 / (rows - 1) as f32 } else { 1.0 };
+    for (r, m) in running_mean.iter_mut().zip(mean) {
+        *r = (1.0 - momentum) * *r + momentum * m;
+    }
+    for (r, v) in running_var.iter_mut().zip(var) {
+        *r = (1.0 - momentum) * *r + momentum * v * bessel;
+    }
+}
+
+/// Backward of [`train_forward`]: `dx` is overwritten; `dgamma` and `dbeta` are accumulated into.
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    act: Act,
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let rows = x.len() / c;
+    let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
+    let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    // Σ dz and Σ dz·x̂ per channel, where z = x·scale + shift is the pre-activation value.
+    let sums = par_row_sums(rows, 2 * c, |r, acc| {
+        let (sum_dz, sum_dzx) = acc.split_at_mut(c);
+        for (xr, gr) in x[r.start * c..r.end * c].chunks_exact(c).zip(dy[r.start * c..r.end * c].chunks_exact(c)) {
+            for ch in 0..c {
+                let z = xr[ch] * scale[ch] + shift[ch];
+                let dz = gr[ch] * act.derivative(z);
+                sum_dz[ch] += dz;
+                sum_dzx[ch] += dz * (xr[ch] - mean[ch]) * invstd[ch];
+            }
+        }
+    });
+    let inv_rows = 1.0 / rows as f64;
+    let mean_dz: Vec<f32> = sums[..c].iter().map(|s| (s * inv_rows) as f32).collect();
+    let mean_dzx: Vec<f32> = sums[c..].iter().map(|s| (s * inv_rows) as f32).collect();
+    for ch in 0..c {
+        dbeta[ch] += sums[ch] as f32;
+        dgamma[ch] += sums[c + ch] as f32;
+    }
+    let chunk = ROWS_PER_TASK * c;
+    dx.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).zip(dy.par_chunks(chunk)).for_each(|((dxc, xc), gc)| {
+        for ((dr, xr), gr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(gc.chunks_exact(c)) {
+            for ch in 0..c {
+                let z = xr[ch] * scale[ch] + shift[ch];
+                let dz = gr[ch] * act.derivative(z);
+                let xhat = (xr[ch] - mean[ch]) * invstd[ch];
+                dr[ch] = scale[ch] * (dz - mean_dz[ch] - xhat * mean_dzx[ch]);
+            }
+        }
+    });
+}

@@ -1,0 +1,132 @@
+//! Squeeze-and-excitation: `y = x · sigmoid(W₂·act(W₁·mean_hw(x) + b₁) + b₂)` per image and channel.
+//! Weights are PyTorch's 1×1 convolutions: `w1 [cr, c]`, `w2 [c, cr]`.
+
+use rayon::prelude::*;
+
+use crate::act::{sigmoid, Act};
+use crate::matmul::{matmul, Layout};
+
+/// Shapes of one squeeze-excitation: `n` images of `hw` pixels and `c` channels, reduced to `cr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeGeom {
+    pub n: usize,
+    pub hw: usize,
+    pub c: usize,
+    pub cr: usize,
+    pub act: Act,
+}
+
+/// What the forward pass keeps for the backward pass (small: per image, not per pixel).
+#[derive(Debug, Clone)]
+pub struct SeSaved {
+    pooled: Vec<f32>,
+    pre_act: Vec<f32>,
+    hidden: Vec<f32>,
+    gate: Vec<f32>,
+}
+
+impl SeSaved {
+    pub fn new(g: &SeGeom) -> Self {
+        SeSaved {
+            pooled: vec![0.0; g.n * g.c],
+            pre_act: vec![0.0; g.n * g.cr],
+            hidden: vec![0.0; g.n * g.cr],
+            gate: vec![0.0; g.n * g.c],
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    g: &SeGeom,
+    x: &[f32],
+    w1: &[f32],
+    b1: &[f32],
+    w2: &[f32],
+    b2: &[f32],
+    saved: &mut SeSaved,
+    y: &mut [f32],
+) {
+    let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
+    crate::pool::global_avg_forward(x, n, hw, c, &mut saved.pooled);
+    matmul(&mut saved.pre_act, n, cr, c, &saved.pooled, Layout::Normal, w1, Layout::Transposed, false);
+    for (row_pre, row_hidden) in saved.pre_act.chunks_exact_mut(cr).zip(saved.hidden.chunks_exact_mut(cr)) {
+        for ((p, h), b) in row_pre.iter_mut().zip(row_hidden.iter_mut()).zip(b1) {
+            *p += b;
+            *h = g.act.apply(*p);
+        }
+    }
+    matmul(&mut saved.gate, n, c, cr, &saved.hidden, Layout::Normal, w2, Layout::Transposed, false);
+    for row in saved.gate.chunks_exact_mut(c) {
+        for (v, b) in row.iter_mut().zip(b2) {
+            *v = sigmoid(*v + b);
+        }
+    }
+    let gate = &saved.gate;
+    y.par_chunks_mut(hw * c).zip(x.par_chunks(hw * c)).enumerate().for_each(|(b, (yi, xi))| {
+        let gi = &gate[b * c..][..c];
+        for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+            for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
+                *o = v * s;
+            }
+        }
+    });
+}
+
+/// Backward of [`forward`]: `dx` is overwritten; weight and bias gradients are accumulated into.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    g: &SeGeom,
+    x: &[f32],
+    w1: &[f32],
+    w2: &[f32],
+    saved: &SeSaved,
+    dy: &[f32],
+    dx: &mut [f32],
+    dw1: &mut [f32],
+    db1: &mut [f32],
+    dw2: &mut [f32],
+    db2: &mut [f32],
+) {
+    let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
+    // d(pre-sigmoid) = Σ_hw dy·x · gate·(1 − gate)
+    let mut d_pre_gate = vec![0f32; n * c];
+    d_pre_gate.par_chunks_mut(c).enumerate().for_each(|(b, acc)| {
+        for (xr, gr) in x[b * hw * c..][..hw * c].chunks_exact(c).zip(dy[b * hw * c..][..hw * c].chunks_exact(c)) {
+            for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
+                *a += xv * gv;
+            }
+        }
+        for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
+            *a *= s * (1.0 - s);
+        }
+    });
+    matmul(dw2, c, cr, n, &d_pre_gate, Layout::Transposed, &saved.hidden, Layout::Normal, true);
+    let mut d_pre_act = vec![0f32; n * cr];
+    matmul(&mut d_pre_act, n, cr, c, &d_pre_gate, Layout::Normal, w2, Layout::Normal, false);
+    for (d, p) in d_pre_act.iter_mut().zip(&saved.pre_act) {
+        *d *= g.act.derivative(*p);
+    }
+    for b in 0..n {
+        for (acc, d) in db2.iter_mut().zip(&d_pre_gate[b * c..][..c]) {
+            *acc += d;
+        }
+        for (acc, d) in db1.iter_mut().zip(&d_pre_act[b * cr..][..cr]) {
+            *acc += d;
+        }
+    }
+    matmul(dw1, cr, c, n, &d_pre_act, Layout::Transposed, &saved.pooled, Layout::Normal, true);
+    let mut d_pooled = vec![0f32; n * c];
+    matmul(&mut d_pooled, n, c, cr, &d_pre_act, Layout::Normal, w1, Layout::Normal, false);
+    let inv_hw = 1.0 / hw as f32;
+    let gate = &saved.gate;
+    dx.par_chunks_mut(hw * c).zip(dy.par_chunks(hw * c)).enumerate().for_each(|(b, (dxi, dyi))| {
+        let gi = &gate[b * c..][..c];
+        let pi = &d_pooled[b * c..][..c];
+        for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
+            for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
+                *o = gv * s + p * inv_hw;
+            }
+        }
+    });
+}

@@ -1,0 +1,395 @@
+//! The EfficientNet family as data: block tables in timm's block-string notation, with the width
+//! and depth scaling rules of timm's `tf_*` models (and of the TF reference they were ported from).
+
+use effnet_engine::Act;
+
+/// The four block kinds of the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// `cn`: k×k conv + BN + act (Fused-MBConv with expansion 1).
+    ConvBnAct,
+    /// `er`: k×k expansion conv + BN + act, [SE], 1×1 projection + BN (Fused-MBConv).
+    EdgeResidual,
+    /// `ds`: depthwise conv + BN + act, [SE], 1×1 projection + BN (V1's first stage).
+    DepthwiseSeparable,
+    /// `ir`: 1×1 expansion + BN + act, depthwise + BN + act, [SE], 1×1 projection + BN (MBConv).
+    InvertedResidual,
+}
+
+/// One stage line of an architecture table, e.g. `ir_r4_k3_s2_e4_c128_se0.25`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageSpec {
+    pub kind: BlockKind,
+    pub repeats: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub expansion: f64,
+    /// Output channels before width scaling.
+    pub channels: usize,
+    pub se_ratio: Option<f64>,
+    /// `Some(true)` for `_skip`, `Some(false)` for `_noskip`, `None` for the kind's default.
+    pub skip: Option<bool>,
+    /// Activation override (`_nr6`, `_nre`, `_nsw`).
+    pub act: Option<Act>,
+}
+
+impl StageSpec {
+    /// Parses timm's block-string notation (the subset the family uses).
+    pub fn parse(s: &str) -> Result<StageSpec, String> {
+        let mut parts = s.split('_');
+        let kind = match parts.next() {
+            Some("cn") => BlockKind::ConvBnAct,
+            Some("er") => BlockKind::EdgeResidual,
+            Some("ds") => BlockKind::DepthwiseSeparable,
+            Some("ir") => BlockKind::InvertedResidual,
+            other => return Err(format!("block string {s:?}: unknown block type {other:?}")),
+        };
+        let mut spec = StageSpec {
+            kind,
+            repeats: 1,
+            kernel: 3,
+            stride: 1,
+            expansion: 1.0,
+            channels: 0,
+            se_ratio: None,
+            skip: None,
+            act: None,
+        };
+        let bad = |op: &str| format!("block string {s:?}: cannot read option {op:?}");
+        for op in parts {
+            let int = |v: &str| v.parse::<usize>().map_err(|_| bad(op));
+            let float = |v: &str| v.parse::<f64>().map_err(|_| bad(op));
+            match op {
+                "skip" => spec.skip = Some(true),
+                "noskip" => spec.skip = Some(false),
+                "nr6" => spec.act = Some(Act::Relu6),
+                "nsw" => spec.act = Some(Act::Silu),
+                _ if op.starts_with("se") => spec.se_ratio = Some(float(&op[2..])?),
+                _ if op.starts_with('r') => spec.repeats = int(&op[1..])?,
+                _ if op.starts_with('k') => spec.kernel = int(&op[1..])?,
+                _ if op.starts_with('s') => spec.stride = int(&op[1..])?,
+                _ if op.starts_with('e') => spec.expansion = float(&op[1..])?,
+                _ if op.starts_with('c') => spec.channels = int(&op[1..])?,
+                _ => return Err(bad(op)),
+            }
+        }
+        if spec.channels == 0 || spec.repeats == 0 || spec.kernel == 0 || spec.stride == 0 {
+            return Err(format!("block string {s:?}: needs c, and r, k, s above 0"));
+        }
+        Ok(spec)
+    }
+}
+
+/// A network configuration: the block table, scaling and head, before any rounding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchConfig {
+    pub name: String,
+    pub stages: Vec<StageSpec>,
+    pub stem_size: usize,
+    pub num_features: usize,
+    pub width: f64,
+    pub depth: f64,
+    /// See [`round_channels`].
+    pub round_limit: f64,
+    /// Lite models keep stem, head and the first and last stages' depth unscaled.
+    pub fix_stem_head: bool,
+    pub act: Act,
+    pub num_classes: usize,
+    pub dropout: f32,
+    pub drop_path: f32,
+    pub bn_eps: f32,
+    /// The evaluation resolution the architecture was published with.
+    pub eval_size: usize,
+}
+
+/// timm's `make_divisible` / `round_channels`: the nearest multiple of 8, raised by 8 when that
+/// falls below `round_limit` of the exact value (0.9 for V1 and Lite; 0 for V2, which never raises).
+pub fn round_channels(channels: f64, multiplier: f64, round_limit: f64) -> usize {
+    let v = channels * multiplier;
+    let divisor: f64 = 8.0;
+    let mut new_v = divisor.max(((v + divisor / 2.0) / divisor).floor() * divisor);
+    if new_v < round_limit * v {
+        new_v += divisor;
+    }
+    new_v as usize
+}
+
+/// Python's `round` (halves to even), which timm uses for the SE width.
+fn round_half_even(x: f64) -> usize {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        (r - x.signum()) as usize
+    } else {
+        r as usize
+    }
+}
+
+/// One block after scaling: everything needed to build its layers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSpec {
+    pub kind: BlockKind,
+    pub kernel: usize,
+    pub stride: usize,
+    pub in_chs: usize,
+    pub mid_chs: usize,
+    pub out_chs: usize,
+    pub se_chs: Option<usize>,
+    pub skip: bool,
+    pub act: Act,
+    /// Stochastic-depth rate of this block: `drop_path · index / block_count`.
+    pub drop_path: f32,
+}
+
+impl ArchConfig {
+    fn scale(&self, channels: usize) -> usize {
+        round_channels(channels as f64, self.width, self.round_limit)
+    }
+
+    pub fn stem_chs(&self) -> usize {
+        if self.fix_stem_head {
+            self.stem_size
+        } else {
+            self.scale(self.stem_size)
+        }
+    }
+
+    pub fn head_chs(&self) -> usize {
+        if self.fix_stem_head {
+            self.num_features
+        } else {
+            self.scale(self.num_features)
+        }
+    }
+
+    /// Repeats per stage after depth scaling (`ceil`, as timm's default `depth_trunc`).
+    pub fn stage_repeats(&self) -> Vec<usize> {
+        let last = self.stages.len().saturating_sub(1);
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let fixed = self.fix_stem_head && (i == 0 || i == last);
+                let mult = if fixed { 1.0 } else { self.depth };
+                ((s.repeats as f64 * mult).ceil() as usize).max(1)
+            })
+            .collect()
+    }
+
+    /// The blocks of every stage, with channels rounded as timm's builder does.
+    pub fn blocks(&self) -> Vec<Vec<BlockSpec>> {
+        let repeats = self.stage_repeats();
+        let total: usize = repeats.iter().sum();
+        let mut in_chs = self.stem_chs();
+        let mut index = 0;
+        let mut stages = Vec::new();
+        for (stage, &r) in self.stages.iter().zip(&repeats) {
+            let out_chs = self.scale(stage.channels);
+            let mut blocks = Vec::new();
+            for i in 0..r {
+                let stride = if i == 0 { stage.stride } else { 1 };
+                let mid_chs = match stage.kind {
+                    BlockKind::EdgeResidual | BlockKind::InvertedResidual => {
+                        round_channels(in_chs as f64 * stage.expansion, 1.0, 0.9)
+                    }
+                    BlockKind::ConvBnAct | BlockKind::DepthwiseSeparable => in_chs,
+                };
+                // timm divides the ratio by the expansion, then rounds mid·ratio (se_from_exp=False).
+                let se_chs = stage
+                    .se_ratio
+                    .filter(|&r| r > 0.0)
+                    .map(|r| round_half_even(mid_chs as f64 * (r / stage.expansion)).max(1));
+                let same_shape = stride == 1 && in_chs == out_chs;
+                let skip = match stage.kind {
+                    BlockKind::ConvBnAct => same_shape && stage.skip == Some(true),
+                    _ => same_shape && stage.skip != Some(false),
+                };
+                blocks.push(BlockSpec {
+                    kind: stage.kind,
+                    kernel: stage.kernel,
+                    stride,
+                    in_chs,
+                    mid_chs,
+                    out_chs,
+                    se_chs,
+                    skip,
+                    act: stage.act.unwrap_or(self.act),
+                    drop_path: self.drop_path * index as f32 / total as f32,
+                });
+                in_chs = out_chs;
+                index += 1;
+            }
+            stages.push(blocks);
+        }
+        stages
+    }
+}
+
+const V2_S: &[&str] = &[
+    "cn_r2_k3_s1_e1_c24_skip",
+    "er_r4_k3_s2_e4_c48",
+    "er_r4_k3_s2_e4_c64",
+    "ir_r6_k3_s2_e4_c128_se0.25",
+    "ir_r9_k3_s1_e6_c160_se0.25",
+    "ir_r15_k3_s2_e6_c256_se0.25",
+];
+const V2_M: &[&str] = &[
+    "cn_r3_k3_s1_e1_c24_skip",
+    "er_r5_k3_s2_e4_c48",
+    "er_r5_k3_s2_e4_c80",
+    "ir_r7_k3_s2_e4_c160_se0.25",
+    "ir_r14_k3_s1_e6_c176_se0.25",
+    "ir_r18_k3_s2_e6_c304_se0.25",
+    "ir_r5_k3_s1_e6_c512_se0.25",
+];
+const V2_L: &[&str] = &[
+    "cn_r4_k3_s1_e1_c32_skip",
+    "er_r7_k3_s2_e4_c64",
+    "er_r7_k3_s2_e4_c96",
+    "ir_r10_k3_s2_e4_c192_se0.25",
+    "ir_r19_k3_s1_e6_c224_se0.25",
+    "ir_r25_k3_s2_e6_c384_se0.25",
+    "ir_r7_k3_s1_e6_c640_se0.25",
+];
+const V2_XL: &[&str] = &[
+    "cn_r4_k3_s1_e1_c32_skip",
+    "er_r8_k3_s2_e4_c64",
+    "er_r8_k3_s2_e4_c96",
+    "ir_r16_k3_s2_e4_c192_se0.25",
+    "ir_r24_k3_s1_e6_c256_se0.25",
+    "ir_r32_k3_s2_e6_c512_se0.25",
+    "ir_r8_k3_s1_e6_c640_se0.25",
+];
+const V2_BASE: &[&str] = &[
+    "cn_r1_k3_s1_e1_c16_skip",
+    "er_r2_k3_s2_e4_c32",
+    "er_r2_k3_s2_e4_c48",
+    "ir_r3_k3_s2_e4_c96_se0.25",
+    "ir_r5_k3_s1_e6_c112_se0.25",
+    "ir_r8_k3_s2_e6_c192_se0.25",
+];
+const V1: &[&str] = &[
+    "ds_r1_k3_s1_e1_c16_se0.25",
+    "ir_r2_k3_s2_e6_c24_se0.25",
+    "ir_r2_k5_s2_e6_c40_se0.25",
+    "ir_r3_k3_s2_e6_c80_se0.25",
+    "ir_r3_k5_s1_e6_c112_se0.25",
+    "ir_r4_k5_s2_e6_c192_se0.25",
+    "ir_r1_k3_s1_e6_c320_se0.25",
+];
+const LITE: &[&str] = &[
+    "ds_r1_k3_s1_e1_c16",
+    "ir_r2_k3_s2_e6_c24",
+    "ir_r2_k5_s2_e6_c40",
+    "ir_r3_k3_s2_e6_c80",
+    "ir_r3_k5_s1_e6_c112",
+    "ir_r4_k5_s2_e6_c192",
+    "ir_r1_k3_s1_e6_c320",
+];
+
+/// (name, table, stem, width, depth, dropout, eval size, family)
+type Entry = (&'static str, &'static [&'static str], usize, f64, f64, f32, usize, Family);
+
+#[derive(Clone, Copy)]
+enum Family {
+    V2,
+    V1,
+    Lite,
+}
+
+const ARCHS: &[Entry] = &[
+    ("efficientnetv2_s", V2_S, 24, 1.0, 1.0, 0.2, 384, Family::V2),
+    ("efficientnetv2_m", V2_M, 24, 1.0, 1.0, 0.3, 480, Family::V2),
+    ("efficientnetv2_l", V2_L, 32, 1.0, 1.0, 0.4, 480, Family::V2),
+    ("efficientnetv2_xl", V2_XL, 32, 1.0, 1.0, 0.4, 512, Family::V2),
+    ("efficientnetv2_b0", V2_BASE, 32, 1.0, 1.0, 0.2, 224, Family::V2),
+    ("efficientnetv2_b1", V2_BASE, 32, 1.0, 1.1, 0.2, 240, Family::V2),
+    ("efficientnetv2_b2", V2_BASE, 32, 1.1, 1.2, 0.3, 260, Family::V2),
+    ("efficientnetv2_b3", V2_BASE, 32, 1.2, 1.4, 0.3, 300, Family::V2),
+    ("efficientnet_b0", V1, 32, 1.0, 1.0, 0.2, 224, Family::V1),
+    ("efficientnet_b1", V1, 32, 1.0, 1.1, 0.2, 240, Family::V1),
+    ("efficientnet_b2", V1, 32, 1.1, 1.2, 0.3, 260, Family::V1),
+    ("efficientnet_b3", V1, 32, 1.2, 1.4, 0.3, 300, Family::V1),
+    ("efficientnet_b4", V1, 32, 1.4, 1.8, 0.4, 380, Family::V1),
+    ("efficientnet_b5", V1, 32, 1.6, 2.2, 0.4, 456, Family::V1),
+    ("efficientnet_b6", V1, 32, 1.8, 2.6, 0.5, 528, Family::V1),
+    ("efficientnet_b7", V1, 32, 2.0, 3.1, 0.5, 600, Family::V1),
+    ("efficientnet_lite0", LITE, 32, 1.0, 1.0, 0.2, 224, Family::Lite),
+    ("efficientnet_lite1", LITE, 32, 1.0, 1.1, 0.2, 240, Family::Lite),
+    ("efficientnet_lite2", LITE, 32, 1.1, 1.2, 0.3, 260, Family::Lite),
+    ("efficientnet_lite3", LITE, 32, 1.2, 1.4, 0.3, 280, Family::Lite),
+    ("efficientnet_lite4", LITE, 32, 1.4, 1.8, 0.3, 300, Family::Lite),
+];
+
+/// Every architecture name `effnet` knows.
+pub fn arch_names() -> impl Iterator<Item = &'static str> {
+    ARCHS.iter().map(|e| e.0)
+}
+
+/// The configuration of a named architecture (1000 classes; the caller may change it).
+pub fn arch(name: &str) -> Result<ArchConfig, String> {
+    let key = name.strip_prefix("tf_").unwrap_or(name);
+    let &(name, table, stem, width, depth, dropout, eval_size, family) =
+        ARCHS.iter().find(|e| e.0 == key).ok_or_else(|| {
+            format!("unknown architecture {name:?}; known: {}", arch_names().collect::<Vec<_>>().join(", "))
+        })?;
+    let stages = table.iter().map(|s| StageSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    Ok(ArchConfig {
+        name: name.to_string(),
+        stages,
+        stem_size: stem,
+        num_features: 1280,
+        width,
+        depth,
+        round_limit: if matches!(family, Family::V2) { 0.0 } else { 0.9 },
+        fix_stem_head: matches!(family, Family::Lite),
+        act: if matches!(family, Family::Lite) { Act::Relu6 } else { Act::Silu },
+        num_classes: 1000,
+        dropout,
+        drop_path: 0.2,
+        bn_eps: 1e-3,
+        eval_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_block_strings() {
+        let s = StageSpec::parse("ir_r4_k5_s2_e6_c128_se0.25_nr6").unwrap();
+        assert_eq!(s.kind, BlockKind::InvertedResidual);
+        assert_eq!((s.repeats, s.kernel, s.stride, s.channels), (4, 5, 2, 128));
+        assert_eq!(s.expansion, 6.0);
+        assert_eq!(s.se_ratio, Some(0.25));
+        assert_eq!(s.act, Some(Act::Relu6));
+        assert!(StageSpec::parse("xx_r1_c8").is_err());
+        assert!(StageSpec::parse("ir_r1_k3").is_err());
+        assert!(StageSpec::parse("ir_q1_c8").is_err());
+    }
+
+    #[test]
+    fn rounds_channels_like_timm() {
+        assert_eq!(round_channels(32.0, 1.1, 0.9), 32); // 35.2 → 32 (≥ 90%)
+        assert_eq!(round_channels(16.0, 1.4, 0.9), 24); // 22.4 → 24
+        assert_eq!(round_channels(1280.0, 1.2, 0.9), 1536);
+        assert_eq!(round_channels(40.0, 1.1, 0.9), 48); // 44 rounds up to 48
+        assert_eq!(round_channels(3.0, 1.0, 0.9), 8);
+        assert_eq!(round_channels(16.0, 1.2, 0.9), 24); // 19.2 → 16 < 17.28 → 24
+        assert_eq!(round_channels(16.0, 1.2, 0.0), 16); // V2: no raise
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(3.5), 4);
+        assert_eq!(round_half_even(3.4), 3);
+    }
+
+    #[test]
+    fn v2_s_blocks() {
+        let cfg = arch("efficientnetv2_s").unwrap();
+        let stages = cfg.blocks();
+        assert_eq!(stages.iter().map(Vec::len).sum::<usize>(), 40);
+        let b = &stages[3][0];
+        assert_eq!((b.in_chs, b.mid_chs, b.out_chs, b.se_chs, b.skip), (64, 256, 128, Some(16), false));
+        assert!(stages[0][1].skip && stages[5][14].skip);
+        assert!((stages[5][14].drop_path - 0.2 * 39.0 / 40.0).abs() < 1e-7);
+    }
+}

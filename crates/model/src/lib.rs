@@ -1,0 +1,12 @@
+//! The EfficientNet family: configurations as data, the network built from them, its parameters
+//! in one flat buffer (timm's names and layouts), initialization, forward and backward passes,
+//! and weight files in and out.
+
+pub mod family;
+pub mod init;
+pub mod layout;
+pub mod network;
+
+pub use family::{arch, arch_names, ArchConfig};
+pub use layout::{Layout, ParamKind};
+pub use network::{Mode, Network, Weights, Workspace};

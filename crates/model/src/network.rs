@@ -1,0 +1,560 @@
+//! A concrete network built from an [`ArchConfig`]: the sequence of layers, where their
+//! parameters live, and the forward and backward passes over a planned [`Workspace`].
+
+use std::ops::Range;
+
+use effnet_engine::rng::Rng;
+use effnet_engine::se::{SeGeom, SeSaved};
+use effnet_engine::{conv, depthwise, linear, norm, pool, regularize, se, Act, Nhwc};
+
+use crate::family::{ArchConfig, BlockKind};
+use crate::layout::{BnRanges, Layout, ParamKind};
+
+/// The convolution of a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKind {
+    /// groups = 1 (k×k, or 1×1 as a plain matrix product).
+    Dense,
+    Depthwise,
+}
+
+/// Convolution + batch norm + activation: the unit every block is made of.
+#[derive(Debug, Clone)]
+pub struct ConvUnit {
+    pub conv: ConvKind,
+    pub kernel: usize,
+    pub stride: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub weight: Range<usize>,
+    pub bn: BnRanges,
+    pub act: Act,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeUnit {
+    pub c: usize,
+    pub cr: usize,
+    pub act: Act,
+    pub w1: Range<usize>,
+    pub b1: Range<usize>,
+    pub w2: Range<usize>,
+    pub b2: Range<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Layer {
+    Conv(ConvUnit),
+    Se(SeUnit),
+}
+
+/// A residual block: a run of layers, with an identity shortcut when `skip`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub layers: Range<usize>,
+    pub skip: bool,
+    pub drop_path: f32,
+}
+
+/// Trainable parameters, running statistics and batch counters of one network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    pub params: Vec<f32>,
+    pub buffers: Vec<f32>,
+    pub tracked: Vec<i64>,
+}
+
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Running statistics, no dropout: inference and evaluation.
+    Eval,
+    /// Batch statistics (running ones updated with `bn_momentum`, PyTorch's convention:
+    /// `r ← (1 − m)·r + m·batch`, so Keras' 0.99 is 0.01 here); dropout and drop-path when
+    /// `stochastic`.
+    Train { bn_momentum: f32, stochastic: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub config: ArchConfig,
+    pub layout: Layout,
+    /// Stem first, then every block's layers, then the head convolution.
+    pub layers: Vec<Layer>,
+    pub blocks: Vec<Block>,
+    pub features: usize,
+    pub classes: usize,
+    pub fc_weight: Range<usize>,
+    pub fc_bias: Range<usize>,
+}
+
+fn conv_unit(
+    layout: &mut Layout,
+    prefix: &str,
+    conv_name: &str,
+    bn_name: &str,
+    (conv, kernel, stride, cin, cout): (ConvKind, usize, usize, usize, usize),
+    act: Act,
+) -> Layer {
+    let (shape, kind) = match conv {
+        ConvKind::Dense => ([cout, cin, kernel, kernel], ParamKind::ConvWeight),
+        ConvKind::Depthwise => ([cout, 1, kernel, kernel], ParamKind::DepthwiseWeight),
+    };
+    let weight = layout.param(format!("{prefix}{conv_name}.weight"), &shape, kind);
+    let bn = layout.batch_norm(&format!("{prefix}{bn_name}"), cout);
+    Layer::Conv(ConvUnit { conv, kernel, stride, cin, cout, weight, bn, act })
+}
+
+fn se_unit(layout: &mut Layout, prefix: &str, c: usize, cr: usize, act: Act) -> Layer {
+    let w1 = layout.param(format!("{prefix}se.conv_reduce.weight"), &[cr, c, 1, 1], ParamKind::ConvWeight);
+    let b1 = layout.param(format!("{prefix}se.conv_reduce.bias"), &[cr], ParamKind::ConvBias);
+    let w2 = layout.param(format!("{prefix}se.conv_expand.weight"), &[c, cr, 1, 1], ParamKind::ConvWeight);
+    let b2 = layout.param(format!("{prefix}se.conv_expand.bias"), &[c], ParamKind::ConvBias);
+    Layer::Se(SeUnit { c, cr, act, w1, b1, w2, b2 })
+}
+
+impl Network {
+    pub fn new(config: ArchConfig) -> Network {
+        use ConvKind::{Dense, Depthwise};
+        let mut layout = Layout::default();
+        let mut layers = Vec::new();
+        let stem = config.stem_chs();
+        layers.push(conv_unit(&mut layout, "", "conv_stem", "bn1", (Dense, 3, 2, 3, stem), config.act));
+        let mut blocks = Vec::new();
+        let mut last = stem;
+        for (s, stage) in config.blocks().iter().enumerate() {
+            for (i, b) in stage.iter().enumerate() {
+                let p = format!("blocks.{s}.{i}.");
+                let start = layers.len();
+                let (k, st, cin, mid, cout, act) = (b.kernel, b.stride, b.in_chs, b.mid_chs, b.out_chs, b.act);
+                let push_se = |layout: &mut Layout, layers: &mut Vec<Layer>| {
+                    if let Some(cr) = b.se_chs {
+                        layers.push(se_unit(layout, &p, mid, cr, act));
+                    }
+                };
+                match b.kind {
+                    BlockKind::ConvBnAct => {
+                        layers.push(conv_unit(&mut layout, &p, "conv", "bn1", (Dense, k, st, cin, cout), act));
+                    }
+                    BlockKind::EdgeResidual => {
+                        layers.push(conv_unit(&mut layout, &p, "conv_exp", "bn1", (Dense, k, st, cin, mid), act));
+                        push_se(&mut layout, &mut layers);
+                        layers.push(conv_unit(&mut layout, &p, "conv_pwl", "bn2", (Dense, 1, 1, mid, cout), Act::None));
+                    }
+                    BlockKind::DepthwiseSeparable => {
+                        layers.push(conv_unit(&mut layout, &p, "conv_dw", "bn1", (Depthwise, k, st, cin, cin), act));
+                        push_se(&mut layout, &mut layers);
+                        layers.push(conv_unit(&mut layout, &p, "conv_pw", "bn2", (Dense, 1, 1, cin, cout), Act::None));
+                    }
+                    BlockKind::InvertedResidual => {
+                        layers.push(conv_unit(&mut layout, &p, "conv_pw", "bn1", (Dense, 1, 1, cin, mid), act));
+                        layers.push(conv_unit(&mut layout, &p, "conv_dw", "bn2", (Depthwise, k, st, mid, mid), act));
+                        push_se(&mut layout, &mut layers);
+                        layers.push(conv_unit(&mut layout, &p, "conv_pwl", "bn3", (Dense, 1, 1, mid, cout), Act::None));
+                    }
+                }
+                blocks.push(Block { layers: start..layers.len(), skip: b.skip, drop_path: b.drop_path });
+                last = cout;
+            }
+        }
+        let features = config.head_chs();
+        layers.push(conv_unit(&mut layout, "", "conv_head", "bn2", (Dense, 1, 1, last, features), config.act));
+        let classes = config.num_classes;
+        let fc_weight = layout.param("classifier.weight".into(), &[classes, features], ParamKind::DenseWeight);
+        let fc_bias = layout.param("classifier.bias".into(), &[classes], ParamKind::DenseBias);
+        Network { config, layout, layers, blocks, features, classes, fc_weight, fc_bias }
+    }
+
+    /// Output shape of every layer for an input of `n` images of `h`×`w` (index 0: the input).
+    fn shapes(&self, n: usize, h: usize, w: usize) -> Vec<Nhwc> {
+        let mut shapes = vec![Nhwc::new(n, h, w, 3)];
+        for layer in &self.layers {
+            let x = *shapes.last().expect("starts non-empty");
+            shapes.push(match layer {
+                Layer::Conv(u) => match u.conv {
+                    ConvKind::Dense => conv::ConvGeom::new(x, u.kernel, u.stride, u.cout).output(),
+                    ConvKind::Depthwise => depthwise::DwGeom::new(x, u.kernel, u.stride).output(),
+                },
+                Layer::Se(_) => x,
+            });
+        }
+        shapes
+    }
+
+    /// Multiply-adds of one forward pass for one image of `h`×`w`.
+    pub fn macs(&self, h: usize, w: usize) -> usize {
+        let shapes = self.shapes(1, h, w);
+        let mut total = self.features * self.classes;
+        for (layer, x) in self.layers.iter().zip(&shapes) {
+            total += match layer {
+                Layer::Conv(u) => match u.conv {
+                    ConvKind::Dense => conv::ConvGeom::new(*x, u.kernel, u.stride, u.cout).macs(),
+                    ConvKind::Depthwise => depthwise::DwGeom::new(*x, u.kernel, u.stride).macs(),
+                },
+                Layer::Se(s) => 2 * s.c * s.cr + x.len(),
+            };
+        }
+        total
+    }
+
+    /// Plans every buffer a forward and backward pass at this size needs.
+    pub fn workspace(&self, n: usize, h: usize, w: usize) -> Workspace {
+        Workspace::new(self, n, h, w)
+    }
+
+    /// The forward pass over NHWC input `[n, h, w, 3]` (the workspace's size); returns logits.
+    /// In training mode, running statistics in `weights` are updated.
+    pub fn forward<'w>(
+        &self,
+        weights: &mut Weights,
+        ws: &'w mut Workspace,
+        input: &[f32],
+        mode: Mode,
+        rng: &mut Rng,
+    ) -> &'w [f32] {
+        assert_eq!(input.len(), ws.shapes[0].len(), "input does not match the workspace's shape");
+        ws.acts[0].copy_from_slice(input);
+        let stochastic = matches!(mode, Mode::Train { stochastic: true, .. });
+        ws.mode = Some(mode);
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.layer_forward(i, layer, weights, ws, mode);
+            if let Some(b) = self.blocks.iter().position(|b| b.layers.end == i + 1) {
+                self.residual_forward(b, ws, stochastic, rng);
+            }
+        }
+        // Head: pool, dropout, classifier.
+        let head = *ws.shapes.last().expect("has layers");
+        let (n, hw, f) = (head.n, head.h * head.w, head.c);
+        let out = ws.slots[self.layers.len()].1;
+        pool::global_avg_forward(&ws.acts[out], n, hw, f, &mut ws.pooled);
+        let rate = self.config.dropout;
+        if stochastic && rate > 0.0 {
+            regularize::dropout_mask(rng, rate, &mut ws.dropout_mask);
+        } else {
+            ws.dropout_mask.fill(1.0);
+        }
+        regularize::apply_mask(&ws.pooled, &ws.dropout_mask, &mut ws.dropped);
+        let p = &weights.params;
+        linear::forward(&ws.dropped, n, f, self.classes, &p[self.fc_weight.clone()], &p[self.fc_bias.clone()], &mut ws.logits);
+        &ws.logits
+    }
+
+    fn layer_forward(&self, i: usize, layer: &Layer, weights: &mut Weights, ws: &mut Workspace, mode: Mode) {
+        let x_shape = ws.shapes[i];
+        let (conv_slot, out_slot) = ws.slots[i + 1];
+        let in_slot = ws.slots[i].1;
+        let (lo, hi) = ws.acts.split_at_mut(conv_slot.min(out_slot));
+        let x = &lo[in_slot];
+        let p = &weights.params;
+        match layer {
+            Layer::Conv(u) => {
+                let (conv_out, rest) = hi.split_first_mut().expect("two slots");
+                let y = &mut rest[out_slot - conv_slot - 1];
+                match u.conv {
+                    ConvKind::Dense => {
+                        let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
+                        let w = if g.is_pointwise() {
+                            &p[u.weight.clone()]
+                        } else {
+                            conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
+                            &ws.packed[..g.weight_len()]
+                        };
+                        conv::forward(&g, x, w, conv_out, &mut ws.col);
+                    }
+                    ConvKind::Depthwise => {
+                        let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
+                        depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
+                        depthwise::forward(&g, x, &ws.packed[..g.weight_len()], conv_out);
+                    }
+                }
+                let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
+                let eps = self.config.bn_eps;
+                match mode {
+                    Mode::Eval => {
+                        let b = &weights.buffers;
+                        norm::eval_forward(conv_out, u.cout, gamma, beta, &b[u.bn.mean.clone()], &b[u.bn.var.clone()], eps, u.act, y);
+                    }
+                    Mode::Train { bn_momentum, .. } => {
+                        let s = &mut ws.bn_saved[i];
+                        let c = u.cout;
+                        let (mean, rest) = s.split_at_mut(c);
+                        let (var, invstd) = rest.split_at_mut(c);
+                        norm::train_forward(conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y);
+                        let rows = conv_out.len() / c;
+                        let (rm, rv) = (u.bn.mean.clone(), u.bn.var.clone());
+                        let (bm, bv) = weights.buffers.split_at_mut(rv.start);
+                        norm::update_running_stats(&mut bm[rm], &mut bv[..rv.len()], mean, var, rows, bn_momentum);
+                        weights.tracked[u.bn.tracked] += 1;
+                    }
+                }
+            }
+            Layer::Se(s) => {
+                let g = SeGeom { n: x_shape.n, hw: x_shape.h * x_shape.w, c: s.c, cr: s.cr, act: s.act };
+                let y = &mut hi[out_slot - conv_slot.min(out_slot)];
+                let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
+                se::forward(&g, x, &p[s.w1.clone()], &p[s.b1.clone()], &p[s.w2.clone()], &p[s.b2.clone()], saved, y);
+            }
+        }
+    }
+
+    /// Adds a block's input to its output (the branch scaled by the drop-path mask).
+    fn residual_forward(&self, b: usize, ws: &mut Workspace, stochastic: bool, rng: &mut Rng) {
+        let block = &self.blocks[b];
+        if !block.skip {
+            return;
+        }
+        let mask = &mut ws.drop_masks[b];
+        if stochastic && block.drop_path > 0.0 {
+            regularize::drop_path_mask(rng, block.drop_path, mask);
+        } else {
+            mask.fill(1.0);
+        }
+        let in_slot = ws.slots[block.layers.start].1;
+        let out_slot = ws.slots[block.layers.end].1;
+        let (lo, hi) = ws.acts.split_at_mut(out_slot);
+        let (x, y) = (&lo[in_slot], &mut hi[0]);
+        if mask.iter().all(|&m| m == 1.0) {
+            for (o, v) in y.iter_mut().zip(x.iter()) {
+                *o += v;
+            }
+        } else {
+            // y = x + mask·branch: scale the branch in place, then add the shortcut.
+            let per_image = y.len() / mask.len();
+            for ((yi, xi), m) in y.chunks_exact_mut(per_image).zip(x.chunks_exact(per_image)).zip(mask.iter()) {
+                for (o, v) in yi.iter_mut().zip(xi) {
+                    *o = *o * m + v;
+                }
+            }
+        }
+    }
+
+    /// The backward pass after a training-mode [`Network::forward`] on the same workspace:
+    /// adds every parameter's gradient of the loss into `grads` (the caller zeroes it).
+    pub fn backward(&self, weights: &Weights, ws: &mut Workspace, dlogits: &[f32], grads: &mut [f32]) {
+        assert!(
+            matches!(ws.mode, Some(Mode::Train { .. })),
+            "backward needs a training-mode forward pass on this workspace"
+        );
+        let p = &weights.params;
+        let head = *ws.shapes.last().expect("has layers");
+        let (n, hw, f) = (head.n, head.h * head.w, head.c);
+        let mut g = std::mem::take(&mut ws.grad_a);
+        let mut g_next = std::mem::take(&mut ws.grad_b);
+        let mut g_skip = std::mem::take(&mut ws.grad_skip);
+        {
+            let (dw, rest) = grads.split_at_mut(self.fc_bias.start);
+            let mut d_dropped = vec![0f32; n * f];
+            linear::backward(
+                &ws.dropped,
+                n,
+                f,
+                self.classes,
+                &p[self.fc_weight.clone()],
+                dlogits,
+                &mut d_dropped,
+                &mut dw[self.fc_weight.clone()],
+                &mut rest[..self.classes],
+            );
+            let mut d_pooled = vec![0f32; n * f];
+            regularize::apply_mask(&d_dropped, &ws.dropout_mask, &mut d_pooled);
+            pool::global_avg_backward(&d_pooled, n, hw, f, &mut g);
+        }
+        for i in (0..self.layers.len()).rev() {
+            let y_len = ws.shapes[i + 1].len();
+            let x_len = ws.shapes[i].len();
+            if let Some(b) = self.blocks.iter().position(|b| b.skip && b.layers.end == i + 1) {
+                // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
+                g_skip[..y_len].copy_from_slice(&g[..y_len]);
+                let mask = &ws.drop_masks[b];
+                let per_image = y_len / mask.len();
+                for (gi, m) in g[..y_len].chunks_exact_mut(per_image).zip(mask) {
+                    if *m != 1.0 {
+                        gi.iter_mut().for_each(|v| *v *= m);
+                    }
+                }
+            }
+            let want_dx = i > 0;
+            self.layer_backward(i, p, ws, &mut g[..y_len], want_dx.then_some(&mut g_next[..x_len]), grads);
+            std::mem::swap(&mut g, &mut g_next);
+            if let Some(_b) = self.blocks.iter().position(|b| b.skip && b.layers.start == i) {
+                for (d, s) in g[..x_len].iter_mut().zip(&g_skip[..x_len]) {
+                    *d += s;
+                }
+            }
+        }
+        ws.grad_a = g;
+        ws.grad_b = g_next;
+        ws.grad_skip = g_skip;
+    }
+
+    fn layer_backward(&self, i: usize, p: &[f32], ws: &mut Workspace, dy: &mut [f32], dx: Option<&mut [f32]>, grads: &mut [f32]) {
+        let x_shape = ws.shapes[i];
+        let x = &ws.acts[ws.slots[i].1];
+        match &self.layers[i] {
+            Layer::Conv(u) => {
+                let conv_out = &ws.acts[ws.slots[i + 1].0];
+                let s = &ws.bn_saved[i];
+                let c = u.cout;
+                // Through batch norm and activation: dy becomes d(conv output), in d_conv.
+                let d_conv = &mut ws.grad_conv[..dy.len()];
+                {
+                    let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
+                    let (dg, db) = grads.split_at_mut(u.bn.beta.start);
+                    norm::train_backward(
+                        conv_out,
+                        c,
+                        gamma,
+                        beta,
+                        &s[..c],
+                        &s[2 * c..3 * c],
+                        u.act,
+                        dy,
+                        d_conv,
+                        &mut dg[u.bn.gamma.clone()],
+                        &mut db[..c],
+                    );
+                }
+                let dw_torch = &mut grads[u.weight.clone()];
+                match u.conv {
+                    ConvKind::Dense => {
+                        let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
+                        if g.is_pointwise() {
+                            conv::backward(&g, x, &p[u.weight.clone()], d_conv, dx, dw_torch, &mut [], &mut []);
+                        } else {
+                            let wl = g.weight_len();
+                            conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
+                            let dw = &mut ws.packed_grad[..wl];
+                            dw.fill(0.0);
+                            conv::backward(&g, x, &ws.packed[..wl], d_conv, dx, dw, &mut ws.col, &mut ws.dcol);
+                            conv::unpack_weight_add(&g, dw, dw_torch);
+                        }
+                    }
+                    ConvKind::Depthwise => {
+                        let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
+                        let wl = g.weight_len();
+                        depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
+                        let dw = &mut ws.packed_grad[..wl];
+                        dw.fill(0.0);
+                        let dx = dx.expect("a depthwise layer is never first");
+                        depthwise::backward(&g, x, &ws.packed[..wl], d_conv, dx, dw, &mut ws.col);
+                        depthwise::unpack_weight_add(&g, dw, dw_torch);
+                    }
+                }
+            }
+            Layer::Se(s) => {
+                let g = SeGeom { n: x_shape.n, hw: x_shape.h * x_shape.w, c: s.c, cr: s.cr, act: s.act };
+                let saved = ws.se_saved[i].as_ref().expect("planned for SE layers");
+                let dx = dx.expect("an SE layer is never first");
+                // The four SE tensors are consecutive: w1, b1, w2, b2.
+                let (g_w1, rest) = grads[s.w1.start..s.b2.end].split_at_mut(s.w1.len());
+                let (g_b1, rest) = rest.split_at_mut(s.b1.len());
+                let (g_w2, g_b2) = rest.split_at_mut(s.w2.len());
+                se::backward(&g, x, &p[s.w1.clone()], &p[s.w2.clone()], saved, dy, dx, g_w1, g_b1, g_w2, g_b2);
+            }
+        }
+    }
+}
+
+/// Every buffer one forward and backward pass needs, planned once per (batch, resolution).
+#[derive(Debug)]
+pub struct Workspace {
+    /// Shape of the input (index 0) and of every layer's output.
+    shapes: Vec<Nhwc>,
+    /// Activation buffers; `slots[i]` = (conv output, layer output) of layer `i − 1`, and
+    /// `slots[0].1` is the input.
+    acts: Vec<Vec<f32>>,
+    slots: Vec<(usize, usize)>,
+    bn_saved: Vec<Vec<f32>>,
+    se_saved: Vec<Option<SeSaved>>,
+    drop_masks: Vec<Vec<f32>>,
+    pooled: Vec<f32>,
+    dropout_mask: Vec<f32>,
+    dropped: Vec<f32>,
+    logits: Vec<f32>,
+    packed: Vec<f32>,
+    packed_grad: Vec<f32>,
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+    grad_a: Vec<f32>,
+    grad_b: Vec<f32>,
+    grad_skip: Vec<f32>,
+    grad_conv: Vec<f32>,
+    mode: Option<Mode>,
+}
+
+impl Workspace {
+    fn new(net: &Network, n: usize, h: usize, w: usize) -> Workspace {
+        let shapes = net.shapes(n, h, w);
+        let mut acts = vec![vec![0f32; shapes[0].len()]];
+        let mut slots = vec![(0, 0)];
+        let (mut packed, mut col, mut max_act) = (0, 0, shapes[0].len());
+        let mut bn_saved = Vec::new();
+        let mut se_saved = Vec::new();
+        for (i, layer) in net.layers.iter().enumerate() {
+            let (x, y) = (shapes[i], shapes[i + 1]);
+            max_act = max_act.max(y.len());
+            match layer {
+                Layer::Conv(u) => {
+                    acts.push(vec![0f32; y.len()]);
+                    acts.push(vec![0f32; y.len()]);
+                    slots.push((acts.len() - 2, acts.len() - 1));
+                    bn_saved.push(vec![0f32; 3 * u.cout]);
+                    se_saved.push(None);
+                    match u.conv {
+                        ConvKind::Dense => {
+                            let g = conv::ConvGeom::new(x, u.kernel, u.stride, u.cout);
+                            packed = packed.max(g.weight_len());
+                            col = col.max(g.col_len());
+                        }
+                        ConvKind::Depthwise => {
+                            let g = depthwise::DwGeom::new(x, u.kernel, u.stride);
+                            packed = packed.max(g.weight_len());
+                            // The depthwise backward keeps one weight gradient per image in `col`.
+                            col = col.max(n * g.weight_len());
+                        }
+                    }
+                }
+                Layer::Se(s) => {
+                    acts.push(vec![0f32; y.len()]);
+                    slots.push((acts.len() - 1, acts.len() - 1));
+                    bn_saved.push(Vec::new());
+                    se_saved.push(Some(SeSaved::new(&SeGeom { n, hw: x.h * x.w, c: s.c, cr: s.cr, act: s.act })));
+                }
+            }
+        }
+        let f = net.features;
+        Workspace {
+            shapes,
+            acts,
+            slots,
+            bn_saved,
+            se_saved,
+            drop_masks: net.blocks.iter().map(|_| vec![1f32; n]).collect(),
+            pooled: vec![0f32; n * f],
+            dropout_mask: vec![1f32; n * f],
+            dropped: vec![0f32; n * f],
+            logits: vec![0f32; n * net.classes],
+            packed: vec![0f32; packed],
+            packed_grad: vec![0f32; packed],
+            col: vec![0f32; col],
+            dcol: vec![0f32; col],
+            grad_a: vec![0f32; max_act],
+            grad_b: vec![0f32; max_act],
+            grad_skip: vec![0f32; max_act],
+            grad_conv: vec![0f32; max_act],
+            mode: None,
+        }
+    }
+
+    /// The (batch, height, width) this workspace was planned for.
+    pub fn input_shape(&self) -> Nhwc {
+        self.shapes[0]
+    }
+
+    /// Bytes held by activation and scratch buffers.
+    pub fn bytes(&self) -> usize {
+        let acts: usize = self.acts.iter().map(Vec::len).sum();
+        let scratch = self.col.len() + self.dcol.len() + 4 * self.grad_a.len() + 2 * self.packed.len();
+        4 * (acts + scratch)
+    }
+}
