@@ -1,0 +1,359 @@
+//! Every kernel against a naive f64 reference, and every backward pass against finite
+//! differences of that reference, on random shapes: odd and even sizes, stride 1 and 2.
+
+use effnet_engine::rng::Rng;
+use effnet_engine::se::{SeGeom, SeSaved};
+use effnet_engine::{conv, depthwise, linear, loss, norm, pool, regularize, same_padding, se, Act, Nhwc};
+
+fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// max |a − b| relative to max |b|.
+fn max_rel(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Central-difference gradient of `f` at `x`.
+fn numeric_grad(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut p = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let h = 1e-5 * x[i].abs().max(1.0);
+            p[i] = x[i] + h;
+            let up = f(&p);
+            p[i] = x[i] - h;
+            let down = f(&p);
+            p[i] = x[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Direct convolution, NHWC input, PyTorch weight layout, TF SAME padding; groups 1 or depthwise.
+fn conv_ref(x: &[f64], s: Nhwc, w: &[f64], cout: usize, k: usize, stride: usize, depthwise: bool) -> Vec<f64> {
+    let (oh, pt) = same_padding(s.h, k, stride);
+    let (ow, pl) = same_padding(s.w, k, stride);
+    let mut y = vec![0f64; s.n * oh * ow * cout];
+    for b in 0..s.n {
+        for i in 0..oh {
+            for j in 0..ow {
+                for o in 0..cout {
+                    let mut acc = 0.0;
+                    for kh in 0..k {
+                        for kw in 0..k {
+                            let ih = (i * stride + kh) as isize - pt as isize;
+                            let iw = (j * stride + kw) as isize - pl as isize;
+                            if ih < 0 || iw < 0 || ih >= s.h as isize || iw >= s.w as isize {
+                                continue;
+                            }
+                            let px = ((b * s.h + ih as usize) * s.w + iw as usize) * s.c;
+                            if depthwise {
+                                acc += x[px + o] * w[(o * k + kh) * k + kw];
+                            } else {
+                                for c in 0..s.c {
+                                    acc += x[px + c] * w[((o * s.c + c) * k + kh) * k + kw];
+                                }
+                            }
+                        }
+                    }
+                    y[((b * oh + i) * ow + j) * cout + o] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
+    // (h, w, cin, cout, k, stride)
+    (7, 7, 3, 4, 3, 2),
+    (8, 6, 3, 5, 3, 2),
+    (5, 6, 4, 3, 3, 1),
+    (6, 6, 5, 7, 1, 1),
+    (9, 8, 2, 3, 5, 2),
+    (4, 5, 3, 2, 1, 2),
+];
+
+#[test]
+fn dense_conv_forward_and_backward() {
+    let mut rng = Rng::new(1);
+    for &(h, w, cin, cout, k, stride) in CONV_CASES {
+        let s = Nhwc::new(2, h, w, cin);
+        let g = conv::ConvGeom::new(s, k, stride, cout);
+        let x = random(&mut rng, s.len());
+        let wt = random(&mut rng, g.weight_len());
+        let mut packed = vec![0f32; g.weight_len()];
+        let wk: &[f32] = if g.is_pointwise() {
+            &wt
+        } else {
+            conv::pack_weight(&g, &wt, &mut packed);
+            &packed
+        };
+        let mut col = vec![0f32; g.col_len()];
+        let mut y = vec![0f32; g.output().len()];
+        conv::forward(&g, &x, wk, &mut y, &mut col);
+        let (xd, wd) = (f64s(&x), f64s(&wt));
+        let y_ref = conv_ref(&xd, s, &wd, cout, k, stride, false);
+        assert!(max_rel(&y, &y_ref) < 1e-5, "forward {:?}", (h, w, cin, cout, k, stride));
+
+        let r = f64s(&random(&mut rng, y.len()));
+        let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+        let mut dx = vec![0f32; x.len()];
+        let mut dw = vec![0f32; g.weight_len()];
+        let mut dcol = vec![0f32; g.col_len()];
+        conv::backward(&g, &x, wk, &dy, Some(&mut dx), &mut dw, &mut col, &mut dcol);
+        let dw_torch = if g.is_pointwise() {
+            dw
+        } else {
+            let mut t = vec![0f32; dw.len()];
+            conv::unpack_weight_add(&g, &dw, &mut t);
+            t
+        };
+        let dx_num = numeric_grad(&xd, |xp| dot(&conv_ref(xp, s, &wd, cout, k, stride, false), &r));
+        let dw_num = numeric_grad(&wd, |wp| dot(&conv_ref(&xd, s, wp, cout, k, stride, false), &r));
+        assert!(max_rel(&dx, &dx_num) < 1e-4, "dx {:?}", (h, w, k, stride));
+        assert!(max_rel(&dw_torch, &dw_num) < 1e-4, "dw {:?}", (h, w, k, stride));
+    }
+}
+
+#[test]
+fn depthwise_conv_forward_and_backward() {
+    let mut rng = Rng::new(2);
+    for &(h, w, c, k, stride) in &[(7, 7, 5, 3, 2), (8, 8, 4, 3, 2), (6, 5, 3, 5, 1), (9, 10, 6, 5, 2), (5, 5, 17, 3, 1)] {
+        let s = Nhwc::new(2, h, w, c);
+        let g = depthwise::DwGeom::new(s, k, stride);
+        let x = random(&mut rng, s.len());
+        let wt = random(&mut rng, g.weight_len());
+        let mut packed = vec![0f32; g.weight_len()];
+        depthwise::pack_weight(&g, &wt, &mut packed);
+        let mut y = vec![0f32; g.output().len()];
+        depthwise::forward(&g, &x, &packed, &mut y);
+        let (xd, wd) = (f64s(&x), f64s(&wt));
+        assert!(max_rel(&y, &conv_ref(&xd, s, &wd, c, k, stride, true)) < 1e-5);
+
+        let r = f64s(&random(&mut rng, y.len()));
+        let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+        let mut dx = vec![0f32; x.len()];
+        let mut dw = vec![0f32; g.weight_len()];
+        let mut scratch = vec![0f32; s.n * g.weight_len()];
+        depthwise::backward(&g, &x, &packed, &dy, &mut dx, &mut dw, &mut scratch);
+        let mut dw_torch = vec![0f32; dw.len()];
+        depthwise::unpack_weight_add(&g, &dw, &mut dw_torch);
+        let dx_num = numeric_grad(&xd, |xp| dot(&conv_ref(xp, s, &wd, c, k, stride, true), &r));
+        let dw_num = numeric_grad(&wd, |wp| dot(&conv_ref(&xd, s, wp, c, k, stride, true), &r));
+        assert!(max_rel(&dx, &dx_num) < 1e-4, "dx {:?}", (h, w, k, stride));
+        assert!(max_rel(&dw_torch, &dw_num) < 1e-4, "dw {:?}", (h, w, k, stride));
+    }
+}
+
+fn act_ref(act: Act, x: f64) -> f64 {
+    match act {
+        Act::None => x,
+        Act::Silu => x / (1.0 + (-x).exp()),
+        Act::Relu6 => x.clamp(0.0, 6.0),
+    }
+}
+
+fn bn_ref(x: &[f64], c: usize, gamma: &[f64], beta: &[f64], eps: f64, act: Act) -> Vec<f64> {
+    let rows = x.len() / c;
+    let mut y = vec![0f64; x.len()];
+    for ch in 0..c {
+        let mean = (0..rows).map(|r| x[r * c + ch]).sum::<f64>() / rows as f64;
+        let var = (0..rows).map(|r| (x[r * c + ch] - mean).powi(2)).sum::<f64>() / rows as f64;
+        for r in 0..rows {
+            let z = gamma[ch] * (x[r * c + ch] - mean) / (var + eps).sqrt() + beta[ch];
+            y[r * c + ch] = act_ref(act, z);
+        }
+    }
+    y
+}
+
+#[test]
+fn batch_norm_train_forward_backward_and_running_stats() {
+    let mut rng = Rng::new(3);
+    for (rows, c, act) in [(37, 5, Act::None), (1100, 3, Act::Silu), (50, 4, Act::Relu6)] {
+        // An offset mean exercises the two-pass variance.
+        let x: Vec<f32> = random(&mut rng, rows * c).iter().map(|v| 3.0 + 2.0 * v).collect();
+        let gamma: Vec<f32> = (0..c).map(|_| rng.uniform_in(0.5, 1.5) as f32).collect();
+        let beta = random(&mut rng, c);
+        let eps = 1e-3;
+        let (mut mean, mut var, mut invstd) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+        let mut y = vec![0f32; x.len()];
+        norm::train_forward(&x, c, &gamma, &beta, eps, act, &mut mean, &mut var, &mut invstd, &mut y);
+        let (xd, gd, bd) = (f64s(&x), f64s(&gamma), f64s(&beta));
+        assert!(max_rel(&y, &bn_ref(&xd, c, &gd, &bd, eps as f64, act)) < 1e-5);
+
+        let r = f64s(&random(&mut rng, y.len()));
+        let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+        let (mut dx, mut dg, mut db) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
+        norm::train_backward(&x, c, &gamma, &beta, &mean, &invstd, act, &dy, &mut dx, &mut dg, &mut db);
+        if rows < 100 {
+            let dx_num = numeric_grad(&xd, |xp| dot(&bn_ref(xp, c, &gd, &bd, eps as f64, act), &r));
+            assert!(max_rel(&dx, &dx_num) < 1e-3, "dx rows={rows} {act:?}");
+        }
+        let dg_num = numeric_grad(&gd, |gp| dot(&bn_ref(&xd, c, gp, &bd, eps as f64, act), &r));
+        let db_num = numeric_grad(&bd, |bp| dot(&bn_ref(&xd, c, &gd, bp, eps as f64, act), &r));
+        assert!(max_rel(&dg, &dg_num) < 1e-4 && max_rel(&db, &db_num) < 1e-4, "dγ dβ {act:?}");
+
+        // Running statistics: PyTorch's rule with the unbiased variance.
+        let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
+        norm::update_running_stats(&mut rm, &mut rv, &mean, &var, rows, 0.1);
+        for ch in 0..c {
+            let m = (0..rows).map(|r| xd[r * c + ch]).sum::<f64>() / rows as f64;
+            let v = (0..rows).map(|r| (xd[r * c + ch] - m).powi(2)).sum::<f64>() / (rows - 1) as f64;
+            assert!((rm[ch] as f64 - (0.9 * 0.5 + 0.1 * m)).abs() < 1e-5);
+            assert!((rv[ch] as f64 - (0.9 * 2.0 + 0.1 * v)).abs() < 1e-4);
+        }
+
+        // Eval mode from running statistics.
+        let mut ye = vec![0f32; x.len()];
+        norm::eval_forward(&x, c, &gamma, &beta, &rm, &rv, eps, act, &mut ye);
+        for (i, v) in ye.iter().enumerate() {
+            let ch = i % c;
+            let z = gd[ch] * (xd[i] - rm[ch] as f64) / (rv[ch] as f64 + eps as f64).sqrt() + bd[ch];
+            assert!((*v as f64 - act_ref(act, z)).abs() < 1e-4);
+        }
+    }
+}
+
+fn se_ref(x: &[f64], g: &SeGeom, w1: &[f64], b1: &[f64], w2: &[f64], b2: &[f64]) -> Vec<f64> {
+    let (hw, c, cr) = (g.hw, g.c, g.cr);
+    let mut y = vec![0f64; x.len()];
+    for b in 0..g.n {
+        let img = &x[b * hw * c..][..hw * c];
+        let pooled: Vec<f64> = (0..c).map(|ch| (0..hw).map(|p| img[p * c + ch]).sum::<f64>() / hw as f64).collect();
+        let hidden: Vec<f64> =
+            (0..cr).map(|j| act_ref(g.act, b1[j] + (0..c).map(|ch| w1[j * c + ch] * pooled[ch]).sum::<f64>())).collect();
+        for ch in 0..c {
+            let z = b2[ch] + (0..cr).map(|j| w2[ch * cr + j] * hidden[j]).sum::<f64>();
+            let gate = 1.0 / (1.0 + (-z).exp());
+            for p in 0..hw {
+                y[(b * hw + p) * c + ch] = img[p * c + ch] * gate;
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn squeeze_excitation_forward_and_backward() {
+    let mut rng = Rng::new(4);
+    let g = SeGeom { n: 2, hw: 6, c: 8, cr: 3, act: Act::Silu };
+    let x = random(&mut rng, g.n * g.hw * g.c);
+    let (w1, b1) = (random(&mut rng, g.cr * g.c), random(&mut rng, g.cr));
+    let (w2, b2) = (random(&mut rng, g.c * g.cr), random(&mut rng, g.c));
+    let mut saved = SeSaved::new(&g);
+    let mut y = vec![0f32; x.len()];
+    se::forward(&g, &x, &w1, &b1, &w2, &b2, &mut saved, &mut y);
+    let d = |v: &[f32]| f64s(v);
+    let (xd, w1d, b1d, w2d, b2d) = (d(&x), d(&w1), d(&b1), d(&w2), d(&b2));
+    assert!(max_rel(&y, &se_ref(&xd, &g, &w1d, &b1d, &w2d, &b2d)) < 1e-5);
+
+    let r = f64s(&random(&mut rng, y.len()));
+    let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
+    let mut dx = vec![0f32; x.len()];
+    let (mut gw1, mut gb1, mut gw2, mut gb2) = (vec![0f32; w1.len()], vec![0f32; g.cr], vec![0f32; w2.len()], vec![0f32; g.c]);
+    se::backward(&g, &x, &w1, &w2, &saved, &dy, &mut dx, &mut gw1, &mut gb1, &mut gw2, &mut gb2);
+    let f = |x: &[f64], w1: &[f64], b1: &[f64], w2: &[f64], b2: &[f64]| dot(&se_ref(x, &g, w1, b1, w2, b2), &r);
+    assert!(max_rel(&dx, &numeric_grad(&xd, |p| f(p, &w1d, &b1d, &w2d, &b2d))) < 1e-4);
+    assert!(max_rel(&gw1, &numeric_grad(&w1d, |p| f(&xd, p, &b1d, &w2d, &b2d))) < 1e-4);
+    assert!(max_rel(&gb1, &numeric_grad(&b1d, |p| f(&xd, &w1d, p, &w2d, &b2d))) < 1e-4);
+    assert!(max_rel(&gw2, &numeric_grad(&w2d, |p| f(&xd, &w1d, &b1d, p, &b2d))) < 1e-4);
+    assert!(max_rel(&gb2, &numeric_grad(&b2d, |p| f(&xd, &w1d, &b1d, &w2d, p))) < 1e-4);
+}
+
+#[test]
+fn pooling_linear_and_loss() {
+    let mut rng = Rng::new(5);
+    let (n, hw, c, k) = (3, 5, 4, 6);
+    let x = random(&mut rng, n * hw * c);
+    let mut pooled = vec![0f32; n * c];
+    pool::global_avg_forward(&x, n, hw, c, &mut pooled);
+    for b in 0..n {
+        for ch in 0..c {
+            let m: f32 = (0..hw).map(|p| x[(b * hw + p) * c + ch]).sum::<f32>() / hw as f32;
+            assert!((pooled[b * c + ch] - m).abs() < 1e-6);
+        }
+    }
+    let mut dx = vec![0f32; x.len()];
+    pool::global_avg_backward(&pooled, n, hw, c, &mut dx);
+    assert!((dx[c + 1] - pooled[1] / hw as f32).abs() < 1e-7);
+
+    let (w, bias) = (random(&mut rng, k * c), random(&mut rng, k));
+    let mut logits = vec![0f32; n * k];
+    linear::forward(&pooled, n, c, k, &w, &bias, &mut logits);
+    let lin = |x: &[f64], w: &[f64], b: &[f64]| -> Vec<f64> {
+        (0..n * k).map(|i| b[i % k] + (0..c).map(|j| x[(i / k) * c + j] * w[(i % k) * c + j]).sum::<f64>()).collect()
+    };
+    let (pd, wd, bd) = (f64s(&pooled), f64s(&w), f64s(&bias));
+    assert!(max_rel(&logits, &lin(&pd, &wd, &bd)) < 1e-6);
+
+    // Loss: hard labels with smoothing, then soft targets (a mixup of two rows).
+    let labels = [2usize, 0, 5];
+    let mut targets = vec![0f32; n * k];
+    loss::smoothed_targets(&labels, k, 0.1, &mut targets);
+    assert!((targets[2] - (0.9 + 0.1 / 6.0)).abs() < 1e-7 && (targets[1] - 0.1 / 6.0).abs() < 1e-7);
+    let mixed: Vec<f32> = (0..n * k).map(|i| 0.7 * targets[i] + 0.3 * targets[(n - 1 - i / k) * k + i % k]).collect();
+    let ce = |z: &[f64], t: &[f32]| -> f64 {
+        (0..n)
+            .map(|b| {
+                let row = &z[b * k..][..k];
+                let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+                -(0..k).map(|j| t[b * k + j] as f64 * (row[j] - lse)).sum::<f64>()
+            })
+            .sum::<f64>()
+            / n as f64
+    };
+    let ld = f64s(&logits);
+    for t in [&targets, &mixed] {
+        let mut dlogits = vec![0f32; n * k];
+        let value = loss::softmax_cross_entropy(&logits, k, t, &mut dlogits);
+        assert!((value as f64 - ce(&ld, t)).abs() < 1e-5);
+        assert!(max_rel(&dlogits, &numeric_grad(&ld, |z| ce(z, t))) < 1e-4);
+
+        // Linear backward against the loss through it.
+        let mut dpooled = vec![0f32; n * c];
+        let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; k]);
+        linear::backward(&pooled, n, c, k, &w, &dlogits, &mut dpooled, &mut dw, &mut db);
+        let dl = f64s(&dlogits);
+        assert!(max_rel(&dpooled, &numeric_grad(&pd, |p| dot(&lin(p, &wd, &bd), &dl))) < 1e-4);
+        assert!(max_rel(&dw, &numeric_grad(&wd, |p| dot(&lin(&pd, p, &bd), &dl))) < 1e-4);
+        assert!(max_rel(&db, &numeric_grad(&bd, |p| dot(&lin(&pd, &wd, p), &dl))) < 1e-4);
+    }
+    let mut probs = vec![0f32; n * k];
+    loss::softmax(&logits, k, &mut probs);
+    assert!((probs[..k].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}
+
+#[test]
+fn dropout_and_drop_path_keep_the_expectation() {
+    let mut rng = Rng::new(6);
+    let mut mask = vec![0f32; 200_000];
+    regularize::dropout_mask(&mut rng, 0.2, &mut mask);
+    let kept = mask.iter().filter(|&&m| m > 0.0).count() as f64 / mask.len() as f64;
+    assert!((kept - 0.8).abs() < 0.005, "kept {kept}");
+    assert!(mask.iter().all(|&m| m == 0.0 || (m - 1.25).abs() < 1e-6));
+    let mean = mask.iter().map(|&m| m as f64).sum::<f64>() / mask.len() as f64;
+    assert!((mean - 1.0).abs() < 0.01);
+
+    // Drop-path: whole images kept or dropped.
+    let x = vec![1f32; 4 * 10];
+    let mut out = vec![0f32; 40];
+    regularize::add_scaled_per_image(&x, &[0.0, 1.25, 1.25, 0.0], &mut out);
+    assert_eq!(&out[..10], &[0.0; 10]);
+    assert!(out[10..30].iter().all(|&v| v == 1.25));
+    let mut y = vec![0f32; 3];
+    regularize::apply_mask(&[1.0, 2.0, 3.0], &[0.0, 1.25, 1.25], &mut y);
+    assert_eq!(y, vec![0.0, 2.5, 3.75]);
+}
