@@ -10,9 +10,10 @@ pub enum Act {
     Relu6,
 }
 
+/// 1/(1 + e^−x), with the vectorizable [`crate::simd::exp`].
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + crate::simd::exp(-x))
 }
 
 impl Act {

@@ -21,7 +21,16 @@ impl ConvGeom {
     pub fn new(input: Nhwc, kernel: usize, stride: usize, cout: usize) -> Self {
         let (out_h, pad_top) = same_padding(input.h, kernel, stride);
         let (out_w, pad_left) = same_padding(input.w, kernel, stride);
-        ConvGeom { input, kernel, stride, cout, out_h, out_w, pad_top, pad_left }
+        ConvGeom {
+            input,
+            kernel,
+            stride,
+            cout,
+            out_h,
+            out_w,
+            pad_top,
+            pad_left,
+        }
     }
 
     pub fn output(&self) -> Nhwc {
@@ -140,7 +149,17 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], col: &mut [f32
     let out = g.output();
     if g.is_pointwise() {
         // [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed.
-        matmul(y, out.rows(), g.cout, g.input.c, x, Layout::Normal, w, Layout::Transposed, false);
+        matmul(
+            y,
+            out.rows(),
+            g.cout,
+            g.input.c,
+            x,
+            Layout::Normal,
+            w,
+            Layout::Transposed,
+            false,
+        );
         return;
     }
     let in_img = g.input.h * g.input.w * g.input.c;
@@ -148,7 +167,17 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], col: &mut [f32
     for b in 0..g.input.n {
         im2col(g, &x[b * in_img..][..in_img], col);
         let y_img = &mut y[b * out_px * g.cout..][..out_px * g.cout];
-        matmul(y_img, out_px, g.cout, g.patch_len(), col, Layout::Normal, w, Layout::Normal, false);
+        matmul(
+            y_img,
+            out_px,
+            g.cout,
+            g.patch_len(),
+            col,
+            Layout::Normal,
+            w,
+            Layout::Normal,
+            false,
+        );
     }
 }
 
@@ -170,10 +199,30 @@ pub fn backward(
     if g.is_pointwise() {
         let rows = out.rows();
         // dw[cout, cin] += dyᵀ · x
-        matmul(dw, cout, cin, rows, dy, Layout::Transposed, x, Layout::Normal, true);
+        matmul(
+            dw,
+            cout,
+            cin,
+            rows,
+            dy,
+            Layout::Transposed,
+            x,
+            Layout::Normal,
+            true,
+        );
         if let Some(dx) = dx {
             // dx[rows, cin] = dy · w[cout, cin]
-            matmul(dx, rows, cin, cout, dy, Layout::Normal, w, Layout::Normal, false);
+            matmul(
+                dx,
+                rows,
+                cin,
+                cout,
+                dy,
+                Layout::Normal,
+                w,
+                Layout::Normal,
+                false,
+            );
         }
         return;
     }
@@ -188,10 +237,30 @@ pub fn backward(
         let dy_img = &dy[b * out_px * cout..][..out_px * cout];
         im2col(g, &x[b * in_img..][..in_img], col);
         // dw[patch, cout] += colᵀ · dy
-        matmul(dw, patch, cout, out_px, col, Layout::Transposed, dy_img, Layout::Normal, true);
+        matmul(
+            dw,
+            patch,
+            cout,
+            out_px,
+            col,
+            Layout::Transposed,
+            dy_img,
+            Layout::Normal,
+            true,
+        );
         if let Some(dx) = dx.as_deref_mut() {
             // dcol[out_px, patch] = dy · wᵀ
-            matmul(dcol, out_px, patch, cout, dy_img, Layout::Normal, w, Layout::Transposed, false);
+            matmul(
+                dcol,
+                out_px,
+                patch,
+                cout,
+                dy_img,
+                Layout::Normal,
+                w,
+                Layout::Transposed,
+                false,
+            );
             col2im_add(g, dcol, &mut dx[b * in_img..][..in_img]);
         }
     }

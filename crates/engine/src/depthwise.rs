@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use crate::shape::{same_padding, Nhwc};
+use crate::simd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DwGeom {
@@ -22,7 +23,15 @@ impl DwGeom {
     pub fn new(input: Nhwc, kernel: usize, stride: usize) -> Self {
         let (out_h, pad_top) = same_padding(input.h, kernel, stride);
         let (out_w, pad_left) = same_padding(input.w, kernel, stride);
-        DwGeom { input, kernel, stride, out_h, out_w, pad_top, pad_left }
+        DwGeom {
+            input,
+            kernel,
+            stride,
+            out_h,
+            out_w,
+            pad_top,
+            pad_left,
+        }
     }
 
     pub fn output(&self) -> Nhwc {
@@ -74,25 +83,29 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
     let (ih_len, iw_len) = (g.input.h, g.input.w);
     let in_img = ih_len * iw_len * c;
     let row_len = g.out_w * c;
-    y.par_chunks_mut(row_len).enumerate().for_each(|(r, out_row)| {
-        let (b, oh) = (r / g.out_h, r % g.out_h);
-        let img = &x[b * in_img..][..in_img];
-        let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
-        for ow in 0..g.out_w {
-            let acc = &mut out_row[ow * c..][..c];
-            acc.fill(0.0);
-            let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
-            for dh in 0..nh {
-                for dw in 0..nw {
-                    let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
-                    let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
-                    for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
-                        *a += xv * wv;
+    y.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(r, out_row)| {
+            simd::dispatch(|| {
+                let (b, oh) = (r / g.out_h, r % g.out_h);
+                let img = &x[b * in_img..][..in_img];
+                let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
+                for ow in 0..g.out_w {
+                    let acc = &mut out_row[ow * c..][..c];
+                    acc.fill(0.0);
+                    let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+                    for dh in 0..nh {
+                        for dw in 0..nw {
+                            let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
+                            let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
+                            for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
+                                *a += xv * wv;
+                            }
+                        }
                     }
                 }
-            }
-        }
-    });
+            })
+        });
 }
 
 /// Gradients of [`forward`]: `dx` is overwritten, `dw` (packed) accumulated into.
@@ -116,33 +129,35 @@ pub fn backward(
         .zip(scratch[..g.input.n * wl].par_chunks_mut(wl))
         .enumerate()
         .for_each(|(b, (dx_img, dw_part))| {
-            dx_img.fill(0.0);
-            dw_part.fill(0.0);
-            let img = &x[b * in_img..][..in_img];
-            let dy_img = &dy[b * out_img..][..out_img];
-            for oh in 0..g.out_h {
-                let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
-                for ow in 0..g.out_w {
-                    let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
-                    let go = &dy_img[(oh * g.out_w + ow) * c..][..c];
-                    for dh in 0..nh {
-                        for dwi in 0..nw {
-                            let off = ((ih0 + dh) * iw_len + iw0 + dwi) * c;
-                            let t = ((kh0 + dh) * g.kernel + kw0 + dwi) * c;
-                            let xs = &img[off..][..c];
-                            let ws = &w[t..][..c];
-                            let gw = &mut dw_part[t..][..c];
-                            for ((gwv, xv), gov) in gw.iter_mut().zip(xs).zip(go) {
-                                *gwv += gov * xv;
-                            }
-                            let gx = &mut dx_img[off..][..c];
-                            for ((gxv, gov), wv) in gx.iter_mut().zip(go).zip(ws) {
-                                *gxv += gov * wv;
+            simd::dispatch(|| {
+                dx_img.fill(0.0);
+                dw_part.fill(0.0);
+                let img = &x[b * in_img..][..in_img];
+                let dy_img = &dy[b * out_img..][..out_img];
+                for oh in 0..g.out_h {
+                    let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
+                    for ow in 0..g.out_w {
+                        let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+                        let go = &dy_img[(oh * g.out_w + ow) * c..][..c];
+                        for dh in 0..nh {
+                            for dwi in 0..nw {
+                                let off = ((ih0 + dh) * iw_len + iw0 + dwi) * c;
+                                let t = ((kh0 + dh) * g.kernel + kw0 + dwi) * c;
+                                let xs = &img[off..][..c];
+                                let ws = &w[t..][..c];
+                                let gw = &mut dw_part[t..][..c];
+                                for ((gwv, xv), gov) in gw.iter_mut().zip(xs).zip(go) {
+                                    *gwv += gov * xv;
+                                }
+                                let gx = &mut dx_img[off..][..c];
+                                for ((gxv, gov), wv) in gx.iter_mut().zip(go).zip(ws) {
+                                    *gxv += gov * wv;
+                                }
                             }
                         }
                     }
                 }
-            }
+            })
         });
     for part in scratch[..g.input.n * wl].chunks(wl) {
         for (d, p) in dw.iter_mut().zip(part) {

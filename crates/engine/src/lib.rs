@@ -17,6 +17,7 @@ pub mod regularize;
 pub mod rng;
 pub mod se;
 pub mod shape;
+pub mod simd;
 
 pub use act::Act;
 pub use shape::{same_padding, Nhwc};

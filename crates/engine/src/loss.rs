@@ -12,7 +12,10 @@ pub fn smoothed_targets(labels: &[usize], classes: usize, smoothing: f32, out: &
 
 /// Row-wise softmax of `[n, classes]` logits.
 pub fn softmax(logits: &[f32], classes: usize, probs: &mut [f32]) {
-    for (z, p) in logits.chunks_exact(classes).zip(probs.chunks_exact_mut(classes)) {
+    for (z, p) in logits
+        .chunks_exact(classes)
+        .zip(probs.chunks_exact_mut(classes))
+    {
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;
         for (pi, zi) in p.iter_mut().zip(z) {
@@ -27,7 +30,12 @@ pub fn softmax(logits: &[f32], classes: usize, probs: &mut [f32]) {
 }
 
 /// Mean over the batch of `−Σ_k t_k · log softmax(z)_k`; writes `d loss / d logits` to `dlogits`.
-pub fn softmax_cross_entropy(logits: &[f32], classes: usize, targets: &[f32], dlogits: &mut [f32]) -> f32 {
+pub fn softmax_cross_entropy(
+    logits: &[f32],
+    classes: usize,
+    targets: &[f32],
+    dlogits: &mut [f32],
+) -> f32 {
     let n = logits.len() / classes;
     let mut total = 0f64;
     for ((z, t), d) in logits

@@ -26,7 +26,11 @@ pub fn matmul(
     b_layout: Layout,
     accumulate: bool,
 ) {
-    assert!(c.len() >= m * n, "matmul: output holds {} < {m}×{n}", c.len());
+    assert!(
+        c.len() >= m * n,
+        "matmul: output holds {} < {m}×{n}",
+        c.len()
+    );
     assert!(a.len() >= m * k, "matmul: lhs holds {} < {m}×{k}", a.len());
     assert!(b.len() >= k * n, "matmul: rhs holds {} < {k}×{n}", b.len());
     if m == 0 || n == 0 {

@@ -9,20 +9,25 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::act::Act;
+use crate::simd;
 
 /// Rows per parallel task in the reductions: small enough that f32 partial sums stay accurate.
 const ROWS_PER_TASK: usize = 512;
 
 /// Sums `f` over row ranges in parallel. `f(rows, partial)` adds its range's contribution into
 /// `partial` (length `width`); the partials are combined in f64.
-pub fn par_row_sums(rows: usize, width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f64> {
+pub fn par_row_sums(
+    rows: usize,
+    width: usize,
+    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f64> {
     let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
     (0..tasks)
         .into_par_iter()
         .map(|t| {
             let mut partial = vec![0f32; width];
             let range = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
-            f(range, &mut partial);
+            simd::dispatch(|| f(range, &mut partial));
             partial
         })
         .fold(
@@ -48,7 +53,9 @@ pub fn par_row_sums(rows: usize, width: usize, f: impl Fn(Range<usize>, &mut [f3
 /// Applies `f(row_chunk_in, row_chunk_out)` over matching row chunks of two `[rows, c]` tensors.
 fn par_rows(x: &[f32], y: &mut [f32], c: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
     let chunk = ROWS_PER_TASK * c;
-    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(yc, xc)| f(xc, yc));
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| simd::dispatch(|| f(xc, yc)));
 }
 
 /// Training-mode forward: `y = act(γ·(x − mean)/sqrt(var + eps) + β)` with the batch statistics,
@@ -97,9 +104,23 @@ pub fn train_forward(
 
 /// `y = act(γ·(x − mean)·invstd + β)` as one scale and shift per channel.
 #[allow(clippy::too_many_arguments)]
-fn eval_affine(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32], act: Act, y: &mut [f32]) {
+fn eval_affine(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    act: Act,
+    y: &mut [f32],
+) {
     let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
-    let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    let shift: Vec<f32> = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
     scale_shift_act(x, c, &scale, &shift, act, y);
 }
 
@@ -156,7 +177,11 @@ pub fn update_running_stats(
     rows: usize,
     momentum: f32,
 ) {
-    let bessel = if rows > 1 { rows as f32 / (rows - 1) as f32 } else { 1.0 };
+    let bessel = if rows > 1 {
+        rows as f32 / (rows - 1) as f32
+    } else {
+        1.0
+    };
     for (r, m) in running_mean.iter_mut().zip(mean) {
         *r = (1.0 - momentum) * *r + momentum * m;
     }
@@ -182,11 +207,19 @@ pub fn train_backward(
 ) {
     let rows = x.len() / c;
     let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
-    let shift: Vec<f32> = beta.iter().zip(mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
+    let shift: Vec<f32> = beta
+        .iter()
+        .zip(mean)
+        .zip(&scale)
+        .map(|((b, m), s)| b - m * s)
+        .collect();
     // Σ dz and Σ dz·x̂ per channel, where z = x·scale + shift is the pre-activation value.
     let sums = par_row_sums(rows, 2 * c, |r, acc| {
         let (sum_dz, sum_dzx) = acc.split_at_mut(c);
-        for (xr, gr) in x[r.start * c..r.end * c].chunks_exact(c).zip(dy[r.start * c..r.end * c].chunks_exact(c)) {
+        for (xr, gr) in x[r.start * c..r.end * c]
+            .chunks_exact(c)
+            .zip(dy[r.start * c..r.end * c].chunks_exact(c))
+        {
             for ch in 0..c {
                 let z = xr[ch] * scale[ch] + shift[ch];
                 let dz = gr[ch] * act.derivative(z);
@@ -203,14 +236,23 @@ pub fn train_backward(
         dgamma[ch] += sums[c + ch] as f32;
     }
     let chunk = ROWS_PER_TASK * c;
-    dx.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).zip(dy.par_chunks(chunk)).for_each(|((dxc, xc), gc)| {
-        for ((dr, xr), gr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(gc.chunks_exact(c)) {
-            for ch in 0..c {
-                let z = xr[ch] * scale[ch] + shift[ch];
-                let dz = gr[ch] * act.derivative(z);
-                let xhat = (xr[ch] - mean[ch]) * invstd[ch];
-                dr[ch] = scale[ch] * (dz - mean_dz[ch] - xhat * mean_dzx[ch]);
-            }
-        }
-    });
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(dy.par_chunks(chunk))
+        .for_each(|((dxc, xc), gc)| {
+            simd::dispatch(|| {
+                for ((dr, xr), gr) in dxc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c))
+                    .zip(gc.chunks_exact(c))
+                {
+                    for ch in 0..c {
+                        let z = xr[ch] * scale[ch] + shift[ch];
+                        let dz = gr[ch] * act.derivative(z);
+                        let xhat = (xr[ch] - mean[ch]) * invstd[ch];
+                        dr[ch] = scale[ch] * (dz - mean_dz[ch] - xhat * mean_dzx[ch]);
+                    }
+                }
+            })
+        });
 }

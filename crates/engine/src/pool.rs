@@ -5,28 +5,34 @@ use rayon::prelude::*;
 /// `out[b, c] = mean over hw of x[b, hw, c]`.
 pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32]) {
     let inv = 1.0 / hw as f32;
-    out[..n * c].par_chunks_mut(c).enumerate().for_each(|(b, o)| {
-        o.fill(0.0);
-        for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
-            for (a, v) in o.iter_mut().zip(row) {
-                *a += v;
+    out[..n * c]
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(b, o)| {
+            o.fill(0.0);
+            for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
+                for (a, v) in o.iter_mut().zip(row) {
+                    *a += v;
+                }
             }
-        }
-        for a in o.iter_mut() {
-            *a *= inv;
-        }
-    });
+            for a in o.iter_mut() {
+                *a *= inv;
+            }
+        });
 }
 
 /// `dx[b, hw, c] = dy[b, c] / hw`.
 pub fn global_avg_backward(dy: &[f32], n: usize, hw: usize, c: usize, dx: &mut [f32]) {
     let inv = 1.0 / hw as f32;
-    dx[..n * hw * c].par_chunks_mut(hw * c).enumerate().for_each(|(b, d)| {
-        let g = &dy[b * c..][..c];
-        for row in d.chunks_exact_mut(c) {
-            for (o, v) in row.iter_mut().zip(g) {
-                *o = v * inv;
+    dx[..n * hw * c]
+        .par_chunks_mut(hw * c)
+        .enumerate()
+        .for_each(|(b, d)| {
+            let g = &dy[b * c..][..c];
+            for row in d.chunks_exact_mut(c) {
+                for (o, v) in row.iter_mut().zip(g) {
+                    *o = v * inv;
+                }
             }
-        }
-    });
+        });
 }

@@ -27,7 +27,11 @@ pub fn drop_path_mask(rng: &mut Rng, rate: f32, mask: &mut [f32]) {
 /// `out += x · mask[image]` for the residual branch of a block; `x` is `[n, per_image]`.
 pub fn add_scaled_per_image(x: &[f32], mask: &[f32], out: &mut [f32]) {
     let per_image = x.len() / mask.len().max(1);
-    for ((o, v), m) in out.chunks_exact_mut(per_image).zip(x.chunks_exact(per_image)).zip(mask) {
+    for ((o, v), m) in out
+        .chunks_exact_mut(per_image)
+        .zip(x.chunks_exact(per_image))
+        .zip(mask)
+    {
         for (a, b) in o.iter_mut().zip(v) {
             *a += b * m;
         }

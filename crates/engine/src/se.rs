@@ -49,28 +49,55 @@ pub fn forward(
 ) {
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
     crate::pool::global_avg_forward(x, n, hw, c, &mut saved.pooled);
-    matmul(&mut saved.pre_act, n, cr, c, &saved.pooled, Layout::Normal, w1, Layout::Transposed, false);
-    for (row_pre, row_hidden) in saved.pre_act.chunks_exact_mut(cr).zip(saved.hidden.chunks_exact_mut(cr)) {
+    matmul(
+        &mut saved.pre_act,
+        n,
+        cr,
+        c,
+        &saved.pooled,
+        Layout::Normal,
+        w1,
+        Layout::Transposed,
+        false,
+    );
+    for (row_pre, row_hidden) in saved
+        .pre_act
+        .chunks_exact_mut(cr)
+        .zip(saved.hidden.chunks_exact_mut(cr))
+    {
         for ((p, h), b) in row_pre.iter_mut().zip(row_hidden.iter_mut()).zip(b1) {
             *p += b;
             *h = g.act.apply(*p);
         }
     }
-    matmul(&mut saved.gate, n, c, cr, &saved.hidden, Layout::Normal, w2, Layout::Transposed, false);
+    matmul(
+        &mut saved.gate,
+        n,
+        c,
+        cr,
+        &saved.hidden,
+        Layout::Normal,
+        w2,
+        Layout::Transposed,
+        false,
+    );
     for row in saved.gate.chunks_exact_mut(c) {
         for (v, b) in row.iter_mut().zip(b2) {
             *v = sigmoid(*v + b);
         }
     }
     let gate = &saved.gate;
-    y.par_chunks_mut(hw * c).zip(x.par_chunks(hw * c)).enumerate().for_each(|(b, (yi, xi))| {
-        let gi = &gate[b * c..][..c];
-        for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-            for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
-                *o = v * s;
+    y.par_chunks_mut(hw * c)
+        .zip(x.par_chunks(hw * c))
+        .enumerate()
+        .for_each(|(b, (yi, xi))| {
+            let gi = &gate[b * c..][..c];
+            for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
+                    *o = v * s;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Backward of [`forward`]: `dx` is overwritten; weight and bias gradients are accumulated into.
@@ -91,19 +118,45 @@ pub fn backward(
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
     // d(pre-sigmoid) = Σ_hw dy·x · gate·(1 − gate)
     let mut d_pre_gate = vec![0f32; n * c];
-    d_pre_gate.par_chunks_mut(c).enumerate().for_each(|(b, acc)| {
-        for (xr, gr) in x[b * hw * c..][..hw * c].chunks_exact(c).zip(dy[b * hw * c..][..hw * c].chunks_exact(c)) {
-            for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
-                *a += xv * gv;
+    d_pre_gate
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(b, acc)| {
+            for (xr, gr) in x[b * hw * c..][..hw * c]
+                .chunks_exact(c)
+                .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
+            {
+                for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
+                    *a += xv * gv;
+                }
             }
-        }
-        for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
-            *a *= s * (1.0 - s);
-        }
-    });
-    matmul(dw2, c, cr, n, &d_pre_gate, Layout::Transposed, &saved.hidden, Layout::Normal, true);
+            for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
+                *a *= s * (1.0 - s);
+            }
+        });
+    matmul(
+        dw2,
+        c,
+        cr,
+        n,
+        &d_pre_gate,
+        Layout::Transposed,
+        &saved.hidden,
+        Layout::Normal,
+        true,
+    );
     let mut d_pre_act = vec![0f32; n * cr];
-    matmul(&mut d_pre_act, n, cr, c, &d_pre_gate, Layout::Normal, w2, Layout::Normal, false);
+    matmul(
+        &mut d_pre_act,
+        n,
+        cr,
+        c,
+        &d_pre_gate,
+        Layout::Normal,
+        w2,
+        Layout::Normal,
+        false,
+    );
     for (d, p) in d_pre_act.iter_mut().zip(&saved.pre_act) {
         *d *= g.act.derivative(*p);
     }
@@ -115,18 +168,41 @@ pub fn backward(
             *acc += d;
         }
     }
-    matmul(dw1, cr, c, n, &d_pre_act, Layout::Transposed, &saved.pooled, Layout::Normal, true);
+    matmul(
+        dw1,
+        cr,
+        c,
+        n,
+        &d_pre_act,
+        Layout::Transposed,
+        &saved.pooled,
+        Layout::Normal,
+        true,
+    );
     let mut d_pooled = vec![0f32; n * c];
-    matmul(&mut d_pooled, n, c, cr, &d_pre_act, Layout::Normal, w1, Layout::Normal, false);
+    matmul(
+        &mut d_pooled,
+        n,
+        c,
+        cr,
+        &d_pre_act,
+        Layout::Normal,
+        w1,
+        Layout::Normal,
+        false,
+    );
     let inv_hw = 1.0 / hw as f32;
     let gate = &saved.gate;
-    dx.par_chunks_mut(hw * c).zip(dy.par_chunks(hw * c)).enumerate().for_each(|(b, (dxi, dyi))| {
-        let gi = &gate[b * c..][..c];
-        let pi = &d_pooled[b * c..][..c];
-        for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
-            for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
-                *o = gv * s + p * inv_hw;
+    dx.par_chunks_mut(hw * c)
+        .zip(dy.par_chunks(hw * c))
+        .enumerate()
+        .for_each(|(b, (dxi, dyi))| {
+            let gi = &gate[b * c..][..c];
+            let pi = &d_pooled[b * c..][..c];
+            for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
+                for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
+                    *o = gv * s + p * inv_hw;
+                }
             }
-        }
-    });
+        });
 }

@@ -3,7 +3,9 @@
 
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
-use effnet_engine::{conv, depthwise, linear, loss, norm, pool, regularize, same_padding, se, Act, Nhwc};
+use effnet_engine::{
+    conv, depthwise, linear, loss, norm, pool, regularize, same_padding, se, Act, Nhwc,
+};
 
 fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
@@ -17,7 +19,11 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 fn max_rel(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 /// Central-difference gradient of `f` at `x`.
@@ -41,7 +47,15 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Direct convolution, NHWC input, PyTorch weight layout, TF SAME padding; groups 1 or depthwise.
-fn conv_ref(x: &[f64], s: Nhwc, w: &[f64], cout: usize, k: usize, stride: usize, depthwise: bool) -> Vec<f64> {
+fn conv_ref(
+    x: &[f64],
+    s: Nhwc,
+    w: &[f64],
+    cout: usize,
+    k: usize,
+    stride: usize,
+    depthwise: bool,
+) -> Vec<f64> {
     let (oh, pt) = same_padding(s.h, k, stride);
     let (ow, pl) = same_padding(s.w, k, stride);
     let mut y = vec![0f64; s.n * oh * ow * cout];
@@ -105,7 +119,11 @@ fn dense_conv_forward_and_backward() {
         conv::forward(&g, &x, wk, &mut y, &mut col);
         let (xd, wd) = (f64s(&x), f64s(&wt));
         let y_ref = conv_ref(&xd, s, &wd, cout, k, stride, false);
-        assert!(max_rel(&y, &y_ref) < 1e-5, "forward {:?}", (h, w, cin, cout, k, stride));
+        assert!(
+            max_rel(&y, &y_ref) < 1e-5,
+            "forward {:?}",
+            (h, w, cin, cout, k, stride)
+        );
 
         let r = f64s(&random(&mut rng, y.len()));
         let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
@@ -120,17 +138,31 @@ fn dense_conv_forward_and_backward() {
             conv::unpack_weight_add(&g, &dw, &mut t);
             t
         };
-        let dx_num = numeric_grad(&xd, |xp| dot(&conv_ref(xp, s, &wd, cout, k, stride, false), &r));
-        let dw_num = numeric_grad(&wd, |wp| dot(&conv_ref(&xd, s, wp, cout, k, stride, false), &r));
+        let dx_num = numeric_grad(&xd, |xp| {
+            dot(&conv_ref(xp, s, &wd, cout, k, stride, false), &r)
+        });
+        let dw_num = numeric_grad(&wd, |wp| {
+            dot(&conv_ref(&xd, s, wp, cout, k, stride, false), &r)
+        });
         assert!(max_rel(&dx, &dx_num) < 1e-4, "dx {:?}", (h, w, k, stride));
-        assert!(max_rel(&dw_torch, &dw_num) < 1e-4, "dw {:?}", (h, w, k, stride));
+        assert!(
+            max_rel(&dw_torch, &dw_num) < 1e-4,
+            "dw {:?}",
+            (h, w, k, stride)
+        );
     }
 }
 
 #[test]
 fn depthwise_conv_forward_and_backward() {
     let mut rng = Rng::new(2);
-    for &(h, w, c, k, stride) in &[(7, 7, 5, 3, 2), (8, 8, 4, 3, 2), (6, 5, 3, 5, 1), (9, 10, 6, 5, 2), (5, 5, 17, 3, 1)] {
+    for &(h, w, c, k, stride) in &[
+        (7, 7, 5, 3, 2),
+        (8, 8, 4, 3, 2),
+        (6, 5, 3, 5, 1),
+        (9, 10, 6, 5, 2),
+        (5, 5, 17, 3, 1),
+    ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
         let x = random(&mut rng, s.len());
@@ -153,7 +185,11 @@ fn depthwise_conv_forward_and_backward() {
         let dx_num = numeric_grad(&xd, |xp| dot(&conv_ref(xp, s, &wd, c, k, stride, true), &r));
         let dw_num = numeric_grad(&wd, |wp| dot(&conv_ref(&xd, s, wp, c, k, stride, true), &r));
         assert!(max_rel(&dx, &dx_num) < 1e-4, "dx {:?}", (h, w, k, stride));
-        assert!(max_rel(&dw_torch, &dw_num) < 1e-4, "dw {:?}", (h, w, k, stride));
+        assert!(
+            max_rel(&dw_torch, &dw_num) < 1e-4,
+            "dw {:?}",
+            (h, w, k, stride)
+        );
     }
 }
 
@@ -170,7 +206,10 @@ fn bn_ref(x: &[f64], c: usize, gamma: &[f64], beta: &[f64], eps: f64, act: Act) 
     let mut y = vec![0f64; x.len()];
     for ch in 0..c {
         let mean = (0..rows).map(|r| x[r * c + ch]).sum::<f64>() / rows as f64;
-        let var = (0..rows).map(|r| (x[r * c + ch] - mean).powi(2)).sum::<f64>() / rows as f64;
+        let var = (0..rows)
+            .map(|r| (x[r * c + ch] - mean).powi(2))
+            .sum::<f64>()
+            / rows as f64;
         for r in 0..rows {
             let z = gamma[ch] * (x[r * c + ch] - mean) / (var + eps).sqrt() + beta[ch];
             y[r * c + ch] = act_ref(act, z);
@@ -182,36 +221,60 @@ fn bn_ref(x: &[f64], c: usize, gamma: &[f64], beta: &[f64], eps: f64, act: Act) 
 #[test]
 fn batch_norm_train_forward_backward_and_running_stats() {
     let mut rng = Rng::new(3);
-    for (rows, c, act) in [(37, 5, Act::None), (1100, 3, Act::Silu), (50, 4, Act::Relu6)] {
+    for (rows, c, act) in [
+        (37, 5, Act::None),
+        (1100, 3, Act::Silu),
+        (50, 4, Act::Relu6),
+    ] {
         // An offset mean exercises the two-pass variance.
-        let x: Vec<f32> = random(&mut rng, rows * c).iter().map(|v| 3.0 + 2.0 * v).collect();
+        let x: Vec<f32> = random(&mut rng, rows * c)
+            .iter()
+            .map(|v| 3.0 + 2.0 * v)
+            .collect();
         let gamma: Vec<f32> = (0..c).map(|_| rng.uniform_in(0.5, 1.5) as f32).collect();
         let beta = random(&mut rng, c);
         let eps = 1e-3;
         let (mut mean, mut var, mut invstd) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
         let mut y = vec![0f32; x.len()];
-        norm::train_forward(&x, c, &gamma, &beta, eps, act, &mut mean, &mut var, &mut invstd, &mut y);
+        norm::train_forward(
+            &x,
+            c,
+            &gamma,
+            &beta,
+            eps,
+            act,
+            &mut mean,
+            &mut var,
+            &mut invstd,
+            &mut y,
+        );
         let (xd, gd, bd) = (f64s(&x), f64s(&gamma), f64s(&beta));
         assert!(max_rel(&y, &bn_ref(&xd, c, &gd, &bd, eps as f64, act)) < 1e-5);
 
         let r = f64s(&random(&mut rng, y.len()));
         let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
         let (mut dx, mut dg, mut db) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
-        norm::train_backward(&x, c, &gamma, &beta, &mean, &invstd, act, &dy, &mut dx, &mut dg, &mut db);
+        norm::train_backward(
+            &x, c, &gamma, &beta, &mean, &invstd, act, &dy, &mut dx, &mut dg, &mut db,
+        );
         if rows < 100 {
             let dx_num = numeric_grad(&xd, |xp| dot(&bn_ref(xp, c, &gd, &bd, eps as f64, act), &r));
             assert!(max_rel(&dx, &dx_num) < 1e-3, "dx rows={rows} {act:?}");
         }
         let dg_num = numeric_grad(&gd, |gp| dot(&bn_ref(&xd, c, gp, &bd, eps as f64, act), &r));
         let db_num = numeric_grad(&bd, |bp| dot(&bn_ref(&xd, c, &gd, bp, eps as f64, act), &r));
-        assert!(max_rel(&dg, &dg_num) < 1e-4 && max_rel(&db, &db_num) < 1e-4, "dγ dβ {act:?}");
+        assert!(
+            max_rel(&dg, &dg_num) < 1e-4 && max_rel(&db, &db_num) < 1e-4,
+            "dγ dβ {act:?}"
+        );
 
         // Running statistics: PyTorch's rule with the unbiased variance.
         let (mut rm, mut rv) = (vec![0.5f32; c], vec![2.0f32; c]);
         norm::update_running_stats(&mut rm, &mut rv, &mean, &var, rows, 0.1);
         for ch in 0..c {
             let m = (0..rows).map(|r| xd[r * c + ch]).sum::<f64>() / rows as f64;
-            let v = (0..rows).map(|r| (xd[r * c + ch] - m).powi(2)).sum::<f64>() / (rows - 1) as f64;
+            let v =
+                (0..rows).map(|r| (xd[r * c + ch] - m).powi(2)).sum::<f64>() / (rows - 1) as f64;
             assert!((rm[ch] as f64 - (0.9 * 0.5 + 0.1 * m)).abs() < 1e-5);
             assert!((rv[ch] as f64 - (0.9 * 2.0 + 0.1 * v)).abs() < 1e-4);
         }
@@ -232,9 +295,17 @@ fn se_ref(x: &[f64], g: &SeGeom, w1: &[f64], b1: &[f64], w2: &[f64], b2: &[f64])
     let mut y = vec![0f64; x.len()];
     for b in 0..g.n {
         let img = &x[b * hw * c..][..hw * c];
-        let pooled: Vec<f64> = (0..c).map(|ch| (0..hw).map(|p| img[p * c + ch]).sum::<f64>() / hw as f64).collect();
-        let hidden: Vec<f64> =
-            (0..cr).map(|j| act_ref(g.act, b1[j] + (0..c).map(|ch| w1[j * c + ch] * pooled[ch]).sum::<f64>())).collect();
+        let pooled: Vec<f64> = (0..c)
+            .map(|ch| (0..hw).map(|p| img[p * c + ch]).sum::<f64>() / hw as f64)
+            .collect();
+        let hidden: Vec<f64> = (0..cr)
+            .map(|j| {
+                act_ref(
+                    g.act,
+                    b1[j] + (0..c).map(|ch| w1[j * c + ch] * pooled[ch]).sum::<f64>(),
+                )
+            })
+            .collect();
         for ch in 0..c {
             let z = b2[ch] + (0..cr).map(|j| w2[ch * cr + j] * hidden[j]).sum::<f64>();
             let gate = 1.0 / (1.0 + (-z).exp());
@@ -249,7 +320,13 @@ fn se_ref(x: &[f64], g: &SeGeom, w1: &[f64], b1: &[f64], w2: &[f64], b2: &[f64])
 #[test]
 fn squeeze_excitation_forward_and_backward() {
     let mut rng = Rng::new(4);
-    let g = SeGeom { n: 2, hw: 6, c: 8, cr: 3, act: Act::Silu };
+    let g = SeGeom {
+        n: 2,
+        hw: 6,
+        c: 8,
+        cr: 3,
+        act: Act::Silu,
+    };
     let x = random(&mut rng, g.n * g.hw * g.c);
     let (w1, b1) = (random(&mut rng, g.cr * g.c), random(&mut rng, g.cr));
     let (w2, b2) = (random(&mut rng, g.c * g.cr), random(&mut rng, g.c));
@@ -263,9 +340,18 @@ fn squeeze_excitation_forward_and_backward() {
     let r = f64s(&random(&mut rng, y.len()));
     let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
     let mut dx = vec![0f32; x.len()];
-    let (mut gw1, mut gb1, mut gw2, mut gb2) = (vec![0f32; w1.len()], vec![0f32; g.cr], vec![0f32; w2.len()], vec![0f32; g.c]);
-    se::backward(&g, &x, &w1, &w2, &saved, &dy, &mut dx, &mut gw1, &mut gb1, &mut gw2, &mut gb2);
-    let f = |x: &[f64], w1: &[f64], b1: &[f64], w2: &[f64], b2: &[f64]| dot(&se_ref(x, &g, w1, b1, w2, b2), &r);
+    let (mut gw1, mut gb1, mut gw2, mut gb2) = (
+        vec![0f32; w1.len()],
+        vec![0f32; g.cr],
+        vec![0f32; w2.len()],
+        vec![0f32; g.c],
+    );
+    se::backward(
+        &g, &x, &w1, &w2, &saved, &dy, &mut dx, &mut gw1, &mut gb1, &mut gw2, &mut gb2,
+    );
+    let f = |x: &[f64], w1: &[f64], b1: &[f64], w2: &[f64], b2: &[f64]| {
+        dot(&se_ref(x, &g, w1, b1, w2, b2), &r)
+    };
     assert!(max_rel(&dx, &numeric_grad(&xd, |p| f(p, &w1d, &b1d, &w2d, &b2d))) < 1e-4);
     assert!(max_rel(&gw1, &numeric_grad(&w1d, |p| f(&xd, p, &b1d, &w2d, &b2d))) < 1e-4);
     assert!(max_rel(&gb1, &numeric_grad(&b1d, |p| f(&xd, &w1d, p, &w2d, &b2d))) < 1e-4);
@@ -294,7 +380,14 @@ fn pooling_linear_and_loss() {
     let mut logits = vec![0f32; n * k];
     linear::forward(&pooled, n, c, k, &w, &bias, &mut logits);
     let lin = |x: &[f64], w: &[f64], b: &[f64]| -> Vec<f64> {
-        (0..n * k).map(|i| b[i % k] + (0..c).map(|j| x[(i / k) * c + j] * w[(i % k) * c + j]).sum::<f64>()).collect()
+        (0..n * k)
+            .map(|i| {
+                b[i % k]
+                    + (0..c)
+                        .map(|j| x[(i / k) * c + j] * w[(i % k) * c + j])
+                        .sum::<f64>()
+            })
+            .collect()
     };
     let (pd, wd, bd) = (f64s(&pooled), f64s(&w), f64s(&bias));
     assert!(max_rel(&logits, &lin(&pd, &wd, &bd)) < 1e-6);
@@ -304,13 +397,17 @@ fn pooling_linear_and_loss() {
     let mut targets = vec![0f32; n * k];
     loss::smoothed_targets(&labels, k, 0.1, &mut targets);
     assert!((targets[2] - (0.9 + 0.1 / 6.0)).abs() < 1e-7 && (targets[1] - 0.1 / 6.0).abs() < 1e-7);
-    let mixed: Vec<f32> = (0..n * k).map(|i| 0.7 * targets[i] + 0.3 * targets[(n - 1 - i / k) * k + i % k]).collect();
+    let mixed: Vec<f32> = (0..n * k)
+        .map(|i| 0.7 * targets[i] + 0.3 * targets[(n - 1 - i / k) * k + i % k])
+        .collect();
     let ce = |z: &[f64], t: &[f32]| -> f64 {
         (0..n)
             .map(|b| {
                 let row = &z[b * k..][..k];
                 let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
-                -(0..k).map(|j| t[b * k + j] as f64 * (row[j] - lse)).sum::<f64>()
+                -(0..k)
+                    .map(|j| t[b * k + j] as f64 * (row[j] - lse))
+                    .sum::<f64>()
             })
             .sum::<f64>()
             / n as f64
@@ -325,9 +422,24 @@ fn pooling_linear_and_loss() {
         // Linear backward against the loss through it.
         let mut dpooled = vec![0f32; n * c];
         let (mut dw, mut db) = (vec![0f32; w.len()], vec![0f32; k]);
-        linear::backward(&pooled, n, c, k, &w, &dlogits, &mut dpooled, &mut dw, &mut db);
+        linear::backward(
+            &pooled,
+            n,
+            c,
+            k,
+            &w,
+            &dlogits,
+            &mut dpooled,
+            &mut dw,
+            &mut db,
+        );
         let dl = f64s(&dlogits);
-        assert!(max_rel(&dpooled, &numeric_grad(&pd, |p| dot(&lin(p, &wd, &bd), &dl))) < 1e-4);
+        assert!(
+            max_rel(
+                &dpooled,
+                &numeric_grad(&pd, |p| dot(&lin(p, &wd, &bd), &dl))
+            ) < 1e-4
+        );
         assert!(max_rel(&dw, &numeric_grad(&wd, |p| dot(&lin(&pd, p, &bd), &dl))) < 1e-4);
         assert!(max_rel(&db, &numeric_grad(&bd, |p| dot(&lin(&pd, &wd, p), &dl))) < 1e-4);
     }
