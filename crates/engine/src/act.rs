@@ -53,3 +53,51 @@ impl Act {
         }
     }
 }
+
+/// An activation as a type, so kernels can be monomorphized per activation and vectorize
+/// (a runtime `match` inside an inner loop would block that). See [`with_activation!`].
+pub trait Activation: Copy + Send + Sync {
+    fn apply(x: f32) -> f32;
+    fn derivative(x: f32) -> f32;
+}
+
+macro_rules! activation_type {
+    ($name:ident, $variant:ident) => {
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
+        impl Activation for $name {
+            #[inline(always)]
+            fn apply(x: f32) -> f32 {
+                Act::$variant.apply(x)
+            }
+            #[inline(always)]
+            fn derivative(x: f32) -> f32 {
+                Act::$variant.derivative(x)
+            }
+        }
+    };
+}
+activation_type!(Identity, None);
+activation_type!(SiluFn, Silu);
+activation_type!(Relu6Fn, Relu6);
+
+/// Runs `$body` with the type alias `$A` bound to the [`Activation`] type of `$act`.
+#[macro_export]
+macro_rules! with_activation {
+    ($act:expr, $A:ident => $body:expr) => {
+        match $act {
+            $crate::act::Act::None => {
+                type $A = $crate::act::Identity;
+                $body
+            }
+            $crate::act::Act::Silu => {
+                type $A = $crate::act::SiluFn;
+                $body
+            }
+            $crate::act::Act::Relu6 => {
+                type $A = $crate::act::Relu6Fn;
+                $body
+            }
+        }
+    };
+}

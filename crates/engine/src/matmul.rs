@@ -52,11 +52,101 @@ pub fn matmul(
         Layout::Transposed => (1, k as isize),
     };
     let threads = rayon::current_num_threads();
+    let long_reduction = k >= 2048 && k >= 4 * m.max(n);
+    if threads > 1 && a_layout == Layout::Transposed && b_layout == Layout::Normal && long_reduction
+    {
+        return split_k(c, m, n, k, a, b, accumulate, threads);
+    }
     let parallelism = if threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
+    raw(
+        c,
+        m,
+        n,
+        k,
+        a,
+        (a_rs, a_cs),
+        b,
+        (b_rs, b_cs),
+        accumulate,
+        parallelism,
+    );
+}
+
+/// `aᵀ·b` with a long reduction and a small output (weight gradients: Σ over every pixel):
+/// the reduction is split across threads, each into its own partial, then summed. `gemm`
+/// itself splits only the output, which leaves one thread working on such shapes.
+#[allow(clippy::too_many_arguments)]
+fn split_k(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    use rayon::prelude::*;
+    let per = k.div_ceil(threads);
+    let partials: Vec<Vec<f32>> = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let (k0, k1) = (t * per, ((t + 1) * per).min(k));
+            let mut part = vec![0f32; m * n];
+            if k1 > k0 {
+                // Rows k0..k1 of both operands: aᵀ is stored [k, m] and b [k, n].
+                let (a_part, b_part) = (&a[k0 * m..k1 * m], &b[k0 * n..k1 * n]);
+                raw(
+                    &mut part,
+                    m,
+                    n,
+                    k1 - k0,
+                    a_part,
+                    (1, m as isize),
+                    b_part,
+                    (n as isize, 1),
+                    false,
+                    Parallelism::None,
+                );
+            }
+            part
+        })
+        .collect();
+    let out = &mut c[..m * n];
+    if !accumulate {
+        out.fill(0.0);
+    }
+    for part in &partials {
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += p;
+        }
+    }
+}
+
+/// The `gemm` call with explicit (row, column) strides for each operand.
+#[allow(clippy::too_many_arguments)]
+fn raw(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (isize, isize),
+    b: &[f32],
+    (b_rs, b_cs): (isize, isize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    // Every element addressed must lie inside the slices (strides are non-negative here).
+    let last = |rows: usize, cols: usize, rs: isize, cs: isize| {
+        (rows - 1) as isize * rs + (cols - 1) as isize * cs
+    };
+    assert!(last(m, k, a_rs, a_cs) < a.len() as isize && last(k, n, b_rs, b_cs) < b.len() as isize);
+    assert!(c.len() >= m * n);
     // SAFETY: the asserts above guarantee that every element addressed by (m, n, k) and the
     // strides lies inside the three slices; `c` is borrowed mutably, so it aliases neither input.
     unsafe {

@@ -8,8 +8,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::act::Act;
+use crate::act::{Act, Activation};
 use crate::simd;
+use crate::with_activation;
 
 /// Rows per parallel task in the reductions: small enough that f32 partial sums stay accurate.
 const ROWS_PER_TASK: usize = 512;
@@ -126,25 +127,20 @@ fn eval_affine(
 
 /// `y = act(x·scale + shift)` per channel: eval-mode batch norm with folded statistics.
 pub fn scale_shift_act(x: &[f32], c: usize, scale: &[f32], shift: &[f32], act: Act, y: &mut [f32]) {
+    with_activation!(act, A => scale_shift_rows::<A>(x, c, scale, shift, y))
+}
+
+fn scale_shift_rows<A: Activation>(
+    x: &[f32],
+    c: usize,
+    scale: &[f32],
+    shift: &[f32],
+    y: &mut [f32],
+) {
     par_rows(x, y, c, |xc, yc| {
         for (xr, yr) in xc.chunks_exact(c).zip(yc.chunks_exact_mut(c)) {
-            match act {
-                // Separate loops per activation so each one vectorizes.
-                Act::None => {
-                    for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-                        *o = v * s + b;
-                    }
-                }
-                Act::Silu => {
-                    for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-                        *o = Act::Silu.apply(v * s + b);
-                    }
-                }
-                Act::Relu6 => {
-                    for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-                        *o = (v * s + b).clamp(0.0, 6.0);
-                    }
-                }
+            for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
+                *o = A::apply(v * s + b);
             }
         }
     });
@@ -205,6 +201,22 @@ pub fn train_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    with_activation!(act, A => train_backward_rows::<A>(x, c, gamma, beta, mean, invstd, dy, dx, dgamma, dbeta))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_backward_rows<A: Activation>(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
     let rows = x.len() / c;
     let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
     let shift: Vec<f32> = beta
@@ -213,18 +225,23 @@ pub fn train_backward(
         .zip(&scale)
         .map(|((b, m), s)| b - m * s)
         .collect();
-    // Σ dz and Σ dz·x̂ per channel, where z = x·scale + shift is the pre-activation value.
+    // With z = x·scale + shift the pre-activation value and x̂ = (z − β)/γ, sum dz and dz·x̂ per
+    // channel; x̂ comes from x directly: (x − mean)·invstd.
     let sums = par_row_sums(rows, 2 * c, |r, acc| {
         let (sum_dz, sum_dzx) = acc.split_at_mut(c);
-        for (xr, gr) in x[r.start * c..r.end * c]
-            .chunks_exact(c)
-            .zip(dy[r.start * c..r.end * c].chunks_exact(c))
-        {
-            for ch in 0..c {
-                let z = xr[ch] * scale[ch] + shift[ch];
-                let dz = gr[ch] * act.derivative(z);
-                sum_dz[ch] += dz;
-                sum_dzx[ch] += dz * (xr[ch] - mean[ch]) * invstd[ch];
+        let xs = x[r.start * c..r.end * c].chunks_exact(c);
+        for (xr, gr) in xs.zip(dy[r.start * c..r.end * c].chunks_exact(c)) {
+            let it = xr
+                .iter()
+                .zip(gr)
+                .zip(scale.iter().zip(&shift))
+                .zip(mean.iter().zip(invstd));
+            for ((((xv, g), (s, b)), (m, is)), (sd, sx)) in
+                it.zip(sum_dz.iter_mut().zip(sum_dzx.iter_mut()))
+            {
+                let dz = g * A::derivative(xv * s + b);
+                *sd += dz;
+                *sx += dz * (xv - m) * is;
             }
         }
     });
@@ -246,11 +263,16 @@ pub fn train_backward(
                     .zip(xc.chunks_exact(c))
                     .zip(gc.chunks_exact(c))
                 {
-                    for ch in 0..c {
-                        let z = xr[ch] * scale[ch] + shift[ch];
-                        let dz = gr[ch] * act.derivative(z);
-                        let xhat = (xr[ch] - mean[ch]) * invstd[ch];
-                        dr[ch] = scale[ch] * (dz - mean_dz[ch] - xhat * mean_dzx[ch]);
+                    let it = xr
+                        .iter()
+                        .zip(gr)
+                        .zip(scale.iter().zip(&shift))
+                        .zip(mean.iter().zip(invstd));
+                    for ((((xv, g), (s, b)), (m, is)), (o, (md, mx))) in
+                        it.zip(dr.iter_mut().zip(mean_dz.iter().zip(&mean_dzx)))
+                    {
+                        let dz = g * A::derivative(xv * s + b);
+                        *o = s * (dz - md - (xv - m) * is * mx);
                     }
                 }
             })
