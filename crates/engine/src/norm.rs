@@ -225,26 +225,58 @@ fn train_backward_rows<A: Activation>(
         .zip(&scale)
         .map(|((b, m), s)| b - m * s)
         .collect();
-    // With z = x·scale + shift the pre-activation value and x̂ = (z − β)/γ, sum dz and dz·x̂ per
-    // channel; x̂ comes from x directly: (x − mean)·invstd.
-    let sums = par_row_sums(rows, 2 * c, |r, acc| {
-        let (sum_dz, sum_dzx) = acc.split_at_mut(c);
-        let xs = x[r.start * c..r.end * c].chunks_exact(c);
-        for (xr, gr) in xs.zip(dy[r.start * c..r.end * c].chunks_exact(c)) {
-            let it = xr
-                .iter()
-                .zip(gr)
-                .zip(scale.iter().zip(&shift))
-                .zip(mean.iter().zip(invstd));
-            for ((((xv, g), (s, b)), (m, is)), (sd, sx)) in
-                it.zip(sum_dz.iter_mut().zip(sum_dzx.iter_mut()))
-            {
-                let dz = g * A::derivative(xv * s + b);
-                *sd += dz;
-                *sx += dz * (xv - m) * is;
-            }
-        }
-    });
+    // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
+    // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂.
+    let chunk = ROWS_PER_TASK * c;
+    let sums = dx
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(dy.par_chunks(chunk))
+        .map(|((dzc, xc), gc)| {
+            let mut acc = vec![0f32; 2 * c];
+            let (sum_dz, sum_dzx) = acc.split_at_mut(c);
+            simd::dispatch(|| {
+                for ((dzr, xr), gr) in dzc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c))
+                    .zip(gc.chunks_exact(c))
+                {
+                    for (((o, xv), g), (s, b)) in
+                        dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(&shift))
+                    {
+                        *o = g * A::derivative(xv * s + b);
+                    }
+                    for ((((dz, xv), (m, is)), sd), sx) in dzr
+                        .iter()
+                        .zip(xr)
+                        .zip(mean.iter().zip(invstd))
+                        .zip(sum_dz.iter_mut())
+                        .zip(sum_dzx.iter_mut())
+                    {
+                        *sd += dz;
+                        *sx += dz * (xv - m) * is;
+                    }
+                }
+            });
+            acc
+        })
+        .fold(
+            || vec![0f64; 2 * c],
+            |mut total, part| {
+                total
+                    .iter_mut()
+                    .zip(&part)
+                    .for_each(|(t, p)| *t += *p as f64);
+                total
+            },
+        )
+        .reduce(
+            || vec![0f64; 2 * c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
     let inv_rows = 1.0 / rows as f64;
     let mean_dz: Vec<f32> = sums[..c].iter().map(|s| (s * inv_rows) as f32).collect();
     let mean_dzx: Vec<f32> = sums[c..].iter().map(|s| (s * inv_rows) as f32).collect();
@@ -252,27 +284,19 @@ fn train_backward_rows<A: Activation>(
         dbeta[ch] += sums[ch] as f32;
         dgamma[ch] += sums[c + ch] as f32;
     }
-    let chunk = ROWS_PER_TASK * c;
+    // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), in place over dz.
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .zip(dy.par_chunks(chunk))
-        .for_each(|((dxc, xc), gc)| {
+        .for_each(|(dxc, xc)| {
             simd::dispatch(|| {
-                for ((dr, xr), gr) in dxc
-                    .chunks_exact_mut(c)
-                    .zip(xc.chunks_exact(c))
-                    .zip(gc.chunks_exact(c))
-                {
-                    let it = xr
-                        .iter()
-                        .zip(gr)
-                        .zip(scale.iter().zip(&shift))
-                        .zip(mean.iter().zip(invstd));
-                    for ((((xv, g), (s, b)), (m, is)), (o, (md, mx))) in
-                        it.zip(dr.iter_mut().zip(mean_dz.iter().zip(&mean_dzx)))
+                for (dr, xr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                    let it = dr
+                        .iter_mut()
+                        .zip(xr)
+                        .zip(scale.iter().zip(mean.iter().zip(invstd)));
+                    for (((o, xv), (s, (m, is))), (md, mx)) in it.zip(mean_dz.iter().zip(&mean_dzx))
                     {
-                        let dz = g * A::derivative(xv * s + b);
-                        *o = s * (dz - md - (xv - m) * is * mx);
+                        *o = s * (*o - md - (xv - m) * is * mx);
                     }
                 }
             })
