@@ -1,8 +1,11 @@
 //! Dense k×k convolution (groups = 1) with TF "SAME" padding, by im2col and a matrix product,
 //! and the 1×1 stride-1 case as a plain matrix product over the NHWC rows.
 
+use rayon::prelude::*;
+
 use crate::matmul::{matmul, Layout};
 use crate::shape::{same_padding, Nhwc};
+use crate::simd;
 
 /// The geometry of one dense convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,58 +92,66 @@ pub fn unpack_weight_add(g: &ConvGeom, packed: &[f32], torch: &mut [f32]) {
     }
 }
 
-/// Fills `col` (`[out_h·out_w, k·k·cin]`) with the zero-padded patches of one image.
+/// Fills `col` (`[out_h·out_w, k·k·cin]`) with the zero-padded patches of one image; output
+/// rows are spread over the thread pool.
 fn im2col(g: &ConvGeom, image: &[f32], col: &mut [f32]) {
     let (k, cin, s) = (g.kernel, g.input.c, g.stride);
     let (h, w) = (g.input.h as isize, g.input.w as isize);
     let patch = g.patch_len();
-    for oh in 0..g.out_h {
-        for ow in 0..g.out_w {
-            let row = &mut col[(oh * g.out_w + ow) * patch..][..patch];
-            for kh in 0..k {
-                let ih = (oh * s + kh) as isize - g.pad_top as isize;
-                for kw in 0..k {
-                    let iw = (ow * s + kw) as isize - g.pad_left as isize;
-                    let dst = &mut row[(kh * k + kw) * cin..][..cin];
-                    if ih < 0 || ih >= h || iw < 0 || iw >= w {
-                        dst.fill(0.0);
-                    } else {
-                        let src = ((ih * w + iw) as usize) * cin;
-                        dst.copy_from_slice(&image[src..src + cin]);
+    col[..g.out_h * g.out_w * patch]
+        .par_chunks_mut(g.out_w * patch)
+        .enumerate()
+        .for_each(|(oh, out_row)| {
+            for (ow, row) in out_row.chunks_exact_mut(patch).enumerate() {
+                for kh in 0..k {
+                    let ih = (oh * s + kh) as isize - g.pad_top as isize;
+                    for kw in 0..k {
+                        let iw = (ow * s + kw) as isize - g.pad_left as isize;
+                        let dst = &mut row[(kh * k + kw) * cin..][..cin];
+                        if ih < 0 || ih >= h || iw < 0 || iw >= w {
+                            dst.fill(0.0);
+                        } else {
+                            let src = ((ih * w + iw) as usize) * cin;
+                            dst.copy_from_slice(&image[src..src + cin]);
+                        }
                     }
                 }
             }
-        }
-    }
+        });
 }
 
-/// Adds the patches in `col` back into one image's gradient (the adjoint of [`im2col`]).
-fn col2im_add(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
+/// The adjoint of [`im2col`]: each input pixel gathers the patch entries that read it, so input
+/// rows are independent and spread over the thread pool. Overwrites `image`.
+fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
     let (k, cin, s) = (g.kernel, g.input.c, g.stride);
-    let (h, w) = (g.input.h as isize, g.input.w as isize);
     let patch = g.patch_len();
-    for oh in 0..g.out_h {
-        for ow in 0..g.out_w {
-            let row = &col[(oh * g.out_w + ow) * patch..][..patch];
-            for kh in 0..k {
-                let ih = (oh * s + kh) as isize - g.pad_top as isize;
-                if ih < 0 || ih >= h {
-                    continue;
-                }
-                for kw in 0..k {
-                    let iw = (ow * s + kw) as isize - g.pad_left as isize;
-                    if iw < 0 || iw >= w {
-                        continue;
+    // Output positions o with o·s + tap − pad = i, as (tap, o) pairs.
+    let taps = |i: usize, pad: usize, out: usize| {
+        (0..k).filter_map(move |t| {
+            let num = (i + pad) as isize - t as isize;
+            (num >= 0 && num % s as isize == 0 && ((num / s as isize) as usize) < out)
+                .then(|| (t, (num / s as isize) as usize))
+        })
+    };
+    image
+        .par_chunks_mut(g.input.w * cin)
+        .enumerate()
+        .for_each(|(ih, in_row)| {
+            simd::dispatch(|| {
+                in_row.fill(0.0);
+                for (iw, px) in in_row.chunks_exact_mut(cin).enumerate() {
+                    for (kh, oh) in taps(ih, g.pad_top, g.out_h) {
+                        for (kw, ow) in taps(iw, g.pad_left, g.out_w) {
+                            let src =
+                                &col[(oh * g.out_w + ow) * patch + (kh * k + kw) * cin..][..cin];
+                            for (d, v) in px.iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        }
                     }
-                    let dst = ((ih * w + iw) as usize) * cin;
-                    let src = &row[(kh * k + kw) * cin..][..cin];
-                    for (d, v) in image[dst..dst + cin].iter_mut().zip(src) {
-                        *d += v;
-                    }
                 }
-            }
-        }
-    }
+            })
+        });
 }
 
 /// `y = conv(x, w)`. `w` is PyTorch's layout for pointwise convolutions and the packed layout
@@ -230,9 +241,6 @@ pub fn backward(
     let out_px = g.out_h * g.out_w;
     let patch = g.patch_len();
     let mut dx = dx;
-    if let Some(dx) = dx.as_deref_mut() {
-        dx.fill(0.0);
-    }
     for b in 0..g.input.n {
         let dy_img = &dy[b * out_px * cout..][..out_px * cout];
         im2col(g, &x[b * in_img..][..in_img], col);
@@ -261,7 +269,7 @@ pub fn backward(
                 Layout::Transposed,
                 false,
             );
-            col2im_add(g, dcol, &mut dx[b * in_img..][..in_img]);
+            col2im(g, dcol, &mut dx[b * in_img..][..in_img]);
         }
     }
 }
