@@ -100,6 +100,54 @@ pub struct ArchConfig {
     pub bn_eps: f32,
     /// The evaluation resolution the architecture was published with.
     pub eval_size: usize,
+    /// How images are prepared for the published weights (timm's pretrained configuration).
+    pub preprocess: Preprocess,
+}
+
+/// Image preparation for a set of weights: resize, center crop, normalization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// `bicubic`, `bilinear` or `nearest`.
+    pub interpolation: String,
+    /// The center crop keeps this fraction of the resized short side.
+    pub crop_pct: f32,
+    pub train_size: usize,
+    pub eval_size: usize,
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// x/127.5 − 1 on 0–255 pixels: the Inception normalization of timm's V2 and Lite weights.
+const HALF: [f32; 3] = [0.5, 0.5, 0.5];
+
+impl Default for Preprocess {
+    /// ImageNet statistics, bicubic, crop 0.875 at 224: timm's defaults.
+    fn default() -> Self {
+        Preprocess {
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            interpolation: "bicubic".into(),
+            crop_pct: 0.875,
+            train_size: 224,
+            eval_size: 224,
+        }
+    }
+}
+
+impl Preprocess {
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "train_size": self.train_size,
+            "eval_size": self.eval_size,
+        })
+        .to_string()
+    }
 }
 
 /// timm's `make_divisible` / `round_channels`: the nearest multiple of 8, raised by 8 when that
@@ -286,8 +334,19 @@ const LITE: &[&str] = &[
     "ir_r1_k3_s1_e6_c320",
 ];
 
-/// (name, table, stem, width, depth, dropout, eval size, family)
-type Entry = (&'static str, &'static [&'static str], usize, f64, f64, f32, usize, Family);
+/// (name, table, stem, width, depth, dropout, eval size, train size, crop fraction, family)
+type Entry = (
+    &'static str,
+    &'static [&'static str],
+    usize,
+    f64,
+    f64,
+    f32,
+    usize,
+    usize,
+    f32,
+    Family,
+);
 
 #[derive(Clone, Copy)]
 enum Family {
@@ -297,27 +356,258 @@ enum Family {
 }
 
 const ARCHS: &[Entry] = &[
-    ("efficientnetv2_s", V2_S, 24, 1.0, 1.0, 0.2, 384, Family::V2),
-    ("efficientnetv2_m", V2_M, 24, 1.0, 1.0, 0.3, 480, Family::V2),
-    ("efficientnetv2_l", V2_L, 32, 1.0, 1.0, 0.4, 480, Family::V2),
-    ("efficientnetv2_xl", V2_XL, 32, 1.0, 1.0, 0.4, 512, Family::V2),
-    ("efficientnetv2_b0", V2_BASE, 32, 1.0, 1.0, 0.2, 224, Family::V2),
-    ("efficientnetv2_b1", V2_BASE, 32, 1.0, 1.1, 0.2, 240, Family::V2),
-    ("efficientnetv2_b2", V2_BASE, 32, 1.1, 1.2, 0.3, 260, Family::V2),
-    ("efficientnetv2_b3", V2_BASE, 32, 1.2, 1.4, 0.3, 300, Family::V2),
-    ("efficientnet_b0", V1, 32, 1.0, 1.0, 0.2, 224, Family::V1),
-    ("efficientnet_b1", V1, 32, 1.0, 1.1, 0.2, 240, Family::V1),
-    ("efficientnet_b2", V1, 32, 1.1, 1.2, 0.3, 260, Family::V1),
-    ("efficientnet_b3", V1, 32, 1.2, 1.4, 0.3, 300, Family::V1),
-    ("efficientnet_b4", V1, 32, 1.4, 1.8, 0.4, 380, Family::V1),
-    ("efficientnet_b5", V1, 32, 1.6, 2.2, 0.4, 456, Family::V1),
-    ("efficientnet_b6", V1, 32, 1.8, 2.6, 0.5, 528, Family::V1),
-    ("efficientnet_b7", V1, 32, 2.0, 3.1, 0.5, 600, Family::V1),
-    ("efficientnet_lite0", LITE, 32, 1.0, 1.0, 0.2, 224, Family::Lite),
-    ("efficientnet_lite1", LITE, 32, 1.0, 1.1, 0.2, 240, Family::Lite),
-    ("efficientnet_lite2", LITE, 32, 1.1, 1.2, 0.3, 260, Family::Lite),
-    ("efficientnet_lite3", LITE, 32, 1.2, 1.4, 0.3, 280, Family::Lite),
-    ("efficientnet_lite4", LITE, 32, 1.4, 1.8, 0.3, 300, Family::Lite),
+    (
+        "efficientnetv2_s",
+        V2_S,
+        24,
+        1.0,
+        1.0,
+        0.2,
+        384,
+        300,
+        1.0,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_m",
+        V2_M,
+        24,
+        1.0,
+        1.0,
+        0.3,
+        480,
+        384,
+        1.0,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_l",
+        V2_L,
+        32,
+        1.0,
+        1.0,
+        0.4,
+        480,
+        384,
+        1.0,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_xl",
+        V2_XL,
+        32,
+        1.0,
+        1.0,
+        0.4,
+        512,
+        384,
+        1.0,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_b0",
+        V2_BASE,
+        32,
+        1.0,
+        1.0,
+        0.2,
+        224,
+        192,
+        0.875,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_b1",
+        V2_BASE,
+        32,
+        1.0,
+        1.1,
+        0.2,
+        240,
+        192,
+        0.882,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_b2",
+        V2_BASE,
+        32,
+        1.1,
+        1.2,
+        0.3,
+        260,
+        208,
+        0.89,
+        Family::V2,
+    ),
+    (
+        "efficientnetv2_b3",
+        V2_BASE,
+        32,
+        1.2,
+        1.4,
+        0.3,
+        300,
+        240,
+        0.9,
+        Family::V2,
+    ),
+    (
+        "efficientnet_b0",
+        V1,
+        32,
+        1.0,
+        1.0,
+        0.2,
+        224,
+        224,
+        0.875,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b1",
+        V1,
+        32,
+        1.0,
+        1.1,
+        0.2,
+        240,
+        240,
+        0.882,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b2",
+        V1,
+        32,
+        1.1,
+        1.2,
+        0.3,
+        260,
+        260,
+        0.89,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b3",
+        V1,
+        32,
+        1.2,
+        1.4,
+        0.3,
+        300,
+        300,
+        0.904,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b4",
+        V1,
+        32,
+        1.4,
+        1.8,
+        0.4,
+        380,
+        380,
+        0.922,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b5",
+        V1,
+        32,
+        1.6,
+        2.2,
+        0.4,
+        456,
+        456,
+        0.934,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b6",
+        V1,
+        32,
+        1.8,
+        2.6,
+        0.5,
+        528,
+        528,
+        0.942,
+        Family::V1,
+    ),
+    (
+        "efficientnet_b7",
+        V1,
+        32,
+        2.0,
+        3.1,
+        0.5,
+        600,
+        600,
+        0.949,
+        Family::V1,
+    ),
+    (
+        "efficientnet_lite0",
+        LITE,
+        32,
+        1.0,
+        1.0,
+        0.2,
+        224,
+        224,
+        0.875,
+        Family::Lite,
+    ),
+    (
+        "efficientnet_lite1",
+        LITE,
+        32,
+        1.0,
+        1.1,
+        0.2,
+        240,
+        240,
+        0.882,
+        Family::Lite,
+    ),
+    (
+        "efficientnet_lite2",
+        LITE,
+        32,
+        1.1,
+        1.2,
+        0.3,
+        260,
+        260,
+        0.89,
+        Family::Lite,
+    ),
+    (
+        "efficientnet_lite3",
+        LITE,
+        32,
+        1.2,
+        1.4,
+        0.3,
+        300,
+        300,
+        0.904,
+        Family::Lite,
+    ),
+    (
+        "efficientnet_lite4",
+        LITE,
+        32,
+        1.4,
+        1.8,
+        0.3,
+        380,
+        380,
+        0.92,
+        Family::Lite,
+    ),
 ];
 
 /// Every architecture name `effnet` knows.
@@ -328,11 +618,25 @@ pub fn arch_names() -> impl Iterator<Item = &'static str> {
 /// The configuration of a named architecture (1000 classes; the caller may change it).
 pub fn arch(name: &str) -> Result<ArchConfig, String> {
     let key = name.strip_prefix("tf_").unwrap_or(name);
-    let &(name, table, stem, width, depth, dropout, eval_size, family) =
+    let &(name, table, stem, width, depth, dropout, eval_size, train_size, crop_pct, family) =
         ARCHS.iter().find(|e| e.0 == key).ok_or_else(|| {
-            format!("unknown architecture {name:?}; known: {}", arch_names().collect::<Vec<_>>().join(", "))
+            format!(
+                "unknown architecture {name:?}; known: {}",
+                arch_names().collect::<Vec<_>>().join(", ")
+            )
         })?;
-    let stages = table.iter().map(|s| StageSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let stages = table
+        .iter()
+        .map(|s| StageSpec::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    // timm's pretrained configurations: V1 and V2 B0–B2 use ImageNet statistics, the V2 S–XL, B3
+    // and Lite weights x/127.5 − 1; Lite3 and Lite4 resize bilinearly, all others bicubically.
+    let imagenet_stats = matches!(family, Family::V1)
+        || matches!(
+            name,
+            "efficientnetv2_b0" | "efficientnetv2_b1" | "efficientnetv2_b2"
+        );
+    let bilinear = matches!(name, "efficientnet_lite3" | "efficientnet_lite4");
     Ok(ArchConfig {
         name: name.to_string(),
         stages,
@@ -340,14 +644,30 @@ pub fn arch(name: &str) -> Result<ArchConfig, String> {
         num_features: 1280,
         width,
         depth,
-        round_limit: if matches!(family, Family::V2) { 0.0 } else { 0.9 },
+        round_limit: if matches!(family, Family::V2) {
+            0.0
+        } else {
+            0.9
+        },
         fix_stem_head: matches!(family, Family::Lite),
-        act: if matches!(family, Family::Lite) { Act::Relu6 } else { Act::Silu },
+        act: if matches!(family, Family::Lite) {
+            Act::Relu6
+        } else {
+            Act::Silu
+        },
         num_classes: 1000,
         dropout,
         drop_path: 0.2,
         bn_eps: 1e-3,
         eval_size,
+        preprocess: Preprocess {
+            mean: if imagenet_stats { IMAGENET_MEAN } else { HALF },
+            std: if imagenet_stats { IMAGENET_STD } else { HALF },
+            interpolation: if bilinear { "bilinear" } else { "bicubic" }.into(),
+            crop_pct,
+            train_size,
+            eval_size,
+        },
     })
 }
 
@@ -388,7 +708,10 @@ mod tests {
         let stages = cfg.blocks();
         assert_eq!(stages.iter().map(Vec::len).sum::<usize>(), 40);
         let b = &stages[3][0];
-        assert_eq!((b.in_chs, b.mid_chs, b.out_chs, b.se_chs, b.skip), (64, 256, 128, Some(16), false));
+        assert_eq!(
+            (b.in_chs, b.mid_chs, b.out_chs, b.se_chs, b.skip),
+            (64, 256, 128, Some(16), false)
+        );
         assert!(stages[0][1].skip && stages[5][14].skip);
         assert!((stages[5][14].drop_path - 0.2 * 39.0 / 40.0).abs() < 1e-7);
     }

@@ -25,25 +25,42 @@ impl Weights {
                 ParamKind::ConvWeight | ParamKind::DepthwiseWeight => {
                     // [out, in/groups, kh, kw]; depthwise has groups = out, so fan_out = kh·kw.
                     let (out, kh, kw) = (e.shape[0], e.shape[2], e.shape[3]);
-                    let fan_out = if e.kind == ParamKind::DepthwiseWeight { kh * kw } else { kh * kw * out };
+                    let fan_out = if e.kind == ParamKind::DepthwiseWeight {
+                        kh * kw
+                    } else {
+                        kh * kw * out
+                    };
                     let std = (2.0 / fan_out as f64).sqrt() / TRUNCATED_NORMAL_STD;
-                    values.iter_mut().for_each(|v| *v = (rng.truncated_normal() * std) as f32);
+                    values
+                        .iter_mut()
+                        .for_each(|v| *v = (rng.truncated_normal() * std) as f32);
                 }
                 ParamKind::DenseWeight => {
                     let limit = 1.0 / (e.shape[0] as f64).sqrt();
-                    values.iter_mut().for_each(|v| *v = rng.uniform_in(-limit, limit) as f32);
+                    values
+                        .iter_mut()
+                        .for_each(|v| *v = rng.uniform_in(-limit, limit) as f32);
                 }
                 ParamKind::BnWeight | ParamKind::RunningVar => values.fill(1.0),
-                ParamKind::ConvBias | ParamKind::BnBias | ParamKind::DenseBias | ParamKind::RunningMean => {
-                    values.fill(0.0)
-                }
+                ParamKind::ConvBias
+                | ParamKind::BnBias
+                | ParamKind::DenseBias
+                | ParamKind::RunningMean => values.fill(0.0),
             }
         }
         let mut buffers = vec![0f32; layout.buffer_len];
         for e in &layout.buffers {
-            let value = if e.kind == ParamKind::RunningVar { 1.0 } else { 0.0 };
+            let value = if e.kind == ParamKind::RunningVar {
+                1.0
+            } else {
+                0.0
+            };
             buffers[e.range.clone()].fill(value);
         }
-        Weights { params, buffers, tracked: vec![0; layout.tracked.len()] }
+        Weights {
+            params,
+            buffers,
+            tracked: vec![0; layout.tracked.len()],
+        }
     }
 }

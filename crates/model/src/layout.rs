@@ -67,7 +67,12 @@ impl Layout {
         let range = self.param_len..self.param_len + len;
         self.param_len += len;
         self.order.push(StateKey::Param(self.params.len()));
-        self.params.push(TensorEntry { name, shape: shape.to_vec(), range: range.clone(), kind });
+        self.params.push(TensorEntry {
+            name,
+            shape: shape.to_vec(),
+            range: range.clone(),
+            kind,
+        });
         range
     }
 
@@ -75,7 +80,12 @@ impl Layout {
         let range = self.buffer_len..self.buffer_len + len;
         self.buffer_len += len;
         self.order.push(StateKey::Buffer(self.buffers.len()));
-        self.buffers.push(TensorEntry { name, shape: vec![len], range: range.clone(), kind });
+        self.buffers.push(TensorEntry {
+            name,
+            shape: vec![len],
+            range: range.clone(),
+            kind,
+        });
         range
     }
 
@@ -87,7 +97,13 @@ impl Layout {
         let var = self.buffer(format!("{prefix}.running_var"), c, ParamKind::RunningVar);
         self.order.push(StateKey::Tracked(self.tracked.len()));
         self.tracked.push(format!("{prefix}.num_batches_tracked"));
-        BnRanges { gamma, beta, mean, var, tracked: self.tracked.len() - 1 }
+        BnRanges {
+            gamma,
+            beta,
+            mean,
+            var,
+            tracked: self.tracked.len() - 1,
+        }
     }
 
     /// The number of trainable values (what timm counts as parameters).

@@ -4,9 +4,12 @@
 
 pub mod family;
 pub mod init;
+pub mod io;
 pub mod layout;
 pub mod network;
+pub mod weights;
 
+pub use effnet_engine::Act;
 pub use family::{arch, arch_names, ArchConfig};
 pub use layout::{Layout, ParamKind};
 pub use network::{Mode, Network, Weights, Workspace};

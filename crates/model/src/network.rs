@@ -2,6 +2,7 @@
 //! parameters live, and the forward and backward passes over a planned [`Workspace`].
 
 use std::ops::Range;
+use std::time::Instant;
 
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
@@ -102,15 +103,48 @@ fn conv_unit(
     };
     let weight = layout.param(format!("{prefix}{conv_name}.weight"), &shape, kind);
     let bn = layout.batch_norm(&format!("{prefix}{bn_name}"), cout);
-    Layer::Conv(ConvUnit { conv, kernel, stride, cin, cout, weight, bn, act })
+    Layer::Conv(ConvUnit {
+        conv,
+        kernel,
+        stride,
+        cin,
+        cout,
+        weight,
+        bn,
+        act,
+    })
 }
 
 fn se_unit(layout: &mut Layout, prefix: &str, c: usize, cr: usize, act: Act) -> Layer {
-    let w1 = layout.param(format!("{prefix}se.conv_reduce.weight"), &[cr, c, 1, 1], ParamKind::ConvWeight);
-    let b1 = layout.param(format!("{prefix}se.conv_reduce.bias"), &[cr], ParamKind::ConvBias);
-    let w2 = layout.param(format!("{prefix}se.conv_expand.weight"), &[c, cr, 1, 1], ParamKind::ConvWeight);
-    let b2 = layout.param(format!("{prefix}se.conv_expand.bias"), &[c], ParamKind::ConvBias);
-    Layer::Se(SeUnit { c, cr, act, w1, b1, w2, b2 })
+    let w1 = layout.param(
+        format!("{prefix}se.conv_reduce.weight"),
+        &[cr, c, 1, 1],
+        ParamKind::ConvWeight,
+    );
+    let b1 = layout.param(
+        format!("{prefix}se.conv_reduce.bias"),
+        &[cr],
+        ParamKind::ConvBias,
+    );
+    let w2 = layout.param(
+        format!("{prefix}se.conv_expand.weight"),
+        &[c, cr, 1, 1],
+        ParamKind::ConvWeight,
+    );
+    let b2 = layout.param(
+        format!("{prefix}se.conv_expand.bias"),
+        &[c],
+        ParamKind::ConvBias,
+    );
+    Layer::Se(SeUnit {
+        c,
+        cr,
+        act,
+        w1,
+        b1,
+        w2,
+        b2,
+    })
 }
 
 impl Network {
@@ -119,14 +153,22 @@ impl Network {
         let mut layout = Layout::default();
         let mut layers = Vec::new();
         let stem = config.stem_chs();
-        layers.push(conv_unit(&mut layout, "", "conv_stem", "bn1", (Dense, 3, 2, 3, stem), config.act));
+        layers.push(conv_unit(
+            &mut layout,
+            "",
+            "conv_stem",
+            "bn1",
+            (Dense, 3, 2, 3, stem),
+            config.act,
+        ));
         let mut blocks = Vec::new();
         let mut last = stem;
         for (s, stage) in config.blocks().iter().enumerate() {
             for (i, b) in stage.iter().enumerate() {
                 let p = format!("blocks.{s}.{i}.");
                 let start = layers.len();
-                let (k, st, cin, mid, cout, act) = (b.kernel, b.stride, b.in_chs, b.mid_chs, b.out_chs, b.act);
+                let (k, st, cin, mid, cout, act) =
+                    (b.kernel, b.stride, b.in_chs, b.mid_chs, b.out_chs, b.act);
                 let push_se = |layout: &mut Layout, layers: &mut Vec<Layer>| {
                     if let Some(cr) = b.se_chs {
                         layers.push(se_unit(layout, &p, mid, cr, act));
@@ -134,35 +176,115 @@ impl Network {
                 };
                 match b.kind {
                     BlockKind::ConvBnAct => {
-                        layers.push(conv_unit(&mut layout, &p, "conv", "bn1", (Dense, k, st, cin, cout), act));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv",
+                            "bn1",
+                            (Dense, k, st, cin, cout),
+                            act,
+                        ));
                     }
                     BlockKind::EdgeResidual => {
-                        layers.push(conv_unit(&mut layout, &p, "conv_exp", "bn1", (Dense, k, st, cin, mid), act));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_exp",
+                            "bn1",
+                            (Dense, k, st, cin, mid),
+                            act,
+                        ));
                         push_se(&mut layout, &mut layers);
-                        layers.push(conv_unit(&mut layout, &p, "conv_pwl", "bn2", (Dense, 1, 1, mid, cout), Act::None));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_pwl",
+                            "bn2",
+                            (Dense, 1, 1, mid, cout),
+                            Act::None,
+                        ));
                     }
                     BlockKind::DepthwiseSeparable => {
-                        layers.push(conv_unit(&mut layout, &p, "conv_dw", "bn1", (Depthwise, k, st, cin, cin), act));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_dw",
+                            "bn1",
+                            (Depthwise, k, st, cin, cin),
+                            act,
+                        ));
                         push_se(&mut layout, &mut layers);
-                        layers.push(conv_unit(&mut layout, &p, "conv_pw", "bn2", (Dense, 1, 1, cin, cout), Act::None));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_pw",
+                            "bn2",
+                            (Dense, 1, 1, cin, cout),
+                            Act::None,
+                        ));
                     }
                     BlockKind::InvertedResidual => {
-                        layers.push(conv_unit(&mut layout, &p, "conv_pw", "bn1", (Dense, 1, 1, cin, mid), act));
-                        layers.push(conv_unit(&mut layout, &p, "conv_dw", "bn2", (Depthwise, k, st, mid, mid), act));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_pw",
+                            "bn1",
+                            (Dense, 1, 1, cin, mid),
+                            act,
+                        ));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_dw",
+                            "bn2",
+                            (Depthwise, k, st, mid, mid),
+                            act,
+                        ));
                         push_se(&mut layout, &mut layers);
-                        layers.push(conv_unit(&mut layout, &p, "conv_pwl", "bn3", (Dense, 1, 1, mid, cout), Act::None));
+                        layers.push(conv_unit(
+                            &mut layout,
+                            &p,
+                            "conv_pwl",
+                            "bn3",
+                            (Dense, 1, 1, mid, cout),
+                            Act::None,
+                        ));
                     }
                 }
-                blocks.push(Block { layers: start..layers.len(), skip: b.skip, drop_path: b.drop_path });
+                blocks.push(Block {
+                    layers: start..layers.len(),
+                    skip: b.skip,
+                    drop_path: b.drop_path,
+                });
                 last = cout;
             }
         }
         let features = config.head_chs();
-        layers.push(conv_unit(&mut layout, "", "conv_head", "bn2", (Dense, 1, 1, last, features), config.act));
+        layers.push(conv_unit(
+            &mut layout,
+            "",
+            "conv_head",
+            "bn2",
+            (Dense, 1, 1, last, features),
+            config.act,
+        ));
         let classes = config.num_classes;
-        let fc_weight = layout.param("classifier.weight".into(), &[classes, features], ParamKind::DenseWeight);
+        let fc_weight = layout.param(
+            "classifier.weight".into(),
+            &[classes, features],
+            ParamKind::DenseWeight,
+        );
         let fc_bias = layout.param("classifier.bias".into(), &[classes], ParamKind::DenseBias);
-        Network { config, layout, layers, blocks, features, classes, fc_weight, fc_bias }
+        Network {
+            config,
+            layout,
+            layers,
+            blocks,
+            features,
+            classes,
+            fc_weight,
+            fc_bias,
+        }
     }
 
     /// Output shape of every layer for an input of `n` images of `h`×`w` (index 0: the input).
@@ -212,9 +334,19 @@ impl Network {
         mode: Mode,
         rng: &mut Rng,
     ) -> &'w [f32] {
-        assert_eq!(input.len(), ws.shapes[0].len(), "input does not match the workspace's shape");
+        assert_eq!(
+            input.len(),
+            ws.shapes[0].len(),
+            "input does not match the workspace's shape"
+        );
         ws.acts[0].copy_from_slice(input);
-        let stochastic = matches!(mode, Mode::Train { stochastic: true, .. });
+        let stochastic = matches!(
+            mode,
+            Mode::Train {
+                stochastic: true,
+                ..
+            }
+        );
         ws.mode = Some(mode);
         for (i, layer) in self.layers.iter().enumerate() {
             self.layer_forward(i, layer, weights, ws, mode);
@@ -235,11 +367,26 @@ impl Network {
         }
         regularize::apply_mask(&ws.pooled, &ws.dropout_mask, &mut ws.dropped);
         let p = &weights.params;
-        linear::forward(&ws.dropped, n, f, self.classes, &p[self.fc_weight.clone()], &p[self.fc_bias.clone()], &mut ws.logits);
+        linear::forward(
+            &ws.dropped,
+            n,
+            f,
+            self.classes,
+            &p[self.fc_weight.clone()],
+            &p[self.fc_bias.clone()],
+            &mut ws.logits,
+        );
         &ws.logits
     }
 
-    fn layer_forward(&self, i: usize, layer: &Layer, weights: &mut Weights, ws: &mut Workspace, mode: Mode) {
+    fn layer_forward(
+        &self,
+        i: usize,
+        layer: &Layer,
+        weights: &mut Weights,
+        ws: &mut Workspace,
+        mode: Mode,
+    ) {
         let x_shape = ws.shapes[i];
         let (conv_slot, out_slot) = ws.slots[i + 1];
         let in_slot = ws.slots[i].1;
@@ -250,6 +397,7 @@ impl Network {
             Layer::Conv(u) => {
                 let (conv_out, rest) = hi.split_first_mut().expect("two slots");
                 let y = &mut rest[out_slot - conv_slot - 1];
+                let t = Instant::now();
                 match u.conv {
                     ConvKind::Dense => {
                         let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
@@ -260,39 +408,84 @@ impl Network {
                             &ws.packed[..g.weight_len()]
                         };
                         conv::forward(&g, x, w, conv_out, &mut ws.col);
+                        let op = if g.is_pointwise() {
+                            "conv 1x1"
+                        } else {
+                            "conv kxk"
+                        };
+                        Profile::add(&mut ws.profile, op, t, g.macs());
                     }
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
                         depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
                         depthwise::forward(&g, x, &ws.packed[..g.weight_len()], conv_out);
+                        Profile::add(&mut ws.profile, "depthwise", t, g.macs());
                     }
                 }
+                let t = Instant::now();
                 let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
                 let eps = self.config.bn_eps;
                 match mode {
                     Mode::Eval => {
                         let b = &weights.buffers;
-                        norm::eval_forward(conv_out, u.cout, gamma, beta, &b[u.bn.mean.clone()], &b[u.bn.var.clone()], eps, u.act, y);
+                        norm::eval_forward(
+                            conv_out,
+                            u.cout,
+                            gamma,
+                            beta,
+                            &b[u.bn.mean.clone()],
+                            &b[u.bn.var.clone()],
+                            eps,
+                            u.act,
+                            y,
+                        );
                     }
                     Mode::Train { bn_momentum, .. } => {
                         let s = &mut ws.bn_saved[i];
                         let c = u.cout;
                         let (mean, rest) = s.split_at_mut(c);
                         let (var, invstd) = rest.split_at_mut(c);
-                        norm::train_forward(conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y);
+                        norm::train_forward(
+                            conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y,
+                        );
                         let rows = conv_out.len() / c;
                         let (rm, rv) = (u.bn.mean.clone(), u.bn.var.clone());
                         let (bm, bv) = weights.buffers.split_at_mut(rv.start);
-                        norm::update_running_stats(&mut bm[rm], &mut bv[..rv.len()], mean, var, rows, bn_momentum);
+                        norm::update_running_stats(
+                            &mut bm[rm],
+                            &mut bv[..rv.len()],
+                            mean,
+                            var,
+                            rows,
+                            bn_momentum,
+                        );
                         weights.tracked[u.bn.tracked] += 1;
                     }
                 }
+                Profile::add(&mut ws.profile, "bn+act", t, conv_out.len());
             }
             Layer::Se(s) => {
-                let g = SeGeom { n: x_shape.n, hw: x_shape.h * x_shape.w, c: s.c, cr: s.cr, act: s.act };
+                let g = SeGeom {
+                    n: x_shape.n,
+                    hw: x_shape.h * x_shape.w,
+                    c: s.c,
+                    cr: s.cr,
+                    act: s.act,
+                };
                 let y = &mut hi[out_slot - conv_slot.min(out_slot)];
                 let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
-                se::forward(&g, x, &p[s.w1.clone()], &p[s.b1.clone()], &p[s.w2.clone()], &p[s.b2.clone()], saved, y);
+                let t = Instant::now();
+                se::forward(
+                    &g,
+                    x,
+                    &p[s.w1.clone()],
+                    &p[s.b1.clone()],
+                    &p[s.w2.clone()],
+                    &p[s.b2.clone()],
+                    saved,
+                    y,
+                );
+                Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
             }
         }
     }
@@ -320,7 +513,11 @@ impl Network {
         } else {
             // y = x + mask·branch: scale the branch in place, then add the shortcut.
             let per_image = y.len() / mask.len();
-            for ((yi, xi), m) in y.chunks_exact_mut(per_image).zip(x.chunks_exact(per_image)).zip(mask.iter()) {
+            for ((yi, xi), m) in y
+                .chunks_exact_mut(per_image)
+                .zip(x.chunks_exact(per_image))
+                .zip(mask.iter())
+            {
                 for (o, v) in yi.iter_mut().zip(xi) {
                     *o = *o * m + v;
                 }
@@ -330,7 +527,13 @@ impl Network {
 
     /// The backward pass after a training-mode [`Network::forward`] on the same workspace:
     /// adds every parameter's gradient of the loss into `grads` (the caller zeroes it).
-    pub fn backward(&self, weights: &Weights, ws: &mut Workspace, dlogits: &[f32], grads: &mut [f32]) {
+    pub fn backward(
+        &self,
+        weights: &Weights,
+        ws: &mut Workspace,
+        dlogits: &[f32],
+        grads: &mut [f32],
+    ) {
         assert!(
             matches!(ws.mode, Some(Mode::Train { .. })),
             "backward needs a training-mode forward pass on this workspace"
@@ -362,7 +565,11 @@ impl Network {
         for i in (0..self.layers.len()).rev() {
             let y_len = ws.shapes[i + 1].len();
             let x_len = ws.shapes[i].len();
-            if let Some(b) = self.blocks.iter().position(|b| b.skip && b.layers.end == i + 1) {
+            if let Some(b) = self
+                .blocks
+                .iter()
+                .position(|b| b.skip && b.layers.end == i + 1)
+            {
                 // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
                 g_skip[..y_len].copy_from_slice(&g[..y_len]);
                 let mask = &ws.drop_masks[b];
@@ -374,9 +581,20 @@ impl Network {
                 }
             }
             let want_dx = i > 0;
-            self.layer_backward(i, p, ws, &mut g[..y_len], want_dx.then_some(&mut g_next[..x_len]), grads);
+            self.layer_backward(
+                i,
+                p,
+                ws,
+                &mut g[..y_len],
+                want_dx.then_some(&mut g_next[..x_len]),
+                grads,
+            );
             std::mem::swap(&mut g, &mut g_next);
-            if let Some(_b) = self.blocks.iter().position(|b| b.skip && b.layers.start == i) {
+            if let Some(_b) = self
+                .blocks
+                .iter()
+                .position(|b| b.skip && b.layers.start == i)
+            {
                 for (d, s) in g[..x_len].iter_mut().zip(&g_skip[..x_len]) {
                     *d += s;
                 }
@@ -387,7 +605,15 @@ impl Network {
         ws.grad_skip = g_skip;
     }
 
-    fn layer_backward(&self, i: usize, p: &[f32], ws: &mut Workspace, dy: &mut [f32], dx: Option<&mut [f32]>, grads: &mut [f32]) {
+    fn layer_backward(
+        &self,
+        i: usize,
+        p: &[f32],
+        ws: &mut Workspace,
+        dy: &mut [f32],
+        dx: Option<&mut [f32]>,
+        grads: &mut [f32],
+    ) {
         let x_shape = ws.shapes[i];
         let x = &ws.acts[ws.slots[i].1];
         match &self.layers[i] {
@@ -397,6 +623,7 @@ impl Network {
                 let c = u.cout;
                 // Through batch norm and activation: dy becomes d(conv output), in d_conv.
                 let d_conv = &mut ws.grad_conv[..dy.len()];
+                let t = Instant::now();
                 {
                     let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
                     let (dg, db) = grads.split_at_mut(u.bn.beta.start);
@@ -414,20 +641,46 @@ impl Network {
                         &mut db[..c],
                     );
                 }
+                Profile::add(&mut ws.profile, "bn+act backward", t, dy.len());
+                let t = Instant::now();
                 let dw_torch = &mut grads[u.weight.clone()];
                 match u.conv {
                     ConvKind::Dense => {
                         let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
                         if g.is_pointwise() {
-                            conv::backward(&g, x, &p[u.weight.clone()], d_conv, dx, dw_torch, &mut [], &mut []);
+                            conv::backward(
+                                &g,
+                                x,
+                                &p[u.weight.clone()],
+                                d_conv,
+                                dx,
+                                dw_torch,
+                                &mut [],
+                                &mut [],
+                            );
                         } else {
                             let wl = g.weight_len();
                             conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
                             let dw = &mut ws.packed_grad[..wl];
                             dw.fill(0.0);
-                            conv::backward(&g, x, &ws.packed[..wl], d_conv, dx, dw, &mut ws.col, &mut ws.dcol);
+                            conv::backward(
+                                &g,
+                                x,
+                                &ws.packed[..wl],
+                                d_conv,
+                                dx,
+                                dw,
+                                &mut ws.col,
+                                &mut ws.dcol,
+                            );
                             conv::unpack_weight_add(&g, dw, dw_torch);
                         }
+                        let op = if g.is_pointwise() {
+                            "conv 1x1 backward"
+                        } else {
+                            "conv kxk backward"
+                        };
+                        Profile::add(&mut ws.profile, op, t, 2 * g.macs());
                     }
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
@@ -438,18 +691,61 @@ impl Network {
                         let dx = dx.expect("a depthwise layer is never first");
                         depthwise::backward(&g, x, &ws.packed[..wl], d_conv, dx, dw, &mut ws.col);
                         depthwise::unpack_weight_add(&g, dw, dw_torch);
+                        Profile::add(&mut ws.profile, "depthwise backward", t, 2 * g.macs());
                     }
                 }
             }
             Layer::Se(s) => {
-                let g = SeGeom { n: x_shape.n, hw: x_shape.h * x_shape.w, c: s.c, cr: s.cr, act: s.act };
+                let g = SeGeom {
+                    n: x_shape.n,
+                    hw: x_shape.h * x_shape.w,
+                    c: s.c,
+                    cr: s.cr,
+                    act: s.act,
+                };
                 let saved = ws.se_saved[i].as_ref().expect("planned for SE layers");
                 let dx = dx.expect("an SE layer is never first");
                 // The four SE tensors are consecutive: w1, b1, w2, b2.
                 let (g_w1, rest) = grads[s.w1.start..s.b2.end].split_at_mut(s.w1.len());
                 let (g_b1, rest) = rest.split_at_mut(s.b1.len());
                 let (g_w2, g_b2) = rest.split_at_mut(s.w2.len());
-                se::backward(&g, x, &p[s.w1.clone()], &p[s.w2.clone()], saved, dy, dx, g_w1, g_b1, g_w2, g_b2);
+                let t = Instant::now();
+                se::backward(
+                    &g,
+                    x,
+                    &p[s.w1.clone()],
+                    &p[s.w2.clone()],
+                    saved,
+                    dy,
+                    dx,
+                    g_w1,
+                    g_b1,
+                    g_w2,
+                    g_b2,
+                );
+                Profile::add(&mut ws.profile, "squeeze-excite backward", t, x.len());
+            }
+        }
+    }
+}
+
+/// Time spent per kind of operation, summed over passes (set `Workspace::profile` to collect).
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    /// (operation, seconds, multiply-adds or elements)
+    pub entries: Vec<(&'static str, f64, u64)>,
+}
+
+impl Profile {
+    fn add(profile: &mut Option<Profile>, op: &'static str, since: Instant, work: usize) {
+        if let Some(p) = profile {
+            let secs = since.elapsed().as_secs_f64();
+            match p.entries.iter_mut().find(|e| e.0 == op) {
+                Some(e) => {
+                    e.1 += secs;
+                    e.2 += work as u64;
+                }
+                None => p.entries.push((op, secs, work as u64)),
             }
         }
     }
@@ -480,6 +776,7 @@ pub struct Workspace {
     grad_skip: Vec<f32>,
     grad_conv: Vec<f32>,
     mode: Option<Mode>,
+    pub profile: Option<Profile>,
 }
 
 impl Workspace {
@@ -518,7 +815,13 @@ impl Workspace {
                     acts.push(vec![0f32; y.len()]);
                     slots.push((acts.len() - 1, acts.len() - 1));
                     bn_saved.push(Vec::new());
-                    se_saved.push(Some(SeSaved::new(&SeGeom { n, hw: x.h * x.w, c: s.c, cr: s.cr, act: s.act })));
+                    se_saved.push(Some(SeSaved::new(&SeGeom {
+                        n,
+                        hw: x.h * x.w,
+                        c: s.c,
+                        cr: s.cr,
+                        act: s.act,
+                    })));
                 }
             }
         }
@@ -543,6 +846,7 @@ impl Workspace {
             grad_skip: vec![0f32; max_act],
             grad_conv: vec![0f32; max_act],
             mode: None,
+            profile: None,
         }
     }
 
@@ -554,7 +858,8 @@ impl Workspace {
     /// Bytes held by activation and scratch buffers.
     pub fn bytes(&self) -> usize {
         let acts: usize = self.acts.iter().map(Vec::len).sum();
-        let scratch = self.col.len() + self.dcol.len() + 4 * self.grad_a.len() + 2 * self.packed.len();
+        let scratch =
+            self.col.len() + self.dcol.len() + 4 * self.grad_a.len() + 2 * self.packed.len();
         4 * (acts + scratch)
     }
 }

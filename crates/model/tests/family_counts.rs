@@ -37,14 +37,20 @@ fn every_arch_builds_and_names_are_unique() {
         names.dedup();
         assert_eq!(names.len(), total, "{name} has duplicate tensor names");
     }
-    assert!(arch("tf_efficientnetv2_s").is_ok(), "timm's tf_ prefix is accepted");
+    assert!(
+        arch("tf_efficientnetv2_s").is_ok(),
+        "timm's tf_ prefix is accepted"
+    );
     assert!(arch("resnet50").unwrap_err().contains("efficientnetv2_s"));
 }
 
 #[test]
 fn v2_s_state_dict_names_match_timm() {
     // The reference list of timm's tf_efficientnetv2_s keys (without num_batches_tracked).
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/timm_tf_efficientnetv2_s_keys.txt");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/timm_tf_efficientnetv2_s_keys.txt"
+    );
     let text = std::fs::read_to_string(path).unwrap();
     let expected: Vec<(String, String)> = text
         .lines()
@@ -66,7 +72,11 @@ fn v2_s_state_dict_names_match_timm() {
         })
         .map(|e| {
             let dims: Vec<String> = e.shape.iter().map(|d| d.to_string()).collect();
-            let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(",")) };
+            let shape = if dims.len() == 1 {
+                format!("({},)", dims[0])
+            } else {
+                format!("({})", dims.join(","))
+            };
             (e.name.clone(), shape)
         })
         .collect();

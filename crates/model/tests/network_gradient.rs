@@ -1,0 +1,156 @@
+//! The whole network's backward pass against finite differences of its forward pass, in
+//! training mode with dropout and drop-path active (the same masks on every pass: the random
+//! stream is re-seeded), on a tiny network with every block kind.
+
+use effnet_engine::loss;
+use effnet_engine::rng::Rng;
+use effnet_model::family::{ArchConfig, Preprocess, StageSpec};
+use effnet_model::{Act, Mode, Network, Weights};
+
+fn tiny() -> Network {
+    let stages = [
+        "cn_r2_k3_s1_e1_c8_skip",
+        "er_r1_k3_s2_e2_c8",
+        "ds_r2_k3_s1_e1_c8_se0.25",
+        "ir_r2_k5_s2_e3_c16_se0.25",
+    ]
+    .iter()
+    .map(|s| StageSpec::parse(s).unwrap())
+    .collect();
+    Network::new(ArchConfig {
+        name: "tiny".into(),
+        stages,
+        stem_size: 8,
+        num_features: 16,
+        width: 1.0,
+        depth: 1.0,
+        round_limit: 0.9,
+        fix_stem_head: false,
+        act: Act::Silu,
+        num_classes: 5,
+        dropout: 0.3,
+        drop_path: 0.5,
+        bn_eps: 1e-3,
+        eval_size: 9,
+        preprocess: Preprocess::default(),
+    })
+}
+
+/// Loss of one training-mode forward pass with the masks drawn from `seed`.
+fn loss_at(
+    net: &Network,
+    w: &mut Weights,
+    x: &[f32],
+    targets: &[f32],
+    seed: u64,
+) -> (f32, Vec<f32>, effnet_model::Workspace) {
+    let mut ws = net.workspace(3, 9, 9);
+    let mode = Mode::Train {
+        bn_momentum: 0.1,
+        stochastic: true,
+    };
+    let logits = net
+        .forward(w, &mut ws, x, mode, &mut Rng::new(seed))
+        .to_vec();
+    let mut dlogits = vec![0f32; logits.len()];
+    let value = loss::softmax_cross_entropy(&logits, net.classes, targets, &mut dlogits);
+    (value, dlogits, ws)
+}
+
+#[test]
+fn backward_matches_finite_differences_with_dropout_and_drop_path() {
+    let net = tiny();
+    let mut w = Weights::init(&net, 4);
+    // Non-trivial BN affine parameters, so their gradients are exercised away from γ=1, β=0.
+    let mut rng = Rng::new(8);
+    for e in &net.layout.params {
+        if matches!(
+            e.kind,
+            effnet_model::ParamKind::BnWeight
+                | effnet_model::ParamKind::BnBias
+                | effnet_model::ParamKind::ConvBias
+        ) {
+            for v in &mut w.params[e.range.clone()] {
+                *v += 0.3 * rng.normal() as f32;
+            }
+        }
+    }
+    let x: Vec<f32> = (0..3 * 9 * 9 * 3).map(|_| rng.normal() as f32).collect();
+    let mut targets = vec![0f32; 3 * net.classes];
+    loss::smoothed_targets(&[1, 4, 0], net.classes, 0.1, &mut targets);
+
+    // Find a seed whose masks drop some samples' branches but not all (so both paths count).
+    let seed = 11;
+    let (_, dlogits, mut ws) = loss_at(&net, &mut w.clone(), &x, &targets, seed);
+    let mut grads = vec![0f32; w.params.len()];
+    net.backward(&w.clone(), &mut ws, &dlogits, &mut grads);
+
+    let mut checked = 0;
+    for e in &net.layout.params {
+        // The largest-gradient coordinate of each tensor: least affected by f32 round-off.
+        let (i, g) = grads[e.range.clone()]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .map(|(i, g)| (e.range.start + i, *g))
+            .unwrap();
+        if g.abs() < 1e-3 {
+            continue;
+        }
+        let h = 1e-2f32;
+        let mut plus = w.clone();
+        plus.params[i] += h;
+        let mut minus = w.clone();
+        minus.params[i] -= h;
+        let up = loss_at(&net, &mut plus, &x, &targets, seed).0 as f64;
+        let down = loss_at(&net, &mut minus, &x, &targets, seed).0 as f64;
+        let numeric = (up - down) / (2.0 * h as f64);
+        let err = (numeric - g as f64).abs() / numeric.abs().max(g.abs() as f64);
+        assert!(
+            err < 3e-2,
+            "{}[{}]: backward {g:.6} vs finite difference {numeric:.6}",
+            e.name,
+            i - e.range.start
+        );
+        checked += 1;
+    }
+    assert!(
+        checked > 30,
+        "only {checked} tensors had a measurable gradient"
+    );
+}
+
+#[test]
+fn stochastic_masks_change_training_outputs_and_eval_is_deterministic() {
+    let net = tiny();
+    let mut w = Weights::init(&net, 1);
+    let x: Vec<f32> = (0..3 * 9 * 9 * 3)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let mut ws = net.workspace(3, 9, 9);
+    let train = Mode::Train {
+        bn_momentum: 0.1,
+        stochastic: true,
+    };
+    let a = net
+        .forward(&mut w, &mut ws, &x, train, &mut Rng::new(1))
+        .to_vec();
+    let b = net
+        .forward(&mut w, &mut ws, &x, train, &mut Rng::new(2))
+        .to_vec();
+    let a2 = net
+        .forward(&mut w, &mut ws, &x, train, &mut Rng::new(1))
+        .to_vec();
+    assert_ne!(a, b, "different masks give different outputs");
+    assert_eq!(a, a2, "the same seed gives the same outputs");
+    let e1 = net
+        .forward(&mut w, &mut ws, &x, Mode::Eval, &mut Rng::new(1))
+        .to_vec();
+    let e2 = net
+        .forward(&mut w, &mut ws, &x, Mode::Eval, &mut Rng::new(2))
+        .to_vec();
+    assert_eq!(e1, e2, "eval mode draws nothing");
+    // Training-mode passes moved the running statistics and counted the batches.
+    assert!(w.tracked.iter().all(|&t| t == 3));
+    assert!(w.buffers.iter().any(|&v| v != 0.0 && v != 1.0));
+}
