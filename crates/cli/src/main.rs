@@ -1,1 +1,62 @@
-fn main(){}
+//! `effnet`: EfficientNet training and inference from the command line.
+
+mod bench;
+mod weights_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "effnet",
+    version,
+    about = "EfficientNet (V2, V1, Lite) training and inference on a Rust engine"
+)]
+struct Cli {
+    /// Worker threads for the engine (default: every core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Time inference (eval mode) on synthetic input, at one or more batch sizes.
+    #[command(name = "inference_benchmark", visible_alias = "inference-benchmark")]
+    InferenceBenchmark(bench::BenchArgs),
+    /// Time full training steps (forward, loss, backward, SGD update) on synthetic input.
+    #[command(name = "training_benchmark", visible_alias = "training-benchmark")]
+    TrainingBenchmark(bench::BenchArgs),
+    /// Convert a weight file (timm `.safetensors` or PyTorch `.pth`) into effnet's safetensors.
+    Convert(weights_cmd::ConvertArgs),
+    /// Describe an architecture: blocks, channels, parameters, multiply-adds.
+    Info(weights_cmd::InfoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("effnet: cannot start {n} threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::InferenceBenchmark(args) => bench::run(&args, bench::Kind::Inference),
+        Command::TrainingBenchmark(args) => bench::run(&args, bench::Kind::Training),
+        Command::Convert(args) => weights_cmd::convert(&args),
+        Command::Info(args) => weights_cmd::info(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("effnet: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

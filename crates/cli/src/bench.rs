@@ -1,0 +1,184 @@
+//! `inference_benchmark` and `training_benchmark`: synthetic input, random weights, timed steps.
+//! With `--json`, one line per case in the peers' schema (../shared/bench/README.md).
+
+use std::time::Instant;
+
+use clap::Args;
+use effnet_engine::loss;
+use effnet_engine::rng::Rng;
+use effnet_model::{arch, Mode, Network, Weights};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Architecture (`efficientnetv2_s`, `efficientnet_b0`, `efficientnet_lite0`, …; timm's
+    /// `tf_` prefix accepted).
+    #[arg(long, default_value = "efficientnetv2_s")]
+    arch: String,
+    /// Batch sizes, comma separated.
+    #[arg(
+        long = "batch-size",
+        alias = "batch_size",
+        value_delimiter = ',',
+        default_value = "8"
+    )]
+    batch_sizes: Vec<usize>,
+    /// Square input resolution.
+    #[arg(long = "img-size", alias = "img_size", default_value_t = 224)]
+    img_size: usize,
+    /// Untimed steps before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps per batch size.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Print one JSON object per case instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Print time per operation kind after each case.
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Inference,
+    Training,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
+    let config = arch(&args.arch)?;
+    if args.steps == 0 || args.img_size < 8 || args.batch_sizes.contains(&0) {
+        return Err("--steps, --batch-size must be at least 1 and --img-size at least 8".into());
+    }
+    let net = Network::new(config);
+    let mut weights = Weights::init(&net, 0);
+    let threads = rayon::current_num_threads();
+    let mode_name = if kind == Kind::Inference {
+        "infer"
+    } else {
+        "train"
+    };
+    if !args.json {
+        println!(
+            "{} {} at {}×{}, f32, {} threads, {:.2} GMACs/image",
+            net.config.name,
+            mode_name,
+            args.img_size,
+            args.img_size,
+            threads,
+            net.macs(args.img_size, args.img_size) as f64 / 1e9
+        );
+        println!(
+            "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "batch", "img/s", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms"
+        );
+    }
+    let mut rng = Rng::new(1);
+    let mut velocity = vec![0f32; weights.params.len()];
+    let mut grads = vec![0f32; weights.params.len()];
+    for &n in &args.batch_sizes {
+        let s = args.img_size;
+        let mut ws = net.workspace(n, s, s);
+        let input: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+        let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
+        let mut targets = vec![0f32; n * net.classes];
+        loss::smoothed_targets(&labels, net.classes, 0.0, &mut targets);
+        let mut dlogits = vec![0f32; n * net.classes];
+        let mut times = Vec::with_capacity(args.steps);
+        for step in 0..args.warmup + args.steps {
+            if args.profile && step == args.warmup {
+                ws.profile = Some(Default::default());
+            }
+            let t = Instant::now();
+            match kind {
+                Kind::Inference => {
+                    net.forward(&mut weights, &mut ws, &input, Mode::Eval, &mut rng);
+                }
+                Kind::Training => {
+                    // The peers' step: train-mode forward, cross-entropy, backward, SGD momentum 0.9.
+                    let mode = Mode::Train {
+                        bn_momentum: 0.1,
+                        stochastic: true,
+                    };
+                    let logits = net.forward(&mut weights, &mut ws, &input, mode, &mut rng);
+                    loss::softmax_cross_entropy(logits, net.classes, &targets, &mut dlogits);
+                    grads.fill(0.0);
+                    net.backward(&weights, &mut ws, &dlogits, &mut grads);
+                    for ((w, v), g) in weights
+                        .params
+                        .iter_mut()
+                        .zip(velocity.iter_mut())
+                        .zip(&grads)
+                    {
+                        *v = 0.9 * *v + g;
+                        *w -= 0.01 * *v;
+                    }
+                }
+            }
+            if step >= args.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        if let Some(profile) = &ws.profile {
+            print_profile(profile, &times);
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = percentile(&sorted, 50.0);
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        if args.json {
+            let line = serde_json::json!({
+                "impl": format!("effnet-{}-fp32", env!("CARGO_PKG_VERSION")),
+                "arch": format!("tf_{}", net.config.name),
+                "mode": mode_name,
+                "batch": n,
+                "res": s,
+                "median_ms": (median * 100.0).round() / 100.0,
+                "img_per_s": (n as f64 * 1000.0 / median * 100.0).round() / 100.0,
+                "threads": threads,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{:>6} {:>10.1} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                n,
+                n as f64 * 1000.0 / median,
+                mean,
+                median,
+                percentile(&sorted, 90.0),
+                percentile(&sorted, 95.0),
+                percentile(&sorted, 99.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_profile(profile: &effnet_model::network::Profile, times: &[f64]) {
+    let steps = times.len() as f64;
+    let step_ms = times.iter().sum::<f64>() / steps;
+    println!(
+        "{:<26} {:>9} {:>7} {:>10}",
+        "operation", "ms/step", "share", "GFLOP/s|GB/s"
+    );
+    let mut entries = profile.entries.clone();
+    entries.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (op, secs, work) in entries {
+        let ms = secs * 1000.0 / steps;
+        // Convolutions count multiply-adds (2 flops); the rest count f32 elements read (4 bytes).
+        let rate = if op.starts_with("conv") || op.starts_with("depthwise") {
+            2.0 * work as f64 / secs / 1e9
+        } else {
+            4.0 * work as f64 / secs / 1e9
+        };
+        println!(
+            "{op:<26} {ms:>9.2} {:>6.1}% {rate:>10.1}",
+            100.0 * ms / step_ms
+        );
+    }
+}
