@@ -196,7 +196,10 @@ fn check_parity(dir: &Path) {
             worst = (err, &e.name);
         }
     }
-    eprintln!("worst gradient: {} with relative L2 error {:.2e}", worst.1, worst.0);
+    eprintln!(
+        "worst gradient: {} with relative L2 error {:.2e}",
+        worst.1, worst.0
+    );
     for e in &net.layout.buffers {
         let reference = floats(&io[&format!("after.{}", e.name)]);
         let err = max_rel(&w.buffers[e.range.clone()], reference);
