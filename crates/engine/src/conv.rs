@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::matmul::{matmul, Layout};
+use crate::matmul::{matmul, matmul_then, Layout};
 use crate::shape::{same_padding, Nhwc};
 use crate::simd;
 
@@ -154,10 +154,41 @@ fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
         });
 }
 
-/// `y = conv(x, w)`. `w` is PyTorch's layout for pointwise convolutions and the packed layout
-/// ([`pack_weight`]) otherwise; `col` is scratch of [`ConvGeom::col_len`].
-pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], col: &mut [f32]) {
+/// A per-row-block function applied to a kernel's output in place right after it is produced
+/// (eval-mode batch norm and activation).
+pub type Epilogue<'a> = Option<&'a (dyn Fn(&mut [f32]) + Sync)>;
+
+/// `y = conv(x, w)`, then `epilogue` over blocks of output rows. `w` is PyTorch's layout for
+/// pointwise convolutions and the packed layout ([`pack_weight`]) otherwise; `col` is scratch of
+/// [`ConvGeom::col_len`].
+pub fn forward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    col: &mut [f32],
+    epilogue: Epilogue,
+) {
     let out = g.output();
+    if let Some(epilogue) = epilogue {
+        let (k, b_layout) = if g.is_pointwise() {
+            (g.input.c, Layout::Transposed)
+        } else {
+            (g.patch_len(), Layout::Normal)
+        };
+        if g.is_pointwise() {
+            matmul_then(y, out.rows(), g.cout, k, x, w, b_layout, epilogue);
+            return;
+        }
+        let in_img = g.input.h * g.input.w * g.input.c;
+        let out_px = g.out_h * g.out_w;
+        for b in 0..g.input.n {
+            im2col(g, &x[b * in_img..][..in_img], col);
+            let y_img = &mut y[b * out_px * g.cout..][..out_px * g.cout];
+            matmul_then(y_img, out_px, g.cout, k, col, w, b_layout, epilogue);
+        }
+        return;
+    }
     if g.is_pointwise() {
         // [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed.
         matmul(

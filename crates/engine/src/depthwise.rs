@@ -77,8 +77,8 @@ pub fn unpack_weight_add(g: &DwGeom, packed: &[f32], torch: &mut [f32]) {
     }
 }
 
-/// `y = depthwise(x, w)` with `w` packed as `[kh][kw][c]`.
-pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
+/// `y = depthwise(x, w)` with `w` packed as `[kh][kw][c]`, then `epilogue` on each output row.
+pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate::conv::Epilogue) {
     let c = g.input.c;
     let (ih_len, iw_len) = (g.input.h, g.input.w);
     let in_img = ih_len * iw_len * c;
@@ -104,7 +104,10 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32]) {
                         }
                     }
                 }
-            })
+            });
+            if let Some(epilogue) = epilogue {
+                epilogue(out_row);
+            }
         });
 }
 

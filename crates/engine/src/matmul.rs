@@ -76,6 +76,51 @@ pub fn matmul(
     );
 }
 
+/// `c = a·b` (`a` row-major) in blocks of rows spread over the thread pool, each block handed
+/// to `epilogue` right after it is computed, while it is still in cache.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_then(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    b_layout: Layout,
+    epilogue: &(dyn Fn(&mut [f32]) + Sync),
+) {
+    use rayon::prelude::*;
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul_then: operands too small"
+    );
+    // Output blocks of about 128 KiB (at least 96 rows, so repacking `b` per block stays cheap).
+    let rows = (32768 / n.max(1)).clamp(96, 512);
+    let (b_rs, b_cs) = match b_layout {
+        Layout::Normal => (n as isize, 1),
+        Layout::Transposed => (1, k as isize),
+    };
+    c[..m * n]
+        .par_chunks_mut(rows * n)
+        .zip(a[..m * k].par_chunks(rows * k))
+        .for_each(|(cb, ab)| {
+            let r = cb.len() / n;
+            raw(
+                cb,
+                r,
+                n,
+                k,
+                ab,
+                (k as isize, 1),
+                b,
+                (b_rs, b_cs),
+                false,
+                Parallelism::None,
+            );
+            epilogue(cb);
+        });
+}
+
 /// `aᵀ·b` with a long reduction and a small output (weight gradients: Σ over every pixel):
 /// the reduction is split across threads, each into its own partial, then summed. `gemm`
 /// itself splits only the output, which leaves one thread working on such shapes.

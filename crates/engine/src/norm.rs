@@ -100,53 +100,75 @@ pub fn train_forward(
         var[ch] = v;
         invstd[ch] = 1.0 / (v + eps).sqrt();
     }
-    eval_affine(x, c, gamma, beta, mean, invstd, act, y);
-}
-
-/// `y = act(γ·(x − mean)·invstd + β)` as one scale and shift per channel.
-#[allow(clippy::too_many_arguments)]
-fn eval_affine(
-    x: &[f32],
-    c: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    invstd: &[f32],
-    act: Act,
-    y: &mut [f32],
-) {
-    let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
-    let shift: Vec<f32> = beta
+    let scale: Vec<f32> = gamma
         .iter()
-        .zip(mean)
+        .zip(invstd.iter())
+        .map(|(g, s)| g * s)
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(mean.iter())
         .zip(&scale)
         .map(|((b, m), s)| b - m * s)
         .collect();
-    scale_shift_act(x, c, &scale, &shift, act, y);
-}
-
-/// `y = act(x·scale + shift)` per channel: eval-mode batch norm with folded statistics.
-pub fn scale_shift_act(x: &[f32], c: usize, scale: &[f32], shift: &[f32], act: Act, y: &mut [f32]) {
-    with_activation!(act, A => scale_shift_rows::<A>(x, c, scale, shift, y))
-}
-
-fn scale_shift_rows<A: Activation>(
-    x: &[f32],
-    c: usize,
-    scale: &[f32],
-    shift: &[f32],
-    y: &mut [f32],
-) {
+    let folded = Folded { scale, shift, act };
     par_rows(x, y, c, |xc, yc| {
-        for (xr, yr) in xc.chunks_exact(c).zip(yc.chunks_exact_mut(c)) {
-            for (((o, v), s), b) in yr.iter_mut().zip(xr).zip(scale).zip(shift) {
-                *o = A::apply(v * s + b);
-            }
-        }
+        yc.copy_from_slice(xc);
+        folded.apply(yc);
     });
 }
 
-/// Eval-mode forward from running statistics.
+/// Eval-mode batch norm folded into one scale and shift per channel, with its activation,
+/// applied in place: the epilogue of the kernel that produced the rows, while they are in cache.
+#[derive(Debug, Clone)]
+pub struct Folded {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+    pub act: Act,
+}
+
+impl Folded {
+    /// `γ·(x − mean)/sqrt(var + eps) + β` as `x·scale + shift`.
+    pub fn from_running(
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f32],
+        var: &[f32],
+        eps: f32,
+        act: Act,
+    ) -> Folded {
+        let scale: Vec<f32> = gamma
+            .iter()
+            .zip(var)
+            .map(|(g, v)| g / (v + eps).sqrt())
+            .collect();
+        let shift = beta
+            .iter()
+            .zip(mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Folded { scale, shift, act }
+    }
+
+    /// `rows = act(rows·scale + shift)`, rows of `scale.len()` channels.
+    pub fn apply(&self, rows: &mut [f32]) {
+        with_activation!(self.act, A => self.apply_with::<A>(rows))
+    }
+
+    fn apply_with<A: Activation>(&self, rows: &mut [f32]) {
+        simd::dispatch(|| {
+            for row in rows.chunks_exact_mut(self.scale.len()) {
+                for ((v, s), b) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
+                    *v = A::apply(*v * s + b);
+                }
+            }
+        })
+    }
+}
+
+/// Eval-mode forward from running statistics, as a separate pass (the model fuses [`Folded`]
+/// into the convolutions instead).
 #[allow(clippy::too_many_arguments)]
 pub fn eval_forward(
     x: &[f32],
@@ -159,8 +181,11 @@ pub fn eval_forward(
     act: Act,
     y: &mut [f32],
 ) {
-    let invstd: Vec<f32> = running_var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    eval_affine(x, c, gamma, beta, running_mean, &invstd, act, y);
+    let folded = Folded::from_running(gamma, beta, running_mean, running_var, eps, act);
+    par_rows(x, y, c, |xc, yc| {
+        yc.copy_from_slice(xc);
+        folded.apply(yc);
+    });
 }
 
 /// Moves the running statistics towards the batch's: `r ← (1 − m)·r + m·batch`, with the

@@ -116,7 +116,7 @@ fn dense_conv_forward_and_backward() {
         };
         let mut col = vec![0f32; g.col_len()];
         let mut y = vec![0f32; g.output().len()];
-        conv::forward(&g, &x, wk, &mut y, &mut col);
+        conv::forward(&g, &x, wk, &mut y, &mut col, None);
         let (xd, wd) = (f64s(&x), f64s(&wt));
         let y_ref = conv_ref(&xd, s, &wd, cout, k, stride, false);
         assert!(
@@ -170,7 +170,7 @@ fn depthwise_conv_forward_and_backward() {
         let mut packed = vec![0f32; g.weight_len()];
         depthwise::pack_weight(&g, &wt, &mut packed);
         let mut y = vec![0f32; g.output().len()];
-        depthwise::forward(&g, &x, &packed, &mut y);
+        depthwise::forward(&g, &x, &packed, &mut y, None);
         let (xd, wd) = (f64s(&x), f64s(&wt));
         assert!(max_rel(&y, &conv_ref(&xd, s, &wd, c, k, stride, true)) < 1e-5);
 
@@ -468,4 +468,48 @@ fn dropout_and_drop_path_keep_the_expectation() {
     let mut y = vec![0f32; 3];
     regularize::apply_mask(&[1.0, 2.0, 3.0], &[0.0, 1.25, 1.25], &mut y);
     assert_eq!(y, vec![0.0, 2.5, 3.75]);
+}
+
+#[test]
+fn fused_epilogue_equals_a_separate_pass() {
+    let mut rng = Rng::new(7);
+    let c_out = 6;
+    let folded = norm::Folded {
+        scale: (0..c_out).map(|i| 0.5 + i as f32 * 0.1).collect(),
+        shift: (0..c_out).map(|i| i as f32 * 0.2 - 0.5).collect(),
+        act: Act::Silu,
+    };
+    let epilogue = |rows: &mut [f32]| folded.apply(rows);
+    for &(h, w, cin, k, stride) in &[(9, 7, 5, 1, 1), (9, 8, 3, 3, 2), (40, 40, 4, 3, 1)] {
+        let s = Nhwc::new(2, h, w, cin);
+        let g = conv::ConvGeom::new(s, k, stride, c_out);
+        let x = random(&mut rng, s.len());
+        let wt = random(&mut rng, g.weight_len());
+        let mut packed = vec![0f32; g.weight_len()];
+        let wk: &[f32] = if g.is_pointwise() {
+            &wt
+        } else {
+            conv::pack_weight(&g, &wt, &mut packed);
+            &packed
+        };
+        let mut col = vec![0f32; g.col_len()];
+        let (mut plain, mut fused) = (vec![0f32; g.output().len()], vec![0f32; g.output().len()]);
+        conv::forward(&g, &x, wk, &mut plain, &mut col, None);
+        folded.apply(&mut plain);
+        conv::forward(&g, &x, wk, &mut fused, &mut col, Some(&epilogue));
+        assert!(
+            max_rel(&fused, &f64s(&plain)) < 1e-6,
+            "conv {:?}",
+            (h, w, k)
+        );
+    }
+    let s = Nhwc::new(2, 9, 9, c_out);
+    let g = depthwise::DwGeom::new(s, 3, 2);
+    let x = random(&mut rng, s.len());
+    let wp = random(&mut rng, g.weight_len());
+    let (mut plain, mut fused) = (vec![0f32; g.output().len()], vec![0f32; g.output().len()]);
+    depthwise::forward(&g, &x, &wp, &mut plain, None);
+    folded.apply(&mut plain);
+    depthwise::forward(&g, &x, &wp, &mut fused, Some(&epilogue));
+    assert_eq!(plain, fused);
 }

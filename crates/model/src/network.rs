@@ -397,6 +397,21 @@ impl Network {
             Layer::Conv(u) => {
                 let (conv_out, rest) = hi.split_first_mut().expect("two slots");
                 let y = &mut rest[out_slot - conv_slot - 1];
+                let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
+                let eps = self.config.bn_eps;
+                // Eval mode folds batch norm and activation into the convolution's output
+                // (written straight to the layer output); training keeps the raw convolution
+                // output for the backward pass and normalizes with batch statistics after.
+                let folded = (mode == Mode::Eval).then(|| {
+                    let b = &weights.buffers;
+                    let (mean, var) = (&b[u.bn.mean.clone()], &b[u.bn.var.clone()]);
+                    norm::Folded::from_running(gamma, beta, mean, var, eps, u.act)
+                });
+                let epilogue = |rows: &mut [f32]| folded.as_ref().expect("eval mode").apply(rows);
+                let (target, epilogue): (&mut Vec<f32>, conv::Epilogue) = match folded {
+                    Some(_) => (y, Some(&epilogue)),
+                    None => (conv_out, None),
+                };
                 let t = Instant::now();
                 match u.conv {
                     ConvKind::Dense => {
@@ -407,7 +422,7 @@ impl Network {
                             conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
                             &ws.packed[..g.weight_len()]
                         };
-                        conv::forward(&g, x, w, conv_out, &mut ws.col);
+                        conv::forward(&g, x, w, target, &mut ws.col, epilogue);
                         let op = if g.is_pointwise() {
                             "conv 1x1"
                         } else {
@@ -418,51 +433,31 @@ impl Network {
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
                         depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
-                        depthwise::forward(&g, x, &ws.packed[..g.weight_len()], conv_out);
+                        depthwise::forward(&g, x, &ws.packed[..g.weight_len()], target, epilogue);
                         Profile::add(&mut ws.profile, "depthwise", t, g.macs());
                     }
                 }
-                let t = Instant::now();
-                let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
-                let eps = self.config.bn_eps;
-                match mode {
-                    Mode::Eval => {
-                        let b = &weights.buffers;
-                        norm::eval_forward(
-                            conv_out,
-                            u.cout,
-                            gamma,
-                            beta,
-                            &b[u.bn.mean.clone()],
-                            &b[u.bn.var.clone()],
-                            eps,
-                            u.act,
-                            y,
-                        );
-                    }
-                    Mode::Train { bn_momentum, .. } => {
-                        let s = &mut ws.bn_saved[i];
-                        let c = u.cout;
-                        let (mean, rest) = s.split_at_mut(c);
-                        let (var, invstd) = rest.split_at_mut(c);
-                        norm::train_forward(
-                            conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y,
-                        );
-                        let rows = conv_out.len() / c;
-                        let (rm, rv) = (u.bn.mean.clone(), u.bn.var.clone());
-                        let (bm, bv) = weights.buffers.split_at_mut(rv.start);
-                        norm::update_running_stats(
-                            &mut bm[rm],
-                            &mut bv[..rv.len()],
-                            mean,
-                            var,
-                            rows,
-                            bn_momentum,
-                        );
-                        weights.tracked[u.bn.tracked] += 1;
-                    }
+                if let Mode::Train { bn_momentum, .. } = mode {
+                    let t = Instant::now();
+                    let s = &mut ws.bn_saved[i];
+                    let c = u.cout;
+                    let (mean, rest) = s.split_at_mut(c);
+                    let (var, invstd) = rest.split_at_mut(c);
+                    norm::train_forward(conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y);
+                    let rows = conv_out.len() / c;
+                    let (rm, rv) = (u.bn.mean.clone(), u.bn.var.clone());
+                    let (bm, bv) = weights.buffers.split_at_mut(rv.start);
+                    norm::update_running_stats(
+                        &mut bm[rm],
+                        &mut bv[..rv.len()],
+                        mean,
+                        var,
+                        rows,
+                        bn_momentum,
+                    );
+                    weights.tracked[u.bn.tracked] += 1;
+                    Profile::add(&mut ws.profile, "bn+act", t, conv_out.len());
                 }
-                Profile::add(&mut ws.profile, "bn+act", t, conv_out.len());
             }
             Layer::Se(s) => {
                 let g = SeGeom {

@@ -4,11 +4,8 @@
 use effnet_model::io::{read_safetensors, write_safetensors, RawTensor, TensorData};
 use effnet_model::{arch, weights, Network, Weights};
 
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::fixture;
 
 fn small_net() -> Network {
     let mut config = arch("efficientnet_lite0").unwrap();
@@ -40,37 +37,7 @@ fn timm_state_dict_round_trip_is_bit_exact() {
 }
 
 fn parity_net() -> Network {
-    use effnet_model::family::{ArchConfig, Preprocess, StageSpec};
-    let text = std::fs::read_to_string(fixture("parity/config.json")).unwrap();
-    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let stages = cfg["arch_def"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|b| StageSpec::parse(b.as_str().unwrap()).unwrap())
-        })
-        .collect();
-    Network::new(ArchConfig {
-        name: "parity".into(),
-        stages,
-        stem_size: cfg["stem_size"].as_u64().unwrap() as usize,
-        num_features: cfg["num_features"].as_u64().unwrap() as usize,
-        width: 1.0,
-        depth: 1.0,
-        round_limit: 0.9,
-        fix_stem_head: false,
-        act: effnet_model::Act::Silu,
-        num_classes: cfg["num_classes"].as_u64().unwrap() as usize,
-        dropout: 0.0,
-        drop_path: 0.0,
-        bn_eps: 1e-3,
-        eval_size: 30,
-        preprocess: Preprocess::default(),
-    })
+    Network::new(common::config_from(&fixture("parity")).0)
 }
 
 fn tempdir() -> std::path::PathBuf {
