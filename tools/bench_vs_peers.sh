@@ -3,6 +3,7 @@
 # threads, then the ratios. Usage:
 #   tools/bench_vs_peers.sh [THREADS] [CASES]     e.g. tools/bench_vs_peers.sh 2 infer:1x224,infer:8x224,train:8x128
 # Needs the peers' venv: ../shared/bench/setup-peers.sh (default $HOME/.cache/effnet-peers).
+# EFFNET_PEER_IMPLS picks the peers' flavours (peers.py --impls); EFFNET_ARCH the architecture.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
@@ -20,7 +21,9 @@ for case in ${cases//,/ }; do
   ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
     --steps "$steps" --json | tee -a "$out/results.jsonl"
 done
-"$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$cases" | tee -a "$out/results.jsonl"
+impls="${EFFNET_PEER_IMPLS:-torch-fp32,torch-fp32-cl,torch-bf16-cl,ort-fp32}"
+"$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$cases" --impls "$impls" \
+  2> >(grep -v -i warning >&2) | tee -a "$out/results.jsonl"
 "$venv/bin/python" - "$out/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
