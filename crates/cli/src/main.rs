@@ -1,6 +1,8 @@
 //! `effnet`: EfficientNet training and inference from the command line.
 
 mod bench;
+mod dllogger;
+mod infer;
 mod weights_cmd;
 
 use std::process::ExitCode;
@@ -29,6 +31,10 @@ enum Command {
     /// Time full training steps (forward, loss, backward, SGD update) on synthetic input.
     #[command(name = "training_benchmark", visible_alias = "training-benchmark")]
     TrainingBenchmark(bench::BenchArgs),
+    /// Classify images (files, folders, globs) or a preprocessed .npy tensor with trained weights.
+    Predict(infer::PredictArgs),
+    /// Evaluate trained weights on a labelled image folder: top-1, top-5, loss, speed, latency.
+    Eval(infer::EvalArgs),
     /// Convert a weight file (timm `.safetensors` or PyTorch `.pth`) into effnet's safetensors.
     Convert(weights_cmd::ConvertArgs),
     /// Describe an architecture: blocks, channels, parameters, multiply-adds.
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::InferenceBenchmark(args) => bench::run(&args, bench::Kind::Inference),
         Command::TrainingBenchmark(args) => bench::run(&args, bench::Kind::Training),
+        Command::Predict(args) => infer::predict(&args),
+        Command::Eval(args) => infer::eval(&args),
         Command::Convert(args) => weights_cmd::convert(&args),
         Command::Info(args) => weights_cmd::info(&args),
     };

@@ -55,35 +55,25 @@ pub fn info(args: &InfoArgs) -> Result<(), String> {
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Input weights: timm `.safetensors`, or a PyTorch `.pth`/`.pt`/`.bin` state dict.
+    /// Input weights: a timm state dict (`.safetensors`, `.pth`), or lukemelas-style
+    /// EfficientNet-PyTorch / efficientnet_lite_pytorch weights (renamed to timm's names).
     input: PathBuf,
     /// Output `.safetensors` (timm names, with effnet's metadata).
     output: PathBuf,
-    /// The architecture the weights belong to.
+    /// The architecture the weights belong to (the class count is read from the file).
     #[arg(long)]
     arch: String,
-    /// Classifier classes in the file (default: read from the classifier's shape).
-    #[arg(long = "num-classes", alias = "num_classes")]
-    num_classes: Option<usize>,
 }
 
 pub fn convert(args: &ConvertArgs) -> Result<(), String> {
-    let mut config = arch(&args.arch)?;
-    let (tensors, _) = effnet_model::io::read_tensors(&args.input).map_err(|e| e.to_string())?;
-    config.num_classes = match args.num_classes {
-        Some(n) => n,
-        None => effnet_model::weights::classes_in(&tensors).unwrap_or(config.num_classes),
-    };
-    let net = Network::new(config);
-    let weights = effnet_model::weights::from_tensors(&net, tensors)
-        .map_err(|e| format!("{}: {e}", args.input.display()))?;
+    let (net, weights) = effnet_model::weights::load(&args.input, Some(&args.arch))?;
     effnet_model::weights::save(&net, &weights, &args.output).map_err(|e| e.to_string())?;
     println!(
-        "wrote {} ({}, {} classes, {} tensors)",
+        "wrote {} ({}, {} classes, preprocess {})",
         args.output.display(),
         net.config.name,
         net.classes,
-        net.layout.order.len()
+        net.config.preprocess.to_json()
     );
     Ok(())
 }

@@ -104,32 +104,25 @@ pub struct ArchConfig {
     pub preprocess: Preprocess,
 }
 
-/// Image preparation for a set of weights: resize, center crop, normalization.
+/// Image preparation for a set of weights, in the CLI's own terms (the data crate parses them):
+/// interpolation `bicubic|bilinear|nearest`, crop `pct:F|reference|squash`, normalization
+/// `imagenet|inception|keras|lite|m1,m2,m3/s1,s2,s3`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preprocess {
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-    /// `bicubic`, `bilinear` or `nearest`.
     pub interpolation: String,
-    /// The center crop keeps this fraction of the resized short side.
-    pub crop_pct: f32,
+    pub crop: String,
+    pub normalize: String,
     pub train_size: usize,
     pub eval_size: usize,
 }
 
-const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-/// x/127.5 − 1 on 0–255 pixels: the Inception normalization of timm's V2 and Lite weights.
-const HALF: [f32; 3] = [0.5, 0.5, 0.5];
-
 impl Default for Preprocess {
-    /// ImageNet statistics, bicubic, crop 0.875 at 224: timm's defaults.
+    /// timm's defaults: bicubic, crop 0.875, ImageNet statistics, 224.
     fn default() -> Self {
         Preprocess {
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
             interpolation: "bicubic".into(),
-            crop_pct: 0.875,
+            crop: "pct:0.875".into(),
+            normalize: "imagenet".into(),
             train_size: 224,
             eval_size: 224,
         }
@@ -137,16 +130,50 @@ impl Default for Preprocess {
 }
 
 impl Preprocess {
+    /// The TF reference's eval preprocessing for weights trained there (e.g. EfficientNet-Lite's
+    /// `(x − 127)/128`): center crop `size/(size+32)` of the short side, bicubic.
+    pub fn tf_reference(normalize: &str, size: usize) -> Preprocess {
+        Preprocess {
+            interpolation: "bicubic".into(),
+            crop: "reference".into(),
+            normalize: normalize.into(),
+            train_size: size,
+            eval_size: size,
+        }
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::json!({
-            "mean": self.mean,
-            "std": self.std,
             "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
+            "crop": self.crop,
+            "normalize": self.normalize,
             "train_size": self.train_size,
             "eval_size": self.eval_size,
         })
         .to_string()
+    }
+
+    /// Reads what [`Preprocess::to_json`] wrote.
+    pub fn from_json(text: &str) -> Result<Preprocess, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("preprocess metadata: {e}"))?;
+        let s = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("preprocess metadata lacks {k}"))
+        };
+        let n = |k: &str| {
+            v[k].as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| format!("preprocess metadata lacks {k}"))
+        };
+        Ok(Preprocess {
+            interpolation: s("interpolation")?,
+            crop: s("crop")?,
+            normalize: s("normalize")?,
+            train_size: n("train_size")?,
+            eval_size: n("eval_size")?,
+        })
     }
 }
 
@@ -160,16 +187,6 @@ pub fn round_channels(channels: f64, multiplier: f64, round_limit: f64) -> usize
         new_v += divisor;
     }
     new_v as usize
-}
-
-/// Python's `round` (halves to even), which timm uses for the SE width.
-fn round_half_even(x: f64) -> usize {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-        (r - x.signum()) as usize
-    } else {
-        r as usize
-    }
 }
 
 /// One block after scaling: everything needed to build its layers.
@@ -241,11 +258,11 @@ impl ArchConfig {
                     }
                     BlockKind::ConvBnAct | BlockKind::DepthwiseSeparable => in_chs,
                 };
-                // timm divides the ratio by the expansion, then rounds mid·ratio (se_from_exp=False).
-                let se_chs = stage
-                    .se_ratio
-                    .filter(|&r| r > 0.0)
-                    .map(|r| round_half_even(mid_chs as f64 * (r / stage.expansion)).max(1));
+                // timm divides the ratio by the expansion, then rounds mid·ratio with Python's `round`
+                // (halves to even; se_from_exp=False).
+                let se_chs = stage.se_ratio.filter(|&r| r > 0.0).map(|r| {
+                    ((mid_chs as f64 * (r / stage.expansion)).round_ties_even() as usize).max(1)
+                });
                 let same_shape = stride == 1 && in_chs == out_chs;
                 let skip = match stage.kind {
                     BlockKind::ConvBnAct => same_shape && stage.skip == Some(true),
@@ -661,10 +678,14 @@ pub fn arch(name: &str) -> Result<ArchConfig, String> {
         bn_eps: 1e-3,
         eval_size,
         preprocess: Preprocess {
-            mean: if imagenet_stats { IMAGENET_MEAN } else { HALF },
-            std: if imagenet_stats { IMAGENET_STD } else { HALF },
             interpolation: if bilinear { "bilinear" } else { "bicubic" }.into(),
-            crop_pct,
+            crop: format!("pct:{crop_pct}"),
+            normalize: if imagenet_stats {
+                "imagenet"
+            } else {
+                "inception"
+            }
+            .into(),
             train_size,
             eval_size,
         },
@@ -697,9 +718,6 @@ mod tests {
         assert_eq!(round_channels(3.0, 1.0, 0.9), 8);
         assert_eq!(round_channels(16.0, 1.2, 0.9), 24); // 19.2 → 16 < 17.28 → 24
         assert_eq!(round_channels(16.0, 1.2, 0.0), 16); // V2: no raise
-        assert_eq!(round_half_even(2.5), 2);
-        assert_eq!(round_half_even(3.5), 4);
-        assert_eq!(round_half_even(3.4), 3);
     }
 
     #[test]

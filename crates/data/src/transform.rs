@@ -1,0 +1,227 @@
+//! The eval transform: resize, center crop, normalize, into an NHWC f32 image.
+
+use crate::decode::RgbImage;
+use crate::resize::{resize_box, Interpolation};
+
+/// How the square input is cut from an image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Crop {
+    /// timm: resize the short side to `size / crop_pct`, then take the center `size × size`.
+    Fraction(f32),
+    /// The TF reference: take the center square of side `size/(size+32)` of the short side,
+    /// then resize it to `size × size`.
+    Reference,
+    /// Resize the whole image to `size × size`, ignoring its aspect ratio.
+    Squash,
+}
+
+impl Crop {
+    /// `pct:0.875`, `reference` or `squash`.
+    pub fn parse(s: &str) -> Result<Crop, String> {
+        match s {
+            "reference" => Ok(Crop::Reference),
+            "squash" | "none" => Ok(Crop::Squash),
+            _ => {
+                let pct = s.strip_prefix("pct:").unwrap_or(s);
+                match pct.parse::<f32>() {
+                    Ok(p) if p > 0.0 && p <= 1.0 => Ok(Crop::Fraction(p)),
+                    _ => Err(format!(
+                        "unknown crop {s:?}: expected pct:F (0 < F ≤ 1), reference or squash"
+                    )),
+                }
+            }
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Crop::Fraction(p) => format!("pct:{p}"),
+            Crop::Reference => "reference".into(),
+            Crop::Squash => "squash".into(),
+        }
+    }
+}
+
+/// Normalization presets, as (mean, std) on 0–1 pixel values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalize {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Normalize {
+    /// `imagenet` (ImageNet mean/std), `inception` (x/127.5 − 1: timm's V2 and Lite weights),
+    /// `keras` (x/128 − 1), `lite` ((x − 127)/128: the TF Lite weights), or `m1,m2,m3/s1,s2,s3`.
+    pub fn parse(s: &str) -> Result<Normalize, String> {
+        let n = |mean: [f32; 3], std: [f32; 3]| Ok(Normalize { mean, std });
+        match s {
+            "imagenet" => n([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            "inception" => n([0.5; 3], [0.5; 3]),
+            "keras" => n([128.0 / 255.0; 3], [128.0 / 255.0; 3]),
+            "lite" => n([127.0 / 255.0; 3], [128.0 / 255.0; 3]),
+            _ => {
+                let bad = || {
+                    format!("unknown normalization {s:?}: expected imagenet, inception, keras, lite or m1,m2,m3/s1,s2,s3")
+                };
+                let (m, sd) = s.split_once('/').ok_or_else(bad)?;
+                let three = |t: &str| -> Result<[f32; 3], String> {
+                    let v: Vec<f32> = t
+                        .split(',')
+                        .map(|x| x.trim().parse().map_err(|_| bad()))
+                        .collect::<Result<_, _>>()?;
+                    v.try_into().map_err(|_| bad())
+                };
+                let (mean, std) = (three(m)?, three(sd)?);
+                if std.iter().any(|&v| v <= 0.0) {
+                    return Err(bad());
+                }
+                n(mean, std)
+            }
+        }
+    }
+}
+
+/// The full eval transform to a `size × size` input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transform {
+    pub size: usize,
+    pub interpolation: Interpolation,
+    pub crop: Crop,
+    pub normalize: Normalize,
+}
+
+impl Transform {
+    pub fn describe(&self) -> String {
+        let f = |v: [f32; 3]| {
+            v.iter()
+                .map(|x| format!("{x:.4}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        format!(
+            "{}×{}, {}, crop {}, mean {} std {}",
+            self.size,
+            self.size,
+            self.interpolation.name(),
+            self.crop.describe(),
+            f(self.normalize.mean),
+            f(self.normalize.std)
+        )
+    }
+
+    /// Writes the image as a normalized `[size, size, 3]` tensor into `out`.
+    pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
+        let s = self.size;
+        let (w, h) = (img.width, img.height);
+        let src: Vec<f32> = img.pixels.iter().map(|&p| p as f32).collect();
+        let pixels = match self.crop {
+            Crop::Squash => resize_box(
+                &src,
+                (w, h, 3),
+                (0.0, 0.0, w as f64, h as f64),
+                (s, s),
+                self.interpolation,
+            ),
+            Crop::Reference => {
+                // TF: crop = int(size/(size+32) · short side), offset ((dim − crop) + 1) // 2.
+                let crop = ((s as f64 / (s as f64 + 32.0)) * w.min(h) as f64) as usize;
+                let crop = crop.max(1);
+                let (top, left) = ((h - crop).div_ceil(2), (w - crop).div_ceil(2));
+                resize_box(
+                    &src,
+                    (w, h, 3),
+                    (left as f64, top as f64, crop as f64, crop as f64),
+                    (s, s),
+                    self.interpolation,
+                )
+            }
+            Crop::Fraction(pct) => {
+                // torchvision: Resize(int(size / crop_pct)) on the short side, then CenterCrop(size).
+                let scale_size = (s as f64 / pct as f64).floor() as usize;
+                let (rw, rh) = if w <= h {
+                    (
+                        scale_size,
+                        (scale_size as f64 * h as f64 / w as f64) as usize,
+                    )
+                } else {
+                    (
+                        (scale_size as f64 * w as f64 / h as f64) as usize,
+                        scale_size,
+                    )
+                };
+                let resized = resize_box(
+                    &src,
+                    (w, h, 3),
+                    (0.0, 0.0, w as f64, h as f64),
+                    (rw, rh),
+                    self.interpolation,
+                );
+                let top = ((rh as f64 - s as f64) / 2.0).round().max(0.0) as usize;
+                let left = ((rw as f64 - s as f64) / 2.0).round().max(0.0) as usize;
+                let mut cropped = vec![0f32; s * s * 3];
+                for (y, row) in cropped.chunks_exact_mut(s * 3).enumerate() {
+                    if top + y < rh {
+                        let from = ((top + y) * rw + left) * 3;
+                        let n = (s * 3).min((rw - left) * 3);
+                        row[..n].copy_from_slice(&resized[from..from + n]);
+                    }
+                }
+                cropped
+            }
+        };
+        let Normalize { mean, std } = self.normalize;
+        for (o, px) in out.chunks_exact_mut(3).zip(pixels.chunks_exact(3)) {
+            for ch in 0..3 {
+                o[ch] = (px[ch] / 255.0 - mean[ch]) / std[ch];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_presets() {
+        assert_eq!(Crop::parse("pct:0.875").unwrap(), Crop::Fraction(0.875));
+        assert_eq!(Crop::parse("reference").unwrap(), Crop::Reference);
+        assert!(Crop::parse("pct:1.5").is_err());
+        let lite = Normalize::parse("lite").unwrap();
+        assert!(((255.0 / 255.0 - lite.mean[0]) / lite.std[0] - 128.0 / 128.0).abs() < 1e-6);
+        let custom = Normalize::parse("0.1,0.2,0.3/1,2,3").unwrap();
+        assert_eq!(custom.std, [1.0, 2.0, 3.0]);
+        assert!(Normalize::parse("0.1,0.2/1,2,3").is_err());
+        assert!(Normalize::parse("0,0,0/1,0,1").is_err());
+    }
+
+    #[test]
+    fn crops_the_center_of_the_short_side() {
+        // A 20×10 image, left half black and right half white, with a red column at the center.
+        let (w, h) = (20, 10);
+        let mut pixels = vec![0u8; w * h * 3];
+        for y in 0..h {
+            for x in 10..w {
+                pixels[(y * w + x) * 3..][..3].copy_from_slice(&[255, 255, 255]);
+            }
+        }
+        let img = RgbImage {
+            width: w,
+            height: h,
+            pixels,
+        };
+        let t = Transform {
+            size: 10,
+            interpolation: Interpolation::Nearest,
+            crop: Crop::Fraction(1.0),
+            normalize: Normalize::parse("0,0,0/1,1,1").unwrap(),
+        };
+        let mut out = vec![0f32; 10 * 10 * 3];
+        t.apply(&img, &mut out);
+        // The center crop covers x = 5..15: black on the left half, white on the right.
+        assert_eq!(out[0], 0.0);
+        assert_eq!(out[9 * 3], 1.0);
+        assert_eq!(out[(9 * 10 + 4) * 3], 0.0);
+        assert_eq!(out[(9 * 10 + 5) * 3], 1.0);
+    }
+}
