@@ -169,56 +169,29 @@ pub fn forward(
     col: &mut [f32],
     epilogue: Epilogue,
 ) {
-    let out = g.output();
-    if let Some(epilogue) = epilogue {
-        let (k, b_layout) = if g.is_pointwise() {
-            (g.input.c, Layout::Transposed)
-        } else {
-            (g.patch_len(), Layout::Normal)
-        };
-        if g.is_pointwise() {
-            matmul_then(y, out.rows(), g.cout, k, x, w, b_layout, epilogue);
-            return;
-        }
-        let in_img = g.input.h * g.input.w * g.input.c;
-        let out_px = g.out_h * g.out_w;
-        for b in 0..g.input.n {
-            im2col(g, &x[b * in_img..][..in_img], col);
-            let y_img = &mut y[b * out_px * g.cout..][..out_px * g.cout];
-            matmul_then(y_img, out_px, g.cout, k, col, w, b_layout, epilogue);
-        }
-        return;
-    }
+    // Pointwise: [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed.
+    // Otherwise, per image: im2col [pixels, k·k·cin] · packed [k·k·cin, cout].
+    let (k, w_layout) = if g.is_pointwise() {
+        (g.input.c, Layout::Transposed)
+    } else {
+        (g.patch_len(), Layout::Normal)
+    };
+    let product = |y: &mut [f32], rows: usize, a: &[f32]| match epilogue {
+        Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, e),
+        None => matmul(y, rows, g.cout, k, a, Layout::Normal, w, w_layout, false),
+    };
     if g.is_pointwise() {
-        // [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed.
-        matmul(
-            y,
-            out.rows(),
-            g.cout,
-            g.input.c,
-            x,
-            Layout::Normal,
-            w,
-            Layout::Transposed,
-            false,
-        );
+        product(y, g.output().rows(), x);
         return;
     }
     let in_img = g.input.h * g.input.w * g.input.c;
     let out_px = g.out_h * g.out_w;
     for b in 0..g.input.n {
         im2col(g, &x[b * in_img..][..in_img], col);
-        let y_img = &mut y[b * out_px * g.cout..][..out_px * g.cout];
-        matmul(
-            y_img,
+        product(
+            &mut y[b * out_px * g.cout..][..out_px * g.cout],
             out_px,
-            g.cout,
-            g.patch_len(),
             col,
-            Layout::Normal,
-            w,
-            Layout::Normal,
-            false,
         );
     }
 }

@@ -10,6 +10,16 @@ pub enum Layout {
     Transposed,
 }
 
+impl Layout {
+    /// (row stride, column stride) of a `rows × cols` operand stored this way.
+    fn strides(self, rows: usize, cols: usize) -> (isize, isize) {
+        match self {
+            Layout::Normal => (cols as isize, 1),
+            Layout::Transposed => (1, rows as isize),
+        }
+    }
+}
+
 /// Below this many multiply-adds a product runs on the calling thread: splitting costs more.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
@@ -42,15 +52,7 @@ pub fn matmul(
         }
         return;
     }
-    // (row stride, column stride) of each operand.
-    let (a_rs, a_cs) = match a_layout {
-        Layout::Normal => (k as isize, 1),
-        Layout::Transposed => (1, m as isize),
-    };
-    let (b_rs, b_cs) = match b_layout {
-        Layout::Normal => (n as isize, 1),
-        Layout::Transposed => (1, k as isize),
-    };
+    let (a_strides, b_strides) = (a_layout.strides(m, k), b_layout.strides(k, n));
     let threads = rayon::current_num_threads();
     let long_reduction = k >= 2048 && k >= 4 * m.max(n);
     if threads > 1 && a_layout == Layout::Transposed && b_layout == Layout::Normal && long_reduction
@@ -68,9 +70,9 @@ pub fn matmul(
         n,
         k,
         a,
-        (a_rs, a_cs),
+        a_strides,
         b,
-        (b_rs, b_cs),
+        b_strides,
         accumulate,
         parallelism,
     );
@@ -96,10 +98,7 @@ pub fn matmul_then(
     );
     // Output blocks of about 128 KiB (at least 96 rows, so repacking `b` per block stays cheap).
     let rows = (32768 / n.max(1)).clamp(96, 512);
-    let (b_rs, b_cs) = match b_layout {
-        Layout::Normal => (n as isize, 1),
-        Layout::Transposed => (1, k as isize),
-    };
+    let b_strides = b_layout.strides(k, n);
     c[..m * n]
         .par_chunks_mut(rows * n)
         .zip(a[..m * k].par_chunks(rows * k))
@@ -111,9 +110,9 @@ pub fn matmul_then(
                 n,
                 k,
                 ab,
-                (k as isize, 1),
+                Layout::Normal.strides(r, k),
                 b,
-                (b_rs, b_cs),
+                b_strides,
                 false,
                 Parallelism::None,
             );
@@ -145,15 +144,20 @@ fn split_k(
             if k1 > k0 {
                 // Rows k0..k1 of both operands: aᵀ is stored [k, m] and b [k, n].
                 let (a_part, b_part) = (&a[k0 * m..k1 * m], &b[k0 * n..k1 * n]);
+                let kp = k1 - k0;
+                let (a_strides, b_strides) = (
+                    Layout::Transposed.strides(m, kp),
+                    Layout::Normal.strides(kp, n),
+                );
                 raw(
                     &mut part,
                     m,
                     n,
-                    k1 - k0,
+                    kp,
                     a_part,
-                    (1, m as isize),
+                    a_strides,
                     b_part,
-                    (n as isize, 1),
+                    b_strides,
                     false,
                     Parallelism::None,
                 );

@@ -23,29 +23,32 @@ pub fn par_row_sums(
     f: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f64> {
     let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
-    (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let mut partial = vec![0f32; width];
-            let range = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
-            simd::dispatch(|| f(range, &mut partial));
-            partial
-        })
+    let partials = (0..tasks).into_par_iter().map(|t| {
+        let mut partial = vec![0f32; width];
+        let range = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
+        simd::dispatch(|| f(range, &mut partial));
+        partial
+    });
+    sum_partials(partials, width)
+}
+
+/// Adds up f32 partial sums from parallel tasks in f64.
+fn sum_partials(partials: impl ParallelIterator<Item = Vec<f32>>, width: usize) -> Vec<f64> {
+    partials
         .fold(
             || vec![0f64; width],
-            |mut acc, partial| {
-                for (a, p) in acc.iter_mut().zip(&partial) {
-                    *a += *p as f64;
-                }
-                acc
+            |mut total, part| {
+                total
+                    .iter_mut()
+                    .zip(&part)
+                    .for_each(|(t, p)| *t += *p as f64);
+                total
             },
         )
         .reduce(
             || vec![0f64; width],
             |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                 a
             },
         )
@@ -253,7 +256,7 @@ fn train_backward_rows<A: Activation>(
     // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
     // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂.
     let chunk = ROWS_PER_TASK * c;
-    let sums = dx
+    let partials = dx
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .zip(dy.par_chunks(chunk))
@@ -284,24 +287,8 @@ fn train_backward_rows<A: Activation>(
                 }
             });
             acc
-        })
-        .fold(
-            || vec![0f64; 2 * c],
-            |mut total, part| {
-                total
-                    .iter_mut()
-                    .zip(&part)
-                    .for_each(|(t, p)| *t += *p as f64);
-                total
-            },
-        )
-        .reduce(
-            || vec![0f64; 2 * c],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
+        });
+    let sums = sum_partials(partials, 2 * c);
     let inv_rows = 1.0 / rows as f64;
     let mean_dz: Vec<f32> = sums[..c].iter().map(|s| (s * inv_rows) as f32).collect();
     let mean_dzx: Vec<f32> = sums[c..].iter().map(|s| (s * inv_rows) as f32).collect();

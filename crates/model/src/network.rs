@@ -169,86 +169,42 @@ impl Network {
                 let start = layers.len();
                 let (k, st, cin, mid, cout, act) =
                     (b.kernel, b.stride, b.in_chs, b.mid_chs, b.out_chs, b.act);
-                let push_se = |layout: &mut Layout, layers: &mut Vec<Layer>| {
-                    if let Some(cr) = b.se_chs {
-                        layers.push(se_unit(layout, &p, mid, cr, act));
-                    }
-                };
-                match b.kind {
+                // Each kind's layers in timm's order: (conv, bn, kind, kernel, stride, in, out,
+                // activation), with `None` where the squeeze-excitation goes.
+                type Spec<'a> =
+                    Option<(&'a str, &'a str, ConvKind, usize, usize, usize, usize, Act)>;
+                let none = Act::None;
+                let specs: Vec<Spec> = match b.kind {
                     BlockKind::ConvBnAct => {
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv",
-                            "bn1",
-                            (Dense, k, st, cin, cout),
-                            act,
-                        ));
+                        vec![Some(("conv", "bn1", Dense, k, st, cin, cout, act))]
                     }
-                    BlockKind::EdgeResidual => {
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_exp",
-                            "bn1",
-                            (Dense, k, st, cin, mid),
-                            act,
-                        ));
-                        push_se(&mut layout, &mut layers);
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_pwl",
-                            "bn2",
-                            (Dense, 1, 1, mid, cout),
-                            Act::None,
-                        ));
-                    }
-                    BlockKind::DepthwiseSeparable => {
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_dw",
-                            "bn1",
-                            (Depthwise, k, st, cin, cin),
-                            act,
-                        ));
-                        push_se(&mut layout, &mut layers);
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_pw",
-                            "bn2",
-                            (Dense, 1, 1, cin, cout),
-                            Act::None,
-                        ));
-                    }
-                    BlockKind::InvertedResidual => {
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_pw",
-                            "bn1",
-                            (Dense, 1, 1, cin, mid),
-                            act,
-                        ));
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_dw",
-                            "bn2",
-                            (Depthwise, k, st, mid, mid),
-                            act,
-                        ));
-                        push_se(&mut layout, &mut layers);
-                        layers.push(conv_unit(
-                            &mut layout,
-                            &p,
-                            "conv_pwl",
-                            "bn3",
-                            (Dense, 1, 1, mid, cout),
-                            Act::None,
-                        ));
+                    BlockKind::EdgeResidual => vec![
+                        Some(("conv_exp", "bn1", Dense, k, st, cin, mid, act)),
+                        None,
+                        Some(("conv_pwl", "bn2", Dense, 1, 1, mid, cout, none)),
+                    ],
+                    BlockKind::DepthwiseSeparable => vec![
+                        Some(("conv_dw", "bn1", Depthwise, k, st, cin, cin, act)),
+                        None,
+                        Some(("conv_pw", "bn2", Dense, 1, 1, cin, cout, none)),
+                    ],
+                    BlockKind::InvertedResidual => vec![
+                        Some(("conv_pw", "bn1", Dense, 1, 1, cin, mid, act)),
+                        Some(("conv_dw", "bn2", Depthwise, k, st, mid, mid, act)),
+                        None,
+                        Some(("conv_pwl", "bn3", Dense, 1, 1, mid, cout, none)),
+                    ],
+                };
+                for spec in specs {
+                    match spec {
+                        Some((conv, bn, kind, k, s, i, o, a)) => {
+                            layers.push(conv_unit(&mut layout, &p, conv, bn, (kind, k, s, i, o), a))
+                        }
+                        None => {
+                            if let Some(cr) = b.se_chs {
+                                layers.push(se_unit(&mut layout, &p, mid, cr, act));
+                            }
+                        }
                     }
                 }
                 blocks.push(Block {
