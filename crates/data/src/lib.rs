@@ -2,11 +2,17 @@
 //! normalizing into the NHWC f32 tensors the engine takes; class names; `.npy` tensors; finding
 //! image files.
 
+pub mod augment;
 pub mod decode;
 pub mod files;
+pub mod idx;
 pub mod labels;
+pub mod loader;
+pub mod mix;
 pub mod npy;
 pub mod resize;
+pub mod sampler;
+pub mod tfrecord;
 pub mod transform;
 
 pub use decode::{load_rgb, RgbImage};
