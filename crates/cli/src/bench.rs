@@ -83,7 +83,10 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     let mut grads = vec![0f32; weights.params.len()];
     for &n in &args.batch_sizes {
         let s = args.img_size;
-        let mut ws = net.workspace(n, s, s);
+        let mut ws = match kind {
+            Kind::Inference => net.inference_workspace(n, s, s),
+            Kind::Training => net.workspace(n, s, s),
+        };
         let input: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
         let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
         let mut targets = vec![0f32; n * net.classes];

@@ -104,7 +104,7 @@ impl Runner {
             Some(i) => i,
             None => {
                 self.workspaces
-                    .push((key, self.net.workspace(n, size, size)));
+                    .push((key, self.net.inference_workspace(n, size, size)));
                 self.workspaces.len() - 1
             }
         };

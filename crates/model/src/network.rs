@@ -275,9 +275,14 @@ impl Network {
         total
     }
 
-    /// Plans every buffer a forward and backward pass at this size needs.
+    /// Plans every buffer a training step (forward and backward) at this size needs.
     pub fn workspace(&self, n: usize, h: usize, w: usize) -> Workspace {
-        Workspace::new(self, n, h, w)
+        Workspace::new(self, n, h, w, true)
+    }
+
+    /// Plans the buffers of eval-mode forward passes only: about half a training workspace.
+    pub fn inference_workspace(&self, n: usize, h: usize, w: usize) -> Workspace {
+        Workspace::new(self, n, h, w, false)
     }
 
     /// The forward pass over NHWC input `[n, h, w, 3]` (the workspace's size); returns logits.
@@ -294,6 +299,10 @@ impl Network {
             input.len(),
             ws.shapes[0].len(),
             "input does not match the workspace's shape"
+        );
+        assert!(
+            ws.training || mode == Mode::Eval,
+            "a training-mode pass needs a workspace from Network::workspace, not inference_workspace"
         );
         ws.acts[0].copy_from_slice(input);
         let stochastic = matches!(
@@ -727,12 +736,17 @@ pub struct Workspace {
     grad_skip: Vec<f32>,
     grad_conv: Vec<f32>,
     mode: Option<Mode>,
+    /// Planned for training (forward in either mode, and backward) or for inference only.
+    training: bool,
     pub profile: Option<Profile>,
 }
 
 impl Workspace {
-    fn new(net: &Network, n: usize, h: usize, w: usize) -> Workspace {
+    fn new(net: &Network, n: usize, h: usize, w: usize, training: bool) -> Workspace {
         let shapes = net.shapes(n, h, w);
+        // Buffers only the training forward and the backward pass use stay empty for inference:
+        // the raw convolution outputs, batch statistics and gradient scratch.
+        let train_len = |len: usize| if training { len } else { 0 };
         let mut acts = vec![vec![0f32; shapes[0].len()]];
         let mut slots = vec![(0, 0)];
         let (mut packed, mut col, mut max_act) = (0, 0, shapes[0].len());
@@ -743,10 +757,10 @@ impl Workspace {
             max_act = max_act.max(y.len());
             match layer {
                 Layer::Conv(u) => {
-                    acts.push(vec![0f32; y.len()]);
+                    acts.push(vec![0f32; train_len(y.len())]);
                     acts.push(vec![0f32; y.len()]);
                     slots.push((acts.len() - 2, acts.len() - 1));
-                    bn_saved.push(vec![0f32; 3 * u.cout]);
+                    bn_saved.push(vec![0f32; train_len(3 * u.cout)]);
                     se_saved.push(None);
                     match u.conv {
                         ConvKind::Dense => {
@@ -758,7 +772,7 @@ impl Workspace {
                             let g = depthwise::DwGeom::new(x, u.kernel, u.stride);
                             packed = packed.max(g.weight_len());
                             // The depthwise backward keeps one weight gradient per image in `col`.
-                            col = col.max(n * g.weight_len());
+                            col = col.max(train_len(n * g.weight_len()));
                         }
                     }
                 }
@@ -789,14 +803,15 @@ impl Workspace {
             dropped: vec![0f32; n * f],
             logits: vec![0f32; n * net.classes],
             packed: vec![0f32; packed],
-            packed_grad: vec![0f32; packed],
+            packed_grad: vec![0f32; train_len(packed)],
             col: vec![0f32; col],
-            dcol: vec![0f32; col],
-            grad_a: vec![0f32; max_act],
-            grad_b: vec![0f32; max_act],
-            grad_skip: vec![0f32; max_act],
-            grad_conv: vec![0f32; max_act],
+            dcol: vec![0f32; train_len(col)],
+            grad_a: vec![0f32; train_len(max_act)],
+            grad_b: vec![0f32; train_len(max_act)],
+            grad_skip: vec![0f32; train_len(max_act)],
+            grad_conv: vec![0f32; train_len(max_act)],
             mode: None,
+            training,
             profile: None,
         }
     }

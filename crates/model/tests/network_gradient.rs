@@ -154,3 +154,41 @@ fn stochastic_masks_change_training_outputs_and_eval_is_deterministic() {
     assert!(w.tracked.iter().all(|&t| t == 3));
     assert!(w.buffers.iter().any(|&v| v != 0.0 && v != 1.0));
 }
+
+#[test]
+fn inference_workspace_gives_the_same_logits_with_less_memory() {
+    let net = tiny();
+    let mut w = Weights::init(&net, 5);
+    let x: Vec<f32> = (0..3 * 9 * 9 * 3)
+        .map(|i| ((i * 13 % 29) as f32 / 10.0) - 1.4)
+        .collect();
+    let mut train_ws = net.workspace(3, 9, 9);
+    let mut infer_ws = net.inference_workspace(3, 9, 9);
+    let a = net
+        .forward(&mut w, &mut train_ws, &x, Mode::Eval, &mut Rng::new(0))
+        .to_vec();
+    let b = net
+        .forward(&mut w, &mut infer_ws, &x, Mode::Eval, &mut Rng::new(0))
+        .to_vec();
+    assert_eq!(a, b);
+    assert!(
+        infer_ws.bytes() * 10 < train_ws.bytes() * 6,
+        "{} vs {}",
+        infer_ws.bytes(),
+        train_ws.bytes()
+    );
+}
+
+#[test]
+#[should_panic(expected = "inference_workspace")]
+fn training_on_an_inference_workspace_is_refused() {
+    let net = tiny();
+    let mut w = Weights::init(&net, 5);
+    let mut ws = net.inference_workspace(3, 9, 9);
+    let x = vec![0f32; 3 * 9 * 9 * 3];
+    let mode = Mode::Train {
+        bn_momentum: 0.1,
+        stochastic: false,
+    };
+    net.forward(&mut w, &mut ws, &x, mode, &mut Rng::new(0));
+}
