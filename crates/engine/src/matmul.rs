@@ -98,6 +98,15 @@ pub fn matmul_then(
     );
     // Output blocks of about 128 KiB (at least 96 rows, so repacking `b` per block stays cheap).
     let rows = (32768 / n.max(1)).clamp(96, 512);
+    let threads = rayon::current_num_threads();
+    if m.div_ceil(rows) < 2 * threads {
+        // Too few row blocks to keep every thread busy (small images, batch 1): one product
+        // split by `gemm` itself, then the epilogue over row blocks (the output is small).
+        matmul(c, m, n, k, a, Layout::Normal, b, b_layout, false);
+        let per = m.div_ceil(threads).max(1) * n;
+        c[..m * n].par_chunks_mut(per).for_each(epilogue);
+        return;
+    }
     let b_strides = b_layout.strides(k, n);
     c[..m * n]
         .par_chunks_mut(rows * n)
