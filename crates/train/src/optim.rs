@@ -91,28 +91,29 @@ impl Optimizer {
             2.0 * self.weight_decay
         };
         let mask = &self.mask;
-        let grad = |i: usize, w: f32| grads[i] + l2 * mask[i] * w;
+        // (weight, gradient with the L2 term, decay mask) for each parameter.
+        let terms = params.iter_mut().zip(grads).zip(mask).map(|((w, g), m)| {
+            let g = g + l2 * m * *w;
+            (w, g, *m)
+        });
         match self.kind {
             Kind::RmsProp {
                 rho,
                 momentum,
                 epsilon,
             } => {
-                for i in 0..params.len() {
-                    let g = grad(i, params[i]);
-                    let ms = &mut self.slot_a[i];
+                for ((w, g, _), (ms, mom)) in
+                    terms.zip(self.slot_a.iter_mut().zip(self.slot_b.iter_mut()))
+                {
                     *ms = rho * *ms + (1.0 - rho) * g * g;
-                    let mom = &mut self.slot_b[i];
                     *mom = momentum * *mom + lr * g / (*ms + epsilon).sqrt();
-                    params[i] -= *mom;
+                    *w -= *mom;
                 }
             }
             Kind::Sgd { momentum, nesterov } => {
-                for i in 0..params.len() {
-                    let g = grad(i, params[i]);
-                    let v = &mut self.slot_a[i];
+                for ((w, g, _), v) in terms.zip(self.slot_a.iter_mut()) {
                     *v = momentum * *v - lr * g;
-                    params[i] += if nesterov { momentum * *v - lr * g } else { *v };
+                    *w += if nesterov { momentum * *v - lr * g } else { *v };
                 }
             }
             Kind::Adam {
@@ -132,13 +133,12 @@ impl Optimizer {
                 } else {
                     0.0
                 };
-                for i in 0..params.len() {
-                    let g = grad(i, params[i]);
-                    let m = &mut self.slot_a[i];
+                for ((w, g, d), (m, v)) in
+                    terms.zip(self.slot_a.iter_mut().zip(self.slot_b.iter_mut()))
+                {
                     *m = beta1 * *m + (1.0 - beta1) * g;
-                    let v = &mut self.slot_b[i];
                     *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    params[i] -= decoupled * mask[i] * params[i] + lr_t * *m / (v.sqrt() + epsilon);
+                    *w -= decoupled * d * *w + lr_t * *m / (v.sqrt() + epsilon);
                 }
             }
         }
