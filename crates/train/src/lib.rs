@@ -4,3 +4,4 @@
 pub mod ema;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

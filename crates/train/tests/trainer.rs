@@ -1,0 +1,150 @@
+//! The training step: learning happens, gradient accumulation averages micro-batches into one
+//! step, a non-finite loss never touches the weights, and EMA follows the weights.
+
+use effnet_engine::rng::Rng;
+use effnet_model::family::{ArchConfig, Preprocess, StageSpec};
+use effnet_model::{Act, Network, Weights};
+use effnet_train::optim::Kind;
+use effnet_train::schedule::{Decay, Schedule};
+use effnet_train::trainer::{smoothed, TrainConfig, Trainer};
+
+fn tiny(dropout: f32) -> Network {
+    let stages = ["cn_r1_k3_s1_e1_c8_skip", "ir_r2_k3_s2_e3_c16_se0.25"]
+        .iter()
+        .map(|s| StageSpec::parse(s).unwrap())
+        .collect();
+    Network::new(ArchConfig {
+        name: "tiny".into(),
+        stages,
+        stem_size: 8,
+        num_features: 32,
+        width: 1.0,
+        depth: 1.0,
+        round_limit: 0.9,
+        fix_stem_head: false,
+        act: Act::Silu,
+        num_classes: 3,
+        dropout,
+        drop_path: dropout,
+        bn_eps: 1e-3,
+        eval_size: 12,
+        preprocess: Preprocess::default(),
+    })
+}
+
+fn config(accumulation: usize, lr: f64) -> TrainConfig {
+    TrainConfig {
+        accumulation,
+        label_smoothing: 0.1,
+        bn_momentum: 0.9,
+        optimizer: Kind::RmsProp {
+            rho: 0.9,
+            momentum: 0.9,
+            epsilon: 1e-3,
+        },
+        weight_decay: 5e-6,
+        schedule: Schedule {
+            peak: lr,
+            warmup_steps: 0,
+            total_steps: 1000,
+            decay: Decay::Cosine,
+        },
+        ema_decay: Some(0.99),
+        seed: 1,
+    }
+}
+
+/// Three classes told apart by which color channel is bright.
+fn batch(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<usize>) {
+    let labels: Vec<usize> = (0..n).map(|_| rng.below(3)).collect();
+    let mut x = vec![0f32; n * 12 * 12 * 3];
+    for (b, &l) in labels.iter().enumerate() {
+        for p in 0..144 {
+            for c in 0..3 {
+                x[(b * 144 + p) * 3 + c] =
+                    0.3 * rng.normal() as f32 + if c == l { 1.0 } else { -0.5 };
+            }
+        }
+    }
+    (x, labels)
+}
+
+#[test]
+fn training_learns_a_simple_task() {
+    let net = tiny(0.1);
+    let w = Weights::init(&net, 3);
+    let mut t = Trainer::new(net, w, config(1, 0.01));
+    let mut rng = Rng::new(5);
+    let (mut first, mut last) = (0.0, 0.0);
+    for step in 0..60 {
+        let (x, y) = batch(&mut rng, 16);
+        let r = t.micro_step(&x, 16, 12, &smoothed(&y, 3, 0.1)).unwrap();
+        assert!(r.stepped);
+        if step < 5 {
+            first += r.loss / 5.0;
+        }
+        if step >= 55 {
+            last += r.loss / 5.0;
+        }
+    }
+    assert!(last < 0.6 * first, "loss {first} → {last}");
+    let (x, y) = batch(&mut rng, 32);
+    for use_ema in [false, true] {
+        let mut w = t.evaluation_weights(use_ema);
+        let logits = t.eval_logits(&mut w, &x, 32, 12);
+        let correct = logits
+            .chunks(3)
+            .zip(&y)
+            .filter(|(z, l)| effnet_train::trainer::argmax(z) == **l)
+            .count();
+        assert!(correct >= 28, "ema={use_ema}: {correct}/32 correct");
+    }
+}
+
+#[test]
+fn accumulation_averages_micro_batches_into_one_step() {
+    // Two identical micro-batches accumulated = one step on that micro-batch (no dropout, the
+    // same batch statistics): the averaged gradient is the same.
+    let net = tiny(0.0);
+    let w = Weights::init(&net, 7);
+    let mut rng = Rng::new(9);
+    let (x, y) = batch(&mut rng, 8);
+    let targets = smoothed(&y, 3, 0.1);
+    let mut one = Trainer::new(net.clone(), w.clone(), config(1, 0.01));
+    let mut two = Trainer::new(net, w.clone(), config(2, 0.01));
+    assert!(one.micro_step(&x, 8, 12, &targets).unwrap().stepped);
+    let r = two.micro_step(&x, 8, 12, &targets).unwrap();
+    assert!(!r.stepped, "no step after the first of two micro-batches");
+    assert_eq!(
+        two.weights.params, w.params,
+        "weights untouched until the K-th micro-batch"
+    );
+    assert!(two.micro_step(&x, 8, 12, &targets).unwrap().stepped);
+    assert_eq!((one.step(), two.step()), (1, 1));
+    let diff = one
+        .weights
+        .params
+        .iter()
+        .zip(&two.weights.params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-6, "max difference {diff}");
+}
+
+#[test]
+fn a_non_finite_loss_skips_the_step_and_keeps_the_weights() {
+    let net = tiny(0.0);
+    let w = Weights::init(&net, 2);
+    let mut t = Trainer::new(net, w.clone(), config(1, 0.01));
+    let mut rng = Rng::new(1);
+    let (mut x, y) = batch(&mut rng, 4);
+    x[17] = f32::NAN;
+    let e = t.micro_step(&x, 4, 12, &smoothed(&y, 3, 0.0)).unwrap_err();
+    assert!(e.contains("non-finite"), "{e}");
+    assert_eq!(
+        t.weights, w,
+        "parameters, running statistics and counters unchanged"
+    );
+    assert_eq!(t.step(), 0);
+    assert!(t.grads.iter().all(|&g| g == 0.0));
+}
