@@ -16,13 +16,20 @@ pub fn classes_in(tensors: &[RawTensor]) -> Option<usize> {
         .map(|t| t.shape.iter().product())
 }
 
+/// Names of tensors that hold training state in effnet checkpoints, skipped when reading weights.
+pub const TRAINING_STATE_PREFIX: &str = "effnet_state.";
+
 /// Fills a network's weights from a timm state dict. Every parameter and running statistic must
 /// be present with timm's shape and finite values; `num_batches_tracked` may be absent (0);
 /// tensors the network does not have are an error.
 pub fn from_tensors(net: &Network, tensors: Vec<RawTensor>) -> Result<Weights, String> {
     let layout = &net.layout;
     let mut by_name: HashMap<String, RawTensor> = HashMap::with_capacity(tensors.len());
-    for t in tensors {
+    // Checkpoints carry training state (optimizer slots, EMA) beside the weights.
+    for t in tensors
+        .into_iter()
+        .filter(|t| !t.name.starts_with(TRAINING_STATE_PREFIX))
+    {
         if by_name.contains_key(&t.name) {
             return Err(format!("tensor {:?} appears twice", t.name));
         }

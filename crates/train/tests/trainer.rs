@@ -148,3 +148,73 @@ fn a_non_finite_loss_skips_the_step_and_keeps_the_weights() {
     assert_eq!(t.step(), 0);
     assert!(t.grads.iter().all(|&g| g == 0.0));
 }
+
+#[test]
+fn resuming_from_a_checkpoint_continues_exactly() {
+    use effnet_train::checkpoint::{self, RunState};
+    let net = tiny(0.2);
+    let w = Weights::init(&net, 11);
+    let batches: Vec<(Vec<f32>, Vec<usize>)> = {
+        let mut rng = Rng::new(21);
+        (0..6).map(|_| batch(&mut rng, 8)).collect()
+    };
+    let run = |t: &mut Trainer, range: std::ops::Range<usize>| {
+        for (x, y) in &batches[range] {
+            t.micro_step(x, 8, 12, &smoothed(y, 3, 0.1)).unwrap();
+        }
+    };
+    let mut straight = Trainer::new(net.clone(), w.clone(), config(1, 0.01));
+    run(&mut straight, 0..6);
+
+    let dir = std::env::temp_dir().join(format!("effnet-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ckpt.safetensors");
+    let mut first = Trainer::new(net.clone(), w.clone(), config(1, 0.01));
+    run(&mut first, 0..3);
+    checkpoint::save(
+        &path,
+        &first,
+        RunState {
+            epoch: 0,
+            batch_in_epoch: 3,
+        },
+    )
+    .unwrap();
+    drop(first);
+    let mut resumed = Trainer::new(net.clone(), Weights::init(&net, 99), config(1, 0.01));
+    let state = checkpoint::load(&path, &mut resumed).unwrap();
+    assert_eq!(
+        state,
+        RunState {
+            epoch: 0,
+            batch_in_epoch: 3
+        }
+    );
+    assert_eq!(resumed.step(), 3);
+    run(&mut resumed, 3..6);
+    assert_eq!(resumed.weights, straight.weights, "bit-exact");
+    assert_eq!(resumed.optimizer, straight.optimizer);
+    assert_eq!(resumed.ema, straight.ema);
+
+    // The checkpoint also reads as plain weights (predict, eval): the state tensors are skipped.
+    let (tensors, _) = effnet_model::io::read_safetensors(&path).unwrap();
+    let as_weights = effnet_model::weights::from_tensors(&net, tensors).unwrap();
+    assert_eq!(as_weights.params.len(), w.params.len());
+
+    // A damaged or mismatched checkpoint is refused and the trainer is unchanged.
+    let before = resumed.weights.clone();
+    let bytes = std::fs::read(&path).unwrap();
+    let broken = dir.join("broken.safetensors");
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(checkpoint::load(&broken, &mut resumed).is_err());
+    let mut other_cfg = config(1, 0.01);
+    other_cfg.optimizer = Kind::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+    };
+    let mut other = Trainer::new(net.clone(), w.clone(), other_cfg);
+    let e = checkpoint::load(&path, &mut other).unwrap_err();
+    assert!(e.contains("optimizer"), "{e}");
+    assert_eq!(resumed.weights, before);
+    std::fs::remove_dir_all(dir).unwrap();
+}
