@@ -3,6 +3,8 @@
 mod bench;
 mod dllogger;
 mod infer;
+mod records_cmd;
+mod train_cmd;
 mod weights_cmd;
 
 use std::process::ExitCode;
@@ -25,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train with the reference's recipe (for now on Fashion-MNIST; see --help).
+    Train(train_cmd::TrainArgs),
     /// Time inference (eval mode) on synthetic input, at one or more batch sizes.
     #[command(name = "inference_benchmark", visible_alias = "inference-benchmark")]
     InferenceBenchmark(bench::BenchArgs),
@@ -35,6 +39,9 @@ enum Command {
     Predict(infer::PredictArgs),
     /// Evaluate trained weights on a labelled image folder: top-1, top-5, loss, speed, latency.
     Eval(infer::EvalArgs),
+    /// Write a labelled image folder as TFRecord shards in the ImageNet layout (train-00000-of-0000N).
+    #[command(name = "make_tfrecords", visible_alias = "make-tfrecords")]
+    MakeTfrecords(records_cmd::MakeTfrecordsArgs),
     /// Convert a weight file (timm `.safetensors` or PyTorch `.pth`) into effnet's safetensors.
     Convert(weights_cmd::ConvertArgs),
     /// Describe an architecture: blocks, channels, parameters, multiply-adds.
@@ -53,10 +60,12 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
+        Command::Train(args) => train_cmd::train(&args),
         Command::InferenceBenchmark(args) => bench::run(&args, bench::Kind::Inference),
         Command::TrainingBenchmark(args) => bench::run(&args, bench::Kind::Training),
         Command::Predict(args) => infer::predict(&args),
         Command::Eval(args) => infer::eval(&args),
+        Command::MakeTfrecords(args) => records_cmd::make_tfrecords(&args),
         Command::Convert(args) => weights_cmd::convert(&args),
         Command::Info(args) => weights_cmd::info(&args),
     };

@@ -1,0 +1,563 @@
+//! `train`: the reference's recipe on a real dataset. For now the dataset is Fashion-MNIST (the
+//! Debian package `dataset-fashion-mnist`), the main job's demo; ImageNet TFRecords and image
+//! folders come with the input-pipeline work.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use effnet_data::idx;
+use effnet_data::resize::{resize_box, Interpolation};
+use effnet_engine::rng::Rng;
+use effnet_model::{arch, weights, Network, Weights};
+use effnet_train::checkpoint::{self, RunState};
+use effnet_train::optim::Kind;
+use effnet_train::schedule::{Decay, Schedule};
+use effnet_train::trainer::{argmax, smoothed, TrainConfig, Trainer};
+use rayon::prelude::*;
+
+use crate::dllogger;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerName {
+    Rmsprop,
+    Sgd,
+    Momentum,
+    Adam,
+    Adamw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LrDecay {
+    Cosine,
+    Exponential,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    // --- Model
+    /// Architecture (its classifier is sized for the dataset).
+    #[arg(long, default_value = "efficientnetv2_b0", help_heading = "Model")]
+    arch: String,
+    /// Training and evaluation resolution (Fashion-MNIST's 28×28 images are resized to it).
+    #[arg(
+        long = "img-size",
+        alias = "train_img_size",
+        default_value_t = 32,
+        help_heading = "Model"
+    )]
+    img_size: usize,
+
+    // --- Data
+    /// Folder of the Fashion-MNIST IDX files.
+    #[arg(long = "data-dir", alias = "data_dir", default_value = idx::FASHION_MNIST_DIR, help_heading = "Data")]
+    data_dir: PathBuf,
+    /// Use only the first N training images (0: all 60000).
+    #[arg(long = "max-train-images", default_value_t = 0, help_heading = "Data")]
+    max_train_images: usize,
+    /// Evaluate on only the first N test images (0: all 10000).
+    #[arg(long = "max-eval-images", default_value_t = 0, help_heading = "Data")]
+    max_eval_images: usize,
+
+    // --- Schedule
+    #[arg(
+        long,
+        alias = "num_epochs",
+        default_value_t = 1,
+        help_heading = "Schedule"
+    )]
+    epochs: u64,
+    #[arg(
+        long = "batch-size",
+        alias = "train_batch_size",
+        default_value_t = 64,
+        help_heading = "Schedule"
+    )]
+    batch_size: usize,
+    /// Micro-batches accumulated into one optimizer step.
+    #[arg(
+        long = "grad-accum-steps",
+        alias = "grad_accum_steps",
+        default_value_t = 1,
+        help_heading = "Schedule"
+    )]
+    grad_accum_steps: usize,
+
+    // --- Optimizer
+    #[arg(long, value_enum, default_value_t = OptimizerName::Rmsprop, help_heading = "Optimizer")]
+    optimizer: OptimizerName,
+    /// Peak learning rate per 128 images of global batch (the reference scales it by batch/128).
+    #[arg(
+        long = "lr-init",
+        alias = "lr_init",
+        default_value_t = 0.005,
+        help_heading = "Optimizer"
+    )]
+    lr_init: f64,
+    #[arg(long = "lr-decay", alias = "lr_decay", value_enum, default_value_t = LrDecay::Cosine, help_heading = "Optimizer")]
+    lr_decay: LrDecay,
+    #[arg(
+        long = "lr-warmup-epochs",
+        alias = "lr_warmup_epochs",
+        default_value_t = 0.2,
+        help_heading = "Optimizer"
+    )]
+    lr_warmup_epochs: f64,
+    #[arg(
+        long = "lr-decay-rate",
+        alias = "lr_decay_rate",
+        default_value_t = 0.97,
+        help_heading = "Optimizer"
+    )]
+    lr_decay_rate: f64,
+    #[arg(
+        long = "lr-decay-epochs",
+        alias = "lr_decay_epochs",
+        default_value_t = 2.4,
+        help_heading = "Optimizer"
+    )]
+    lr_decay_epochs: f64,
+    /// Keras L2 coefficient on convolution and dense kernels (the reference's 5e-6).
+    #[arg(
+        long = "weight-decay",
+        alias = "weight_decay",
+        default_value_t = 5e-6,
+        help_heading = "Optimizer"
+    )]
+    weight_decay: f32,
+    /// RMSProp ρ.
+    #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
+    decay: f32,
+    #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
+    momentum: f32,
+    #[arg(
+        long = "opt-epsilon",
+        alias = "opt_epsilon",
+        default_value_t = 0.001,
+        help_heading = "Optimizer"
+    )]
+    opt_epsilon: f32,
+
+    // --- Regularization
+    #[arg(
+        long = "label-smoothing",
+        alias = "label_smoothing",
+        default_value_t = 0.1,
+        help_heading = "Regularization"
+    )]
+    label_smoothing: f32,
+    /// EMA decay of the weights (0: off).
+    #[arg(
+        long = "moving-average-decay",
+        alias = "moving_average_decay",
+        default_value_t = 0.999,
+        help_heading = "Regularization"
+    )]
+    moving_average_decay: f64,
+    /// Keras convention: running ← m·running + (1 − m)·batch.
+    #[arg(
+        long = "bn-momentum",
+        alias = "bn_momentum",
+        default_value_t = 0.99,
+        help_heading = "Regularization"
+    )]
+    bn_momentum: f32,
+
+    // --- Run
+    /// Where checkpoints, the final model and the log go.
+    #[arg(
+        long = "model-dir",
+        alias = "model_dir",
+        default_value = "effnet-run",
+        help_heading = "Run"
+    )]
+    model_dir: PathBuf,
+    /// Continue from the newest checkpoint in --model-dir.
+    #[arg(long, help_heading = "Run")]
+    resume: bool,
+    /// Checkpoints kept (the newest ones).
+    #[arg(long = "keep-last", default_value_t = 3, help_heading = "Run")]
+    keep_last: usize,
+    #[arg(long, default_value_t = 0, help_heading = "Run")]
+    seed: u64,
+    /// Print a progress line every N optimizer steps.
+    #[arg(
+        long = "log-steps",
+        alias = "log_steps",
+        default_value_t = 20,
+        help_heading = "Run"
+    )]
+    log_steps: u64,
+}
+
+/// Fashion-MNIST images as 8-bit gray, with labels.
+struct Split {
+    images: Vec<u8>,
+    labels: Vec<u8>,
+    side: usize,
+}
+
+impl Split {
+    fn load(dir: &Path, split: &str, limit: usize) -> Result<Split, String> {
+        let data = idx::fashion_mnist(dir, split)?;
+        if data.rows != data.cols {
+            return Err(format!(
+                "{}: {split} images are {}×{}, not square",
+                dir.display(),
+                data.rows,
+                data.cols
+            ));
+        }
+        let n = if limit == 0 {
+            data.len()
+        } else {
+            limit.min(data.len())
+        };
+        let per = data.rows * data.cols;
+        Ok(Split {
+            images: data.images[..n * per].to_vec(),
+            labels: data.labels[..n].to_vec(),
+            side: data.rows,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Images `indices` as an NHWC batch at `size`, gray copied to 3 channels, x/127.5 − 1;
+    /// flipped left-right where `flips` says so.
+    fn batch(&self, indices: &[usize], size: usize, flips: &[bool]) -> Vec<f32> {
+        let s = self.side;
+        let per = size * size * 3;
+        let mut out = vec![0f32; indices.len() * per];
+        out.par_chunks_mut(per)
+            .zip(indices.par_iter().zip(flips))
+            .for_each(|(o, (&i, &flip))| {
+                let src: Vec<f32> = self.images[i * s * s..(i + 1) * s * s]
+                    .iter()
+                    .map(|&p| p as f32)
+                    .collect();
+                let img = resize_box(
+                    &src,
+                    (s, s, 1),
+                    (0.0, 0.0, s as f64, s as f64),
+                    (size, size),
+                    Interpolation::Bilinear,
+                );
+                for y in 0..size {
+                    for x in 0..size {
+                        let v = img[y * size + if flip { size - 1 - x } else { x }] / 127.5 - 1.0;
+                        o[(y * size + x) * 3..][..3].fill(v);
+                    }
+                }
+            });
+        out
+    }
+}
+
+fn checkpoint_name(epoch: u64) -> String {
+    format!("checkpoint-epoch{epoch:04}.safetensors")
+}
+
+/// The checkpoints in `dir`, oldest first.
+fn checkpoints(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.starts_with("checkpoint-epoch") && name.ends_with(".safetensors")
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// (top-1 accuracy, mean loss) of `weights` on the evaluation split.
+fn evaluate(
+    t: &mut Trainer,
+    weights: &mut Weights,
+    data: &Split,
+    size: usize,
+    batch: usize,
+) -> (f64, f64) {
+    let classes = t.net.classes;
+    let (mut correct, mut loss) = (0usize, 0f64);
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for chunk in indices.chunks(batch) {
+        let x = data.batch(chunk, size, &vec![false; chunk.len()]);
+        let logits = t.eval_logits(weights, &x, chunk.len(), size);
+        let labels: Vec<usize> = chunk.iter().map(|&i| data.labels[i] as usize).collect();
+        let mut d = vec![0f32; logits.len()];
+        loss += effnet_engine::loss::softmax_cross_entropy(
+            &logits,
+            classes,
+            &smoothed(&labels, classes, 0.0),
+            &mut d,
+        ) as f64
+            * chunk.len() as f64;
+        correct += logits
+            .chunks_exact(classes)
+            .zip(&labels)
+            .filter(|(z, l)| argmax(z) == **l)
+            .count();
+    }
+    (correct as f64 / data.len() as f64, loss / data.len() as f64)
+}
+
+pub fn train(args: &TrainArgs) -> Result<(), String> {
+    let start = Instant::now();
+    if args.batch_size == 0 || args.img_size < 8 || args.epochs == 0 {
+        return Err(
+            "--batch-size and --epochs must be at least 1 and --img-size at least 8".into(),
+        );
+    }
+    let train_set = Split::load(&args.data_dir, "train", args.max_train_images)?;
+    let eval_set = Split::load(&args.data_dir, "t10k", args.max_eval_images)?;
+    let mut config = arch(&args.arch)?;
+    config.num_classes = idx::FASHION_MNIST_CLASSES.len();
+    config.preprocess.eval_size = args.img_size;
+    config.preprocess.train_size = args.img_size;
+    config.preprocess.normalize = "inception".into();
+    config.preprocess.crop = "squash".into();
+    config.preprocess.interpolation = "bilinear".into();
+    let net = Network::new(config);
+    let weights = Weights::init(&net, args.seed);
+
+    let steps_per_epoch = (train_set.len() / (args.batch_size * args.grad_accum_steps)) as u64;
+    if steps_per_epoch == 0 {
+        return Err(format!(
+            "{} training images make no full step of {}×{}",
+            train_set.len(),
+            args.batch_size,
+            args.grad_accum_steps
+        ));
+    }
+    let global_batch = args.batch_size * args.grad_accum_steps;
+    let peak = Schedule::scaled_peak(args.lr_init, global_batch);
+    let epoch_steps = |e: f64| (e * steps_per_epoch as f64).round() as u64;
+    let schedule = Schedule {
+        peak,
+        warmup_steps: epoch_steps(args.lr_warmup_epochs),
+        total_steps: steps_per_epoch * args.epochs,
+        decay: match args.lr_decay {
+            LrDecay::Cosine => Decay::Cosine,
+            LrDecay::Exponential => Decay::Exponential {
+                rate: args.lr_decay_rate,
+                every: epoch_steps(args.lr_decay_epochs).max(1),
+            },
+        },
+    };
+    let optimizer = match args.optimizer {
+        OptimizerName::Rmsprop => Kind::RmsProp {
+            rho: args.decay,
+            momentum: args.momentum,
+            epsilon: args.opt_epsilon,
+        },
+        OptimizerName::Sgd => Kind::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+        },
+        OptimizerName::Momentum => Kind::Sgd {
+            momentum: args.momentum,
+            nesterov: true,
+        },
+        OptimizerName::Adam => Kind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: args.opt_epsilon,
+        },
+        OptimizerName::Adamw => Kind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: args.opt_epsilon,
+        },
+    };
+    let train_config = TrainConfig {
+        accumulation: args.grad_accum_steps.max(1),
+        label_smoothing: args.label_smoothing,
+        bn_momentum: args.bn_momentum,
+        optimizer,
+        weight_decay: args.weight_decay,
+        schedule,
+        ema_decay: (args.moving_average_decay > 0.0).then_some(args.moving_average_decay),
+        seed: args.seed,
+    };
+    let mut t = Trainer::new(net, weights, train_config);
+    std::fs::create_dir_all(&args.model_dir)
+        .map_err(|e| format!("{}: {e}", args.model_dir.display()))?;
+    let log = args.model_dir.join("log.json");
+    let mut first_epoch = 0;
+    if args.resume {
+        if let Some(path) = checkpoints(&args.model_dir)?.pop() {
+            let state = checkpoint::load(&path, &mut t)?;
+            first_epoch = state.epoch;
+            println!(
+                "resumed from {} (epoch {}, step {})",
+                path.display(),
+                state.epoch,
+                t.step()
+            );
+        }
+    }
+    println!(
+        "training {} ({} parameters) on Fashion-MNIST: {} images at {}×{}, batch {} × {} accumulated, {} epochs of {} steps, peak lr {:.5}",
+        t.net.config.name,
+        t.net.layout.trainable_count(),
+        train_set.len(),
+        args.img_size,
+        args.img_size,
+        args.batch_size,
+        args.grad_accum_steps,
+        args.epochs,
+        steps_per_epoch,
+        peak
+    );
+    let classes = t.net.classes;
+    let micro_per_epoch = steps_per_epoch as usize * args.grad_accum_steps;
+    for epoch in first_epoch..args.epochs {
+        // The epoch's order and flips come from (seed, epoch): a resumed run sees the same data.
+        let mut order_rng = Rng::new(args.seed).fork(1_000_000 + epoch);
+        let mut order: Vec<usize> = (0..train_set.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, order_rng.below(i + 1));
+        }
+        let flips: Vec<bool> = (0..order.len()).map(|_| order_rng.bernoulli(0.5)).collect();
+        let (mut seen, mut correct, mut loss_sum) = (0usize, 0usize, 0f64);
+        let t_epoch = Instant::now();
+        let mut window = (0usize, Instant::now());
+        for m in 0..micro_per_epoch {
+            let idx = &order[m * args.batch_size..(m + 1) * args.batch_size];
+            let x = train_set.batch(
+                idx,
+                args.img_size,
+                &flips[m * args.batch_size..(m + 1) * args.batch_size],
+            );
+            let labels: Vec<usize> = idx.iter().map(|&i| train_set.labels[i] as usize).collect();
+            let r = match t.micro_step(
+                &x,
+                idx.len(),
+                args.img_size,
+                &smoothed(&labels, classes, args.label_smoothing),
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("effnet: {e}");
+                    continue;
+                }
+            };
+            seen += idx.len();
+            correct += r.correct;
+            loss_sum += r.loss as f64 * idx.len() as f64;
+            window.0 += idx.len();
+            if r.stepped && t.step().is_multiple_of(args.log_steps.max(1)) {
+                let ips = window.0 as f64 / window.1.elapsed().as_secs_f64();
+                let done = (m + 1) as f64 / micro_per_epoch as f64;
+                let eta = t_epoch.elapsed().as_secs_f64() * (1.0 - done) / done;
+                println!(
+                    "epoch {}/{} step {:>5}  loss {:.4}  acc {:.3}  lr {:.5}  {:.0} img/s  epoch ETA {:.0}s",
+                    epoch + 1,
+                    args.epochs,
+                    t.step(),
+                    loss_sum / seen as f64,
+                    correct as f64 / seen as f64,
+                    t.config.schedule.at(t.step()),
+                    ips,
+                    eta
+                );
+                window = (0, Instant::now());
+            }
+        }
+        let train_secs = t_epoch.elapsed().as_secs_f64();
+        let mut raw = t.evaluation_weights(false);
+        let (acc, eval_loss) = evaluate(&mut t, &mut raw, &eval_set, args.img_size, 128);
+        let mut data = serde_json::json!({
+            "epoch": epoch + 1,
+            "training_loss": loss_sum / seen.max(1) as f64,
+            "training_accuracy_top_1": correct as f64 / seen.max(1) as f64,
+            "avg_exp_per_second_training": seen as f64 / train_secs,
+            "eval_loss": eval_loss,
+            "eval_accuracy_top_1": acc,
+        });
+        if t.ema.is_some() {
+            let mut ema = t.evaluation_weights(true);
+            let (ema_acc, ema_loss) = evaluate(&mut t, &mut ema, &eval_set, args.img_size, 128);
+            data["eval_accuracy_top_1_ema"] = ema_acc.into();
+            data["eval_loss_ema"] = ema_loss.into();
+        }
+        println!("epoch {} done: {data}", epoch + 1);
+        dllogger::log(Some(&log), start, serde_json::json!([epoch + 1]), data)?;
+        let path = args.model_dir.join(checkpoint_name(epoch + 1));
+        checkpoint::save(
+            &path,
+            &t,
+            RunState {
+                epoch: epoch + 1,
+                batch_in_epoch: 0,
+            },
+        )?;
+        prune_checkpoints(&args.model_dir, args.keep_last)?;
+    }
+    // The final model: the better of the raw and the EMA weights on the evaluation split.
+    let mut raw = t.evaluation_weights(false);
+    let (raw_acc, _) = evaluate(&mut t, &mut raw, &eval_set, args.img_size, 128);
+    let (best, source, best_acc) = if t.ema.is_some() {
+        let mut ema = t.evaluation_weights(true);
+        let (ema_acc, _) = evaluate(&mut t, &mut ema, &eval_set, args.img_size, 128);
+        if ema_acc > raw_acc {
+            (ema, "ema", ema_acc)
+        } else {
+            (raw, "raw", raw_acc)
+        }
+    } else {
+        (raw, "raw", raw_acc)
+    };
+    let model_path = args.model_dir.join("model.safetensors");
+    let mut meta = weights::metadata(&t.net);
+    meta.insert("effnet.weights_source".into(), source.into());
+    meta.insert(
+        "effnet.eval_accuracy_top_1".into(),
+        format!("{best_acc:.4}"),
+    );
+    effnet_model::io::write_safetensors(&model_path, &weights::to_tensors(&t.net, &best), &meta)
+        .map_err(|e| e.to_string())?;
+    let labels_path = args.model_dir.join("labels.txt");
+    std::fs::write(&labels_path, idx::FASHION_MNIST_CLASSES.join("\n") + "\n")
+        .map_err(|e| format!("{}: {e}", labels_path.display()))?;
+    println!(
+        "wrote {} ({} weights, top-1 {:.2}% on {} test images) and {}",
+        model_path.display(),
+        source,
+        100.0 * best_acc,
+        eval_set.len(),
+        labels_path.display()
+    );
+    // A few predictions, as a user would check them.
+    let mut best = best;
+    let sample: Vec<usize> = (0..8.min(eval_set.len())).collect();
+    let x = eval_set.batch(&sample, args.img_size, &vec![false; sample.len()]);
+    let logits = t.eval_logits(&mut best, &x, sample.len(), args.img_size);
+    println!("predictions on the first test images:");
+    for (&i, z) in sample.iter().zip(logits.chunks_exact(classes)) {
+        let p = argmax(z);
+        let truth = eval_set.labels[i] as usize;
+        println!(
+            "  test image {i}: {:<12} (true: {}){}",
+            idx::FASHION_MNIST_CLASSES[p],
+            idx::FASHION_MNIST_CLASSES[truth],
+            if p == truth { "" } else { "  ✗" }
+        );
+    }
+    Ok(())
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), String> {
+    let found = checkpoints(dir)?;
+    let excess = found.len().saturating_sub(keep.max(1));
+    for p in &found[..excess] {
+        std::fs::remove_file(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
