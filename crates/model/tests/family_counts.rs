@@ -20,6 +20,18 @@ fn parameter_counts_equal_timm() {
         ("efficientnet_b7", 66_347_960),
         ("efficientnet_lite0", 4_652_008),
         ("efficientnet_lite4", 13_006_568),
+        // The rest of the family, as timm 1.0.31 counts them.
+        ("efficientnetv2_b1", 8_141_052),
+        ("efficientnetv2_b2", 10_096_086),
+        ("efficientnet_b1", 7_794_184),
+        ("efficientnet_b2", 9_109_994),
+        ("efficientnet_b3", 12_233_232),
+        ("efficientnet_b4", 19_341_616),
+        ("efficientnet_b5", 30_389_784),
+        ("efficientnet_b6", 43_040_704),
+        ("efficientnet_lite1", 5_416_680),
+        ("efficientnet_lite2", 6_092_072),
+        ("efficientnet_lite3", 8_197_096),
     ];
     for (name, n) in expected {
         assert_eq!(count(name), n, "{name}");
