@@ -6,8 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use std::sync::Arc;
+
+use effnet_data::augment::RandAugment;
 use effnet_data::idx;
+use effnet_data::loader::{Loader, LoaderConfig, Source, Stage};
+use effnet_data::mix::{mix_batch, MixConfig};
 use effnet_data::resize::{resize_box, Interpolation};
+use effnet_data::sampler::TrainGeometry;
+use effnet_data::RgbImage;
 use effnet_engine::rng::Rng;
 use effnet_model::{arch, weights, Network, Weights};
 use effnet_train::checkpoint::{self, RunState};
@@ -138,6 +145,37 @@ pub struct TrainArgs {
     )]
     opt_epsilon: f32,
 
+    // --- Augmentation
+    /// The reference's random-resized crop (area 0.05–1, aspect 3/4–4/3) before the resize;
+    /// without it, the whole image is resized. Horizontal flips are always on.
+    #[arg(long = "random-crop", help_heading = "Augmentation")]
+    random_crop: bool,
+    /// RandAugment magnitude (the reference's 16 ops, 2 layers); 0 turns it off.
+    #[arg(
+        long = "raug-magnitude",
+        alias = "raug_magnitude",
+        default_value_t = 0.0,
+        help_heading = "Augmentation"
+    )]
+    raug_magnitude: f32,
+    #[arg(
+        long = "mixup-alpha",
+        alias = "mixup_alpha",
+        default_value_t = 0.0,
+        help_heading = "Augmentation"
+    )]
+    mixup_alpha: f64,
+    #[arg(
+        long = "cutmix-alpha",
+        alias = "cutmix_alpha",
+        default_value_t = 0.0,
+        help_heading = "Augmentation"
+    )]
+    cutmix_alpha: f64,
+    /// Loader worker threads (decoding and augmenting ahead of the training step).
+    #[arg(long, default_value_t = 1, help_heading = "Augmentation")]
+    workers: usize,
+
     // --- Regularization
     #[arg(
         long = "label-smoothing",
@@ -225,15 +263,15 @@ impl Split {
         self.labels.len()
     }
 
-    /// Images `indices` as an NHWC batch at `size`, gray copied to 3 channels, x/127.5 − 1;
-    /// flipped left-right where `flips` says so.
-    fn batch(&self, indices: &[usize], size: usize, flips: &[bool]) -> Vec<f32> {
+    /// Images `indices` as an NHWC batch at `size` for evaluation: the whole image resized, gray
+    /// copied to 3 channels, x/127.5 − 1.
+    fn batch(&self, indices: &[usize], size: usize) -> Vec<f32> {
         let s = self.side;
         let per = size * size * 3;
         let mut out = vec![0f32; indices.len() * per];
         out.par_chunks_mut(per)
-            .zip(indices.par_iter().zip(flips))
-            .for_each(|(o, (&i, &flip))| {
+            .zip(indices.par_iter())
+            .for_each(|(o, &i)| {
                 let src: Vec<f32> = self.images[i * s * s..(i + 1) * s * s]
                     .iter()
                     .map(|&p| p as f32)
@@ -247,12 +285,57 @@ impl Split {
                 );
                 for y in 0..size {
                     for x in 0..size {
-                        let v = img[y * size + if flip { size - 1 - x } else { x }] / 127.5 - 1.0;
+                        let v = img[y * size + x] / 127.5 - 1.0;
                         o[(y * size + x) * 3..][..3].fill(v);
                     }
                 }
             });
         out
+    }
+}
+
+/// Fashion-MNIST through the reference's train transform: gray copied to RGB, the random-resized
+/// crop (with `--random-crop`) or the whole image, flip, resize to the stage's size, RandAugment
+/// at the stage's magnitude, then x/127.5 − 1.
+struct TrainSource {
+    data: Arc<Split>,
+    random_crop: bool,
+}
+
+impl Source for TrainSource {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn load(
+        &self,
+        index: usize,
+        stage: &Stage,
+        rng: &mut Rng,
+    ) -> Result<(Vec<f32>, usize), String> {
+        let s = self.data.side;
+        let gray = &self.data.images[index * s * s..(index + 1) * s * s];
+        let img = RgbImage {
+            width: s,
+            height: s,
+            pixels: gray.iter().flat_map(|&p| [p, p, p]).collect(),
+        };
+        let mut geometry = TrainGeometry::new(stage.size);
+        if !self.random_crop {
+            // The whole image: the sampler's area range pinned to 1.
+            geometry.sampler.area_range = (1.0, 1.0);
+            geometry.sampler.aspect_range = (1.0, 1.0);
+        }
+        let mut out = geometry.apply(&img, rng);
+        if stage.magnitude > 0.0 {
+            RandAugment {
+                magnitude: stage.magnitude,
+                ..RandAugment::default()
+            }
+            .apply(&mut out, rng);
+        }
+        let x = out.pixels.iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
+        Ok((x, self.data.labels[index] as usize))
     }
 }
 
@@ -286,7 +369,7 @@ fn evaluate(
     let (mut correct, mut loss) = (0usize, 0f64);
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch) {
-        let x = data.batch(chunk, size, &vec![false; chunk.len()]);
+        let x = data.batch(chunk, size);
         let logits = t.eval_logits(weights, &x, chunk.len(), size);
         let labels: Vec<usize> = chunk.iter().map(|&i| data.labels[i] as usize).collect();
         let mut d = vec![0f32; logits.len()];
@@ -416,41 +499,60 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
     );
     let classes = t.net.classes;
     let micro_per_epoch = steps_per_epoch as usize * args.grad_accum_steps;
+    let source = TrainSource {
+        data: Arc::new(train_set),
+        random_crop: args.random_crop,
+    };
+    let stage = Stage {
+        size: args.img_size,
+        magnitude: args.raug_magnitude,
+    };
+    let loader = Loader::new(
+        Arc::new(source),
+        LoaderConfig::train(args.batch_size, args.workers.max(1), args.seed),
+        stage,
+    )?;
+    let mix = MixConfig {
+        mixup_alpha: args.mixup_alpha,
+        cutmix_alpha: args.cutmix_alpha,
+        label_smoothing: args.label_smoothing,
+        ..MixConfig::default()
+    };
     for epoch in first_epoch..args.epochs {
-        // The epoch's order and flips come from (seed, epoch): a resumed run sees the same data.
-        let mut order_rng = Rng::new(args.seed).fork(1_000_000 + epoch);
-        let mut order: Vec<usize> = (0..train_set.len()).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, order_rng.below(i + 1));
-        }
-        let flips: Vec<bool> = (0..order.len()).map(|_| order_rng.bernoulli(0.5)).collect();
+        // Batches depend on (seed, epoch) only: a resumed run sees the same data.
         let (mut seen, mut correct, mut loss_sum) = (0usize, 0usize, 0f64);
         let t_epoch = Instant::now();
         let mut window = (0usize, Instant::now());
-        for m in 0..micro_per_epoch {
-            let idx = &order[m * args.batch_size..(m + 1) * args.batch_size];
-            let x = train_set.batch(
-                idx,
-                args.img_size,
-                &flips[m * args.batch_size..(m + 1) * args.batch_size],
-            );
-            let labels: Vec<usize> = idx.iter().map(|&i| train_set.labels[i] as usize).collect();
-            let r = match t.micro_step(
-                &x,
-                idx.len(),
-                args.img_size,
-                &smoothed(&labels, classes, args.label_smoothing),
-            ) {
+        let mut mix_rng = Rng::new(args.seed).fork(2_000_000 + epoch);
+        for (m, batch) in loader.epoch(epoch).enumerate().take(micro_per_epoch) {
+            let n = batch.len();
+            if n == 0 {
+                continue;
+            }
+            let mut x = batch.images;
+            let targets = if mix.is_on() {
+                mix_batch(
+                    &mut x,
+                    (n, batch.size, batch.size, 3),
+                    &batch.labels,
+                    classes,
+                    &mix,
+                    &mut mix_rng,
+                )?
+            } else {
+                smoothed(&batch.labels, classes, args.label_smoothing)
+            };
+            let r = match t.micro_step(&x, n, batch.size, &targets) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("effnet: {e}");
                     continue;
                 }
             };
-            seen += idx.len();
+            seen += n;
             correct += r.correct;
-            loss_sum += r.loss as f64 * idx.len() as f64;
-            window.0 += idx.len();
+            loss_sum += r.loss as f64 * n as f64;
+            window.0 += n;
             if r.stepped && t.step().is_multiple_of(args.log_steps.max(1)) {
                 let ips = window.0 as f64 / window.1.elapsed().as_secs_f64();
                 let done = (m + 1) as f64 / micro_per_epoch as f64;
@@ -536,7 +638,7 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
     // A few predictions, as a user would check them.
     let mut best = best;
     let sample: Vec<usize> = (0..8.min(eval_set.len())).collect();
-    let x = eval_set.batch(&sample, args.img_size, &vec![false; sample.len()]);
+    let x = eval_set.batch(&sample, args.img_size);
     let logits = t.eval_logits(&mut best, &x, sample.len(), args.img_size);
     println!("predictions on the first test images:");
     for (&i, z) in sample.iter().zip(logits.chunks_exact(classes)) {
