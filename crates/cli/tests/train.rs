@@ -1,19 +1,8 @@
 //! `effnet train` end to end on real Fashion-MNIST (Debian's dataset-fashion-mnist, which .ci/run
 //! installs): it learns, writes DLLogger lines, checkpoints and a final model, and resumes.
 
-use std::process::Command;
-
-fn effnet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_effnet"))
-        .args(args)
-        .output()
-        .expect("effnet runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::effnet;
 
 #[test]
 fn trains_checkpoints_resumes_and_predicts() {
