@@ -1,6 +1,7 @@
 //! `effnet`: EfficientNet training and inference from the command line.
 
 mod bench;
+mod data_bench;
 mod dllogger;
 mod infer;
 mod records_cmd;
@@ -39,6 +40,9 @@ enum Command {
     Predict(infer::PredictArgs),
     /// Evaluate trained weights on a labelled image folder: top-1, top-5, loss, speed, latency.
     Eval(infer::EvalArgs),
+    /// Time the train input pipeline (decode, crop, flip, resize, RandAugment, normalize).
+    #[command(name = "data_benchmark", visible_alias = "data-benchmark")]
+    DataBenchmark(data_bench::DataBenchArgs),
     /// Write a labelled image folder as TFRecord shards in the ImageNet layout (train-00000-of-0000N).
     #[command(name = "make_tfrecords", visible_alias = "make-tfrecords")]
     MakeTfrecords(records_cmd::MakeTfrecordsArgs),
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Command::TrainingBenchmark(args) => bench::run(&args, bench::Kind::Training),
         Command::Predict(args) => infer::predict(&args),
         Command::Eval(args) => infer::eval(&args),
+        Command::DataBenchmark(args) => data_bench::run(&args),
         Command::MakeTfrecords(args) => records_cmd::make_tfrecords(&args),
         Command::Convert(args) => weights_cmd::convert(&args),
         Command::Info(args) => weights_cmd::info(&args),

@@ -109,6 +109,19 @@ pub fn resize_box(
         .enumerate()
         .for_each(|(r, out_row)| {
             let row = &src[(row_lo + r) * w * c..][..w * c];
+            if c == 3 {
+                // RGB, the common case: three accumulators in registers.
+                for (o, (start, k)) in out_row.chunks_exact_mut(3).zip(&xt) {
+                    let mut acc = [0f32; 3];
+                    for (px, wt) in row[start * 3..(start + k.len()) * 3].chunks_exact(3).zip(k) {
+                        acc[0] += wt * px[0];
+                        acc[1] += wt * px[1];
+                        acc[2] += wt * px[2];
+                    }
+                    o.copy_from_slice(&acc);
+                }
+                return;
+            }
             for (o, (start, k)) in out_row.chunks_exact_mut(c).zip(&xt) {
                 o.fill(0.0);
                 for (j, wt) in k.iter().enumerate() {

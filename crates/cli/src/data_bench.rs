@@ -1,0 +1,96 @@
+//! `data_benchmark`: the train input pipeline's speed per core — JPEG decode, the reference's
+//! random-resized crop and flip, resize, RandAugment, normalization — over a folder of images.
+//! `tools/bench_pipeline.sh` runs it beside PIL + torchvision on the same files and threads.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use effnet_data::augment::RandAugment;
+use effnet_data::sampler::TrainGeometry;
+use effnet_data::{files, load_rgb};
+use effnet_engine::rng::Rng;
+use rayon::prelude::*;
+
+#[derive(Args)]
+pub struct DataBenchArgs {
+    /// A folder of JPEG/PNG images (searched recursively).
+    images: PathBuf,
+    #[arg(long = "img-size", default_value_t = 224)]
+    img_size: usize,
+    /// RandAugment magnitude (0: no RandAugment).
+    #[arg(long, default_value_t = 10.0)]
+    magnitude: f32,
+    /// Passes over the folder.
+    #[arg(long, default_value_t = 3)]
+    passes: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &DataBenchArgs) -> Result<(), String> {
+    let paths = files::collect_images(&[args.images.display().to_string()])?;
+    if paths.is_empty() {
+        return Err(format!("{}: no images", args.images.display()));
+    }
+    let geometry = TrainGeometry::new(args.img_size);
+    let augment = RandAugment {
+        magnitude: args.magnitude,
+        ..RandAugment::default()
+    };
+    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let one = |i: usize, path: &PathBuf| -> Result<f32, String> {
+        let mut rng = Rng::new(i as u64);
+        let img = load_rgb(path)?;
+        let mut out = geometry.apply(&img, &mut rng);
+        if args.magnitude > 0.0 {
+            augment.apply(&mut out, &mut rng);
+        }
+        let x: Vec<f32> = out
+            .pixels
+            .chunks_exact(3)
+            .flat_map(|p| (0..3).map(move |c| (p[c] as f32 / 255.0 - mean[c]) / std[c]))
+            .collect();
+        Ok(x[0])
+    };
+    one(0, &paths[0])?; // warm-up: page cache, allocator
+    let start = Instant::now();
+    let mut count = 0;
+    for pass in 0..args.passes.max(1) {
+        let results: Vec<Result<f32, String>> = paths
+            .par_iter()
+            .enumerate()
+            .map(|(i, p)| one(pass * paths.len() + i, p))
+            .collect();
+        for (r, p) in results.iter().zip(&paths) {
+            if let Err(e) = r {
+                return Err(format!("{}: {e}", p.display()));
+            }
+        }
+        count += paths.len();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    let ips = count as f64 / secs;
+    if args.json {
+        let line = serde_json::json!({
+            "impl": format!("effnet-{}", env!("CARGO_PKG_VERSION")),
+            "mode": "pipeline",
+            "res": args.img_size,
+            "magnitude": args.magnitude,
+            "img_per_s": (ips * 100.0).round() / 100.0,
+            "img_per_s_per_thread": (ips / threads as f64 * 100.0).round() / 100.0,
+            "threads": threads,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{count} images ({} files × {} passes) at {}: {ips:.1} img/s on {threads} threads ({:.1} per thread)",
+            paths.len(),
+            args.passes.max(1),
+            args.img_size,
+            ips / threads as f64
+        );
+    }
+    Ok(())
+}
