@@ -88,11 +88,11 @@ fn taps(
         .collect()
 }
 
-/// Resamples the box `[x0, x0 + box_w) × [y0, y0 + box_h)` of an `[h, w, c]` image to
-/// `[out_h, out_w, c]` (PIL's `resize(size, box=...)`).
+/// Resamples the box `[x0, x0 + box_w) × [y0, y0 + box_h)` of an `[h, w, c]` image (8-bit or
+/// f32 samples) to `[out_h, out_w, c]` f32 (PIL's `resize(size, box=...)`).
 #[allow(clippy::too_many_arguments)]
-pub fn resize_box(
-    src: &[f32],
+pub fn resize_box<T: Copy + Into<f32> + Sync>(
+    src: &[T],
     (w, h, c): (usize, usize, usize),
     (x0, y0, box_w, box_h): (f64, f64, f64, f64),
     (out_w, out_h): (usize, usize),
@@ -114,9 +114,9 @@ pub fn resize_box(
                 for (o, (start, k)) in out_row.chunks_exact_mut(3).zip(&xt) {
                     let mut acc = [0f32; 3];
                     for (px, wt) in row[start * 3..(start + k.len()) * 3].chunks_exact(3).zip(k) {
-                        acc[0] += wt * px[0];
-                        acc[1] += wt * px[1];
-                        acc[2] += wt * px[2];
+                        acc[0] += wt * px[0].into();
+                        acc[1] += wt * px[1].into();
+                        acc[2] += wt * px[2].into();
                     }
                     o.copy_from_slice(&acc);
                 }
@@ -126,7 +126,7 @@ pub fn resize_box(
                 o.fill(0.0);
                 for (j, wt) in k.iter().enumerate() {
                     for (ch, v) in o.iter_mut().enumerate() {
-                        *v += wt * row[(start + j) * c + ch];
+                        *v += wt * row[(start + j) * c + ch].into();
                     }
                 }
             }

@@ -175,10 +175,9 @@ impl TrainGeometry {
     /// The cropped, flipped, resized image as `[size, size, 3]` floats in [0, 255].
     pub fn render(&self, img: &RgbImage, draw: GeometryDraw) -> Vec<f32> {
         let s = self.size;
-        let src: Vec<f32> = img.pixels.iter().map(|&p| p as f32).collect();
         let (x, y, cw, ch) = draw.crop;
         let mut out = resize_box(
-            &src,
+            &img.pixels,
             (img.width, img.height, 3),
             (x as f64, y as f64, cw as f64, ch as f64),
             (s, s),

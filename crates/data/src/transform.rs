@@ -113,10 +113,10 @@ impl Transform {
     pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
         let s = self.size;
         let (w, h) = (img.width, img.height);
-        let src: Vec<f32> = img.pixels.iter().map(|&p| p as f32).collect();
+        let src = &img.pixels;
         let pixels = match self.crop {
             Crop::Squash => resize_box(
-                &src,
+                src,
                 (w, h, 3),
                 (0.0, 0.0, w as f64, h as f64),
                 (s, s),
@@ -128,7 +128,7 @@ impl Transform {
                 let crop = crop.max(1);
                 let (top, left) = ((h - crop).div_ceil(2), (w - crop).div_ceil(2));
                 resize_box(
-                    &src,
+                    src,
                     (w, h, 3),
                     (left as f64, top as f64, crop as f64, crop as f64),
                     (s, s),
@@ -150,7 +150,7 @@ impl Transform {
                     )
                 };
                 let resized = resize_box(
-                    &src,
+                    src,
                     (w, h, 3),
                     (0.0, 0.0, w as f64, h as f64),
                     (rw, rh),
