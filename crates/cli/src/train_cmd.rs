@@ -20,6 +20,7 @@ use effnet_model::{arch, weights, Network, Weights};
 use effnet_train::checkpoint::{self, RunState};
 use effnet_train::optim::Kind;
 use effnet_train::schedule::{Decay, Schedule};
+use effnet_train::stages::{plan, Ramp};
 use effnet_train::trainer::{argmax, smoothed, TrainConfig, Trainer};
 use rayon::prelude::*;
 
@@ -172,6 +173,42 @@ pub struct TrainArgs {
         help_heading = "Augmentation"
     )]
     cutmix_alpha: f64,
+    /// Progressive training: stages of epochs/N epochs, image size rising from --base-img-size to
+    /// --img-size and RandAugment magnitude, mixup and cutmix from their base values to the final ones.
+    #[arg(
+        long = "n-stages",
+        alias = "n_stages",
+        default_value_t = 1,
+        help_heading = "Augmentation"
+    )]
+    n_stages: usize,
+    #[arg(
+        long = "base-img-size",
+        alias = "base_img_size",
+        help_heading = "Augmentation"
+    )]
+    base_img_size: Option<usize>,
+    #[arg(
+        long = "base-raug-magnitude",
+        alias = "base_randaug_mag",
+        default_value_t = 5.0,
+        help_heading = "Augmentation"
+    )]
+    base_raug_magnitude: f32,
+    #[arg(
+        long = "base-mixup",
+        alias = "base_mixup",
+        default_value_t = 0.0,
+        help_heading = "Augmentation"
+    )]
+    base_mixup: f64,
+    #[arg(
+        long = "base-cutmix",
+        alias = "base_cutmix",
+        default_value_t = 0.0,
+        help_heading = "Augmentation"
+    )]
+    base_cutmix: f64,
     /// Loader worker threads (decoding and augmenting ahead of the training step).
     #[arg(long, default_value_t = 1, help_heading = "Augmentation")]
     workers: usize,
@@ -503,22 +540,64 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         data: Arc::new(train_set),
         random_crop: args.random_crop,
     };
+    let ramp = Ramp {
+        img_size: (args.base_img_size.unwrap_or(args.img_size), args.img_size),
+        magnitude: (
+            if args.n_stages > 1 {
+                args.base_raug_magnitude
+            } else {
+                args.raug_magnitude
+            },
+            args.raug_magnitude,
+        ),
+        mixup: (args.base_mixup, args.mixup_alpha),
+        cutmix: (args.base_cutmix, args.cutmix_alpha),
+    };
+    let stages = plan(args.n_stages, args.epochs, ramp);
+    let stage_of = |epoch: u64| {
+        stages
+            .iter()
+            .find(|s| epoch < s.end_epoch)
+            .copied()
+            .unwrap_or(stages[stages.len() - 1])
+    };
+    let first = stage_of(first_epoch);
     let stage = Stage {
-        size: args.img_size,
-        magnitude: args.raug_magnitude,
+        size: first.img_size,
+        magnitude: first.magnitude,
     };
     let loader = Loader::new(
         Arc::new(source),
         LoaderConfig::train(args.batch_size, args.workers.max(1), args.seed),
         stage,
     )?;
-    let mix = MixConfig {
-        mixup_alpha: args.mixup_alpha,
-        cutmix_alpha: args.cutmix_alpha,
-        label_smoothing: args.label_smoothing,
-        ..MixConfig::default()
-    };
     for epoch in first_epoch..args.epochs {
+        let st = stage_of(epoch);
+        if st.first_epoch == epoch && args.n_stages > 1 {
+            println!(
+                "stage {}/{}: epochs {}–{}, image {}×{}, RandAugment magnitude {:.2}, mixup {:.2}, cutmix {:.2}",
+                stages.iter().position(|s| *s == st).unwrap_or(0) + 1,
+                stages.len(),
+                st.first_epoch + 1,
+                st.end_epoch,
+                st.img_size,
+                st.img_size,
+                st.magnitude,
+                st.mixup,
+                st.cutmix
+            );
+        }
+        // The loader switches image size and augmentation strength between epochs, no restart.
+        loader.set_stage(Stage {
+            size: st.img_size,
+            magnitude: st.magnitude,
+        })?;
+        let mix = MixConfig {
+            mixup_alpha: st.mixup,
+            cutmix_alpha: st.cutmix,
+            label_smoothing: args.label_smoothing,
+            ..MixConfig::default()
+        };
         // Batches depend on (seed, epoch) only: a resumed run sees the same data.
         let (mut seen, mut correct, mut loss_sum) = (0usize, 0usize, 0f64);
         let t_epoch = Instant::now();

@@ -5,4 +5,5 @@ pub mod checkpoint;
 pub mod ema;
 pub mod optim;
 pub mod schedule;
+pub mod stages;
 pub mod trainer;
