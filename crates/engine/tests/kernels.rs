@@ -89,6 +89,16 @@ fn conv_ref(
     y
 }
 
+/// The weight in the layout `conv::forward` takes: PyTorch's for 1×1, packed otherwise.
+fn forward_weight(g: &conv::ConvGeom, torch: &[f32]) -> Vec<f32> {
+    if g.is_pointwise() {
+        return torch.to_vec();
+    }
+    let mut packed = vec![0f32; g.weight_len()];
+    conv::pack_weight(g, torch, &mut packed);
+    packed
+}
+
 const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
     // (h, w, cin, cout, k, stride)
     (7, 7, 3, 4, 3, 2),
@@ -107,13 +117,7 @@ fn dense_conv_forward_and_backward() {
         let g = conv::ConvGeom::new(s, k, stride, cout);
         let x = random(&mut rng, s.len());
         let wt = random(&mut rng, g.weight_len());
-        let mut packed = vec![0f32; g.weight_len()];
-        let wk: &[f32] = if g.is_pointwise() {
-            &wt
-        } else {
-            conv::pack_weight(&g, &wt, &mut packed);
-            &packed
-        };
+        let wk = &forward_weight(&g, &wt);
         let mut col = vec![0f32; g.col_len()];
         let mut y = vec![0f32; g.output().len()];
         conv::forward(&g, &x, wk, &mut y, &mut col, None);
@@ -485,13 +489,7 @@ fn fused_epilogue_equals_a_separate_pass() {
         let g = conv::ConvGeom::new(s, k, stride, c_out);
         let x = random(&mut rng, s.len());
         let wt = random(&mut rng, g.weight_len());
-        let mut packed = vec![0f32; g.weight_len()];
-        let wk: &[f32] = if g.is_pointwise() {
-            &wt
-        } else {
-            conv::pack_weight(&g, &wt, &mut packed);
-            &packed
-        };
+        let wk = &forward_weight(&g, &wt);
         let mut col = vec![0f32; g.col_len()];
         let (mut plain, mut fused) = (vec![0f32; g.output().len()], vec![0f32; g.output().len()]);
         conv::forward(&g, &x, wk, &mut plain, &mut col, None);
