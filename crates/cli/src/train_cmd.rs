@@ -309,12 +309,8 @@ impl Split {
         out.par_chunks_mut(per)
             .zip(indices.par_iter())
             .for_each(|(o, &i)| {
-                let src: Vec<f32> = self.images[i * s * s..(i + 1) * s * s]
-                    .iter()
-                    .map(|&p| p as f32)
-                    .collect();
                 let img = resize_box(
-                    &src,
+                    &self.images[i * s * s..(i + 1) * s * s],
                     (s, s, 1),
                     (0.0, 0.0, s as f64, s as f64),
                     (size, size),
