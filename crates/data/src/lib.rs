@@ -1,6 +1,7 @@
-//! Images in: decoding JPEG and PNG (EXIF orientation honoured), resizing, cropping and
+//! Data in: decoding JPEG and PNG (EXIF orientation honoured), resizing, cropping and
 //! normalizing into the NHWC f32 tensors the engine takes; class names; `.npy` tensors; finding
-//! image files.
+//! image files; TFRecord and IDX readers; the train transform, RandAugment/AutoAugment and
+//! Mixup/CutMix; the multi-worker loader.
 
 pub mod augment;
 pub mod decode;
