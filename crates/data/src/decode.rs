@@ -13,11 +13,17 @@ pub struct RgbImage {
 }
 
 /// Reads a JPEG (baseline, progressive, grayscale, CMYK) or PNG (8/16-bit, palette, gray,
-/// alpha) file as upright RGB: the EXIF orientation is applied, 16-bit samples are scaled to 8,
-/// alpha is dropped (as PIL's `convert("RGB")`). The error says what is wrong with the file.
+/// alpha) file as upright RGB (see [`decode_rgb`]). The error says what is wrong with the file.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, String> {
-    let reader = ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let reader = reader
+    // The whole file first: decoding from memory is faster than through a buffered file.
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    decode_rgb(bytes)
+}
+
+/// Decodes an encoded JPEG or PNG as upright RGB: the EXIF orientation is applied, 16-bit
+/// samples are scaled to 8, alpha is dropped (as PIL's `convert("RGB")`).
+pub fn decode_rgb(bytes: Vec<u8>) -> Result<RgbImage, String> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read: {e}"))?;
     if reader.format().is_none() {

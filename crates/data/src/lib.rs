@@ -16,6 +16,6 @@ pub mod sampler;
 pub mod tfrecord;
 pub mod transform;
 
-pub use decode::{load_rgb, RgbImage};
+pub use decode::{decode_rgb, load_rgb, RgbImage};
 pub use resize::Interpolation;
 pub use transform::{Crop, Normalize, Transform};
