@@ -4,6 +4,7 @@
 //! Mixup/CutMix; the multi-worker loader.
 
 pub mod augment;
+pub mod dataset;
 pub mod decode;
 pub mod files;
 pub mod idx;

@@ -6,7 +6,7 @@
 //! u32 masked_crc32c(data)`.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -82,6 +82,17 @@ impl TfRecordReader {
             offset: 0,
             done: false,
         })
+    }
+
+    /// A reader positioned at `offset`, a record boundary found by an earlier pass (see
+    /// [`TfRecordReader::offset`]): random access to one record.
+    pub fn open_at(path: impl AsRef<Path>, offset: u64) -> Result<Self, String> {
+        let mut r = Self::open(path)?;
+        r.reader
+            .seek(SeekFrom::Start(offset))
+            .map_err(|e| format!("{}: {e}", r.path.display()))?;
+        r.offset = offset;
+        Ok(r)
     }
 
     pub fn path(&self) -> &Path {
