@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train with the reference's recipe (for now on Fashion-MNIST; see --help).
+    /// Train with the reference's recipe on TFRecords, image folders or Fashion-MNIST (see --help).
     Train(train_cmd::TrainArgs),
     /// Time inference (eval mode) on synthetic input, at one or more batch sizes.
     #[command(name = "inference_benchmark", visible_alias = "inference-benchmark")]

@@ -1,20 +1,21 @@
-//! `train`: the reference's recipe on a real dataset. For now the dataset is Fashion-MNIST (the
-//! Debian package `dataset-fashion-mnist`), the main job's demo; ImageNet TFRecords and image
-//! folders come with the input-pipeline work.
+//! `train`: the reference's recipe on ImageNet-layout TFRecords, image folders, or Fashion-MNIST
+//! (the Debian package `dataset-fashion-mnist`, the main job's demo).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use std::sync::Arc;
 
 use effnet_data::augment::RandAugment;
+use effnet_data::dataset::ImageDataset;
 use effnet_data::idx;
 use effnet_data::loader::{Loader, LoaderConfig, Source, Stage};
 use effnet_data::mix::{mix_batch, MixConfig};
-use effnet_data::resize::{resize_box, Interpolation};
+use effnet_data::resize::Interpolation;
 use effnet_data::sampler::TrainGeometry;
-use effnet_data::RgbImage;
+use effnet_data::tfrecord;
+use effnet_data::{Crop, Normalize, RgbImage, Transform};
 use effnet_engine::rng::Rng;
 use effnet_model::{arch, weights, Network, Weights};
 use effnet_train::checkpoint::{self, RunState};
@@ -47,7 +48,7 @@ pub struct TrainArgs {
     /// Architecture (its classifier is sized for the dataset).
     #[arg(long, default_value = "efficientnetv2_b0", help_heading = "Model")]
     arch: String,
-    /// Training and evaluation resolution (Fashion-MNIST's 28×28 images are resized to it).
+    /// Training and evaluation resolution (the last stage's, with --n-stages).
     #[arg(
         long = "img-size",
         alias = "train_img_size",
@@ -57,7 +58,8 @@ pub struct TrainArgs {
     img_size: usize,
 
     // --- Data
-    /// Folder of the Fashion-MNIST IDX files.
+    /// TFRecord shards (`train-*`, `validation-*`, the reference's layout), a folder with
+    /// `train/` and `val/` (or `validation/`) class folders, or Fashion-MNIST's IDX files.
     #[arg(long = "data-dir", alias = "data_dir", default_value = idx::FASHION_MNIST_DIR, help_heading = "Data")]
     data_dir: PathBuf,
     /// Use only the first N training images (0: all 60000).
@@ -299,40 +301,154 @@ impl Split {
     fn len(&self) -> usize {
         self.labels.len()
     }
+}
 
-    /// Images `indices` as an NHWC batch at `size` for evaluation: the whole image resized, gray
-    /// copied to 3 channels, x/127.5 − 1.
-    fn batch(&self, indices: &[usize], size: usize) -> Vec<f32> {
+/// A labelled dataset a run reads: Fashion-MNIST, an image folder or TFRecord shards.
+trait Samples: Send + Sync {
+    fn len(&self) -> usize;
+    fn label(&self, index: usize) -> usize;
+    /// Sample `index` as 8-bit RGB; the error names the file and what is wrong.
+    fn rgb(&self, index: usize) -> Result<RgbImage, String>;
+}
+
+impl Samples for Split {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn label(&self, index: usize) -> usize {
+        self.labels[index] as usize
+    }
+
+    fn rgb(&self, index: usize) -> Result<RgbImage, String> {
         let s = self.side;
-        let per = size * size * 3;
-        let mut out = vec![0f32; indices.len() * per];
-        out.par_chunks_mut(per)
-            .zip(indices.par_iter())
-            .for_each(|(o, &i)| {
-                let img = resize_box(
-                    &self.images[i * s * s..(i + 1) * s * s],
-                    (s, s, 1),
-                    (0.0, 0.0, s as f64, s as f64),
-                    (size, size),
-                    Interpolation::Bilinear,
-                );
-                for y in 0..size {
-                    for x in 0..size {
-                        let v = img[y * size + x] / 127.5 - 1.0;
-                        o[(y * size + x) * 3..][..3].fill(v);
-                    }
-                }
-            });
-        out
+        let gray = &self.images[index * s * s..(index + 1) * s * s];
+        Ok(RgbImage {
+            width: s,
+            height: s,
+            pixels: gray.iter().flat_map(|&p| [p, p, p]).collect(),
+        })
     }
 }
 
-/// Fashion-MNIST through the reference's train transform: gray copied to RGB, the random-resized
-/// crop (with `--random-crop`) or the whole image, flip, resize to the stage's size, RandAugment
-/// at the stage's magnitude, then x/127.5 − 1.
+impl Samples for ImageDataset {
+    fn len(&self) -> usize {
+        ImageDataset::len(self)
+    }
+
+    fn label(&self, index: usize) -> usize {
+        ImageDataset::label(self, index)
+    }
+
+    fn rgb(&self, index: usize) -> Result<RgbImage, String> {
+        self.image(index)
+    }
+}
+
+/// What `--data-dir` holds, opened: training and evaluation samples, class names, and how
+/// images are normalized and cropped for evaluation.
+struct Data {
+    train: Arc<dyn Samples>,
+    eval: Arc<dyn Samples>,
+    names: Vec<String>,
+    /// `inception` for Fashion-MNIST (x/127.5 − 1), `imagenet` for photos.
+    normalize: &'static str,
+    /// `squash` for Fashion-MNIST's whole small images, the reference's crop for photos.
+    eval_crop: &'static str,
+    description: String,
+}
+
+impl Data {
+    /// ImageNet-layout TFRecords (`train-*`, `validation-*`), an image folder with `train/` and
+    /// `val/` (or `validation/`) class folders, or Fashion-MNIST's IDX files.
+    fn open(dir: &Path, max_train: usize, max_eval: usize) -> Result<Data, String> {
+        // TFRecord shards are named as the reference's `train-00000-of-01024`; other `train*`
+        // files (Fashion-MNIST's `train-images-idx3-ubyte.gz`) are not shards.
+        let shard_named = |p: &PathBuf| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let parts: Vec<&str> = name.split('-').collect();
+            let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            parts.len() == 4
+                && parts[0] == "train"
+                && digits(parts[1])
+                && parts[2] == "of"
+                && digits(parts[3])
+        };
+        if tfrecord::list_shards(dir, "train").is_ok_and(|shards| shards.iter().all(shard_named)) {
+            let mut train = ImageDataset::tfrecords(dir, "train")?;
+            let mut eval = ImageDataset::tfrecords(dir, "validation")?;
+            train.truncate(max_train);
+            eval.truncate(max_eval);
+            return Ok(Data::images(
+                train,
+                eval,
+                format!("TFRecords in {}", dir.display()),
+            ));
+        }
+        if dir.join("train").is_dir() {
+            let val = ["val", "validation"]
+                .iter()
+                .map(|v| dir.join(v))
+                .find(|p| p.is_dir())
+                .ok_or_else(|| {
+                    format!(
+                        "{}: a train/ folder but no val/ or validation/ folder",
+                        dir.display()
+                    )
+                })?;
+            let mut train = ImageDataset::folder(&dir.join("train"))?;
+            let mut eval = ImageDataset::folder(&val)?;
+            train.truncate(max_train);
+            eval.truncate(max_eval);
+            return Ok(Data::images(
+                train,
+                eval,
+                format!("image folders in {}", dir.display()),
+            ));
+        }
+        let train = Split::load(dir, "train", max_train)?;
+        let eval = Split::load(dir, "t10k", max_eval)?;
+        Ok(Data {
+            description: format!("Fashion-MNIST: {} training images", train.len()),
+            train: Arc::new(train),
+            eval: Arc::new(eval),
+            names: idx::FASHION_MNIST_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            normalize: "inception",
+            eval_crop: "squash",
+        })
+    }
+
+    fn images(train: ImageDataset, eval: ImageDataset, what: String) -> Data {
+        let names = if train.classes >= eval.classes {
+            train.names.clone()
+        } else {
+            eval.names.clone()
+        };
+        Data {
+            description: format!(
+                "{what}: {} training images, {} classes",
+                train.len(),
+                names.len()
+            ),
+            train: Arc::new(train),
+            eval: Arc::new(eval),
+            names,
+            normalize: "imagenet",
+            eval_crop: "reference",
+        }
+    }
+}
+
+/// The reference's train transform: the random-resized crop (with `--random-crop`) or the
+/// whole image, flip, resize to the stage's size, RandAugment at the stage's magnitude, then
+/// normalization.
 struct TrainSource {
-    data: Arc<Split>,
+    data: Arc<dyn Samples>,
     random_crop: bool,
+    normalize: Normalize,
 }
 
 impl Source for TrainSource {
@@ -346,13 +462,7 @@ impl Source for TrainSource {
         stage: &Stage,
         rng: &mut Rng,
     ) -> Result<(Vec<f32>, usize), String> {
-        let s = self.data.side;
-        let gray = &self.data.images[index * s * s..(index + 1) * s * s];
-        let img = RgbImage {
-            width: s,
-            height: s,
-            pixels: gray.iter().flat_map(|&p| [p, p, p]).collect(),
-        };
+        let img = self.data.rgb(index)?;
         let mut geometry = TrainGeometry::new(stage.size);
         if !self.random_crop {
             // The whole image: the sampler's area range pinned to 1.
@@ -367,8 +477,13 @@ impl Source for TrainSource {
             }
             .apply(&mut out, rng);
         }
-        let x = out.pixels.iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
-        Ok((x, self.data.labels[index] as usize))
+        let Normalize { mean, std } = self.normalize;
+        let x = out
+            .pixels
+            .chunks_exact(3)
+            .flat_map(|p| (0..3).map(move |c| (p[c] as f32 / 255.0 - mean[c]) / std[c]))
+            .collect();
+        Ok((x, self.data.label(index)))
     }
 }
 
@@ -390,21 +505,53 @@ fn checkpoints(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(found)
 }
 
-/// (top-1 accuracy, mean loss) of `weights` on the evaluation split.
+/// Images `indices` through the eval transform as an NHWC batch, with their labels; samples
+/// that cannot be read are left out and reported.
+fn eval_batch(
+    data: &dyn Samples,
+    indices: &[usize],
+    transform: &Transform,
+) -> (Vec<f32>, Vec<usize>) {
+    let per = transform.size * transform.size * 3;
+    let loaded: Vec<Result<Vec<f32>, String>> = indices
+        .par_iter()
+        .map(|&i| {
+            let img = data.rgb(i)?;
+            let mut out = vec![0f32; per];
+            transform.apply(&img, &mut out);
+            Ok(out)
+        })
+        .collect();
+    let (mut x, mut labels) = (Vec::with_capacity(indices.len() * per), Vec::new());
+    for (r, &i) in loaded.into_iter().zip(indices) {
+        match r {
+            Ok(v) => {
+                x.extend(v);
+                labels.push(data.label(i));
+            }
+            Err(e) => eprintln!("effnet: skipped evaluation sample {i}: {e}"),
+        }
+    }
+    (x, labels)
+}
+
+/// (top-1 accuracy, mean loss) of `weights` on the evaluation samples.
 fn evaluate(
     t: &mut Trainer,
     weights: &mut Weights,
-    data: &Split,
-    size: usize,
+    data: &dyn Samples,
+    transform: &Transform,
     batch: usize,
 ) -> (f64, f64) {
     let classes = t.net.classes;
-    let (mut correct, mut loss) = (0usize, 0f64);
+    let (mut correct, mut loss, mut seen) = (0usize, 0f64, 0usize);
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch) {
-        let x = data.batch(chunk, size);
-        let logits = t.eval_logits(weights, &x, chunk.len(), size);
-        let labels: Vec<usize> = chunk.iter().map(|&i| data.labels[i] as usize).collect();
+        let (x, labels) = eval_batch(data, chunk, transform);
+        if labels.is_empty() {
+            continue;
+        }
+        let logits = t.eval_logits(weights, &x, labels.len(), transform.size);
         let mut d = vec![0f32; logits.len()];
         loss += effnet_engine::loss::softmax_cross_entropy(
             &logits,
@@ -412,14 +559,18 @@ fn evaluate(
             &smoothed(&labels, classes, 0.0),
             &mut d,
         ) as f64
-            * chunk.len() as f64;
+            * labels.len() as f64;
         correct += logits
             .chunks_exact(classes)
             .zip(&labels)
             .filter(|(z, l)| argmax(z) == **l)
             .count();
+        seen += labels.len();
     }
-    (correct as f64 / data.len() as f64, loss / data.len() as f64)
+    (
+        correct as f64 / seen.max(1) as f64,
+        loss / seen.max(1) as f64,
+    )
 }
 
 pub fn train(args: &TrainArgs) -> Result<(), String> {
@@ -429,23 +580,28 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
             "--batch-size and --epochs must be at least 1 and --img-size at least 8".into(),
         );
     }
-    let train_set = Split::load(&args.data_dir, "train", args.max_train_images)?;
-    let eval_set = Split::load(&args.data_dir, "t10k", args.max_eval_images)?;
+    let data = Data::open(&args.data_dir, args.max_train_images, args.max_eval_images)?;
     let mut config = arch(&args.arch)?;
-    config.num_classes = idx::FASHION_MNIST_CLASSES.len();
+    config.num_classes = data.names.len();
     config.preprocess.eval_size = args.img_size;
     config.preprocess.train_size = args.img_size;
-    config.preprocess.normalize = "inception".into();
-    config.preprocess.crop = "squash".into();
+    config.preprocess.normalize = data.normalize.into();
+    config.preprocess.crop = data.eval_crop.into();
     config.preprocess.interpolation = "bilinear".into();
+    let eval_transform = Transform {
+        size: args.img_size,
+        interpolation: Interpolation::Bilinear,
+        crop: Crop::parse(data.eval_crop)?,
+        normalize: Normalize::parse(data.normalize)?,
+    };
     let net = Network::new(config);
     let weights = Weights::init(&net, args.seed);
 
-    let steps_per_epoch = (train_set.len() / (args.batch_size * args.grad_accum_steps)) as u64;
+    let steps_per_epoch = (data.train.len() / (args.batch_size * args.grad_accum_steps)) as u64;
     if steps_per_epoch == 0 {
         return Err(format!(
             "{} training images make no full step of {}×{}",
-            train_set.len(),
+            data.train.len(),
             args.batch_size,
             args.grad_accum_steps
         ));
@@ -518,10 +674,10 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         }
     }
     println!(
-        "training {} ({} parameters) on Fashion-MNIST: {} images at {}×{}, batch {} × {} accumulated, {} epochs of {} steps, peak lr {:.5}",
+        "training {} ({} parameters) on {} at {}×{}, batch {} × {} accumulated, {} epochs of {} steps, peak lr {:.5}",
         t.net.config.name,
         t.net.layout.trainable_count(),
-        train_set.len(),
+        data.description,
         args.img_size,
         args.img_size,
         args.batch_size,
@@ -533,8 +689,9 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
     let classes = t.net.classes;
     let micro_per_epoch = steps_per_epoch as usize * args.grad_accum_steps;
     let source = TrainSource {
-        data: Arc::new(train_set),
+        data: data.train.clone(),
         random_crop: args.random_crop,
+        normalize: eval_transform.normalize,
     };
     let ramp = Ramp {
         img_size: (args.base_img_size.unwrap_or(args.img_size), args.img_size),
@@ -648,8 +805,8 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         }
         let train_secs = t_epoch.elapsed().as_secs_f64();
         let mut raw = t.evaluation_weights(false);
-        let (acc, eval_loss) = evaluate(&mut t, &mut raw, &eval_set, args.img_size, 128);
-        let mut data = serde_json::json!({
+        let (acc, eval_loss) = evaluate(&mut t, &mut raw, data.eval.as_ref(), &eval_transform, 128);
+        let mut record = serde_json::json!({
             "epoch": epoch + 1,
             "training_loss": loss_sum / seen.max(1) as f64,
             "training_accuracy_top_1": correct as f64 / seen.max(1) as f64,
@@ -659,12 +816,13 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
         });
         if t.ema.is_some() {
             let mut ema = t.evaluation_weights(true);
-            let (ema_acc, ema_loss) = evaluate(&mut t, &mut ema, &eval_set, args.img_size, 128);
-            data["eval_accuracy_top_1_ema"] = ema_acc.into();
-            data["eval_loss_ema"] = ema_loss.into();
+            let (ema_acc, ema_loss) =
+                evaluate(&mut t, &mut ema, data.eval.as_ref(), &eval_transform, 128);
+            record["eval_accuracy_top_1_ema"] = ema_acc.into();
+            record["eval_loss_ema"] = ema_loss.into();
         }
-        println!("epoch {} done: {data}", epoch + 1);
-        dllogger::log(Some(&log), start, serde_json::json!([epoch + 1]), data)?;
+        println!("epoch {} done: {record}", epoch + 1);
+        dllogger::log(Some(&log), start, serde_json::json!([epoch + 1]), record)?;
         let path = args.model_dir.join(checkpoint_name(epoch + 1));
         checkpoint::save(
             &path,
@@ -678,10 +836,10 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
     }
     // The final model: the better of the raw and the EMA weights on the evaluation split.
     let mut raw = t.evaluation_weights(false);
-    let (raw_acc, _) = evaluate(&mut t, &mut raw, &eval_set, args.img_size, 128);
+    let (raw_acc, _) = evaluate(&mut t, &mut raw, data.eval.as_ref(), &eval_transform, 128);
     let (best, source, best_acc) = if t.ema.is_some() {
         let mut ema = t.evaluation_weights(true);
-        let (ema_acc, _) = evaluate(&mut t, &mut ema, &eval_set, args.img_size, 128);
+        let (ema_acc, _) = evaluate(&mut t, &mut ema, data.eval.as_ref(), &eval_transform, 128);
         if ema_acc > raw_acc {
             (ema, "ema", ema_acc)
         } else {
@@ -700,29 +858,28 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
     effnet_model::io::write_safetensors(&model_path, &weights::to_tensors(&t.net, &best), &meta)
         .map_err(|e| e.to_string())?;
     let labels_path = args.model_dir.join("labels.txt");
-    std::fs::write(&labels_path, idx::FASHION_MNIST_CLASSES.join("\n") + "\n")
+    std::fs::write(&labels_path, data.names.join("\n") + "\n")
         .map_err(|e| format!("{}: {e}", labels_path.display()))?;
     println!(
         "wrote {} ({} weights, top-1 {:.2}% on {} test images) and {}",
         model_path.display(),
         source,
         100.0 * best_acc,
-        eval_set.len(),
+        data.eval.len(),
         labels_path.display()
     );
     // A few predictions, as a user would check them.
     let mut best = best;
-    let sample: Vec<usize> = (0..8.min(eval_set.len())).collect();
-    let x = eval_set.batch(&sample, args.img_size);
-    let logits = t.eval_logits(&mut best, &x, sample.len(), args.img_size);
+    let sample: Vec<usize> = (0..8.min(data.eval.len())).collect();
+    let (x, labels) = eval_batch(data.eval.as_ref(), &sample, &eval_transform);
+    let logits = t.eval_logits(&mut best, &x, labels.len(), args.img_size);
     println!("predictions on the first test images:");
-    for (&i, z) in sample.iter().zip(logits.chunks_exact(classes)) {
+    for (i, (z, &truth)) in logits.chunks_exact(classes).zip(&labels).enumerate() {
         let p = argmax(z);
-        let truth = eval_set.labels[i] as usize;
         println!(
             "  test image {i}: {:<12} (true: {}){}",
-            idx::FASHION_MNIST_CLASSES[p],
-            idx::FASHION_MNIST_CLASSES[truth],
+            data.names[p],
+            data.names[truth],
             if p == truth { "" } else { "  ✗" }
         );
     }

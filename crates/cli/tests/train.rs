@@ -76,3 +76,79 @@ fn trains_checkpoints_resumes_and_predicts() {
     assert_eq!(net.classes, 10);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn trains_on_image_folders_and_on_tfrecords_made_from_them() {
+    let photos = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+    let root = std::env::temp_dir().join(format!("effnet-train-images-{}", std::process::id()));
+    let images = root.join("images");
+    for split in ["train", "val"] {
+        for (class, file) in [
+            ("cat", "chelsea.png"),
+            ("drink", "coffee.png"),
+            ("fruit", "orange.jpg"),
+        ] {
+            let dir = images.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for copy in 0..3 {
+                std::fs::copy(photos.join(file), dir.join(format!("{copy}-{file}"))).unwrap();
+            }
+        }
+    }
+    let run = |data_dir: &std::path::Path, model_dir: &std::path::Path| {
+        let (ok, stdout, stderr) = effnet(&[
+            "train",
+            "--arch",
+            "efficientnet_lite0",
+            "--img-size",
+            "32",
+            "--batch-size",
+            "3",
+            "--epochs",
+            "1",
+            "--random-crop",
+            "--raug-magnitude",
+            "5",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--model-dir",
+            model_dir.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        let labels = std::fs::read_to_string(model_dir.join("labels.txt")).unwrap();
+        assert_eq!(labels, "cat\ndrink\nfruit\n");
+        let (net, _) =
+            effnet_model::weights::load(&model_dir.join("model.safetensors"), None).unwrap();
+        assert_eq!(net.classes, 3);
+        assert_eq!(net.config.preprocess.normalize, "imagenet");
+        stdout
+    };
+    let out = run(&images, &root.join("run-folders"));
+    assert!(
+        out.contains("image folders") && out.contains("9 training images"),
+        "{out}"
+    );
+
+    // The same photos as ImageNet-layout TFRecords (make_tfrecords), class names from the records.
+    let shards = root.join("shards");
+    for (split, prefix) in [("train", "train"), ("val", "validation")] {
+        let (ok, _, stderr) = effnet(&[
+            "make_tfrecords",
+            "--data-dir",
+            images.join(split).to_str().unwrap(),
+            "--out",
+            shards.to_str().unwrap(),
+            "--prefix",
+            prefix,
+            "--shards",
+            "2",
+        ]);
+        assert!(ok, "{stderr}");
+    }
+    let out = run(&shards, &root.join("run-records"));
+    assert!(
+        out.contains("TFRecords") && out.contains("9 training images"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}
