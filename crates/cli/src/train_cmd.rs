@@ -241,6 +241,10 @@ pub struct TrainArgs {
     bn_momentum: f32,
 
     // --- Run
+    /// Start from pretrained weights (effnet/timm safetensors or a PyTorch .pth of --arch): every
+    /// tensor but a classifier of another size is copied; their preprocessing is kept.
+    #[arg(long, alias = "pretrained", help_heading = "Run")]
+    weights: Option<PathBuf>,
     /// Where checkpoints, the final model and the log go.
     #[arg(
         long = "model-dir",
@@ -588,14 +592,37 @@ pub fn train(args: &TrainArgs) -> Result<(), String> {
     config.preprocess.normalize = data.normalize.into();
     config.preprocess.crop = data.eval_crop.into();
     config.preprocess.interpolation = "bilinear".into();
+    let pretrained = match &args.weights {
+        Some(path) => {
+            let (net, w) = weights::load(path, Some(&args.arch))?;
+            // The pretrained features expect their own normalization.
+            config.preprocess.normalize = net.config.preprocess.normalize.clone();
+            Some((net, w))
+        }
+        None => None,
+    };
     let eval_transform = Transform {
         size: args.img_size,
         interpolation: Interpolation::Bilinear,
         crop: Crop::parse(data.eval_crop)?,
-        normalize: Normalize::parse(data.normalize)?,
+        normalize: Normalize::parse(&config.preprocess.normalize)?,
     };
     let net = Network::new(config);
-    let weights = Weights::init(&net, args.seed);
+    let mut weights = Weights::init(&net, args.seed);
+    if let (Some((from_net, from)), Some(path)) = (&pretrained, &args.weights) {
+        let fresh = weights::transfer(from_net, from, &net, &mut weights);
+        println!(
+            "started from {} ({} of {} tensors; fresh: {})",
+            path.display(),
+            net.layout.params.len() + net.layout.buffers.len() - fresh.len(),
+            net.layout.params.len() + net.layout.buffers.len(),
+            if fresh.is_empty() {
+                "none".to_string()
+            } else {
+                fresh.join(", ")
+            }
+        );
+    }
 
     let steps_per_epoch = (data.train.len() / (args.batch_size * args.grad_accum_steps)) as u64;
     if steps_per_epoch == 0 {

