@@ -103,22 +103,7 @@ pub fn train_forward(
         var[ch] = v;
         invstd[ch] = 1.0 / (v + eps).sqrt();
     }
-    let scale: Vec<f32> = gamma
-        .iter()
-        .zip(invstd.iter())
-        .map(|(g, s)| g * s)
-        .collect();
-    let shift = beta
-        .iter()
-        .zip(mean.iter())
-        .zip(&scale)
-        .map(|((b, m), s)| b - m * s)
-        .collect();
-    let folded = Folded { scale, shift, act };
-    par_rows(x, y, c, |xc, yc| {
-        yc.copy_from_slice(xc);
-        folded.apply(yc);
-    });
+    Folded::from_stats(gamma, beta, mean, invstd, act).apply_copy(x, c, y);
 }
 
 /// Eval-mode batch norm folded into one scale and shift per channel, with its activation,
@@ -131,6 +116,24 @@ pub struct Folded {
 }
 
 impl Folded {
+    /// `γ·(x − mean)·invstd + β` as `x·scale + shift`.
+    pub fn from_stats(
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f32],
+        invstd: &[f32],
+        act: Act,
+    ) -> Folded {
+        let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
+        let shift = beta
+            .iter()
+            .zip(mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Folded { scale, shift, act }
+    }
+
     /// `γ·(x − mean)/sqrt(var + eps) + β` as `x·scale + shift`.
     pub fn from_running(
         gamma: &[f32],
@@ -140,18 +143,16 @@ impl Folded {
         eps: f32,
         act: Act,
     ) -> Folded {
-        let scale: Vec<f32> = gamma
-            .iter()
-            .zip(var)
-            .map(|(g, v)| g / (v + eps).sqrt())
-            .collect();
-        let shift = beta
-            .iter()
-            .zip(mean)
-            .zip(&scale)
-            .map(|((b, m), s)| b - m * s)
-            .collect();
-        Folded { scale, shift, act }
+        let invstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        Folded::from_stats(gamma, beta, mean, &invstd, act)
+    }
+
+    /// `y = act(x·scale + shift)` over `[rows, c]` tensors, as a separate pass.
+    fn apply_copy(&self, x: &[f32], c: usize, y: &mut [f32]) {
+        par_rows(x, y, c, |xc, yc| {
+            yc.copy_from_slice(xc);
+            self.apply(yc);
+        });
     }
 
     /// `rows = act(rows·scale + shift)`, rows of `scale.len()` channels.
@@ -184,11 +185,7 @@ pub fn eval_forward(
     act: Act,
     y: &mut [f32],
 ) {
-    let folded = Folded::from_running(gamma, beta, running_mean, running_var, eps, act);
-    par_rows(x, y, c, |xc, yc| {
-        yc.copy_from_slice(xc);
-        folded.apply(yc);
-    });
+    Folded::from_running(gamma, beta, running_mean, running_var, eps, act).apply_copy(x, c, y);
 }
 
 /// Moves the running statistics towards the batch's: `r ← (1 − m)·r + m·batch`, with the
@@ -246,13 +243,7 @@ fn train_backward_rows<A: Activation>(
     dbeta: &mut [f32],
 ) {
     let rows = x.len() / c;
-    let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
-    let shift: Vec<f32> = beta
-        .iter()
-        .zip(mean)
-        .zip(&scale)
-        .map(|((b, m), s)| b - m * s)
-        .collect();
+    let Folded { scale, shift, .. } = Folded::from_stats(gamma, beta, mean, invstd, Act::None);
     // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
     // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂.
     let chunk = ROWS_PER_TASK * c;
