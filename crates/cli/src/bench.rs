@@ -45,9 +45,11 @@ pub enum Kind {
     Training,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
+/// The value at percentile `p` of ascending `sorted` by nearest rank (a true percentile, not the
+/// TF reference's "mean of the fastest p %").
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
