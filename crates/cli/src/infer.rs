@@ -8,8 +8,8 @@ use effnet_data::{files, labels, load_rgb, npy, Crop, Interpolation, Normalize, 
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
 use effnet_model::{weights, Mode, Network, Weights, Workspace};
-use rayon::prelude::*;
 
+use crate::bench::percentile;
 use crate::dllogger;
 
 /// Preprocessing overrides; unset ones come from the weights' metadata, else the architecture's
@@ -46,37 +46,6 @@ pub fn transform_for(net: &Network, args: &PreprocessArgs) -> Result<Transform, 
         crop: Crop::parse(args.crop.as_deref().unwrap_or(&p.crop))?,
         normalize: Normalize::parse(args.normalize.as_deref().unwrap_or(&p.normalize))?,
     })
-}
-
-/// Decodes and transforms images in parallel into `batch` (`[n, s, s, 3]`); returns, per path,
-/// `Ok(row in batch)` or the reason it could not be read.
-fn load_batch(
-    paths: &[PathBuf],
-    t: &Transform,
-    batch: &mut Vec<f32>,
-) -> Vec<Result<usize, String>> {
-    let per = t.size * t.size * 3;
-    let images: Vec<Result<Vec<f32>, String>> = paths
-        .par_iter()
-        .map(|p| {
-            let img = load_rgb(p)?;
-            let mut out = vec![0f32; per];
-            t.apply(&img, &mut out);
-            Ok(out)
-        })
-        .collect();
-    batch.clear();
-    let mut row = 0;
-    images
-        .into_iter()
-        .map(|r| {
-            r.map(|v| {
-                batch.extend_from_slice(&v);
-                row += 1;
-                row - 1
-            })
-        })
-        .collect()
 }
 
 /// Runs eval-mode forward passes, keeping one workspace per batch size seen.
@@ -261,7 +230,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
         let mut failed = 0;
         let mut batch = Vec::new();
         for chunk in paths.chunks(batch_size) {
-            let rows = load_batch(chunk, &t, &mut batch);
+            let rows = t.batch(chunk, |p| load_rgb(p), &mut batch);
             let n = rows.iter().filter(|r| r.is_ok()).count();
             let logits = if n > 0 {
                 runner.logits(&batch, n, t.size)
@@ -330,13 +299,6 @@ pub struct EvalArgs {
     preprocess: PreprocessArgs,
 }
 
-/// The value at the given percentile by nearest rank (a true percentile, not the reference's
-/// "mean of the fastest XX%").
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 pub fn eval(args: &EvalArgs) -> Result<(), String> {
     let start = Instant::now();
     let folder = files::labelled_folder(&args.data_dir)?;
@@ -359,7 +321,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     for chunk in folder.samples.chunks(args.batch_size.max(1)) {
         let t0 = Instant::now();
         let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
-        let rows = load_batch(&paths, &t, &mut batch);
+        let rows = t.batch(&paths, |p| load_rgb(p), &mut batch);
         let labels: Vec<usize> = chunk
             .iter()
             .zip(&rows)

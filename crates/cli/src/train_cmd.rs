@@ -23,7 +23,6 @@ use effnet_train::optim::Kind;
 use effnet_train::schedule::{Decay, Schedule};
 use effnet_train::stages::{plan, Ramp};
 use effnet_train::trainer::{argmax, smoothed, TrainConfig, Trainer};
-use rayon::prelude::*;
 
 use crate::dllogger;
 
@@ -516,23 +515,12 @@ fn eval_batch(
     indices: &[usize],
     transform: &Transform,
 ) -> (Vec<f32>, Vec<usize>) {
-    let per = transform.size * transform.size * 3;
-    let loaded: Vec<Result<Vec<f32>, String>> = indices
-        .par_iter()
-        .map(|&i| {
-            let img = data.rgb(i)?;
-            let mut out = vec![0f32; per];
-            transform.apply(&img, &mut out);
-            Ok(out)
-        })
-        .collect();
-    let (mut x, mut labels) = (Vec::with_capacity(indices.len() * per), Vec::new());
-    for (r, &i) in loaded.into_iter().zip(indices) {
+    let mut x = Vec::new();
+    let rows = transform.batch(indices, |&i| data.rgb(i), &mut x);
+    let mut labels = Vec::new();
+    for (r, &i) in rows.into_iter().zip(indices) {
         match r {
-            Ok(v) => {
-                x.extend(v);
-                labels.push(data.label(i));
-            }
+            Ok(_) => labels.push(data.label(i)),
             Err(e) => eprintln!("effnet: skipped evaluation sample {i}: {e}"),
         }
     }

@@ -109,6 +109,39 @@ impl Transform {
         )
     }
 
+    /// Loads and transforms `items` in parallel into `batch` (`[n, size, size, 3]`, replacing its
+    /// contents); returns, per item in order, `Ok(its row in batch)` or why it could not be loaded.
+    pub fn batch<T: Sync>(
+        &self,
+        items: &[T],
+        load: impl Fn(&T) -> Result<RgbImage, String> + Sync,
+        batch: &mut Vec<f32>,
+    ) -> Vec<Result<usize, String>> {
+        use rayon::prelude::*;
+        let per = self.size * self.size * 3;
+        let images: Vec<Result<Vec<f32>, String>> = items
+            .par_iter()
+            .map(|item| {
+                let img = load(item)?;
+                let mut out = vec![0f32; per];
+                self.apply(&img, &mut out);
+                Ok(out)
+            })
+            .collect();
+        batch.clear();
+        let mut rows = 0;
+        images
+            .into_iter()
+            .map(|r| {
+                r.map(|v| {
+                    batch.extend_from_slice(&v);
+                    rows += 1;
+                    rows - 1
+                })
+            })
+            .collect()
+    }
+
     /// Writes the image as a normalized `[size, size, 3]` tensor into `out`.
     pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
         let s = self.size;
