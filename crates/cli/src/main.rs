@@ -4,18 +4,22 @@ mod bench;
 mod data_bench;
 mod dllogger;
 mod infer;
+mod plot;
+mod progress;
 mod records_cmd;
 mod train_cmd;
 mod weights_cmd;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "effnet",
     version,
+    // A flag given twice keeps the last value: --config's flags come first, the user's win.
+    args_override_self = true,
     about = "EfficientNet (V2, V1, Lite) training and inference on a Rust engine"
 )]
 struct Cli {
@@ -28,8 +32,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train with the reference's recipe on TFRecords, image folders or Fashion-MNIST (see --help).
+    /// Train with the reference's recipe on TFRecords, image folders or Fashion-MNIST, evaluating
+    /// once at the end (see --help).
     Train(train_cmd::TrainArgs),
+    /// Train and evaluate every --num-epochs-between-eval epochs (the reference's default mode).
+    #[command(name = "train_and_eval", visible_alias = "train-and-eval")]
+    TrainAndEval(train_cmd::TrainArgs),
     /// Time inference (eval mode) on synthetic input, at one or more batch sizes.
     #[command(name = "inference_benchmark", visible_alias = "inference-benchmark")]
     InferenceBenchmark(bench::BenchArgs),
@@ -53,7 +61,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match train_cmd::with_config_file(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("effnet: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -64,7 +79,8 @@ fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        Command::Train(args) => train_cmd::train(&args),
+        Command::Train(args) => train_cmd::train(&args, train_cmd::Mode::Train),
+        Command::TrainAndEval(args) => train_cmd::train(&args, train_cmd::Mode::TrainAndEval),
         Command::InferenceBenchmark(args) => bench::run(&args, bench::Kind::Inference),
         Command::TrainingBenchmark(args) => bench::run(&args, bench::Kind::Training),
         Command::Predict(args) => infer::predict(&args),

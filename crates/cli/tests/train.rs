@@ -14,7 +14,7 @@ fn trains_checkpoints_resumes_and_predicts() {
     let dir = std::env::temp_dir().join(format!("effnet-train-{}", std::process::id()));
     let d = dir.to_str().unwrap();
     let common = [
-        "train",
+        "train_and_eval",
         "--arch",
         "efficientnet_lite0",
         "--img-size",
@@ -31,6 +31,16 @@ fn trains_checkpoints_resumes_and_predicts() {
         d,
         "--log-steps",
         "10",
+        "--augmenter-name",
+        "none",
+        "--lr-init",
+        "0.005",
+        "--lr-decay",
+        "cosine",
+        "--lr-warmup-epochs",
+        "0.2",
+        "--moving-average-decay",
+        "0.999",
     ];
     let mut first: Vec<&str> = common.to_vec();
     first.extend(["--epochs", "1"]);
@@ -51,11 +61,27 @@ fn trains_checkpoints_resumes_and_predicts() {
     );
     assert!(dir.join("checkpoint-epoch0002.safetensors").exists());
 
-    // DLLogger lines: one per epoch across both runs, with the evaluation.
+    // DLLogger lines: the configuration, throughput every 10 steps, one record per epoch across
+    // both runs with the evaluation, and the final statistics (raw and EMA weights) of each run.
     let log = std::fs::read_to_string(dir.join("log.json")).unwrap();
-    let records: Vec<serde_json::Value> = log
+    let all: Vec<serde_json::Value> = log
         .lines()
         .map(|l| serde_json::from_str(&l[5..]).unwrap())
+        .collect();
+    let parameters: Vec<_> = all.iter().filter(|r| r["step"] == "PARAMETER").collect();
+    assert_eq!(parameters[0]["data"]["batch-size"], 32, "{log}");
+    assert!(parameters
+        .iter()
+        .any(|r| r["data"]["examples/second"].as_f64().unwrap_or(0.0) > 0.0));
+    let finals: Vec<_> = all
+        .iter()
+        .filter(|r| r["step"] == serde_json::json!([]))
+        .collect();
+    assert_eq!(finals.len(), 4, "two runs × (raw, EMA): {log}");
+    assert_eq!(finals[3]["data"]["comment"], "eval using EMA weights");
+    let records: Vec<_> = all
+        .iter()
+        .filter(|r| r["step"].as_array().is_some_and(|s| !s.is_empty()))
         .collect();
     assert_eq!(records.len(), 2, "{log}");
     let acc = records[1]["data"]["eval_accuracy_top_1"].as_f64().unwrap();
@@ -74,7 +100,123 @@ fn trains_checkpoints_resumes_and_predicts() {
     ));
     let (net, _) = effnet_model::weights::load(&model, None).unwrap();
     assert_eq!(net.classes, 10);
+
+    // What the run wrote beside the model: its flags and its curves.
+    let params = std::fs::read_to_string(dir.join("params.yaml")).unwrap();
+    assert!(
+        params.contains("batch-size: 32\n") && params.contains("lr-decay: \"cosine\""),
+        "{params}"
+    );
+    let png = image::open(dir.join("curves.png")).unwrap();
+    assert!(png.width() > 400 && png.height() > 300);
+    assert!(std::fs::read_to_string(dir.join("curves.svg"))
+        .unwrap()
+        .contains("<svg"));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A run resumed from a checkpoint taken inside an epoch ends where the uninterrupted run ends.
+#[test]
+fn a_run_resumed_inside_an_epoch_ends_as_the_uninterrupted_one() {
+    let root = std::env::temp_dir().join(format!("effnet-midepoch-{}", std::process::id()));
+    let (whole, parts) = (root.join("whole"), root.join("parts"));
+    let run = |dir: &std::path::Path, extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--arch",
+            "efficientnet_lite0",
+            "--img-size",
+            "32",
+            "--max-train-images",
+            "640",
+            "--max-eval-images",
+            "64",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--augmenter-name",
+            "randaugment",
+            "--raug-magnitude",
+            "5",
+            "--mixup-alpha",
+            "0.2",
+            "--moving-average-decay",
+            "0.99",
+            "--lr-warmup-epochs",
+            "0.2",
+            "--model-dir",
+            dir.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let (ok, stdout, stderr) = effnet(&a);
+        assert!(ok, "{stderr}");
+        stdout
+    };
+    run(&whole, &[]);
+    run(&parts, &["--checkpoint-steps", "8", "--keep-last", "5"]);
+    // Keep only the checkpoint 8 steps in, then continue from it.
+    let mid = parts.join("checkpoint-epoch0000-batch000008.safetensors");
+    assert!(mid.exists());
+    std::fs::remove_file(parts.join("checkpoint-epoch0001.safetensors")).unwrap();
+    std::fs::remove_file(parts.join("checkpoint-epoch0000-batch000016.safetensors")).unwrap();
+    let out = run(&parts, &["--resume"]);
+    assert!(
+        out.contains("resumed from") && out.contains("batch 8"),
+        "{out}"
+    );
+    let read = |p: std::path::PathBuf| effnet_model::io::read_safetensors(&p).unwrap().0;
+    let (a, b) = (
+        read(whole.join("checkpoint-epoch0001.safetensors")),
+        read(parts.join("checkpoint-epoch0001.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.name, y.name);
+        assert_eq!(x.data, y.data, "{} differs after the resume", x.name);
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// `--config` reads a run's params.yaml back; flags on the command line win over the file.
+#[test]
+fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
+    let root = std::env::temp_dir().join(format!("effnet-config-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let config = root.join("run.yaml");
+    std::fs::write(
+        &config,
+        "# a comment\narch: efficientnet_lite0\nimg_size: 32\nmax-train-images: 64\n\
+         max_eval_images: 32\nbatch-size: 16\nepochs: 1\naugmenter-name: \"none\"\n\
+         random-crop: true\nskip-eval: false\nmodel-dir: \"ignored\"\n",
+    )
+    .unwrap();
+    let model_dir = root.join("run");
+    let (ok, stdout, stderr) = effnet(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch-size",
+        "32",
+        "--model-dir",
+        model_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("batch 32 × 1 accumulated"), "{stdout}");
+    let params = std::fs::read_to_string(model_dir.join("params.yaml")).unwrap();
+    for line in [
+        "arch: \"efficientnet_lite0\"",
+        "img-size: 32",
+        "random-crop: true",
+        "batch-size: 32",
+    ] {
+        assert!(params.lines().any(|l| l == line), "{line} in {params}");
+    }
+    // A wrong line is named with its file and line number.
+    std::fs::write(&config, "epochs 3\n").unwrap();
+    let (ok, _, stderr) = effnet(&["train", "--config", config.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("run.yaml:1"), "{stderr}");
+    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -102,6 +244,8 @@ fn trains_on_image_folders_and_on_tfrecords_made_from_them() {
             "efficientnet_lite0",
             "--img-size",
             "32",
+            "--augmenter-name",
+            "randaugment",
             "--batch-size",
             "3",
             "--epochs",

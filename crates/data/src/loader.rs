@@ -2,10 +2,12 @@
 //!
 //! - **Order.** Each epoch permutes all `len` indices (Fisher–Yates, with an rng derived from
 //!   `(seed, epoch)`), or keeps them in order when `shuffle` is off.
-//! - **Sharding.** Every rank computes the same permutation (the seed is shared) and takes its own
-//!   contiguous slice of `len / world` positions; the last `len % world` positions of the
-//!   permutation are **dropped** (different samples each epoch when shuffling), so every rank has
-//!   the same number of samples and steps. Shards are disjoint.
+//! - **Sharding.** Every rank computes the same permutation (the seed is shared) and cuts it into
+//!   global batches of `world × batch_size` positions; rank `r` takes the `r`-th slice of each, so
+//!   that a step of `world` ranks sees exactly the batch one process with `world × batch_size`
+//!   would see. Every rank gets `len / world` positions (a last partial global batch is split
+//!   evenly); the last `len % world` positions are **dropped** (different samples each epoch when
+//!   shuffling), so every rank has the same number of samples and steps. Shards are disjoint.
 //! - **Batches.** A shard is cut into batches of `batch_size`; with `drop_remainder` the last short
 //!   batch is dropped, otherwise it is yielded short.
 //! - **Determinism.** Sample `index` is transformed with an rng derived from `(seed, epoch, index)`
@@ -202,15 +204,31 @@ impl<S: Source + 'static> Loader<S> {
                 order.swap(i, rng.below(i + 1));
             }
         }
-        let per = self.shard_len();
-        order[self.config.rank * per..(self.config.rank + 1) * per].to_vec()
+        let (per, b) = (self.shard_len(), self.config.batch_size);
+        let (rank, world) = (self.config.rank, self.config.world);
+        let full = per / b;
+        let mut shard = Vec::with_capacity(per);
+        for k in 0..full {
+            let start = (k * world + rank) * b;
+            shard.extend_from_slice(&order[start..start + b]);
+        }
+        let (rest, base) = (per - full * b, full * world * b);
+        shard.extend_from_slice(&order[base + rank * rest..base + (rank + 1) * rest]);
+        shard
     }
 
     /// Starts loading `epoch` and returns its batches in order. Dropping the iterator early stops
     /// the workers.
     pub fn epoch(&self, epoch: u64) -> Epoch {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// [`Loader::epoch`] from batch `first` on (a run resumed inside an epoch): the same batches
+    /// as the whole epoch's from there, and the ones before are never loaded.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> Epoch {
         let steps = self.steps_per_epoch();
-        let workers = self.config.workers.clamp(1, steps.max(1));
+        let first = first.min(steps);
+        let workers = self.config.workers.clamp(1, (steps - first).max(1));
         let capacity = self.config.prefetch.div_ceil(workers).max(1);
         let plan = Arc::new(Plan {
             order: self.shard(epoch),
@@ -221,7 +239,7 @@ impl<S: Source + 'static> Loader<S> {
         });
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
-        if steps > 0 {
+        if steps > first {
             for k in 0..workers {
                 let (tx, rx) = sync_channel(capacity);
                 let (source, plan, failures) = (
@@ -230,7 +248,7 @@ impl<S: Source + 'static> Loader<S> {
                     Arc::clone(&self.failures),
                 );
                 handles.push(Some(std::thread::spawn(move || {
-                    work(&*source, &plan, &failures, k, workers, tx)
+                    work(&*source, &plan, &failures, first + k, workers, tx)
                 })));
                 receivers.push(rx);
             }
@@ -238,7 +256,8 @@ impl<S: Source + 'static> Loader<S> {
         Epoch {
             receivers,
             handles,
-            next: 0,
+            first,
+            next: first,
             steps,
         }
     }
@@ -257,11 +276,11 @@ fn work<S: Source>(
     source: &S,
     plan: &Plan,
     failures: &Failures,
-    worker: usize,
+    first_step: usize,
     workers: usize,
     tx: SyncSender<Batch>,
 ) {
-    for step in (worker..plan.steps).step_by(workers) {
+    for step in (first_step..plan.steps).step_by(workers) {
         // The receiver is gone when the epoch was dropped: stop quietly.
         if tx.send(build(source, plan, failures, step)).is_err() {
             return;
@@ -329,6 +348,8 @@ fn build<S: Source>(source: &S, plan: &Plan, failures: &Failures, step: usize) -
 pub struct Epoch {
     receivers: Vec<Receiver<Batch>>,
     handles: Vec<Option<JoinHandle<()>>>,
+    /// The batch the workers started at.
+    first: usize,
     next: usize,
     steps: usize,
 }
@@ -346,7 +367,7 @@ impl Iterator for Epoch {
         if self.next >= self.steps {
             return None;
         }
-        let k = self.next % self.receivers.len();
+        let k = (self.next - self.first) % self.receivers.len();
         match self.receivers[k].recv() {
             Ok(batch) => {
                 self.next += 1;
@@ -544,6 +565,47 @@ mod tests {
             STAGE
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_step_of_all_ranks_is_the_batch_of_one_process() {
+        let (n, world, b) = (50, 2, 4);
+        let one = loader(Synthetic::new(n), LoaderConfig::train(world * b, 1, 3));
+        let ranks: Vec<_> = (0..world)
+            .map(|rank| {
+                let config = LoaderConfig {
+                    rank,
+                    world,
+                    ..LoaderConfig::train(b, 1, 3)
+                };
+                loader(Synthetic::new(n), config)
+                    .epoch(1)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let whole: Vec<_> = one.epoch(1).collect();
+        assert_eq!(whole.len(), 6);
+        for (k, batch) in whole.iter().enumerate() {
+            let joined: Vec<usize> = ranks.iter().flat_map(|r| r[k].indices.clone()).collect();
+            assert_eq!(joined, batch.indices, "step {k}");
+            let images: Vec<f32> = ranks.iter().flat_map(|r| r[k].images.clone()).collect();
+            assert_eq!(images, batch.images, "same augmentation on any rank");
+        }
+    }
+
+    #[test]
+    fn an_epoch_resumed_inside_gives_the_remaining_batches() {
+        let l = loader(Synthetic::new(40), LoaderConfig::train(4, 3, 5));
+        let whole: Vec<_> = l.epoch(2).collect();
+        let before = l.source.loads.load(Ordering::SeqCst);
+        let rest: Vec<_> = l.epoch_from(2, 7).collect();
+        assert_eq!(rest, whole[7..].to_vec());
+        assert_eq!(
+            l.source.loads.load(Ordering::SeqCst) - before,
+            3 * 4,
+            "only those loaded"
+        );
+        assert_eq!(l.epoch_from(2, 99).count(), 0);
     }
 
     #[test]

@@ -12,6 +12,32 @@ use crate::act::{Act, Activation};
 use crate::simd;
 use crate::with_activation;
 
+/// Sums per-channel statistics over every replica of a data-parallel run, in place: with it,
+/// training-mode batch norm uses the statistics of the global batch (synchronized BN). Each
+/// replica passes its local sums; the row count travels as the last element.
+pub type ReplicaSum = dyn Fn(&mut [f64]) + Send + Sync;
+
+/// A shared [`ReplicaSum`] that a workspace can hold (and print).
+#[derive(Clone)]
+pub struct CrossReplica(pub std::sync::Arc<ReplicaSum>);
+
+impl std::fmt::Debug for CrossReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CrossReplica")
+    }
+}
+
+/// `local` with the row count appended, summed over replicas when `sync` is given: the global
+/// sums and the global row count.
+fn across_replicas(mut local: Vec<f64>, rows: usize, sync: Option<&ReplicaSum>) -> (Vec<f64>, f64) {
+    local.push(rows as f64);
+    if let Some(sum) = sync {
+        sum(&mut local);
+    }
+    let total = local.pop().unwrap_or(rows as f64);
+    (local, total)
+}
+
 /// Rows per parallel task in the reductions: small enough that f32 partial sums stay accurate.
 const ROWS_PER_TASK: usize = 512;
 
@@ -63,7 +89,8 @@ fn par_rows(x: &[f32], y: &mut [f32], c: usize, f: impl Fn(&[f32], &mut [f32]) +
 }
 
 /// Training-mode forward: `y = act(γ·(x − mean)/sqrt(var + eps) + β)` with the batch statistics,
-/// which are written to `mean`, `var` (biased) and `invstd` for the backward pass.
+/// which are written to `mean`, `var` (biased) and `invstd` for the backward pass. With `sync`,
+/// the statistics are those of every replica's rows together. Returns the rows they span.
 #[allow(clippy::too_many_arguments)]
 pub fn train_forward(
     x: &[f32],
@@ -76,21 +103,23 @@ pub fn train_forward(
     var: &mut [f32],
     invstd: &mut [f32],
     y: &mut [f32],
-) {
-    let rows = x.len() / c;
-    let sums = par_row_sums(rows, c, |r, acc| {
+    sync: Option<&ReplicaSum>,
+) -> usize {
+    let local_rows = x.len() / c;
+    let sums = par_row_sums(local_rows, c, |r, acc| {
         for row in x[r.start * c..r.end * c].chunks_exact(c) {
             for (a, v) in acc.iter_mut().zip(row) {
                 *a += v;
             }
         }
     });
+    let (sums, total) = across_replicas(sums, local_rows, sync);
     for (m, s) in mean.iter_mut().zip(&sums) {
-        *m = (s / rows as f64) as f32;
+        *m = (s / total) as f32;
     }
     let mean_ro: &[f32] = mean;
     // Two passes (mean, then squared deviations) keep the variance accurate for large means.
-    let sq = par_row_sums(rows, c, |r, acc| {
+    let sq = par_row_sums(local_rows, c, |r, acc| {
         for row in x[r.start * c..r.end * c].chunks_exact(c) {
             for ((a, v), m) in acc.iter_mut().zip(row).zip(mean_ro) {
                 let d = v - m;
@@ -98,12 +127,14 @@ pub fn train_forward(
             }
         }
     });
+    let (sq, _) = across_replicas(sq, local_rows, sync);
     for ch in 0..c {
-        let v = (sq[ch] / rows as f64) as f32;
+        let v = (sq[ch] / total) as f32;
         var[ch] = v;
         invstd[ch] = 1.0 / (v + eps).sqrt();
     }
     Folded::from_stats(gamma, beta, mean, invstd, act).apply_copy(x, c, y);
+    total as usize
 }
 
 /// Eval-mode batch norm folded into one scale and shift per channel, with its activation,
@@ -211,7 +242,9 @@ pub fn update_running_stats(
     }
 }
 
-/// Backward of [`train_forward`]: `dx` is overwritten; `dgamma` and `dbeta` are accumulated into.
+/// Backward of [`train_forward`]: `dx` is overwritten; `dgamma` and `dbeta` are accumulated into
+/// (this replica's share: the gradient all-reduce combines them). With `sync`, as the forward's,
+/// the mean gradient terms span every replica's rows.
 #[allow(clippy::too_many_arguments)]
 pub fn train_backward(
     x: &[f32],
@@ -225,8 +258,9 @@ pub fn train_backward(
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    sync: Option<&ReplicaSum>,
 ) {
-    with_activation!(act, A => train_backward_rows::<A>(x, c, gamma, beta, mean, invstd, dy, dx, dgamma, dbeta))
+    with_activation!(act, A => train_backward_rows::<A>(x, c, gamma, beta, mean, invstd, dy, dx, dgamma, dbeta, sync))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -241,6 +275,7 @@ fn train_backward_rows<A: Activation>(
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    sync: Option<&ReplicaSum>,
 ) {
     let rows = x.len() / c;
     let Folded { scale, shift, .. } = Folded::from_stats(gamma, beta, mean, invstd, Act::None);
@@ -279,14 +314,15 @@ fn train_backward_rows<A: Activation>(
             });
             acc
         });
-    let sums = sum_partials(partials, 2 * c);
-    let inv_rows = 1.0 / rows as f64;
+    let local = sum_partials(partials, 2 * c);
+    for ch in 0..c {
+        dbeta[ch] += local[ch] as f32;
+        dgamma[ch] += local[c + ch] as f32;
+    }
+    let (sums, total) = across_replicas(local, rows, sync);
+    let inv_rows = 1.0 / total;
     let mean_dz: Vec<f32> = sums[..c].iter().map(|s| (s * inv_rows) as f32).collect();
     let mean_dzx: Vec<f32> = sums[c..].iter().map(|s| (s * inv_rows) as f32).collect();
-    for ch in 0..c {
-        dbeta[ch] += sums[ch] as f32;
-        dgamma[ch] += sums[c + ch] as f32;
-    }
     // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), in place over dz.
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))

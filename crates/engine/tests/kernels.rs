@@ -251,6 +251,7 @@ fn batch_norm_train_forward_backward_and_running_stats() {
             &mut var,
             &mut invstd,
             &mut y,
+            None,
         );
         let (xd, gd, bd) = (f64s(&x), f64s(&gamma), f64s(&beta));
         assert!(max_rel(&y, &bn_ref(&xd, c, &gd, &bd, eps as f64, act)) < 1e-5);
@@ -259,7 +260,7 @@ fn batch_norm_train_forward_backward_and_running_stats() {
         let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
         let (mut dx, mut dg, mut db) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
         norm::train_backward(
-            &x, c, &gamma, &beta, &mean, &invstd, act, &dy, &mut dx, &mut dg, &mut db,
+            &x, c, &gamma, &beta, &mean, &invstd, act, &dy, &mut dx, &mut dg, &mut db, None,
         );
         if rows < 100 {
             let dx_num = numeric_grad(&xd, |xp| dot(&bn_ref(xp, c, &gd, &bd, eps as f64, act), &r));
@@ -291,6 +292,111 @@ fn batch_norm_train_forward_backward_and_running_stats() {
             let z = gd[ch] * (xd[i] - rm[ch] as f64) / (rv[ch] as f64 + eps as f64).sqrt() + bd[ch];
             assert!((*v as f64 - act_ref(act, z)).abs() < 1e-4);
         }
+    }
+}
+
+/// Two replicas in two threads: each one's sum waits for the other's values (a two-rank
+/// all-reduce in memory).
+struct Exchange {
+    slots: std::sync::Mutex<[Vec<f64>; 2]>,
+    barrier: std::sync::Barrier,
+}
+
+fn replica_sum(ex: std::sync::Arc<Exchange>, me: usize) -> impl Fn(&mut [f64]) + Send + Sync {
+    move |v: &mut [f64]| {
+        ex.slots.lock().unwrap()[me] = v.to_vec();
+        ex.barrier.wait();
+        let other = ex.slots.lock().unwrap()[1 - me].clone();
+        v.iter_mut().zip(&other).for_each(|(a, b)| *a += b);
+        ex.barrier.wait();
+    }
+}
+
+#[test]
+fn synchronized_batch_norm_over_two_replicas_equals_the_whole_batch() {
+    let mut rng = Rng::new(9);
+    let (rows, c, act) = (2 * 45, 6, Act::Silu);
+    let x: Vec<f32> = random(&mut rng, rows * c).iter().map(|v| 1.0 + v).collect();
+    let dy = random(&mut rng, rows * c);
+    let gamma: Vec<f32> = (0..c).map(|_| rng.uniform_in(0.5, 1.5) as f32).collect();
+    let beta = random(&mut rng, c);
+    // What one process computes on all rows: (y, mean, var, dx, dγ, dβ, rows).
+    type Out = (
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+        usize,
+    );
+    let run = |x: &[f32], dy: &[f32], sync: Option<&norm::ReplicaSum>| -> Out {
+        let (mut mean, mut var, mut invstd) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+        let mut y = vec![0f32; x.len()];
+        let n = norm::train_forward(
+            x,
+            c,
+            &gamma,
+            &beta,
+            1e-3,
+            act,
+            &mut mean,
+            &mut var,
+            &mut invstd,
+            &mut y,
+            sync,
+        );
+        let (mut dx, mut dg, mut db) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
+        norm::train_backward(
+            x, c, &gamma, &beta, &mean, &invstd, act, dy, &mut dx, &mut dg, &mut db, sync,
+        );
+        (y, mean, var, dx, dg, db, n)
+    };
+    let whole = run(&x, &dy, None);
+    let ex = std::sync::Arc::new(Exchange {
+        slots: std::sync::Mutex::new([vec![], vec![]]),
+        barrier: std::sync::Barrier::new(2),
+    });
+    let half = rows / 2 * c;
+    let parts: Vec<Out> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|r| {
+                let sum = replica_sum(ex.clone(), r);
+                let (x, dy, run) = (
+                    &x[r * half..(r + 1) * half],
+                    &dy[r * half..(r + 1) * half],
+                    &run,
+                );
+                s.spawn(move || run(x, dy, Some(&sum)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, p) in parts.iter().enumerate() {
+        assert_eq!(p.6, rows, "statistics span both replicas' rows");
+        assert!(max_rel(&p.1, &f64s(&whole.1)) < 1e-5 && max_rel(&p.2, &f64s(&whole.2)) < 1e-5);
+        let slice = r * half..(r + 1) * half;
+        assert!(
+            max_rel(&p.0, &f64s(&whole.0[slice.clone()])) < 1e-5,
+            "y of replica {r}"
+        );
+        assert!(
+            max_rel(&p.3, &f64s(&whole.3[slice])) < 1e-4,
+            "dx of replica {r}"
+        );
+    }
+    // Each replica's dγ, dβ is its rows' share: together they are the whole batch's.
+    for ch in 0..c {
+        let dg = parts[0].4[ch] + parts[1].4[ch];
+        let db = parts[0].5[ch] + parts[1].5[ch];
+        assert!(
+            (dg - whole.4[ch]).abs() < 1e-4 * (1.0 + whole.4[ch].abs()),
+            "dγ"
+        );
+        assert!(
+            (db - whole.5[ch]).abs() < 1e-4 * (1.0 + whole.5[ch].abs()),
+            "dβ"
+        );
     }
 }
 

@@ -4,6 +4,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use effnet_engine::norm::CrossReplica;
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
 use effnet_engine::{conv, depthwise, linear, norm, pool, regularize, se, Act, Nhwc};
@@ -408,8 +409,10 @@ impl Network {
                     let c = u.cout;
                     let (mean, rest) = s.split_at_mut(c);
                     let (var, invstd) = rest.split_at_mut(c);
-                    norm::train_forward(conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y);
-                    let rows = conv_out.len() / c;
+                    let sync = ws.replica_sum.as_ref().map(|r| &*r.0);
+                    let rows = norm::train_forward(
+                        conv_out, c, gamma, beta, eps, u.act, mean, var, invstd, y, sync,
+                    );
                     let (rm, rv) = (u.bn.mean.clone(), u.bn.var.clone());
                     let (bm, bv) = weights.buffers.split_at_mut(rv.start);
                     norm::update_running_stats(
@@ -599,6 +602,7 @@ impl Network {
                         d_conv,
                         &mut dg[u.bn.gamma.clone()],
                         &mut db[..c],
+                        ws.replica_sum.as_ref().map(|r| &*r.0),
                     );
                 }
                 Profile::add(&mut ws.profile, "bn+act backward", t, dy.len());
@@ -739,6 +743,8 @@ pub struct Workspace {
     /// Planned for training (forward in either mode, and backward) or for inference only.
     training: bool,
     pub profile: Option<Profile>,
+    /// Set in a data-parallel run with synchronized batch norm: sums BN statistics over replicas.
+    pub replica_sum: Option<CrossReplica>,
 }
 
 impl Workspace {
@@ -813,6 +819,7 @@ impl Workspace {
             mode: None,
             training,
             profile: None,
+            replica_sum: None,
         }
     }
 

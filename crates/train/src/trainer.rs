@@ -1,8 +1,14 @@
 //! One training run's state and its step: forward in training mode, label-smoothed (or soft)
-//! cross-entropy, backward, gradients accumulated over K micro-batches and averaged, then one
-//! optimizer step at the scheduled rate and the EMA update.
+//! cross-entropy, backward, gradients accumulated over K micro-batches and averaged, averaged
+//! again over the replicas of a data-parallel run (one all-reduce), then one optimizer step at
+//! the scheduled rate and the EMA update.
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use effnet_dist::{Communicator, Single};
 use effnet_engine::loss;
+use effnet_engine::norm::CrossReplica;
 use effnet_engine::rng::Rng;
 use effnet_model::{Mode, Network, Weights, Workspace};
 
@@ -22,17 +28,43 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// EMA decay; `None` turns EMA off.
     pub ema_decay: Option<f64>,
+    /// Scale the step's (averaged) gradient down to this global L2 norm when above (0: off).
+    pub grad_clip_norm: f32,
     pub seed: u64,
 }
 
 /// What one micro-batch gave.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MicroResult {
+    /// Non-finite when this micro-batch's loss was: its gradients are dropped.
     pub loss: f32,
     /// Images whose top-1 class equals the target's most probable class.
     pub correct: usize,
     /// Whether this micro-batch completed an optimizer step.
     pub stepped: bool,
+    /// The step it completed was skipped: a micro-batch of it, on some replica, had a non-finite
+    /// loss (as a dynamic loss scale skips a step), so no weight moved.
+    pub skipped: bool,
+}
+
+/// How the replicas of a data-parallel run cooperate (one process: [`Replicas::single`]).
+#[derive(Clone)]
+pub struct Replicas {
+    pub comm: Arc<dyn Communicator>,
+    /// Batch norm with the statistics of the global batch (one all-reduce per BN layer and pass).
+    pub sync_bn: bool,
+    /// Gradients exchanged as f16 (Horovod's fp16 compression): half the bytes, f16 rounding.
+    pub fp16_gradients: bool,
+}
+
+impl Replicas {
+    pub fn single() -> Replicas {
+        Replicas {
+            comm: Arc::new(Single),
+            sync_bn: false,
+            fp16_gradients: false,
+        }
+    }
 }
 
 pub struct Trainer {
@@ -45,6 +77,11 @@ pub struct Trainer {
     pub pending: usize,
     pub grads: Vec<f32>,
     pub rng: Rng,
+    pub replicas: Replicas,
+    /// Seconds spent exchanging gradients (the all-reduce), for scaling measurements.
+    pub exchange_seconds: f64,
+    /// A micro-batch of the pending step had a non-finite loss.
+    pending_bad: bool,
     workspace: Option<((usize, usize), Workspace)>,
     eval_workspace: Option<((usize, usize), Workspace)>,
 }
@@ -84,6 +121,9 @@ impl Trainer {
             pending: 0,
             grads,
             rng,
+            replicas: Replicas::single(),
+            exchange_seconds: 0.0,
+            pending_bad: false,
             workspace: None,
             eval_workspace: None,
         }
@@ -94,9 +134,15 @@ impl Trainer {
         self.optimizer.step
     }
 
+    /// Joins a data-parallel run: every collective call from here on spans `replicas`.
+    pub fn set_replicas(&mut self, replicas: Replicas) {
+        self.replicas = replicas;
+        self.workspace = None;
+    }
+
     /// One micro-batch of `n` NHWC images with soft `targets` (`[n, classes]`; see
-    /// [`smoothed`]). A non-finite loss leaves the weights (running statistics included) and the
-    /// accumulated gradients untouched and returns an error.
+    /// [`smoothed`]). A non-finite loss restores the running statistics, drops this micro-batch's
+    /// gradients and makes the step it belongs to a skipped one (on every replica).
     pub fn micro_step(
         &mut self,
         images: &[f32],
@@ -117,22 +163,35 @@ impl Trainer {
         // are small: two values per channel).
         let (buffers, tracked) = (self.weights.buffers.clone(), self.weights.tracked.clone());
         let ws = planned(&mut self.workspace, &self.net, n, size, true);
+        if self.replicas.sync_bn && self.replicas.comm.size() > 1 && ws.replica_sum.is_none() {
+            let comm = self.replicas.comm.clone();
+            ws.replica_sum = Some(CrossReplica(Arc::new(move |v: &mut [f64]| {
+                // A failed collective leaves the replicas out of step; nothing can continue.
+                if let Err(e) = comm.all_reduce_sum_f64(v) {
+                    panic!("synchronized batch norm: {e}");
+                }
+            })));
+        }
         let logits = self
             .net
             .forward(&mut self.weights, ws, images, mode, &mut rng)
             .to_vec();
         let mut dlogits = vec![0f32; logits.len()];
         let value = loss::softmax_cross_entropy(&logits, classes, targets, &mut dlogits);
-        if !value.is_finite() {
+        if value.is_finite() {
+            self.net
+                .backward(&self.weights, ws, &dlogits, &mut self.grads);
+        } else {
             self.weights.buffers = buffers;
             self.weights.tracked = tracked;
-            return Err(format!(
-                "non-finite loss ({value}) at step {}: step skipped",
-                self.optimizer.step
-            ));
+            self.pending_bad = true;
+            if ws.replica_sum.is_some() {
+                // Synchronized BN's backward is collective: take part, with no gradient.
+                dlogits.fill(0.0);
+                let mut discard = vec![0f32; self.grads.len()];
+                self.net.backward(&self.weights, ws, &dlogits, &mut discard);
+            }
         }
-        self.net
-            .backward(&self.weights, ws, &dlogits, &mut self.grads);
         let correct = logits
             .chunks_exact(classes)
             .zip(targets.chunks_exact(classes))
@@ -140,20 +199,52 @@ impl Trainer {
             .count();
         self.pending += 1;
         let stepped = self.pending == self.config.accumulation.max(1);
-        if stepped {
-            self.apply_step();
-        }
+        let skipped = stepped && !self.apply_step()?;
         Ok(MicroResult {
             loss: value,
             correct,
             stepped,
+            skipped,
         })
     }
 
-    /// Averages the accumulated gradients and takes one optimizer step.
-    fn apply_step(&mut self) {
-        let scale = 1.0 / self.pending as f32;
+    /// Averages the accumulated gradients over micro-batches and replicas and takes one
+    /// optimizer step; returns false when the step was skipped for a non-finite loss.
+    fn apply_step(&mut self) -> Result<bool, String> {
+        let comm = self.replicas.comm.clone();
+        let mut bad = [self.pending_bad as u8 as f64];
+        if comm.size() > 1 {
+            comm.all_reduce_sum_f64(&mut bad)?;
+        }
+        self.pending = 0;
+        self.pending_bad = false;
+        if bad[0] > 0.0 {
+            self.grads.fill(0.0);
+            return Ok(false);
+        }
+        let scale = 1.0 / self.config.accumulation.max(1) as f32;
         self.grads.iter_mut().for_each(|g| *g *= scale);
+        if comm.size() > 1 {
+            let t = Instant::now();
+            if self.replicas.fp16_gradients {
+                comm.all_reduce_mean_f16(&mut self.grads)?;
+            } else {
+                comm.all_reduce_mean_f32(&mut self.grads)?;
+            }
+            self.exchange_seconds += t.elapsed().as_secs_f64();
+        }
+        if self.config.grad_clip_norm > 0.0 {
+            let norm = self
+                .grads
+                .iter()
+                .map(|&g| g as f64 * g as f64)
+                .sum::<f64>()
+                .sqrt();
+            if norm > self.config.grad_clip_norm as f64 {
+                let k = (self.config.grad_clip_norm as f64 / norm) as f32;
+                self.grads.iter_mut().for_each(|g| *g *= k);
+            }
+        }
         let lr = self.config.schedule.at(self.optimizer.step) as f32;
         self.optimizer
             .apply(&mut self.weights.params, &self.grads, lr);
@@ -161,7 +252,43 @@ impl Trainer {
             ema.update(&self.weights, self.optimizer.step);
         }
         self.grads.fill(0.0);
+        Ok(true)
+    }
+
+    /// Makes every replica start from rank 0's state: weights, running statistics, optimizer
+    /// slots and step, EMA (after a fresh start or a resume on rank 0).
+    pub fn broadcast_state(&mut self) -> Result<(), String> {
+        let comm = self.replicas.comm.clone();
+        if comm.size() == 1 {
+            return Ok(());
+        }
+        comm.broadcast_f32(&mut self.weights.params, 0)?;
+        comm.broadcast_f32(&mut self.weights.buffers, 0)?;
+        comm.broadcast_f32(&mut self.optimizer.slot_a, 0)?;
+        comm.broadcast_f32(&mut self.optimizer.slot_b, 0)?;
+        if let Some(ema) = &mut self.ema {
+            comm.broadcast_f32(&mut ema.params, 0)?;
+            comm.broadcast_f32(&mut ema.buffers, 0)?;
+        }
+        let mut counters: Vec<u8> = self
+            .weights
+            .tracked
+            .iter()
+            .chain([&(self.optimizer.step as i64)])
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        comm.broadcast_bytes(&mut counters, 0)?;
+        let values: Vec<i64> = counters
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let (step, tracked) = values.split_last().ok_or("empty state broadcast")?;
+        self.weights.tracked = tracked.to_vec();
+        self.optimizer.step = *step as u64;
+        self.grads.fill(0.0);
         self.pending = 0;
+        self.pending_bad = false;
+        Ok(())
     }
 
     /// The weights to evaluate: the EMA's when `use_ema` and EMA is on, else the raw ones.

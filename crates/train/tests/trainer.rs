@@ -1,73 +1,13 @@
 //! The training step: learning happens, gradient accumulation averages micro-batches into one
 //! step, a non-finite loss never touches the weights, and EMA follows the weights.
 
+mod common;
+
+use common::{batch, config, tiny};
 use effnet_engine::rng::Rng;
-use effnet_model::family::{ArchConfig, Preprocess, StageSpec};
-use effnet_model::{Act, Network, Weights};
+use effnet_model::Weights;
 use effnet_train::optim::Kind;
-use effnet_train::schedule::{Decay, Schedule};
-use effnet_train::trainer::{smoothed, TrainConfig, Trainer};
-
-fn tiny(dropout: f32) -> Network {
-    let stages = ["cn_r1_k3_s1_e1_c8_skip", "ir_r2_k3_s2_e3_c16_se0.25"]
-        .iter()
-        .map(|s| StageSpec::parse(s).unwrap())
-        .collect();
-    Network::new(ArchConfig {
-        name: "tiny".into(),
-        stages,
-        stem_size: 8,
-        num_features: 32,
-        width: 1.0,
-        depth: 1.0,
-        round_limit: 0.9,
-        fix_stem_head: false,
-        act: Act::Silu,
-        num_classes: 3,
-        dropout,
-        drop_path: dropout,
-        bn_eps: 1e-3,
-        eval_size: 12,
-        preprocess: Preprocess::default(),
-    })
-}
-
-fn config(accumulation: usize, lr: f64) -> TrainConfig {
-    TrainConfig {
-        accumulation,
-        label_smoothing: 0.1,
-        bn_momentum: 0.9,
-        optimizer: Kind::RmsProp {
-            rho: 0.9,
-            momentum: 0.9,
-            epsilon: 1e-3,
-        },
-        weight_decay: 5e-6,
-        schedule: Schedule {
-            peak: lr,
-            warmup_steps: 0,
-            total_steps: 1000,
-            decay: Decay::Cosine,
-        },
-        ema_decay: Some(0.99),
-        seed: 1,
-    }
-}
-
-/// Three classes told apart by which color channel is bright.
-fn batch(rng: &mut Rng, n: usize) -> (Vec<f32>, Vec<usize>) {
-    let labels: Vec<usize> = (0..n).map(|_| rng.below(3)).collect();
-    let mut x = vec![0f32; n * 12 * 12 * 3];
-    for (b, &l) in labels.iter().enumerate() {
-        for p in 0..144 {
-            for c in 0..3 {
-                x[(b * 144 + p) * 3 + c] =
-                    0.3 * rng.normal() as f32 + if c == l { 1.0 } else { -0.5 };
-            }
-        }
-    }
-    (x, labels)
-}
+use effnet_train::trainer::{smoothed, Trainer};
 
 #[test]
 fn training_learns_a_simple_task() {
@@ -139,14 +79,37 @@ fn a_non_finite_loss_skips_the_step_and_keeps_the_weights() {
     let mut rng = Rng::new(1);
     let (mut x, y) = batch(&mut rng, 4);
     x[17] = f32::NAN;
-    let e = t.micro_step(&x, 4, 12, &smoothed(&y, 3, 0.0)).unwrap_err();
-    assert!(e.contains("non-finite"), "{e}");
+    let r = t.micro_step(&x, 4, 12, &smoothed(&y, 3, 0.0)).unwrap();
+    assert!(!r.loss.is_finite() && r.stepped && r.skipped, "{r:?}");
     assert_eq!(
         t.weights, w,
         "parameters, running statistics and counters unchanged"
     );
     assert_eq!(t.step(), 0);
     assert!(t.grads.iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn a_non_finite_micro_batch_skips_its_whole_accumulated_step() {
+    let net = tiny(0.0);
+    let w = Weights::init(&net, 2);
+    let mut t = Trainer::new(net, w.clone(), config(2, 0.01));
+    let mut rng = Rng::new(1);
+    let (mut bad, y) = batch(&mut rng, 4);
+    let (good, y2) = batch(&mut rng, 4);
+    bad[5] = f32::INFINITY;
+    let first = t.micro_step(&bad, 4, 12, &smoothed(&y, 3, 0.0)).unwrap();
+    assert!(!first.stepped && !first.skipped);
+    let second = t.micro_step(&good, 4, 12, &smoothed(&y2, 3, 0.0)).unwrap();
+    assert!(second.loss.is_finite() && second.stepped && second.skipped);
+    assert_eq!(t.weights.params, w.params, "no step taken");
+    assert_eq!(t.step(), 0);
+    // The next full step is a normal one.
+    t.micro_step(&good, 4, 12, &smoothed(&y2, 3, 0.0)).unwrap();
+    let r = t.micro_step(&good, 4, 12, &smoothed(&y2, 3, 0.0)).unwrap();
+    assert!(r.stepped && !r.skipped);
+    assert_eq!(t.step(), 1);
+    assert_ne!(t.weights.params, w.params);
 }
 
 #[test]

@@ -1,0 +1,248 @@
+//! What a run writes in `--model-dir` (rank 0 alone): params.yaml, the DLLogger log,
+//! checkpoints (every N epochs, every N steps, the newest `--keep-last` kept), the training
+//! curves and the final model with its labels.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use effnet_model::{weights, Network, Weights};
+use effnet_train::checkpoint::{self, RunState};
+use effnet_train::trainer::Trainer;
+
+use super::args::TrainArgs;
+use crate::dllogger;
+use crate::plot::{self, Chart, Series};
+
+pub struct RunFiles {
+    dir: PathBuf,
+    /// Only rank 0 writes; on the other ranks every method does nothing.
+    root: bool,
+    log: PathBuf,
+    keep_last: usize,
+    saving: bool,
+}
+
+/// A checkpoint's file name: `checkpoint-epoch0003.safetensors` after 3 epochs, or
+/// `checkpoint-epoch0003-batch000120.safetensors` 120 batches into the 4th.
+fn checkpoint_name(at: RunState) -> String {
+    match at.batch_in_epoch {
+        0 => format!("checkpoint-epoch{:04}.safetensors", at.epoch),
+        b => format!("checkpoint-epoch{:04}-batch{b:06}.safetensors", at.epoch),
+    }
+}
+
+/// The position a checkpoint name stands for.
+fn checkpoint_position(name: &str) -> Option<(u64, u64)> {
+    let rest = name
+        .strip_prefix("checkpoint-epoch")?
+        .strip_suffix(".safetensors")?;
+    match rest.split_once("-batch") {
+        Some((e, b)) => Some((e.parse().ok()?, b.parse().ok()?)),
+        None => Some((rest.parse().ok()?, 0)),
+    }
+}
+
+/// The checkpoints in `dir`, oldest first.
+fn checkpoints(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut found: Vec<((u64, u64), PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let at = checkpoint_position(p.file_name()?.to_str()?)?;
+            Some((at, p))
+        })
+        .collect();
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+impl RunFiles {
+    /// Creates the model directory and writes `params.yaml` (rank 0).
+    pub fn new(args: &TrainArgs, root: bool) -> Result<RunFiles, String> {
+        let dir = args.model_dir.clone();
+        if root {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let params = dir.join("params.yaml");
+            std::fs::write(&params, args.to_yaml())
+                .map_err(|e| format!("{}: {e}", params.display()))?;
+        }
+        Ok(RunFiles {
+            log: dir.join(&args.log_filename),
+            dir,
+            root,
+            keep_last: args.keep_last.max(1),
+            saving: args.enable_checkpoint_saving,
+        })
+    }
+
+    /// One DLLogger record (stdout and the log file).
+    pub fn log(
+        &self,
+        start: Instant,
+        step: serde_json::Value,
+        data: serde_json::Value,
+    ) -> Result<(), String> {
+        if !self.root {
+            return Ok(());
+        }
+        dllogger::log(Some(&self.log), start, step, data)
+    }
+
+    pub fn newest_checkpoint(&self) -> Result<Option<PathBuf>, String> {
+        if !self.dir.is_dir() {
+            return Ok(None);
+        }
+        Ok(checkpoints(&self.dir)?.pop())
+    }
+
+    /// Writes a checkpoint atomically and deletes all but the newest `--keep-last`.
+    pub fn save_checkpoint(&self, t: &Trainer, at: RunState) -> Result<(), String> {
+        if !self.root || !self.saving {
+            return Ok(());
+        }
+        checkpoint::save(&self.dir.join(checkpoint_name(at)), t, at)?;
+        let found = checkpoints(&self.dir)?;
+        let excess = found.len().saturating_sub(self.keep_last);
+        for p in &found[..excess] {
+            std::fs::remove_file(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn write_curves(&self, curves: &Curves) -> Result<(), String> {
+        if !self.root {
+            return Ok(());
+        }
+        plot::write_charts(&curves.charts(), 2, &self.dir.join("curves")).map(|_| ())
+    }
+
+    /// `model.safetensors` (with which weights and their accuracy in its metadata) and
+    /// `labels.txt`; returns the model's path.
+    pub fn write_model(
+        &self,
+        net: &Network,
+        w: &Weights,
+        source: &str,
+        top1: f64,
+        names: &[String],
+    ) -> Result<PathBuf, String> {
+        let path = self.dir.join("model.safetensors");
+        let mut meta = weights::metadata(net);
+        meta.insert("effnet.weights_source".into(), source.into());
+        meta.insert("effnet.eval_accuracy_top_1".into(), format!("{top1:.4}"));
+        effnet_model::io::write_safetensors(&path, &weights::to_tensors(net, w), &meta)
+            .map_err(|e| e.to_string())?;
+        let labels = self.dir.join("labels.txt");
+        std::fs::write(&labels, names.join("\n") + "\n")
+            .map_err(|e| format!("{}: {e}", labels.display()))?;
+        Ok(path)
+    }
+}
+
+/// The training curves: per logged step and per epoch.
+#[derive(Debug, Default)]
+pub struct Curves {
+    /// (step, learning rate, images/s)
+    steps: Vec<(u64, f64, f64)>,
+    /// (epoch, training loss, training top-1, evaluation (loss, top-1))
+    epochs: Vec<(u64, f64, f64, Option<(f64, f64)>)>,
+}
+
+impl Curves {
+    pub fn step(&mut self, step: u64, lr: f64, images_per_second: f64) {
+        self.steps.push((step, lr, images_per_second));
+    }
+
+    pub fn epoch(&mut self, epoch: u64, loss: f64, top1: f64, eval: Option<(f64, f64)>) {
+        self.epochs.push((epoch, loss, top1, eval));
+    }
+
+    fn charts(&self) -> Vec<Chart> {
+        let series = |name: &str, points: Vec<(f64, f64)>| Series {
+            name: name.into(),
+            points,
+        };
+        let per_epoch = |f: &dyn Fn(&(u64, f64, f64, Option<(f64, f64)>)) -> Option<f64>| {
+            self.epochs
+                .iter()
+                .filter_map(|e| Some((e.0 as f64, f(e)?)))
+                .collect::<Vec<_>>()
+        };
+        let chart = |title: &str, x: &str, y: &str, series: Vec<Series>| Chart {
+            title: title.into(),
+            x_label: x.into(),
+            y_label: y.into(),
+            series,
+        };
+        vec![
+            chart(
+                "loss",
+                "epoch",
+                "cross-entropy",
+                vec![
+                    series("training", per_epoch(&|e| Some(e.1))),
+                    series("evaluation", per_epoch(&|e| e.3.map(|v| v.0))),
+                ],
+            ),
+            chart(
+                "top-1 accuracy",
+                "epoch",
+                "top-1",
+                vec![
+                    series("training", per_epoch(&|e| Some(e.2))),
+                    series("evaluation", per_epoch(&|e| e.3.map(|v| v.1))),
+                ],
+            ),
+            chart(
+                "learning rate",
+                "step",
+                "lr",
+                vec![series(
+                    "lr",
+                    self.steps.iter().map(|s| (s.0 as f64, s.1)).collect(),
+                )],
+            ),
+            chart(
+                "throughput",
+                "step",
+                "images/s",
+                vec![series(
+                    "training",
+                    self.steps.iter().map(|s| (s.0 as f64, s.2)).collect(),
+                )],
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_names_sort_by_position_not_by_text() {
+        let names = [
+            checkpoint_name(RunState {
+                epoch: 1,
+                batch_in_epoch: 0,
+            }),
+            checkpoint_name(RunState {
+                epoch: 1,
+                batch_in_epoch: 40,
+            }),
+            checkpoint_name(RunState {
+                epoch: 2,
+                batch_in_epoch: 0,
+            }),
+        ];
+        let at: Vec<_> = names
+            .iter()
+            .map(|n| checkpoint_position(n).unwrap())
+            .collect();
+        assert_eq!(at, [(1, 0), (1, 40), (2, 0)]);
+        // As text, the mid-epoch name sorts before the end of epoch 1, which is older.
+        assert!(names[1] < names[0]);
+        assert_eq!(checkpoint_position("model.safetensors"), None);
+        assert_eq!(checkpoint_position("checkpoint-epochxx.safetensors"), None);
+    }
+}
