@@ -1,7 +1,5 @@
 //! Training-curve charts written as PNG and SVG with no plotting dependency: one layout routine
 //! drives two painters (hand-written SVG text, and an RGB raster with a built-in 5×8 bitmap font).
-// The training loop is the caller; until it is wired in, the API is only reached by the tests.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};

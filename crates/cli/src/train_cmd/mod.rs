@@ -493,7 +493,8 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
                 sums[1] / sums[0].max(1.0)
             );
             progress.update(m + 1, sums[0] as usize * world, &label, &status);
-            if r.stepped && args.checkpoint_steps > 0 && step % args.checkpoint_steps == 0 {
+            if r.stepped && args.checkpoint_steps > 0 && step.is_multiple_of(args.checkpoint_steps)
+            {
                 let here = RunState {
                     epoch,
                     batch_in_epoch: ((m + 1) / accum) as u64,
@@ -503,7 +504,7 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
                     files.save_checkpoint(&t, here)?;
                 }
             }
-            if r.stepped && step % args.log_steps.max(1) == 0 {
+            if r.stepped && step.is_multiple_of(args.log_steps.max(1)) {
                 let secs = window.1.elapsed().as_secs_f64();
                 let ips = (window.0 * world) as f64 / secs;
                 let exchange = t.exchange_seconds - window.2;

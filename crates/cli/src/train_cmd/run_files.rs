@@ -139,13 +139,22 @@ impl RunFiles {
     }
 }
 
+/// One epoch's point on the curves.
+#[derive(Debug, Clone, Copy)]
+struct EpochPoint {
+    epoch: u64,
+    loss: f64,
+    top1: f64,
+    /// Evaluation (loss, top-1), when the epoch was evaluated.
+    eval: Option<(f64, f64)>,
+}
+
 /// The training curves: per logged step and per epoch.
 #[derive(Debug, Default)]
 pub struct Curves {
     /// (step, learning rate, images/s)
     steps: Vec<(u64, f64, f64)>,
-    /// (epoch, training loss, training top-1, evaluation (loss, top-1))
-    epochs: Vec<(u64, f64, f64, Option<(f64, f64)>)>,
+    epochs: Vec<EpochPoint>,
 }
 
 impl Curves {
@@ -154,7 +163,12 @@ impl Curves {
     }
 
     pub fn epoch(&mut self, epoch: u64, loss: f64, top1: f64, eval: Option<(f64, f64)>) {
-        self.epochs.push((epoch, loss, top1, eval));
+        self.epochs.push(EpochPoint {
+            epoch,
+            loss,
+            top1,
+            eval,
+        });
     }
 
     fn charts(&self) -> Vec<Chart> {
@@ -162,10 +176,10 @@ impl Curves {
             name: name.into(),
             points,
         };
-        let per_epoch = |f: &dyn Fn(&(u64, f64, f64, Option<(f64, f64)>)) -> Option<f64>| {
+        let per_epoch = |f: &dyn Fn(&EpochPoint) -> Option<f64>| {
             self.epochs
                 .iter()
-                .filter_map(|e| Some((e.0 as f64, f(e)?)))
+                .filter_map(|e| Some((e.epoch as f64, f(e)?)))
                 .collect::<Vec<_>>()
         };
         let chart = |title: &str, x: &str, y: &str, series: Vec<Series>| Chart {
@@ -180,8 +194,8 @@ impl Curves {
                 "epoch",
                 "cross-entropy",
                 vec![
-                    series("training", per_epoch(&|e| Some(e.1))),
-                    series("evaluation", per_epoch(&|e| e.3.map(|v| v.0))),
+                    series("training", per_epoch(&|e| Some(e.loss))),
+                    series("evaluation", per_epoch(&|e| e.eval.map(|v| v.0))),
                 ],
             ),
             chart(
@@ -189,8 +203,8 @@ impl Curves {
                 "epoch",
                 "top-1",
                 vec![
-                    series("training", per_epoch(&|e| Some(e.2))),
-                    series("evaluation", per_epoch(&|e| e.3.map(|v| v.1))),
+                    series("training", per_epoch(&|e| Some(e.top1))),
+                    series("evaluation", per_epoch(&|e| e.eval.map(|v| v.1))),
                 ],
             ),
             chart(
