@@ -8,12 +8,14 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// mpirun as root needs these (CI runs as root).
+/// mpirun as root needs these (CI runs as root), and in a container, no single-copy transport.
 fn mpirun() -> Command {
     let mut c = Command::new("mpirun");
     c.arg("--oversubscribe")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        // Containers forbid the ptrace-based shared-memory copy Open MPI tries first.
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
     c
 }
 

@@ -19,6 +19,11 @@ pub trait Communicator: Send + Sync {
     /// A short description, e.g. "single process" or "MPI (Open MPI v4.1.x), 2 ranks".
     fn describe(&self) -> String;
     fn barrier(&self) -> Result<(), String>;
+    /// Ends every process of the run now, with `code`. A rank that fails alone must not simply
+    /// return: the others would wait forever in their next collective (and it in finalizing).
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
     fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<(), String>;
     /// Replaces `buf` on every rank with root's bytes (lengths may differ before the call).
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), String>;
@@ -306,6 +311,7 @@ impl Launch {
     }
 
     /// More than one process, as far as the environment tells.
+    #[cfg(any(not(feature = "mpi"), test))]
     fn is_multi(&self) -> bool {
         self.size.is_some_and(|s| s > 1) || self.rank.is_some_and(|r| r > 0)
     }
@@ -347,8 +353,9 @@ fn from_launch(launch: Option<Launch>) -> Result<Arc<dyn Communicator>, String> 
     if let Some(expected) = launch.size {
         if comm.size() != expected {
             return Err(format!(
-                "the launcher started {expected} processes but MPI sees {}: the program and the \
-                 launcher use different MPI libraries, or srun needs `--mpi=pmix`",
+                "the launcher started this process as {} but MPI sees {} ranks: the program and \
+                 the launcher use different MPI libraries, or srun needs `--mpi=pmix`",
+                launch.describe(),
                 comm.size()
             ));
         }
@@ -367,6 +374,7 @@ mod mpi_impl {
     use mpi::collective::SystemOperation;
     use mpi::datatype::PartitionMut;
     use mpi::environment::Universe;
+    use mpi::topology::Communicator as _;
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
     use mpi::{Count, Threading};
@@ -375,6 +383,17 @@ mod mpi_impl {
 
     /// Most elements per MPI call: MPI counts are C ints, so longer buffers go in pieces.
     const MAX_COUNT: usize = 1 << 30;
+
+    /// MPI_Abort on the world: mpirun ends every rank. No lock: the thread holding it may be the
+    /// one that failed, and aborting is allowed from any thread at any time.
+    fn abort_world(code: i32) -> ! {
+        // SAFETY: MPI is initialized (only `Mpi::init` installs a caller of this) and the world
+        // communicator is a constant handle; MPI_Abort does not return.
+        unsafe {
+            mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code);
+        }
+        std::process::exit(code)
+    }
 
     /// The MPI state. Fields drop in order: the world handle, then the universe, whose drop
     /// calls `MPI_Finalize`.
@@ -434,6 +453,13 @@ mod mpi_impl {
                 })
                 .unwrap_or_else(|| "unknown library".to_string());
             let only_thread = (granted == Threading::Funneled).then(|| std::thread::current().id());
+            // A panic on one rank would unwind into MPI_Finalize and wait for the others, which
+            // wait for it: take the whole run down instead, after the usual message.
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                report(info);
+                abort_world(101);
+            }));
             Ok(Mpi {
                 inner: Mutex::new(Inner {
                     world,
@@ -506,6 +532,9 @@ mod mpi_impl {
             self.lock()?.world.barrier();
             Ok(())
         }
+        fn abort(&self, code: i32) -> ! {
+            abort_world(code)
+        }
         fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<(), String> {
             let root = self.root(root)?;
             let inner = self.lock()?;
@@ -546,6 +575,11 @@ mod mpi_impl {
                 total += usize::try_from(c).map_err(|e| format!("gathered count: {e}"))?;
             }
             count(total, "all_gather_bytes total")?;
+            if total == 0 {
+                // Every rank sees the same counts, so all skip the call: Open MPI rejects an
+                // Allgatherv whose buffers are all empty (dangling pointers) as MPI_ERR_ARG.
+                return Ok(vec![Vec::new(); self.size]);
+            }
             let mut all = vec![0u8; total];
             {
                 let mut parts = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);

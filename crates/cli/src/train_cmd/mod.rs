@@ -13,6 +13,7 @@ use effnet_data::loader::{Loader, LoaderConfig, Stage};
 use effnet_data::mix::{mix_batch, MixConfig};
 use effnet_data::resize::Interpolation;
 use effnet_data::{Crop, Normalize, Transform};
+use effnet_dist::Communicator;
 use effnet_engine::rng::Rng;
 use effnet_model::{arch, weights, Network, Weights};
 use effnet_train::checkpoint::{self, RunState};
@@ -189,19 +190,35 @@ fn precision_notes(args: &TrainArgs) {
 }
 
 pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
-    let start = Instant::now();
     let comm = effnet_dist::from_environment()?;
+    if comm.size() == 1 {
+        return run(args, mode, comm);
+    }
+    // Every rank gets the same verdict here, so every rank can simply return it.
+    comm.check_same(&args.shared_config())?;
+    // One write, so that the ranks' lines never interleave.
+    let hello = format!(
+        "effnet: rank {} of {} (local rank {}, pid {}): {}\n",
+        comm.rank(),
+        comm.size(),
+        comm.local_rank(),
+        std::process::id(),
+        comm.describe()
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), hello.as_bytes());
+    let result = run(args, mode, comm.clone());
+    if let Err(e) = &result {
+        // Alone in failing, this rank must take the others down, not leave them waiting.
+        eprintln!("effnet: rank {}: {e}", comm.rank());
+        comm.abort(1);
+    }
+    result
+}
+
+fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), String> {
+    let start = Instant::now();
     let (rank, world) = (comm.rank(), comm.size());
     let root = rank == 0;
-    if world > 1 {
-        comm.check_same(&args.shared_config())?;
-        eprintln!(
-            "effnet: rank {rank} of {world} (local rank {}, pid {}): {}",
-            comm.local_rank(),
-            std::process::id(),
-            comm.describe()
-        );
-    }
     if args.batch_size == 0 || args.img_size < 8 || args.epochs == 0 {
         return Err(
             "--batch-size and --epochs must be at least 1 and --img-size at least 8".into(),
@@ -437,6 +454,8 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
         let mut sums = [0f64; 3];
         let t_epoch = Instant::now();
         let mut window = (0usize, Instant::now(), t.exchange_seconds);
+        // The logging window's (images, correct, loss·images), for the curves.
+        let mut window_sums = [0f64; 3];
         for (m, batch) in loader
             .epoch_from(epoch, first_batch)
             .enumerate()
@@ -481,9 +500,11 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
                 eprintln!("effnet: step skipped: a micro-batch had a non-finite loss");
             }
             if r.loss.is_finite() {
-                sums[0] += n as f64;
-                sums[1] += r.correct as f64;
-                sums[2] += r.loss as f64 * n as f64;
+                for s in [&mut sums, &mut window_sums] {
+                    s[0] += n as f64;
+                    s[1] += r.correct as f64;
+                    s[2] += r.loss as f64 * n as f64;
+                }
             }
             window.0 += n;
             let step = t.step();
@@ -510,7 +531,9 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
                 let exchange = t.exchange_seconds - window.2;
                 throughput_samples.push(ips);
                 let lr = t.config.schedule.at(step);
-                curves.step(step, lr, ips);
+                let seen = window_sums[0].max(1.0);
+                curves.step(step, lr, ips, window_sums[2] / seen, window_sums[1] / seen);
+                window_sums = [0.0; 3];
                 if root {
                     progress.clear();
                     if !progress.is_drawn() {
@@ -573,7 +596,7 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
             eval = Some(r);
         }
         curves.epoch(
-            epoch + 1,
+            t.step(),
             train_loss,
             train_acc,
             eval.map(|r| (r.loss, r.top1)),

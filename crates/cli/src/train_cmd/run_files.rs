@@ -139,91 +139,86 @@ impl RunFiles {
     }
 }
 
-/// One epoch's point on the curves.
+/// A point of the curves at an optimizer step: the logging window's figures, or an epoch's.
 #[derive(Debug, Clone, Copy)]
-struct EpochPoint {
-    epoch: u64,
+struct Point {
+    step: f64,
     loss: f64,
     top1: f64,
-    /// Evaluation (loss, top-1), when the epoch was evaluated.
-    eval: Option<(f64, f64)>,
+    /// Learning rate and images/s (logging windows), or evaluation loss and top-1 (epochs).
+    extra: Option<(f64, f64)>,
 }
 
-/// The training curves: per logged step and per epoch.
+/// The training curves: every logging window and every epoch, against the optimizer step.
 #[derive(Debug, Default)]
 pub struct Curves {
-    /// (step, learning rate, images/s)
-    steps: Vec<(u64, f64, f64)>,
-    epochs: Vec<EpochPoint>,
+    windows: Vec<Point>,
+    epochs: Vec<Point>,
 }
 
 impl Curves {
-    pub fn step(&mut self, step: u64, lr: f64, images_per_second: f64) {
-        self.steps.push((step, lr, images_per_second));
-    }
-
-    pub fn epoch(&mut self, epoch: u64, loss: f64, top1: f64, eval: Option<(f64, f64)>) {
-        self.epochs.push(EpochPoint {
-            epoch,
+    pub fn step(&mut self, step: u64, lr: f64, images_per_second: f64, loss: f64, top1: f64) {
+        self.windows.push(Point {
+            step: step as f64,
             loss,
             top1,
-            eval,
+            extra: Some((lr, images_per_second)),
+        });
+    }
+
+    /// An epoch's mean training loss and top-1, and its evaluation (loss, top-1) if any.
+    pub fn epoch(&mut self, step: u64, loss: f64, top1: f64, eval: Option<(f64, f64)>) {
+        self.epochs.push(Point {
+            step: step as f64,
+            loss,
+            top1,
+            extra: eval,
         });
     }
 
     fn charts(&self) -> Vec<Chart> {
-        let series = |name: &str, points: Vec<(f64, f64)>| Series {
+        let series = |name: &str, points: &[Point], f: &dyn Fn(&Point) -> Option<f64>| Series {
             name: name.into(),
-            points,
-        };
-        let per_epoch = |f: &dyn Fn(&EpochPoint) -> Option<f64>| {
-            self.epochs
+            points: points
                 .iter()
-                .filter_map(|e| Some((e.epoch as f64, f(e)?)))
-                .collect::<Vec<_>>()
+                .filter_map(|p| Some((p.step, f(p)?)))
+                .collect(),
         };
-        let chart = |title: &str, x: &str, y: &str, series: Vec<Series>| Chart {
+        let chart = |title: &str, y: &str, series: Vec<Series>| Chart {
             title: title.into(),
-            x_label: x.into(),
+            x_label: "step".into(),
             y_label: y.into(),
             series,
         };
+        let (w, e) = (&self.windows, &self.epochs);
         vec![
             chart(
                 "loss",
-                "epoch",
                 "cross-entropy",
                 vec![
-                    series("training", per_epoch(&|e| Some(e.loss))),
-                    series("evaluation", per_epoch(&|e| e.eval.map(|v| v.0))),
+                    series("training", w, &|p| Some(p.loss)),
+                    series("training (epoch)", e, &|p| Some(p.loss)),
+                    series("evaluation", e, &|p| p.extra.map(|v| v.0)),
                 ],
             ),
             chart(
                 "top-1 accuracy",
-                "epoch",
                 "top-1",
                 vec![
-                    series("training", per_epoch(&|e| Some(e.top1))),
-                    series("evaluation", per_epoch(&|e| e.eval.map(|v| v.1))),
+                    series("training", w, &|p| Some(p.top1)),
+                    series("training (epoch)", e, &|p| Some(p.top1)),
+                    series("evaluation", e, &|p| p.extra.map(|v| v.1)),
                 ],
             ),
             chart(
                 "learning rate",
-                "step",
                 "lr",
-                vec![series(
-                    "lr",
-                    self.steps.iter().map(|s| (s.0 as f64, s.1)).collect(),
-                )],
+                vec![series("lr", w, &|p| p.extra.map(|v| v.0))],
             ),
             chart(
                 "throughput",
-                "step",
                 "images/s",
-                vec![series(
-                    "training",
-                    self.steps.iter().map(|s| (s.0 as f64, s.2)).collect(),
-                )],
+                vec![series("training", w, &|p| p.extra.map(|v| v.1))],
             ),
         ]
     }
