@@ -6,7 +6,120 @@ use std::path::{Path, PathBuf};
 
 use crate::decode::{decode_rgb, load_rgb, RgbImage};
 use crate::files;
-use crate::tfrecord::{decode_example, list_shards, TfRecordReader};
+use rayon::prelude::*;
+
+use crate::tfrecord::{decode_example, list_shards, TfRecordReader, INDEX_SUFFIX};
+
+/// One shard's records (byte offset, 0-based label) and the class texts it names.
+#[derive(Debug, Default, PartialEq)]
+struct ShardIndex {
+    records: Vec<(u64, usize)>,
+    texts: Vec<(usize, String)>,
+}
+
+const INDEX_HEADER: &str = "effnet-tfrecord-index 1";
+
+impl ShardIndex {
+    /// The saved index when it matches the shard (same size and modification time), otherwise a
+    /// scan of the shard, saved for next time.
+    fn open(shard: &Path) -> Result<ShardIndex, String> {
+        let stamp = Self::stamp(shard)?;
+        let saved = Self::path(shard);
+        if let Some(index) = std::fs::read_to_string(&saved)
+            .ok()
+            .and_then(|text| Self::parse(&text, &stamp))
+        {
+            return Ok(index);
+        }
+        let index = Self::scan(shard)?;
+        // A read-only dataset just means scanning again next time.
+        let mut tmp = saved.clone().into_os_string();
+        tmp.push(".tmp");
+        if std::fs::write(&tmp, index.render(&stamp)).is_ok() {
+            let _ = std::fs::rename(&tmp, &saved);
+        }
+        Ok(index)
+    }
+
+    fn path(shard: &Path) -> PathBuf {
+        let mut name = shard.as_os_str().to_owned();
+        name.push(INDEX_SUFFIX);
+        PathBuf::from(name)
+    }
+
+    /// What identifies a version of the shard: its size and modification time.
+    fn stamp(shard: &Path) -> Result<String, String> {
+        let meta = std::fs::metadata(shard).map_err(|e| format!("{}: {e}", shard.display()))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Ok(format!("{} {mtime}", meta.len()))
+    }
+
+    fn scan(path: &Path) -> Result<ShardIndex, String> {
+        let mut index = ShardIndex::default();
+        let mut reader = TfRecordReader::open(path)?;
+        loop {
+            let offset = reader.offset();
+            let Some(record) = reader.next() else { break };
+            let example = decode_example(&record?)
+                .map_err(|e| format!("{}: record at byte {offset}: {e}", path.display()))?;
+            let label = usize::try_from(example.label - 1).map_err(|_| {
+                format!(
+                    "{}: record at byte {offset}: label {} (labels are 1-based)",
+                    path.display(),
+                    example.label
+                )
+            })?;
+            if let Some(text) = example.text {
+                if !index.texts.iter().any(|(l, _)| *l == label) {
+                    index.texts.push((label, text.replace('\n', " ")));
+                }
+            }
+            index.records.push((offset, label));
+        }
+        Ok(index)
+    }
+
+    /// `header`, `stamp`, then `r offset label` and `t label text` lines.
+    fn render(&self, stamp: &str) -> String {
+        let mut out = format!("{INDEX_HEADER}\n{stamp}\n");
+        for (offset, label) in &self.records {
+            out.push_str(&format!("r {offset} {label}\n"));
+        }
+        for (label, text) in &self.texts {
+            out.push_str(&format!("t {label} {text}\n"));
+        }
+        out
+    }
+
+    /// The index in `text` if it is one, for this `stamp`, and whole.
+    fn parse(text: &str, stamp: &str) -> Option<ShardIndex> {
+        let mut lines = text.lines();
+        if lines.next()? != INDEX_HEADER || lines.next()? != stamp || !text.ends_with('\n') {
+            return None;
+        }
+        let mut index = ShardIndex::default();
+        for line in lines {
+            match line.split_once(' ')? {
+                ("r", rest) => {
+                    let (offset, label) = rest.split_once(' ')?;
+                    index
+                        .records
+                        .push((offset.parse().ok()?, label.parse().ok()?));
+                }
+                ("t", rest) => {
+                    let (label, name) = rest.split_once(' ')?;
+                    index.texts.push((label.parse().ok()?, name.to_string()));
+                }
+                _ => return None,
+            }
+        }
+        Some(index)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Location {
@@ -63,32 +176,26 @@ impl ImageDataset {
     }
 
     /// The `{split}*` shards of `dir`. Indexing reads every record once (checking its CRCs and
-    /// its Example), keeping only where it starts and its label.
+    /// its Example), keeping only where it starts and its label; shards are read in parallel, and
+    /// each shard's index is kept beside it (`<shard>.effnet-index`, best effort) so that the
+    /// next run reads that instead of the records.
     pub fn tfrecords(dir: &Path, split: &str) -> Result<ImageDataset, String> {
         let shards = list_shards(dir, split)?;
+        let indexes: Vec<ShardIndex> = shards
+            .par_iter()
+            .map(|path| ShardIndex::open(path))
+            .collect::<Result<_, _>>()?;
         let mut items = Vec::new();
         let mut texts: Vec<Option<String>> = Vec::new();
-        for (s, path) in shards.iter().enumerate() {
-            let mut reader = TfRecordReader::open(path)?;
-            loop {
-                let offset = reader.offset();
-                let Some(record) = reader.next() else { break };
-                let example = decode_example(&record?)
-                    .map_err(|e| format!("{}: record at byte {offset}: {e}", path.display()))?;
-                let label = usize::try_from(example.label - 1).map_err(|_| {
-                    format!(
-                        "{}: record at byte {offset}: label {} (labels are 1-based)",
-                        path.display(),
-                        example.label
-                    )
-                })?;
+        for (s, index) in indexes.into_iter().enumerate() {
+            for (offset, label) in index.records {
+                items.push((Location::Record { shard: s, offset }, label));
+            }
+            for (label, text) in index.texts {
                 if texts.len() <= label {
                     texts.resize(label + 1, None);
                 }
-                if texts[label].is_none() {
-                    texts[label] = example.text;
-                }
-                items.push((Location::Record { shard: s, offset }, label));
+                texts[label].get_or_insert(text);
             }
         }
         let classes = items.iter().map(|(_, l)| l + 1).max().unwrap_or(0);
@@ -185,8 +292,37 @@ mod tests {
             });
             assert!(found, "shard sample {i}");
         }
-        // A damaged shard names the file and the record.
+        // The second opening reads the indexes kept beside the shards, not the records: an
+        // index edited by hand shows through; a damaged one is ignored and rebuilt.
         let shard = crate::tfrecord::list_shards(&shards, "train").unwrap()[0].clone();
+        assert_eq!(
+            crate::tfrecord::list_shards(&shards, "train")
+                .unwrap()
+                .len(),
+            2
+        );
+        let saved = ShardIndex::path(&shard);
+        let text = std::fs::read_to_string(&saved).unwrap();
+        assert_eq!(
+            ImageDataset::tfrecords(&shards, "train").unwrap(),
+            from_shards
+        );
+        let first_record = text.lines().nth(2).unwrap().to_string();
+        let relabelled = first_record.rsplit_once(' ').unwrap().0.to_string() + " 7";
+        std::fs::write(&saved, text.replacen(&first_record, &relabelled, 1)).unwrap();
+        let edited = ImageDataset::tfrecords(&shards, "train").unwrap();
+        assert_eq!(
+            (edited.classes, edited.label(0)),
+            (8, 7),
+            "read from the index"
+        );
+        std::fs::write(&saved, &text[..text.len() / 2]).unwrap();
+        assert_eq!(
+            ImageDataset::tfrecords(&shards, "train").unwrap(),
+            from_shards
+        );
+        assert_eq!(std::fs::read_to_string(&saved).unwrap(), text, "rebuilt");
+        // A damaged shard names the file and the record.
         let mut bytes = std::fs::read(&shard).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;

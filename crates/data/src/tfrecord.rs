@@ -654,13 +654,19 @@ pub fn shard_name(prefix: &str, index: usize, count: usize) -> String {
 
 /// The files of `dir` whose names start with `split` (the reference's `{data_dir}/train*` and
 /// `{data_dir}/validation*` patterns), sorted. No match is an error.
+/// The suffix of the record index effnet keeps beside a shard (see `ImageDataset::tfrecords`);
+/// such files (and their temporary `.tmp` versions) are not shards.
+pub const INDEX_SUFFIX: &str = ".effnet-index";
+
 pub fn list_shards(dir: &Path, split: &str) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut shards = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = entry.path();
-        if entry.file_name().to_string_lossy().starts_with(split) && path.is_file() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let index = name.ends_with(INDEX_SUFFIX) || name.ends_with(&format!("{INDEX_SUFFIX}.tmp"));
+        if name.starts_with(split) && !index && path.is_file() {
             shards.push(path);
         }
     }
