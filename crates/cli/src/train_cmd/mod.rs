@@ -282,11 +282,14 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     let available = (data.train.len() / world / (args.batch_size * accum)) as u64;
     let steps_per_epoch = args.steps_per_epoch.unwrap_or(available);
     if steps_per_epoch == 0 || steps_per_epoch > available {
+        let asked = match args.steps_per_epoch {
+            Some(n) => format!("--steps-per-epoch {n} does not fit"),
+            None => "not one step".into(),
+        };
         return Err(format!(
-            "{} training images make {available} steps of {} images ({world} × {} × {accum} \
-             accumulated); --steps-per-epoch {steps_per_epoch} does not fit",
+            "{} training images make {available} steps of {global_batch} images ({world} × {} × \
+             {accum} accumulated): {asked}",
             data.train.len(),
-            global_batch,
             args.batch_size
         ));
     }
