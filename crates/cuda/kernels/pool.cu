@@ -1,0 +1,56 @@
+// Global average pooling over the pixels of each image, matching crates/engine/src/pool.rs:
+// x [n, hw, c] -> out [n, c].
+//
+// The forward takes a 2D launch: blockIdx.y walks the images (grid-stride), blockIdx.x and
+// threadIdx.x cover channels (neighbouring threads read neighbouring channels: coalesced),
+// threadIdx.y interleaves pixels. Any block of up to 1024 threads works, e.g. (32, 8).
+
+#define GRID_STRIDE(i, n)                                                            \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// Uniform bounds across a block, so the __syncthreads inside the body are safe.
+#define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
+#define CHANNEL_TILES(base, c) \
+    for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
+#define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
+
+// BEGIN column_sum (identical in norm.cu, se.cu and pool.cu; a test checks the copies)
+// Sums v over threadIdx.y, the rows (or pixels) a block's threads interleave; the result is
+// valid where threadIdx.y == 0. `red` holds blockDim.x·blockDim.y floats. Serial over y:
+// blockDim.y is small, and any block shape works.
+__device__ float column_sum(float* red, float v) {
+    red[threadIdx.y * blockDim.x + threadIdx.x] = v;
+    __syncthreads();
+    float s = 0.0f;
+    if (threadIdx.y == 0)
+        for (unsigned k = 0; k < blockDim.y; k++) s += red[k * blockDim.x + threadIdx.x];
+    __syncthreads();  // `red` is written again by the next call
+    return s;
+}
+// END column_sum
+
+// The sum times 1/hw (not divided by hw), as the CPU engine computes it.
+extern "C" __global__ void global_avg_pool_forward(const float* __restrict__ x, long long n,
+                                                   long long hw, int c,
+                                                   float* __restrict__ out) {
+    __shared__ float red[1024];
+    float inv_hw = 1.0f / (float)hw;
+    IMAGES(b, n) CHANNEL_TILES(base, c) {
+        int ch = base + threadIdx.x;
+        const float* xb = x + b * hw * c;
+        float acc = 0.0f;
+        if (ch < c) PIXELS(p, hw) acc += xb[p * c + ch];
+        acc = column_sum(red, acc);
+        if (threadIdx.y == 0 && ch < c) out[b * c + ch] = acc * inv_hw;
+    }
+}
+
+// dx[b, p, ch] = dy[b, ch]/hw: every pixel contributed equally to the mean. Overwrites dx.
+extern "C" __global__ void global_avg_pool_backward(const float* __restrict__ dy, long long n,
+                                                    long long hw, int c,
+                                                    float* __restrict__ dx) {
+    float inv_hw = 1.0f / (float)hw;
+    long long per_image = hw * c;
+    GRID_STRIDE(i, n * per_image) { dx[i] = dy[(i / per_image) * c + i % c] * inv_hw; }
+}

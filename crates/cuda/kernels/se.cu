@@ -1,0 +1,161 @@
+// Squeeze-and-excitation around its two small matrix products (those go to cuBLAS), matching
+// crates/engine/src/se.rs. Shapes: x, y [n, hw, c]; pooled, gate [n, c]; pre_act, hidden
+// [n, cr]. Forward, as the host sequences it:
+//   se_squeeze       x -> pooled = mean over hw
+//   (GEMM)           pre_act = pooled·w1ᵀ
+//   se_bias_act      pre_act += b1; hidden = act(pre_act)
+//   (GEMM)           gate = hidden·w2ᵀ
+//   se_bias_sigmoid  gate = sigmoid(gate + b2)
+//   se_excite        y = x·gate[n, c]
+// Backward:
+//   se_gate_grad        d_pre_gate = Σ_hw dy·x · gate·(1 − gate)
+//   (GEMMs)             dw2 += d_pre_gateᵀ·hidden; d_pre_act = d_pre_gate·w2
+//   se_act_backward     d_pre_act *= act'(pre_act)
+//   se_bias_grad (×2)   db2 += Σ_n d_pre_gate; db1 += Σ_n d_pre_act
+//   (GEMMs)             dw1 += d_pre_actᵀ·pooled; d_pooled = d_pre_act·w1
+//   se_excite_backward  dx = dy·gate + d_pooled/hw
+//
+// The two reductions over hw (se_squeeze, se_gate_grad) take a 2D launch: blockIdx.y walks the
+// images (grid-stride), blockIdx.x and threadIdx.x cover channels (coalesced), threadIdx.y
+// interleaves pixels; any block of up to 1024 threads works, e.g. (32, 8).
+
+#define GRID_STRIDE(i, n)                                                            \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// Uniform bounds across a block, so the __syncthreads inside the bodies are safe.
+#define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
+#define CHANNEL_TILES(base, c) \
+    for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
+#define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
+
+// BEGIN activations (identical in act.cu, norm.cu and se.cu: NVRTC sees one file at a time;
+// a test checks that the copies agree). Codes follow the engine's `Act`: 0 none, 1 SiLU, 2 ReLU6.
+#define ACT_NONE 0
+#define ACT_SILU 1
+#define ACT_RELU6 2
+
+// 1/(1 + e^-x) as the CPU engine writes it; e^-x overflowing to inf gives 0, as wanted.
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float act_apply(int act, float z) {
+    if (act == ACT_SILU) return z * sigmoidf(z);
+    // Comparisons rather than fminf/fmaxf so that NaN passes through, as f32::clamp does.
+    if (act == ACT_RELU6) return z < 0.0f ? 0.0f : (z > 6.0f ? 6.0f : z);
+    return z;
+}
+
+// SiLU': s·(1 + z·(1 − s)), one exp. ReLU6': 0 at both corners (PyTorch's convention).
+__device__ __forceinline__ float act_derivative(int act, float z) {
+    if (act == ACT_SILU) {
+        float s = sigmoidf(z);
+        return s * (1.0f + z * (1.0f - s));
+    }
+    if (act == ACT_RELU6) return (z > 0.0f && z < 6.0f) ? 1.0f : 0.0f;
+    return 1.0f;
+}
+// END activations
+
+// BEGIN column_sum (identical in norm.cu, se.cu and pool.cu; a test checks the copies)
+// Sums v over threadIdx.y, the rows (or pixels) a block's threads interleave; the result is
+// valid where threadIdx.y == 0. `red` holds blockDim.x·blockDim.y floats. Serial over y:
+// blockDim.y is small, and any block shape works.
+__device__ float column_sum(float* red, float v) {
+    red[threadIdx.y * blockDim.x + threadIdx.x] = v;
+    __syncthreads();
+    float s = 0.0f;
+    if (threadIdx.y == 0)
+        for (unsigned k = 0; k < blockDim.y; k++) s += red[k * blockDim.x + threadIdx.x];
+    __syncthreads();  // `red` is written again by the next call
+    return s;
+}
+// END column_sum
+
+// The sum times 1/hw (not divided by hw), as the CPU's global average pool.
+extern "C" __global__ void se_squeeze(const float* __restrict__ x, long long n, long long hw,
+                                      int c, float* __restrict__ pooled) {
+    __shared__ float red[1024];
+    float inv_hw = 1.0f / (float)hw;
+    IMAGES(b, n) CHANNEL_TILES(base, c) {
+        int ch = base + threadIdx.x;
+        const float* xb = x + b * hw * c;
+        float acc = 0.0f;
+        if (ch < c) PIXELS(p, hw) acc += xb[p * c + ch];
+        acc = column_sum(red, acc);
+        if (threadIdx.y == 0 && ch < c) pooled[b * c + ch] = acc * inv_hw;
+    }
+}
+
+// In place on pre_act (the backward needs it, with its bias), then the activation into hidden.
+extern "C" __global__ void se_bias_act(float* __restrict__ pre_act,
+                                       const float* __restrict__ bias, long long n, int width,
+                                       int act, float* __restrict__ hidden) {
+    GRID_STRIDE(i, n * width) {
+        float p = pre_act[i] + bias[i % width];
+        pre_act[i] = p;
+        hidden[i] = act_apply(act, p);
+    }
+}
+
+// In place: the matrix product's output becomes the gate.
+extern "C" __global__ void se_bias_sigmoid(float* __restrict__ gate,
+                                           const float* __restrict__ bias, long long n, int c) {
+    GRID_STRIDE(i, n * c) { gate[i] = sigmoidf(gate[i] + bias[i % c]); }
+}
+
+extern "C" __global__ void se_excite(const float* __restrict__ x, const float* __restrict__ gate,
+                                     long long n, long long hw, int c, float* __restrict__ y) {
+    long long per_image = hw * c;
+    GRID_STRIDE(i, n * per_image) { y[i] = x[i] * gate[(i / per_image) * c + i % c]; }
+}
+
+// d(pre-sigmoid gate) = Σ_hw dy·x · gate·(1 − gate), one value per (image, channel).
+extern "C" __global__ void se_gate_grad(const float* __restrict__ x,
+                                        const float* __restrict__ dy,
+                                        const float* __restrict__ gate, long long n,
+                                        long long hw, int c, float* __restrict__ d_pre_gate) {
+    __shared__ float red[1024];
+    IMAGES(b, n) CHANNEL_TILES(base, c) {
+        int ch = base + threadIdx.x;
+        const float* xb = x + b * hw * c;
+        const float* gb = dy + b * hw * c;
+        float acc = 0.0f;
+        if (ch < c) PIXELS(p, hw) acc += xb[p * c + ch] * gb[p * c + ch];
+        acc = column_sum(red, acc);
+        if (threadIdx.y == 0 && ch < c) {
+            float s = gate[b * c + ch];
+            d_pre_gate[b * c + ch] = acc * (s * (1.0f - s));
+        }
+    }
+}
+
+// In place: d_hidden (from the matrix product) becomes d_pre_act.
+extern "C" __global__ void se_act_backward(float* __restrict__ d, const float* __restrict__ pre_act,
+                                           long long count, int act) {
+    GRID_STRIDE(i, count) { d[i] *= act_derivative(act, pre_act[i]); }
+}
+
+// db[j] += Σ over the n rows of d[:, j], rows in order as the CPU adds them. n is the batch
+// size: a serial loop per column is enough.
+extern "C" __global__ void se_bias_grad(const float* __restrict__ d, long long n, int width,
+                                        float* __restrict__ db) {
+    GRID_STRIDE(j, width) {
+        float acc = db[j];
+        for (long long b = 0; b < n; b++) acc += d[b * width + j];
+        db[j] = acc;
+    }
+}
+
+// dx = dy·gate + d_pooled/hw: the excitation's direct path plus the squeeze's (the mean spreads
+// its gradient evenly over the pixels).
+extern "C" __global__ void se_excite_backward(const float* __restrict__ dy,
+                                              const float* __restrict__ gate,
+                                              const float* __restrict__ d_pooled, long long n,
+                                              long long hw, int c, float* __restrict__ dx) {
+    float inv_hw = 1.0f / (float)hw;
+    long long per_image = hw * c;
+    GRID_STRIDE(i, n * per_image) {
+        long long k = (i / per_image) * c + i % c;
+        dx[i] = dy[i] * gate[k] + d_pooled[k] * inv_hw;
+    }
+}

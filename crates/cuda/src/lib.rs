@@ -1,0 +1,198 @@
+//! CUDA kernels for effnet, as CUDA C sources compiled at run time with NVRTC.
+//!
+//! The crate links nothing from CUDA: cudarc opens `libnvrtc` with `dlopen` at first use, so it
+//! builds on any machine, and compiling the kernels needs NVRTC only (no GPU, no driver, no
+//! toolkit: PyPI's `nvidia-cuda-nvrtc-cu12` wheel is enough; see [`NVRTC_HELP`]).
+//!
+//! Every kernel works on NHWC f32 tensors seen as `[rows, c]` (rows = n·h·w) or on flat f32
+//! buffers, with grid-stride loops (any grid covers any size). Each source's header says how
+//! the host sequences its kernels and which launch shape they expect.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+
+/// The kernel sources: (file name, CUDA C source). Each is compiled on its own.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("act.cu", include_str!("../kernels/act.cu")),
+    ("norm.cu", include_str!("../kernels/norm.cu")),
+    ("se.cu", include_str!("../kernels/se.cu")),
+    ("pool.cu", include_str!("../kernels/pool.cu")),
+    ("regularize.cu", include_str!("../kernels/regularize.cu")),
+    ("loss.cu", include_str!("../kernels/loss.cu")),
+    ("optim.cu", include_str!("../kernels/optim.cu")),
+];
+
+/// The virtual architecture the PTX targets: Ampere and later (A100, H100/H200) JIT it.
+pub const ARCH: &str = "compute_80";
+
+/// The environment variable naming a directory that holds `libnvrtc.so.12` (CI sets it).
+pub const NVRTC_DIR_ENV: &str = "EFFNET_NVRTC_DIR";
+
+/// How to get NVRTC on a machine without the CUDA toolkit.
+pub const NVRTC_HELP: &str = "NVRTC (libnvrtc.so.12) is needed to compile the CUDA kernels; a GPU \
+is not. Without the CUDA toolkit, take it from PyPI:\n\
+\x20   python3 -m pip install --no-deps --target /opt/nvrtc nvidia-cuda-nvrtc-cu12==12.9.86\n\
+\x20   export EFFNET_NVRTC_DIR=/opt/nvrtc/nvidia/cuda_nvrtc/lib\n\
+(or point EFFNET_NVRTC_DIR at a CUDA 12 toolkit's lib64 directory).";
+
+/// The names of the `extern "C" __global__` functions of a source, in order: the lines that
+/// start with that declaration (so commented-out ones do not count), the identifier before `(`.
+pub fn kernel_names(source: &str) -> Vec<&str> {
+    source
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("extern \"C\" __global__"))
+        .filter_map(|rest| rest.split('(').next()?.split_whitespace().last())
+        .collect()
+}
+
+/// Loads `libnvrtc.so*` from `dir` by its full path, so that cudarc finds it: cudarc opens the
+/// library by bare names (`libnvrtc.so`, `libnvrtc.so.12`, …), and the dynamic loader answers a
+/// bare name with an already loaded library whose soname matches, before any search path. A
+/// process cannot change its own library search path (`LD_LIBRARY_PATH` is read at start-up),
+/// so this is how a directory chosen at run time takes effect. Returns the file loaded.
+pub fn load_nvrtc_from(dir: &Path) -> Result<PathBuf, String> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read the NVRTC directory {}: {e}", dir.display()))?;
+    // `libnvrtc.so.12` (the soname) over `libnvrtc.so` (a link the toolkit's dev package adds)
+    // and `libnvrtc.so.12.9.86`; never `libnvrtc-builtins` or `libnvrtc.alt` (other libraries).
+    let mut candidates: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc.so"))
+        })
+        .collect();
+    candidates.sort_by_key(|p| {
+        let len = p.file_name().map_or(0, |n| n.len());
+        (len == "libnvrtc.so".len(), len)
+    });
+    let path = candidates
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("no libnvrtc.so* in {}", dir.display()))?;
+    // SAFETY: loading NVRTC runs its initializers only, which have no preconditions.
+    let lib = unsafe { libloading::Library::new(&path) }
+        .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+    // Kept loaded for the life of the process: cudarc's later dlopen must find it.
+    std::mem::forget(lib);
+    Ok(path)
+}
+
+/// Makes NVRTC available to cudarc, once per process: from [`NVRTC_DIR_ENV`] when it is set,
+/// else from the loader's usual search (`LD_LIBRARY_PATH`, the system's libraries). The error
+/// says how to get NVRTC; cudarc itself would panic instead.
+pub fn ensure_nvrtc() -> Result<(), String> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let from = match std::env::var_os(NVRTC_DIR_ENV) {
+                Some(dir) => {
+                    let path = load_nvrtc_from(Path::new(&dir))
+                        .map_err(|e| format!("{NVRTC_DIR_ENV}: {e}\n{NVRTC_HELP}"))?;
+                    format!("{} ({NVRTC_DIR_ENV})", path.display())
+                }
+                None => format!("the library search path ({NVRTC_DIR_ENV} is not set)"),
+            };
+            // SAFETY: only tries to dlopen cudarc's candidate names.
+            if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                Ok(())
+            } else {
+                Err(format!(
+                    "NVRTC not found from {from}: cudarc looks for the names {:?}\n{NVRTC_HELP}",
+                    cudarc::get_lib_name_candidates("nvrtc")
+                ))
+            }
+        })
+        .clone()
+}
+
+/// The version of the NVRTC that cudarc loaded, as (major, minor).
+pub fn nvrtc_version() -> Result<(i32, i32), String> {
+    ensure_nvrtc()?;
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: NVRTC is loaded (checked above); the pointers are valid for the call.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+    Ok((major, minor))
+}
+
+/// Compiles one CUDA C source to PTX for [`ARCH`]. `name` is the file name NVRTC's messages
+/// give (`name(line): error: …`); the error carries NVRTC's whole log.
+pub fn compile(name: &str, source: &str) -> Result<String, String> {
+    ensure_nvrtc()?;
+    let opts = CompileOptions {
+        arch: Some(ARCH),
+        name: Some(name.to_string()),
+        ..Default::default()
+    };
+    match compile_ptx_with_opts(source, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(CompileError::CompileError { nvrtc, log, .. }) => Err(format!(
+            "NVRTC failed to compile {name} ({nvrtc:?}):\n{}",
+            log.to_string_lossy()
+        )),
+        Err(e) => Err(format!("NVRTC failed on {name}: {e:?}")),
+    }
+}
+
+/// Compiles every source of [`SOURCES`]: (file name, PTX), in order.
+pub fn compile_all() -> Result<Vec<(String, String)>, String> {
+    SOURCES
+        .iter()
+        .map(|(name, source)| Ok((name.to_string(), compile(name, source)?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_reads_declarations_only() {
+        let src = "// extern \"C\" __global__ void commented(int n) {}\n\
+                   extern \"C\" __global__ void first(const float* __restrict__ x,\n\
+                   \x20   long long n) {}\n\
+                   __device__ float helper(float v) { return v; }\n\
+                   \x20 extern \"C\" __global__ void second(int n) {}\n";
+        assert_eq!(kernel_names(src), ["first", "second"]);
+    }
+
+    #[test]
+    fn every_source_declares_kernels() {
+        let mut all: Vec<&str> = Vec::new();
+        for (name, source) in SOURCES {
+            let names = kernel_names(source);
+            assert!(!names.is_empty(), "{name} declares no kernels");
+            all.extend(names);
+        }
+        let count = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), count, "kernel names repeat across sources");
+    }
+
+    /// The blocks each source carries a copy of (NVRTC compiles one file at a time, without
+    /// include paths) must stay identical.
+    #[test]
+    fn shared_blocks_agree() {
+        for block in ["activations", "column_sum"] {
+            let (begin, end) = (format!("// BEGIN {block}"), format!("// END {block}"));
+            let copies: Vec<(&str, &str)> = SOURCES
+                .iter()
+                .filter_map(|(name, src)| {
+                    let start = src.find(&begin)?;
+                    let stop = src[start..].find(&end)? + start;
+                    Some((*name, &src[start..stop]))
+                })
+                .collect();
+            assert!(copies.len() >= 2, "{block}: {copies:?}");
+            for (name, copy) in &copies[1..] {
+                assert_eq!(copy, &copies[0].1, "{block} differs in {name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The kernels compile with NVRTC (no GPU needed). These tests fail, rather than skip, when
+//! NVRTC is missing: set `EFFNET_NVRTC_DIR` (see `effnet_cuda::NVRTC_HELP`).
+
+use effnet_cuda::{compile, compile_all, ensure_nvrtc, kernel_names, nvrtc_version, SOURCES};
+
+/// Fails with directions when NVRTC cannot be had from `EFFNET_NVRTC_DIR`.
+fn require_nvrtc() {
+    if std::env::var_os(effnet_cuda::NVRTC_DIR_ENV).is_none() {
+        panic!(
+            "{} is not set: these tests need NVRTC.\n{}",
+            effnet_cuda::NVRTC_DIR_ENV,
+            effnet_cuda::NVRTC_HELP
+        );
+    }
+    if let Err(e) = ensure_nvrtc() {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn every_kernel_compiles_to_a_ptx_entry() {
+    require_nvrtc();
+    let (major, minor) = nvrtc_version().unwrap();
+    eprintln!("NVRTC {major}.{minor}");
+    let compiled = compile_all().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(compiled.len(), SOURCES.len());
+    let mut kernels = 0;
+    for ((file, ptx), (name, source)) in compiled.iter().zip(SOURCES) {
+        assert_eq!(file, name);
+        let names = kernel_names(source);
+        assert!(!names.is_empty(), "{file} declares no kernels");
+        for kernel in &names {
+            assert!(
+                ptx.contains(&format!(".entry {kernel}(")),
+                "{file}: no .entry for {kernel} in the PTX"
+            );
+        }
+        // Nothing else is exported: every entry point was parsed from a declaration.
+        assert_eq!(
+            ptx.matches(".entry ").count(),
+            names.len(),
+            "{file}: entries {names:?}"
+        );
+        kernels += names.len();
+    }
+    eprintln!("{kernels} kernels in {} sources", compiled.len());
+}
+
+#[test]
+fn a_syntax_error_fails_with_nvrtcs_message_and_line() {
+    require_nvrtc();
+    let source = "extern \"C\" __global__ void broken(float* x) {\n\
+                  \x20   float v = x[0];\n\
+                  \x20   x[0] = v +;\n\
+                  }\n";
+    let err = compile("broken.cu", source).expect_err("a syntax error must not compile");
+    assert!(err.contains("broken.cu(3)"), "{err}");
+    assert!(err.contains("error"), "{err}");
+}
