@@ -7,10 +7,6 @@
 // norm; AdamW instead decays the same tensors directly by lr·wd·w. The mask is the 0/1 buffer
 // of optim::decay_mask; passing wd rather than 2·wd keeps the factor 2 in one place (here).
 
-#define GRID_STRIDE(i, n)                                                            \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)blockDim.x * gridDim.x)
-
 // The gradient with Keras' L2 term, written as the CPU writes it (l2 = 0 still adds 0·w).
 __device__ __forceinline__ float with_l2(float g, float l2, float m, float w) {
     return g + l2 * m * w;

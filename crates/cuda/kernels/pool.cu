@@ -5,30 +5,11 @@
 // threadIdx.x cover channels (neighbouring threads read neighbouring channels: coalesced),
 // threadIdx.y interleaves pixels. Any block of up to 1024 threads works, e.g. (32, 8).
 
-#define GRID_STRIDE(i, n)                                                            \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)blockDim.x * gridDim.x)
-
 // Uniform bounds across a block, so the __syncthreads inside the body are safe.
 #define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
 #define CHANNEL_TILES(base, c) \
     for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
 #define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
-
-// BEGIN column_sum (identical in norm.cu, se.cu and pool.cu; a test checks the copies)
-// Sums v over threadIdx.y, the rows (or pixels) a block's threads interleave; the result is
-// valid where threadIdx.y == 0. `red` holds blockDim.x·blockDim.y floats. Serial over y:
-// blockDim.y is small, and any block shape works.
-__device__ float column_sum(float* red, float v) {
-    red[threadIdx.y * blockDim.x + threadIdx.x] = v;
-    __syncthreads();
-    float s = 0.0f;
-    if (threadIdx.y == 0)
-        for (unsigned k = 0; k < blockDim.y; k++) s += red[k * blockDim.x + threadIdx.x];
-    __syncthreads();  // `red` is written again by the next call
-    return s;
-}
-// END column_sum
 
 // The sum times 1/hw (not divided by hw), as the CPU engine computes it.
 extern "C" __global__ void global_avg_pool_forward(const float* __restrict__ x, long long n,

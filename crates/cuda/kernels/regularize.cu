@@ -3,10 +3,6 @@
 // 1/(1 − rate) (kept). The masks are drawn on the host with the engine's RNG, so a run draws the
 // same masks on either backend; these kernels only apply them.
 
-#define GRID_STRIDE(i, n)                                                            \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)blockDim.x * gridDim.x)
-
 // y = x·mask elementwise: dropout's forward, and its backward with dy for x.
 extern "C" __global__ void dropout_apply(const float* __restrict__ x,
                                          const float* __restrict__ mask, long long n,

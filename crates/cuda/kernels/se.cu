@@ -19,57 +19,11 @@
 // images (grid-stride), blockIdx.x and threadIdx.x cover channels (coalesced), threadIdx.y
 // interleaves pixels; any block of up to 1024 threads works, e.g. (32, 8).
 
-#define GRID_STRIDE(i, n)                                                            \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
-         i += (long long)blockDim.x * gridDim.x)
-
 // Uniform bounds across a block, so the __syncthreads inside the bodies are safe.
 #define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
 #define CHANNEL_TILES(base, c) \
     for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
 #define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
-
-// BEGIN activations (identical in act.cu, norm.cu and se.cu: NVRTC sees one file at a time;
-// a test checks that the copies agree). Codes follow the engine's `Act`: 0 none, 1 SiLU, 2 ReLU6.
-#define ACT_NONE 0
-#define ACT_SILU 1
-#define ACT_RELU6 2
-
-// 1/(1 + e^-x) as the CPU engine writes it; e^-x overflowing to inf gives 0, as wanted.
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-__device__ __forceinline__ float act_apply(int act, float z) {
-    if (act == ACT_SILU) return z * sigmoidf(z);
-    // Comparisons rather than fminf/fmaxf so that NaN passes through, as f32::clamp does.
-    if (act == ACT_RELU6) return z < 0.0f ? 0.0f : (z > 6.0f ? 6.0f : z);
-    return z;
-}
-
-// SiLU': s·(1 + z·(1 − s)), one exp. ReLU6': 0 at both corners (PyTorch's convention).
-__device__ __forceinline__ float act_derivative(int act, float z) {
-    if (act == ACT_SILU) {
-        float s = sigmoidf(z);
-        return s * (1.0f + z * (1.0f - s));
-    }
-    if (act == ACT_RELU6) return (z > 0.0f && z < 6.0f) ? 1.0f : 0.0f;
-    return 1.0f;
-}
-// END activations
-
-// BEGIN column_sum (identical in norm.cu, se.cu and pool.cu; a test checks the copies)
-// Sums v over threadIdx.y, the rows (or pixels) a block's threads interleave; the result is
-// valid where threadIdx.y == 0. `red` holds blockDim.x·blockDim.y floats. Serial over y:
-// blockDim.y is small, and any block shape works.
-__device__ float column_sum(float* red, float v) {
-    red[threadIdx.y * blockDim.x + threadIdx.x] = v;
-    __syncthreads();
-    float s = 0.0f;
-    if (threadIdx.y == 0)
-        for (unsigned k = 0; k < blockDim.y; k++) s += red[k * blockDim.x + threadIdx.x];
-    __syncthreads();  // `red` is written again by the next call
-    return s;
-}
-// END column_sum
 
 // The sum times 1/hw (not divided by hw), as the CPU's global average pool.
 extern "C" __global__ void se_squeeze(const float* __restrict__ x, long long n, long long hw,

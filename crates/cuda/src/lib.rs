@@ -13,7 +13,11 @@ use std::sync::OnceLock;
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
 
-/// The kernel sources: (file name, CUDA C source). Each is compiled on its own.
+/// What every kernel source uses (grid-stride loop, activations, column sums): [`compile`]
+/// puts it in front of each source, since NVRTC sees one file at a time and no include path.
+pub const COMMON: &str = include_str!("../kernels/common.cuh");
+
+/// The kernel sources: (file name, CUDA C source). Each is compiled on its own, after [`COMMON`].
 pub const SOURCES: &[(&str, &str)] = &[
     ("act.cu", include_str!("../kernels/act.cu")),
     ("norm.cu", include_str!("../kernels/norm.cu")),
@@ -120,8 +124,9 @@ pub fn nvrtc_version() -> Result<(i32, i32), String> {
     Ok((major, minor))
 }
 
-/// Compiles one CUDA C source to PTX for [`ARCH`]. `name` is the file name NVRTC's messages
-/// give (`name(line): error: …`); the error carries NVRTC's whole log.
+/// Compiles one CUDA C source, after [`COMMON`], to PTX for [`ARCH`]. `name` is the file name
+/// NVRTC's messages give (`name(line): error: …`, lines of `source` itself); the error carries
+/// NVRTC's whole log.
 pub fn compile(name: &str, source: &str) -> Result<String, String> {
     ensure_nvrtc()?;
     let opts = CompileOptions {
@@ -129,7 +134,9 @@ pub fn compile(name: &str, source: &str) -> Result<String, String> {
         name: Some(name.to_string()),
         ..Default::default()
     };
-    match compile_ptx_with_opts(source, opts) {
+    // `#line` makes NVRTC's messages point into `source`, not into the shared prefix.
+    let program = format!("{COMMON}\n#line 1 \"{name}\"\n{source}");
+    match compile_ptx_with_opts(program, opts) {
         Ok(ptx) => Ok(ptx.to_src()),
         Err(CompileError::CompileError { nvrtc, log, .. }) => Err(format!(
             "NVRTC failed to compile {name} ({nvrtc:?}):\n{}",
@@ -163,6 +170,10 @@ mod tests {
 
     #[test]
     fn every_source_declares_kernels() {
+        assert!(
+            kernel_names(COMMON).is_empty(),
+            "the shared prefix declares no kernels"
+        );
         let mut all: Vec<&str> = Vec::new();
         for (name, source) in SOURCES {
             let names = kernel_names(source);
@@ -173,26 +184,5 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), count, "kernel names repeat across sources");
-    }
-
-    /// The blocks each source carries a copy of (NVRTC compiles one file at a time, without
-    /// include paths) must stay identical.
-    #[test]
-    fn shared_blocks_agree() {
-        for block in ["activations", "column_sum"] {
-            let (begin, end) = (format!("// BEGIN {block}"), format!("// END {block}"));
-            let copies: Vec<(&str, &str)> = SOURCES
-                .iter()
-                .filter_map(|(name, src)| {
-                    let start = src.find(&begin)?;
-                    let stop = src[start..].find(&end)? + start;
-                    Some((*name, &src[start..stop]))
-                })
-                .collect();
-            assert!(copies.len() >= 2, "{block}: {copies:?}");
-            for (name, copy) in &copies[1..] {
-                assert_eq!(copy, &copies[0].1, "{block} differs in {name}");
-            }
-        }
     }
 }

@@ -1,0 +1,45 @@
+// Shared by every kernel source: the host compiles each source with this file in front
+// (NVRTC sees one file at a time and no include path), see crates/cuda/src/lib.rs.
+
+// Grid-stride loop over a flat index: any grid covers any n.
+#define GRID_STRIDE(i, n)                                                            \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// Activation codes follow the engine's `Act`: 0 none, 1 SiLU, 2 ReLU6.
+#define ACT_NONE 0
+#define ACT_SILU 1
+#define ACT_RELU6 2
+
+// 1/(1 + e^-x) as the CPU engine writes it; e^-x overflowing to inf gives 0, as wanted.
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float act_apply(int act, float z) {
+    if (act == ACT_SILU) return z * sigmoidf(z);
+    // Comparisons rather than fminf/fmaxf so that NaN passes through, as f32::clamp does.
+    if (act == ACT_RELU6) return z < 0.0f ? 0.0f : (z > 6.0f ? 6.0f : z);
+    return z;
+}
+
+// SiLU': s·(1 + z·(1 − s)), one exp. ReLU6': 0 at both corners (PyTorch's convention).
+__device__ __forceinline__ float act_derivative(int act, float z) {
+    if (act == ACT_SILU) {
+        float s = sigmoidf(z);
+        return s * (1.0f + z * (1.0f - s));
+    }
+    if (act == ACT_RELU6) return (z > 0.0f && z < 6.0f) ? 1.0f : 0.0f;
+    return 1.0f;
+}
+
+// Sums v over threadIdx.y, the rows (or pixels) a block's threads interleave; the result is
+// valid where threadIdx.y == 0. `red` holds blockDim.x·blockDim.y floats. Serial over y:
+// blockDim.y is small, and any block shape works.
+__device__ float column_sum(float* red, float v) {
+    red[threadIdx.y * blockDim.x + threadIdx.x] = v;
+    __syncthreads();
+    float s = 0.0f;
+    if (threadIdx.y == 0)
+        for (unsigned k = 0; k < blockDim.y; k++) s += red[k * blockDim.x + threadIdx.x];
+    __syncthreads();  // `red` is written again by the next call
+    return s;
+}
