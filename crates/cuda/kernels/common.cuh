@@ -6,6 +6,14 @@
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (long long)blockDim.x * gridDim.x)
 
+// 2D launches (reductions over rows or pixels): blockIdx.y walks the images, blockIdx.x and
+// threadIdx.x the channels, threadIdx.y the pixels. Bounds are uniform across a block, so a
+// __syncthreads inside the body is safe.
+#define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
+#define CHANNEL_TILES(base, c) \
+    for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
+#define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
+
 // Activation codes follow the engine's `Act`: 0 none, 1 SiLU, 2 ReLU6.
 #define ACT_NONE 0
 #define ACT_SILU 1

@@ -24,10 +24,7 @@
 // works. With (32, 8) threads and parts ≈ rows / 2048, each thread adds ~256 rows in f32, like
 // the CPU engine's 512-row f32 partials, and the partials are added in f64.
 
-// Loops over this block's channel tiles (the bound is uniform across the block, so the
-// __syncthreads inside the body are safe) and this thread's rows of the slice.
-#define CHANNEL_TILES(base, c) \
-    for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
+// This thread's rows of the block's slice (channel tiles: CHANNEL_TILES in common.cuh).
 #define SLICE_ROWS(r, rows)                                                          \
     for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < (rows); \
          r += (long long)gridDim.y * blockDim.y)

@@ -5,12 +5,6 @@
 // threadIdx.x cover channels (neighbouring threads read neighbouring channels: coalesced),
 // threadIdx.y interleaves pixels. Any block of up to 1024 threads works, e.g. (32, 8).
 
-// Uniform bounds across a block, so the __syncthreads inside the body are safe.
-#define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
-#define CHANNEL_TILES(base, c) \
-    for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
-#define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
-
 // The sum times 1/hw (not divided by hw), as the CPU engine computes it.
 extern "C" __global__ void global_avg_pool_forward(const float* __restrict__ x, long long n,
                                                    long long hw, int c,

@@ -1,7 +1,7 @@
 // Squeeze-and-excitation around its two small matrix products (those go to cuBLAS), matching
 // crates/engine/src/se.rs. Shapes: x, y [n, hw, c]; pooled, gate [n, c]; pre_act, hidden
 // [n, cr]. Forward, as the host sequences it:
-//   se_squeeze       x -> pooled = mean over hw
+//   (pool.cu)        pooled = global_avg_pool_forward(x): the squeeze is the global pool
 //   (GEMM)           pre_act = pooled·w1ᵀ
 //   se_bias_act      pre_act += b1; hidden = act(pre_act)
 //   (GEMM)           gate = hidden·w2ᵀ
@@ -15,30 +15,9 @@
 //   (GEMMs)             dw1 += d_pre_actᵀ·pooled; d_pooled = d_pre_act·w1
 //   se_excite_backward  dx = dy·gate + d_pooled/hw
 //
-// The two reductions over hw (se_squeeze, se_gate_grad) take a 2D launch: blockIdx.y walks the
+// The reduction over hw (se_gate_grad) takes a 2D launch: blockIdx.y walks the
 // images (grid-stride), blockIdx.x and threadIdx.x cover channels (coalesced), threadIdx.y
 // interleaves pixels; any block of up to 1024 threads works, e.g. (32, 8).
-
-// Uniform bounds across a block, so the __syncthreads inside the bodies are safe.
-#define IMAGES(b, n) for (long long b = blockIdx.y; b < (n); b += gridDim.y)
-#define CHANNEL_TILES(base, c) \
-    for (int base = blockIdx.x * blockDim.x; base < (c); base += gridDim.x * blockDim.x)
-#define PIXELS(p, hw) for (long long p = threadIdx.y; p < (hw); p += blockDim.y)
-
-// The sum times 1/hw (not divided by hw), as the CPU's global average pool.
-extern "C" __global__ void se_squeeze(const float* __restrict__ x, long long n, long long hw,
-                                      int c, float* __restrict__ pooled) {
-    __shared__ float red[1024];
-    float inv_hw = 1.0f / (float)hw;
-    IMAGES(b, n) CHANNEL_TILES(base, c) {
-        int ch = base + threadIdx.x;
-        const float* xb = x + b * hw * c;
-        float acc = 0.0f;
-        if (ch < c) PIXELS(p, hw) acc += xb[p * c + ch];
-        acc = column_sum(red, acc);
-        if (threadIdx.y == 0 && ch < c) pooled[b * c + ch] = acc * inv_hw;
-    }
-}
 
 // In place on pre_act (the backward needs it, with its bias), then the activation into hidden.
 extern "C" __global__ void se_bias_act(float* __restrict__ pre_act,
