@@ -138,6 +138,36 @@ fn class_names(net: &Network, file: Option<&Path>) -> Result<Vec<String>, String
 }
 
 /// (class, probability) of the `k` most probable classes.
+/// How a batch of `[n, classes]` logits scores against its labels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchScores {
+    pub top1: usize,
+    pub top5: usize,
+    /// Cross-entropy summed over the batch.
+    pub loss_sum: f64,
+}
+
+/// Top-1 and top-5 hits and the summed cross-entropy of a batch: `eval`'s figures, and the
+/// training run's evaluation.
+pub fn batch_scores(logits: &[f32], labels: &[usize], classes: usize) -> BatchScores {
+    let mut targets = vec![0f32; labels.len() * classes];
+    loss::smoothed_targets(labels, classes, 0.0, &mut targets);
+    let mut dl = vec![0f32; logits.len()];
+    let loss_sum = loss::softmax_cross_entropy(logits, classes, &targets, &mut dl) as f64
+        * labels.len() as f64;
+    let (mut top1, mut top5) = (0, 0);
+    for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+        let top = top_k(row, 5);
+        top1 += (top[0].0 == label) as usize;
+        top5 += top.iter().any(|(c, _)| *c == label) as usize;
+    }
+    BatchScores {
+        top1,
+        top5,
+        loss_sum,
+    }
+}
+
 fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut probs = vec![0f32; logits.len()];
     loss::softmax(logits, logits.len(), &mut probs);
@@ -339,16 +369,10 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         }
         let logits = runner.logits(&batch, labels.len(), t.size);
         batch_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-        let mut targets = vec![0f32; labels.len() * classes];
-        loss::smoothed_targets(&labels, classes, 0.0, &mut targets);
-        let mut dl = vec![0f32; logits.len()];
-        loss_sum += loss::softmax_cross_entropy(&logits, classes, &targets, &mut dl) as f64
-            * labels.len() as f64;
-        for (row, &label) in logits.chunks_exact(classes).zip(&labels) {
-            let top = top_k(row, 5);
-            top1 += (top[0].0 == label) as usize;
-            top5 += top.iter().any(|(c, _)| *c == label) as usize;
-        }
+        let scores = batch_scores(&logits, &labels, classes);
+        top1 += scores.top1;
+        top5 += scores.top5;
+        loss_sum += scores.loss_sum;
         seen += labels.len();
     }
     if seen == 0 {

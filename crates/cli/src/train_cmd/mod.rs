@@ -66,16 +66,10 @@ fn evaluate(
             continue;
         }
         let logits = t.eval_logits(weights, &x, labels.len(), transform.size);
-        let mut d = vec![0f32; logits.len()];
-        let targets = smoothed(&labels, classes, 0.0);
-        let loss = effnet_engine::loss::softmax_cross_entropy(&logits, classes, &targets, &mut d);
-        sums[2] += loss as f64 * labels.len() as f64;
-        for (z, &l) in logits.chunks_exact(classes).zip(&labels) {
-            // Top-5: fewer than five classes score above the true one.
-            let above = z.iter().filter(|&&v| v > z[l]).count();
-            sums[0] += (argmax(z) == l) as u8 as f64;
-            sums[1] += (above < 5) as u8 as f64;
-        }
+        let scores = crate::infer::batch_scores(&logits, &labels, classes);
+        sums[0] += scores.top1 as f64;
+        sums[1] += scores.top5 as f64;
+        sums[2] += scores.loss_sum;
         sums[3] += labels.len() as f64;
     }
     if comm.size() > 1 {
