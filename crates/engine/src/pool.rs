@@ -2,22 +2,33 @@
 
 use rayon::prelude::*;
 
+use crate::simd;
+
+/// Images per parallel task in per-image loops over `len` values each: small feature maps are
+/// grouped so a task's work outweighs its scheduling.
+pub fn images_per_task(len: usize) -> usize {
+    (16_384 / len.max(1)).max(1)
+}
+
 /// `out[b, c] = mean over hw of x[b, hw, c]`.
 pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32]) {
     let inv = 1.0 / hw as f32;
     out[..n * c]
         .par_chunks_mut(c)
         .enumerate()
+        .with_min_len(images_per_task(hw * c))
         .for_each(|(b, o)| {
-            o.fill(0.0);
-            for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
-                for (a, v) in o.iter_mut().zip(row) {
-                    *a += v;
+            simd::dispatch(|| {
+                o.fill(0.0);
+                for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
+                    for (a, v) in o.iter_mut().zip(row) {
+                        *a += v;
+                    }
                 }
-            }
-            for a in o.iter_mut() {
-                *a *= inv;
-            }
+                for a in o.iter_mut() {
+                    *a *= inv;
+                }
+            })
         });
 }
 
@@ -27,12 +38,15 @@ pub fn global_avg_backward(dy: &[f32], n: usize, hw: usize, c: usize, dx: &mut [
     dx[..n * hw * c]
         .par_chunks_mut(hw * c)
         .enumerate()
+        .with_min_len(images_per_task(hw * c))
         .for_each(|(b, d)| {
             let g = &dy[b * c..][..c];
-            for row in d.chunks_exact_mut(c) {
-                for (o, v) in row.iter_mut().zip(g) {
-                    *o = v * inv;
+            simd::dispatch(|| {
+                for row in d.chunks_exact_mut(c) {
+                    for (o, v) in row.iter_mut().zip(g) {
+                        *o = v * inv;
+                    }
                 }
-            }
+            })
         });
 }

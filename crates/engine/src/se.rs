@@ -5,6 +5,8 @@ use rayon::prelude::*;
 
 use crate::act::{sigmoid, Act};
 use crate::matmul::{matmul, Layout};
+use crate::pool::images_per_task;
+use crate::simd;
 
 /// Shapes of one squeeze-excitation: `n` images of `hw` pixels and `c` channels, reduced to `cr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,13 +92,16 @@ pub fn forward(
     y.par_chunks_mut(hw * c)
         .zip(x.par_chunks(hw * c))
         .enumerate()
+        .with_min_len(images_per_task(hw * c))
         .for_each(|(b, (yi, xi))| {
             let gi = &gate[b * c..][..c];
-            for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
-                    *o = v * s;
+            simd::dispatch(|| {
+                for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                    for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
+                        *o = v * s;
+                    }
                 }
-            }
+            })
         });
 }
 
@@ -121,18 +126,21 @@ pub fn backward(
     d_pre_gate
         .par_chunks_mut(c)
         .enumerate()
+        .with_min_len(images_per_task(hw * c))
         .for_each(|(b, acc)| {
-            for (xr, gr) in x[b * hw * c..][..hw * c]
-                .chunks_exact(c)
-                .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
-            {
-                for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
-                    *a += xv * gv;
+            simd::dispatch(|| {
+                for (xr, gr) in x[b * hw * c..][..hw * c]
+                    .chunks_exact(c)
+                    .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
+                {
+                    for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
+                        *a += xv * gv;
+                    }
                 }
-            }
-            for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
-                *a *= s * (1.0 - s);
-            }
+                for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
+                    *a *= s * (1.0 - s);
+                }
+            })
         });
     matmul(
         dw2,
@@ -196,13 +204,16 @@ pub fn backward(
     dx.par_chunks_mut(hw * c)
         .zip(dy.par_chunks(hw * c))
         .enumerate()
+        .with_min_len(images_per_task(hw * c))
         .for_each(|(b, (dxi, dyi))| {
             let gi = &gate[b * c..][..c];
             let pi = &d_pooled[b * c..][..c];
-            for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
-                for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
-                    *o = gv * s + p * inv_hw;
+            simd::dispatch(|| {
+                for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
+                    for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
+                        *o = gv * s + p * inv_hw;
+                    }
                 }
-            }
+            })
         });
 }

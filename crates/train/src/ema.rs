@@ -2,7 +2,11 @@
 //! reference's dynamic decay `min(d, (1 + t)/(10 + t))` (t = optimizer steps taken), updated after
 //! every optimizer step.
 
+use effnet_engine::simd;
 use effnet_model::Weights;
+use rayon::prelude::*;
+
+use crate::optim::CHUNK;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ema {
@@ -28,14 +32,21 @@ impl Ema {
     /// `shadow ← d·shadow + (1 − d)·w` after optimizer step `step`.
     pub fn update(&mut self, weights: &Weights, step: u64) {
         let d = self.decay_at(step) as f32;
-        for (s, w) in self
-            .params
-            .iter_mut()
-            .zip(&weights.params)
-            .chain(self.buffers.iter_mut().zip(&weights.buffers))
-        {
-            *s = d * *s + (1.0 - d) * w;
-        }
+        let average = |shadow: &mut [f32], current: &[f32]| {
+            // Elementwise: the chunks give the same bits as one loop.
+            shadow
+                .par_chunks_mut(CHUNK)
+                .zip(current.par_chunks(CHUNK))
+                .for_each(|(s, w)| {
+                    simd::dispatch(|| {
+                        for (s, w) in s.iter_mut().zip(w) {
+                            *s = d * *s + (1.0 - d) * w;
+                        }
+                    })
+                });
+        };
+        average(&mut self.params, &weights.params);
+        average(&mut self.buffers, &weights.buffers);
     }
 
     /// The averaged weights, for evaluation or export.

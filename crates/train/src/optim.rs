@@ -5,7 +5,9 @@
 //! convolutions' biases and the classifier's weight and bias; never batch norm. AdamW instead
 //! decays the same tensors directly by `lr·wd·w` (decoupled).
 
+use effnet_engine::simd;
 use effnet_model::{Layout, ParamKind};
+use rayon::prelude::*;
 
 /// Which tensors the reference's L2 term covers.
 pub fn decays(kind: ParamKind) -> bool {
@@ -90,60 +92,78 @@ impl Optimizer {
         } else {
             2.0 * self.weight_decay
         };
-        let mask = &self.mask;
-        // (weight, gradient with the L2 term, decay mask) for each parameter.
-        let terms = params.iter_mut().zip(grads).zip(mask).map(|((w, g), m)| {
-            let g = g + l2 * m * *w;
-            (w, g, *m)
-        });
-        match self.kind {
-            Kind::RmsProp {
-                rho,
-                momentum,
-                epsilon,
-            } => {
-                for ((w, g, _), (ms, mom)) in
-                    terms.zip(self.slot_a.iter_mut().zip(self.slot_b.iter_mut()))
-                {
-                    *ms = rho * *ms + (1.0 - rho) * g * g;
-                    *mom = momentum * *mom + lr * g / (*ms + epsilon).sqrt();
-                    *w -= *mom;
-                }
-            }
-            Kind::Sgd { momentum, nesterov } => {
-                for ((w, g, _), v) in terms.zip(self.slot_a.iter_mut()) {
-                    *v = momentum * *v - lr * g;
-                    *w += if nesterov { momentum * *v - lr * g } else { *v };
-                }
-            }
-            Kind::Adam {
-                beta1,
-                beta2,
-                epsilon,
-            }
-            | Kind::AdamW {
-                beta1,
-                beta2,
-                epsilon,
-            } => {
-                let t = self.step as i32;
-                let lr_t = lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
-                let decoupled = if matches!(self.kind, Kind::AdamW { .. }) {
-                    lr * self.weight_decay
-                } else {
-                    0.0
-                };
-                for ((w, g, d), (m, v)) in
-                    terms.zip(self.slot_a.iter_mut().zip(self.slot_b.iter_mut()))
-                {
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *w -= decoupled * d * *w + lr_t * *m / (v.sqrt() + epsilon);
-                }
-            }
-        }
+        let decoupled = match self.kind {
+            Kind::AdamW { .. } => lr * self.weight_decay,
+            _ => 0.0,
+        };
+        let t = self.step as i32;
+        let adam_lr =
+            |beta1: f32, beta2: f32| lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
+        // Elementwise, so chunks on the thread pool give the same bits as one loop. SGD has no
+        // second slot: its chunks are empty.
+        let chunks = params.len().div_ceil(CHUNK);
+        let mut slot_b: Vec<&mut [f32]> = self.slot_b.chunks_mut(CHUNK).collect();
+        slot_b.resize_with(chunks, Default::default);
+        let kind = self.kind;
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(self.mask.par_chunks(CHUNK))
+            .zip(self.slot_a.par_chunks_mut(CHUNK))
+            .zip(slot_b)
+            .for_each(|((((w, g), m), a), b)| {
+                simd::dispatch(|| {
+                    // (gradient with the L2 term, weight, decay mask) for each parameter.
+                    let terms = w
+                        .iter_mut()
+                        .zip(g)
+                        .zip(m)
+                        .map(|((w, g), m)| (g + l2 * m * *w, w, *m));
+                    match kind {
+                        Kind::RmsProp {
+                            rho,
+                            momentum,
+                            epsilon,
+                        } => {
+                            for ((g, w, _), (ms, mom)) in terms.zip(a.iter_mut().zip(b.iter_mut()))
+                            {
+                                *ms = rho * *ms + (1.0 - rho) * g * g;
+                                *mom = momentum * *mom + lr * g / (*ms + epsilon).sqrt();
+                                *w -= *mom;
+                            }
+                        }
+                        Kind::Sgd { momentum, nesterov } => {
+                            for ((g, w, _), v) in terms.zip(a.iter_mut()) {
+                                *v = momentum * *v - lr * g;
+                                *w += if nesterov { momentum * *v - lr * g } else { *v };
+                            }
+                        }
+                        Kind::Adam {
+                            beta1,
+                            beta2,
+                            epsilon,
+                        }
+                        | Kind::AdamW {
+                            beta1,
+                            beta2,
+                            epsilon,
+                        } => {
+                            let lr_t = adam_lr(beta1, beta2);
+                            for ((g, w, d), (m, v)) in terms.zip(a.iter_mut().zip(b.iter_mut())) {
+                                *m = beta1 * *m + (1.0 - beta1) * g;
+                                *v = beta2 * *v + (1.0 - beta2) * g * g;
+                                *w -= decoupled * d * *w + lr_t * *m / (v.sqrt() + epsilon);
+                            }
+                        }
+                    }
+                })
+            });
     }
 }
+
+/// Elements per parallel task of an update: large enough to amortize the task, small enough
+/// to spread a small model over the threads.
+pub(crate) const CHUNK: usize = 1 << 15;
 
 #[cfg(test)]
 mod tests {
