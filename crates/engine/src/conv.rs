@@ -137,20 +137,23 @@ fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
         .par_chunks_mut(g.input.w * cin)
         .enumerate()
         .for_each(|(ih, in_row)| {
-            simd::dispatch(|| {
-                in_row.fill(0.0);
-                for (iw, px) in in_row.chunks_exact_mut(cin).enumerate() {
-                    for (kh, oh) in taps(ih, g.pad_top, g.out_h) {
-                        for (kw, ow) in taps(iw, g.pad_left, g.out_w) {
-                            let src =
-                                &col[(oh * g.out_w + ow) * patch + (kh * k + kw) * cin..][..cin];
-                            for (d, v) in px.iter_mut().zip(src) {
-                                *d += v;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    in_row.fill(0.0);
+                    for (iw, px) in in_row.chunks_exact_mut(cin).enumerate() {
+                        for (kh, oh) in taps(ih, g.pad_top, g.out_h) {
+                            for (kw, ow) in taps(iw, g.pad_left, g.out_w) {
+                                let src = &col[(oh * g.out_w + ow) * patch + (kh * k + kw) * cin..]
+                                    [..cin];
+                                for (d, v) in px.iter_mut().zip(src) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
-                }
-            })
+                },
+            )
         });
 }
 

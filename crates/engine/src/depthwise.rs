@@ -86,25 +86,28 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
     y.par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(r, out_row)| {
-            simd::dispatch(|| {
-                let (b, oh) = (r / g.out_h, r % g.out_h);
-                let img = &x[b * in_img..][..in_img];
-                let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
-                for ow in 0..g.out_w {
-                    let acc = &mut out_row[ow * c..][..c];
-                    acc.fill(0.0);
-                    let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
-                    for dh in 0..nh {
-                        for dw in 0..nw {
-                            let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
-                            let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
-                            for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
-                                *a += xv * wv;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    let (b, oh) = (r / g.out_h, r % g.out_h);
+                    let img = &x[b * in_img..][..in_img];
+                    let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
+                    for ow in 0..g.out_w {
+                        let acc = &mut out_row[ow * c..][..c];
+                        acc.fill(0.0);
+                        let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+                        for dh in 0..nh {
+                            for dw in 0..nw {
+                                let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
+                                let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
+                                for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
+                                    *a += xv * wv;
+                                }
                             }
                         }
                     }
-                }
-            });
+                },
+            );
             if let Some(epilogue) = epilogue {
                 epilogue(out_row);
             }
@@ -132,35 +135,38 @@ pub fn backward(
         .zip(scratch[..g.input.n * wl].par_chunks_mut(wl))
         .enumerate()
         .for_each(|(b, (dx_img, dw_part))| {
-            simd::dispatch(|| {
-                dx_img.fill(0.0);
-                dw_part.fill(0.0);
-                let img = &x[b * in_img..][..in_img];
-                let dy_img = &dy[b * out_img..][..out_img];
-                for oh in 0..g.out_h {
-                    let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
-                    for ow in 0..g.out_w {
-                        let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
-                        let go = &dy_img[(oh * g.out_w + ow) * c..][..c];
-                        for dh in 0..nh {
-                            for dwi in 0..nw {
-                                let off = ((ih0 + dh) * iw_len + iw0 + dwi) * c;
-                                let t = ((kh0 + dh) * g.kernel + kw0 + dwi) * c;
-                                let xs = &img[off..][..c];
-                                let ws = &w[t..][..c];
-                                let gw = &mut dw_part[t..][..c];
-                                for ((gwv, xv), gov) in gw.iter_mut().zip(xs).zip(go) {
-                                    *gwv += gov * xv;
-                                }
-                                let gx = &mut dx_img[off..][..c];
-                                for ((gxv, gov), wv) in gx.iter_mut().zip(go).zip(ws) {
-                                    *gxv += gov * wv;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    dx_img.fill(0.0);
+                    dw_part.fill(0.0);
+                    let img = &x[b * in_img..][..in_img];
+                    let dy_img = &dy[b * out_img..][..out_img];
+                    for oh in 0..g.out_h {
+                        let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
+                        for ow in 0..g.out_w {
+                            let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+                            let go = &dy_img[(oh * g.out_w + ow) * c..][..c];
+                            for dh in 0..nh {
+                                for dwi in 0..nw {
+                                    let off = ((ih0 + dh) * iw_len + iw0 + dwi) * c;
+                                    let t = ((kh0 + dh) * g.kernel + kw0 + dwi) * c;
+                                    let xs = &img[off..][..c];
+                                    let ws = &w[t..][..c];
+                                    let gw = &mut dw_part[t..][..c];
+                                    for ((gwv, xv), gov) in gw.iter_mut().zip(xs).zip(go) {
+                                        *gwv += gov * xv;
+                                    }
+                                    let gx = &mut dx_img[off..][..c];
+                                    for ((gxv, gov), wv) in gx.iter_mut().zip(go).zip(ws) {
+                                        *gxv += gov * wv;
+                                    }
                                 }
                             }
                         }
                     }
-                }
-            })
+                },
+            )
         });
     for part in scratch[..g.input.n * wl].chunks(wl) {
         for (d, p) in dw.iter_mut().zip(part) {

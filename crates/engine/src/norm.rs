@@ -52,7 +52,10 @@ pub fn par_row_sums(
     let partials = (0..tasks).into_par_iter().map(|t| {
         let mut partial = vec![0f32; width];
         let range = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
-        simd::dispatch(|| f(range, &mut partial));
+        simd::dispatch(
+            #[inline(always)]
+            || f(range, &mut partial),
+        );
         partial
     });
     sum_partials(partials, width)
@@ -85,7 +88,12 @@ fn par_rows(x: &[f32], y: &mut [f32], c: usize, f: impl Fn(&[f32], &mut [f32]) +
     let chunk = ROWS_PER_TASK * c;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| simd::dispatch(|| f(xc, yc)));
+        .for_each(|(yc, xc)| {
+            simd::dispatch(
+                #[inline(always)]
+                || f(xc, yc),
+            )
+        });
 }
 
 /// Training-mode forward: `y = act(γ·(x − mean)/sqrt(var + eps) + β)` with the batch statistics,
@@ -192,13 +200,16 @@ impl Folded {
     }
 
     fn apply_with<A: Activation>(&self, rows: &mut [f32]) {
-        simd::dispatch(|| {
-            for row in rows.chunks_exact_mut(self.scale.len()) {
-                for ((v, s), b) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
-                    *v = A::apply(*v * s + b);
+        simd::dispatch(
+            #[inline(always)]
+            || {
+                for row in rows.chunks_exact_mut(self.scale.len()) {
+                    for ((v, s), b) in row.iter_mut().zip(&self.scale).zip(&self.shift) {
+                        *v = A::apply(*v * s + b);
+                    }
                 }
-            }
-        })
+            },
+        )
     }
 }
 
@@ -289,29 +300,32 @@ fn train_backward_rows<A: Activation>(
         .map(|((dzc, xc), gc)| {
             let mut acc = vec![0f32; 2 * c];
             let (sum_dz, sum_dzx) = acc.split_at_mut(c);
-            simd::dispatch(|| {
-                for ((dzr, xr), gr) in dzc
-                    .chunks_exact_mut(c)
-                    .zip(xc.chunks_exact(c))
-                    .zip(gc.chunks_exact(c))
-                {
-                    for (((o, xv), g), (s, b)) in
-                        dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(&shift))
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for ((dzr, xr), gr) in dzc
+                        .chunks_exact_mut(c)
+                        .zip(xc.chunks_exact(c))
+                        .zip(gc.chunks_exact(c))
                     {
-                        *o = g * A::derivative(xv * s + b);
+                        for (((o, xv), g), (s, b)) in
+                            dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(&shift))
+                        {
+                            *o = g * A::derivative(xv * s + b);
+                        }
+                        for ((((dz, xv), (m, is)), sd), sx) in dzr
+                            .iter()
+                            .zip(xr)
+                            .zip(mean.iter().zip(invstd))
+                            .zip(sum_dz.iter_mut())
+                            .zip(sum_dzx.iter_mut())
+                        {
+                            *sd += dz;
+                            *sx += dz * (xv - m) * is;
+                        }
                     }
-                    for ((((dz, xv), (m, is)), sd), sx) in dzr
-                        .iter()
-                        .zip(xr)
-                        .zip(mean.iter().zip(invstd))
-                        .zip(sum_dz.iter_mut())
-                        .zip(sum_dzx.iter_mut())
-                    {
-                        *sd += dz;
-                        *sx += dz * (xv - m) * is;
-                    }
-                }
-            });
+                },
+            );
             acc
         });
     let local = sum_partials(partials, 2 * c);
@@ -327,17 +341,21 @@ fn train_backward_rows<A: Activation>(
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(dxc, xc)| {
-            simd::dispatch(|| {
-                for (dr, xr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                    let it = dr
-                        .iter_mut()
-                        .zip(xr)
-                        .zip(scale.iter().zip(mean.iter().zip(invstd)));
-                    for (((o, xv), (s, (m, is))), (md, mx)) in it.zip(mean_dz.iter().zip(&mean_dzx))
-                    {
-                        *o = s * (*o - md - (xv - m) * is * mx);
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for (dr, xr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                        let it = dr
+                            .iter_mut()
+                            .zip(xr)
+                            .zip(scale.iter().zip(mean.iter().zip(invstd)));
+                        for (((o, xv), (s, (m, is))), (md, mx)) in
+                            it.zip(mean_dz.iter().zip(&mean_dzx))
+                        {
+                            *o = s * (*o - md - (xv - m) * is * mx);
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }

@@ -18,17 +18,20 @@ pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f
         .enumerate()
         .with_min_len(images_per_task(hw * c))
         .for_each(|(b, o)| {
-            simd::dispatch(|| {
-                o.fill(0.0);
-                for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
-                    for (a, v) in o.iter_mut().zip(row) {
-                        *a += v;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    o.fill(0.0);
+                    for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
+                        for (a, v) in o.iter_mut().zip(row) {
+                            *a += v;
+                        }
                     }
-                }
-                for a in o.iter_mut() {
-                    *a *= inv;
-                }
-            })
+                    for a in o.iter_mut() {
+                        *a *= inv;
+                    }
+                },
+            )
         });
 }
 
@@ -41,12 +44,15 @@ pub fn global_avg_backward(dy: &[f32], n: usize, hw: usize, c: usize, dx: &mut [
         .with_min_len(images_per_task(hw * c))
         .for_each(|(b, d)| {
             let g = &dy[b * c..][..c];
-            simd::dispatch(|| {
-                for row in d.chunks_exact_mut(c) {
-                    for (o, v) in row.iter_mut().zip(g) {
-                        *o = v * inv;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for row in d.chunks_exact_mut(c) {
+                        for (o, v) in row.iter_mut().zip(g) {
+                            *o = v * inv;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }

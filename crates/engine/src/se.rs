@@ -95,13 +95,16 @@ pub fn forward(
         .with_min_len(images_per_task(hw * c))
         .for_each(|(b, (yi, xi))| {
             let gi = &gate[b * c..][..c];
-            simd::dispatch(|| {
-                for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                    for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
-                        *o = v * s;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                        for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
+                            *o = v * s;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -128,19 +131,22 @@ pub fn backward(
         .enumerate()
         .with_min_len(images_per_task(hw * c))
         .for_each(|(b, acc)| {
-            simd::dispatch(|| {
-                for (xr, gr) in x[b * hw * c..][..hw * c]
-                    .chunks_exact(c)
-                    .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
-                {
-                    for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
-                        *a += xv * gv;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for (xr, gr) in x[b * hw * c..][..hw * c]
+                        .chunks_exact(c)
+                        .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
+                    {
+                        for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
+                            *a += xv * gv;
+                        }
                     }
-                }
-                for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
-                    *a *= s * (1.0 - s);
-                }
-            })
+                    for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
+                        *a *= s * (1.0 - s);
+                    }
+                },
+            )
         });
     matmul(
         dw2,
@@ -208,12 +214,15 @@ pub fn backward(
         .for_each(|(b, (dxi, dyi))| {
             let gi = &gate[b * c..][..c];
             let pi = &d_pooled[b * c..][..c];
-            simd::dispatch(|| {
-                for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
-                    for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
-                        *o = gv * s + p * inv_hw;
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
+                        for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
+                            *o = gv * s + p * inv_hw;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }

@@ -38,11 +38,14 @@ impl Ema {
                 .par_chunks_mut(CHUNK)
                 .zip(current.par_chunks(CHUNK))
                 .for_each(|(s, w)| {
-                    simd::dispatch(|| {
-                        for (s, w) in s.iter_mut().zip(w) {
-                            *s = d * *s + (1.0 - d) * w;
-                        }
-                    })
+                    simd::dispatch(
+                        #[inline(always)]
+                        || {
+                            for (s, w) in s.iter_mut().zip(w) {
+                                *s = d * *s + (1.0 - d) * w;
+                            }
+                        },
+                    )
                 });
         };
         average(&mut self.params, &weights.params);

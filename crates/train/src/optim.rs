@@ -112,51 +112,56 @@ impl Optimizer {
             .zip(self.slot_a.par_chunks_mut(CHUNK))
             .zip(slot_b)
             .for_each(|((((w, g), m), a), b)| {
-                simd::dispatch(|| {
-                    // (gradient with the L2 term, weight, decay mask) for each parameter.
-                    let terms = w
-                        .iter_mut()
-                        .zip(g)
-                        .zip(m)
-                        .map(|((w, g), m)| (g + l2 * m * *w, w, *m));
-                    match kind {
-                        Kind::RmsProp {
-                            rho,
-                            momentum,
-                            epsilon,
-                        } => {
-                            for ((g, w, _), (ms, mom)) in terms.zip(a.iter_mut().zip(b.iter_mut()))
-                            {
-                                *ms = rho * *ms + (1.0 - rho) * g * g;
-                                *mom = momentum * *mom + lr * g / (*ms + epsilon).sqrt();
-                                *w -= *mom;
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        // (gradient with the L2 term, weight, decay mask) for each parameter.
+                        let terms = w
+                            .iter_mut()
+                            .zip(g)
+                            .zip(m)
+                            .map(|((w, g), m)| (g + l2 * m * *w, w, *m));
+                        match kind {
+                            Kind::RmsProp {
+                                rho,
+                                momentum,
+                                epsilon,
+                            } => {
+                                for ((g, w, _), (ms, mom)) in
+                                    terms.zip(a.iter_mut().zip(b.iter_mut()))
+                                {
+                                    *ms = rho * *ms + (1.0 - rho) * g * g;
+                                    *mom = momentum * *mom + lr * g / (*ms + epsilon).sqrt();
+                                    *w -= *mom;
+                                }
+                            }
+                            Kind::Sgd { momentum, nesterov } => {
+                                for ((g, w, _), v) in terms.zip(a.iter_mut()) {
+                                    *v = momentum * *v - lr * g;
+                                    *w += if nesterov { momentum * *v - lr * g } else { *v };
+                                }
+                            }
+                            Kind::Adam {
+                                beta1,
+                                beta2,
+                                epsilon,
+                            }
+                            | Kind::AdamW {
+                                beta1,
+                                beta2,
+                                epsilon,
+                            } => {
+                                let lr_t = adam_lr(beta1, beta2);
+                                for ((g, w, d), (m, v)) in terms.zip(a.iter_mut().zip(b.iter_mut()))
+                                {
+                                    *m = beta1 * *m + (1.0 - beta1) * g;
+                                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                                    *w -= decoupled * d * *w + lr_t * *m / (v.sqrt() + epsilon);
+                                }
                             }
                         }
-                        Kind::Sgd { momentum, nesterov } => {
-                            for ((g, w, _), v) in terms.zip(a.iter_mut()) {
-                                *v = momentum * *v - lr * g;
-                                *w += if nesterov { momentum * *v - lr * g } else { *v };
-                            }
-                        }
-                        Kind::Adam {
-                            beta1,
-                            beta2,
-                            epsilon,
-                        }
-                        | Kind::AdamW {
-                            beta1,
-                            beta2,
-                            epsilon,
-                        } => {
-                            let lr_t = adam_lr(beta1, beta2);
-                            for ((g, w, d), (m, v)) in terms.zip(a.iter_mut().zip(b.iter_mut())) {
-                                *m = beta1 * *m + (1.0 - beta1) * g;
-                                *v = beta2 * *v + (1.0 - beta2) * g * g;
-                                *w -= decoupled * d * *w + lr_t * *m / (v.sqrt() + epsilon);
-                            }
-                        }
-                    }
-                })
+                    },
+                )
             });
     }
 }
