@@ -8,6 +8,7 @@ use std::time::Instant;
 use clap::Args;
 use effnet_data::augment::RandAugment;
 use effnet_data::sampler::TrainGeometry;
+use effnet_data::transform::Normalize;
 use effnet_data::{files, load_rgb};
 use effnet_engine::rng::Rng;
 use rayon::prelude::*;
@@ -38,7 +39,7 @@ pub fn run(args: &DataBenchArgs) -> Result<(), String> {
         magnitude: args.magnitude,
         ..RandAugment::default()
     };
-    let (mean, std) = ([0.485f32, 0.456, 0.406], [0.229f32, 0.224, 0.225]);
+    let normalize = Normalize::parse("imagenet")?;
     let one = |i: usize, path: &PathBuf| -> Result<f32, String> {
         let mut rng = Rng::new(i as u64);
         let img = load_rgb(path)?;
@@ -46,12 +47,7 @@ pub fn run(args: &DataBenchArgs) -> Result<(), String> {
         if args.magnitude > 0.0 {
             augment.apply(&mut out, &mut rng);
         }
-        let x: Vec<f32> = out
-            .pixels
-            .chunks_exact(3)
-            .flat_map(|p| (0..3).map(move |c| (p[c] as f32 / 255.0 - mean[c]) / std[c]))
-            .collect();
-        Ok(x[0])
+        Ok(normalize.to_vec(&out.pixels)[0])
     };
     one(0, &paths[0])?; // warm-up: page cache, allocator
     let start = Instant::now();

@@ -2,6 +2,7 @@
 //! transforms use): when shrinking, the filter widens by the scale factor so every source pixel
 //! contributes. Works in f32 (PIL rounds to 8 bits between its two passes; we do not).
 
+use effnet_engine::simd;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,41 +109,59 @@ pub fn resize_box<T: Copy + Into<f32> + Sync>(
     tmp.par_chunks_mut(out_w * c)
         .enumerate()
         .for_each(|(r, out_row)| {
-            let row = &src[(row_lo + r) * w * c..][..w * c];
-            if c == 3 {
-                // RGB, the common case: three accumulators in registers.
-                for (o, (start, k)) in out_row.chunks_exact_mut(3).zip(&xt) {
-                    let mut acc = [0f32; 3];
-                    for (px, wt) in row[start * 3..(start + k.len()) * 3].chunks_exact(3).zip(k) {
-                        acc[0] += wt * px[0].into();
-                        acc[1] += wt * px[1].into();
-                        acc[2] += wt * px[2].into();
-                    }
-                    o.copy_from_slice(&acc);
-                }
-                return;
-            }
-            for (o, (start, k)) in out_row.chunks_exact_mut(c).zip(&xt) {
-                o.fill(0.0);
-                for (j, wt) in k.iter().enumerate() {
-                    for (ch, v) in o.iter_mut().enumerate() {
-                        *v += wt * row[(start + j) * c + ch].into();
-                    }
-                }
-            }
+            simd::dispatch(
+                #[inline(always)]
+                || horizontal(&src[(row_lo + r) * w * c..][..w * c], &xt, c, out_row),
+            )
         });
     let mut out = vec![0f32; out_h * out_w * c];
     out.par_chunks_mut(out_w * c)
         .zip(&yt)
         .for_each(|(out_row, (start, k))| {
-            for (j, wt) in k.iter().enumerate() {
-                let row = &tmp[(start + j - row_lo) * out_w * c..][..out_w * c];
-                for (o, v) in out_row.iter_mut().zip(row) {
-                    *o += wt * v;
-                }
-            }
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for (j, wt) in k.iter().enumerate() {
+                        let row = &tmp[(start + j - row_lo) * out_w * c..][..out_w * c];
+                        for (o, v) in out_row.iter_mut().zip(row) {
+                            *o += wt * v;
+                        }
+                    }
+                },
+            )
         });
     out
+}
+
+/// One row of the horizontal pass: output pixel `o` sums the source pixels its taps cover.
+#[inline(always)]
+fn horizontal<T: Copy + Into<f32>>(
+    row: &[T],
+    xt: &[(usize, Vec<f32>)],
+    c: usize,
+    out_row: &mut [f32],
+) {
+    if c == 3 {
+        // RGB, the common case: three accumulators in registers.
+        for (o, (start, k)) in out_row.chunks_exact_mut(3).zip(xt) {
+            let mut acc = [0f32; 3];
+            for (px, wt) in row[start * 3..(start + k.len()) * 3].chunks_exact(3).zip(k) {
+                acc[0] += wt * px[0].into();
+                acc[1] += wt * px[1].into();
+                acc[2] += wt * px[2].into();
+            }
+            o.copy_from_slice(&acc);
+        }
+        return;
+    }
+    for (o, (start, k)) in out_row.chunks_exact_mut(c).zip(xt) {
+        o.fill(0.0);
+        for (j, wt) in k.iter().enumerate() {
+            for (ch, v) in o.iter_mut().enumerate() {
+                *v += wt * row[(start + j) * c + ch].into();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! is TF's legacy bilinear (no antialiasing, no half-pixel centers), which aliases when it shrinks.
 
 use effnet_engine::rng::Rng;
+use effnet_engine::simd;
 
 use crate::decode::RgbImage;
 use crate::resize::{resize_box, Interpolation};
@@ -215,8 +216,20 @@ pub fn to_u8(pixels: &[f32], width: usize, height: usize) -> RgbImage {
     RgbImage {
         width,
         height,
-        pixels: pixels.iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect(),
+        pixels: simd::dispatch(
+            #[inline(always)]
+            || pixels.iter().map(|&v| truncate_to_u8(v)).collect(),
+        ),
     }
+}
+
+/// `v` clipped to [0, 255] and truncated, as the reference's cast to uint8: floor, then the
+/// integer read from the low mantissa bits of `t + 2²³` (vectorizes; a float-to-int cast with
+/// Rust's saturation does not).
+#[inline(always)]
+fn truncate_to_u8(v: f32) -> u8 {
+    const TWO_POW_23: f32 = 8_388_608.0;
+    (v.clamp(0.0, 255.0).floor() + TWO_POW_23).to_bits() as u8
 }
 
 /// The reference's train geometry at `size × size`, as 8-bit (see [`TrainGeometry::apply`]).
@@ -228,6 +241,15 @@ pub fn train_image(img: &RgbImage, size: usize, rng: &mut Rng) -> RgbImage {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn truncation_to_u8_matches_a_clipped_cast() {
+        let values: Vec<f32> = (-4000..70000).map(|i| i as f32 * 0.00371 - 2.0).collect();
+        let img = to_u8(&values, values.len() / 3, 1);
+        for (v, got) in values.iter().zip(&img.pixels) {
+            assert_eq!(*got, v.clamp(0.0, 255.0) as u8, "{v}");
+        }
+    }
 
     #[test]
     fn crops_stay_in_range() {

@@ -79,6 +79,24 @@ impl Normalize {
             }
         }
     }
+
+    /// `(p/255 − mean)/std` for each channel of RGB samples in [0, 255] (8-bit or f32), into
+    /// `out` (the same length).
+    pub fn apply<T: Copy + Into<f32>>(&self, pixels: &[T], out: &mut [f32]) {
+        let Normalize { mean, std } = *self;
+        for (o, px) in out.chunks_exact_mut(3).zip(pixels.chunks_exact(3)) {
+            for ch in 0..3 {
+                o[ch] = (px[ch].into() / 255.0 - mean[ch]) / std[ch];
+            }
+        }
+    }
+
+    /// [`Normalize::apply`] into a new buffer.
+    pub fn to_vec<T: Copy + Into<f32>>(&self, pixels: &[T]) -> Vec<f32> {
+        let mut out = vec![0f32; pixels.len()];
+        self.apply(pixels, &mut out);
+        out
+    }
 }
 
 /// The full eval transform to a `size × size` input.
@@ -202,12 +220,7 @@ impl Transform {
                 cropped
             }
         };
-        let Normalize { mean, std } = self.normalize;
-        for (o, px) in out.chunks_exact_mut(3).zip(pixels.chunks_exact(3)) {
-            for ch in 0..3 {
-                o[ch] = (px[ch] / 255.0 - mean[ch]) / std[ch];
-            }
-        }
+        self.normalize.apply(&pixels, out);
     }
 }
 

@@ -239,13 +239,7 @@ impl Source for TrainSource {
             Augment::Auto => AutoAugment::default().apply(&mut out, rng),
             _ => {}
         }
-        let Normalize { mean, std } = self.normalize;
-        let x = out
-            .pixels
-            .chunks_exact(3)
-            .flat_map(|p| (0..3).map(move |c| (p[c] as f32 / 255.0 - mean[c]) / std[c]))
-            .collect();
-        Ok((x, self.data.label(index)))
+        Ok((self.normalize.to_vec(&out.pixels), self.data.label(index)))
     }
 }
 
