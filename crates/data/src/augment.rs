@@ -40,6 +40,7 @@
 //! on a truncation boundary.
 
 use effnet_engine::rng::Rng;
+use effnet_engine::simd;
 
 use crate::decode::RgbImage;
 
@@ -483,20 +484,37 @@ fn resample(img: &mut RgbImage, t: [f32; 6]) {
     }
     let (wf, hf) = (w as f32, h as f32);
     let mut out = vec![FILL; img.pixels.len()];
-    for (y, row) in out.chunks_exact_mut(w * 3).enumerate() {
-        let fy = y as f32;
-        for (x, px) in row.chunks_exact_mut(3).enumerate() {
-            let fx = x as f32;
-            let ix = (t[0] * fx + t[1] * fy + t[2]).round();
-            let iy = (t[3] * fx + t[4] * fy + t[5]).round();
-            // Written so NaN fails the test and fills.
-            if ix >= 0.0 && ix < wf && iy >= 0.0 && iy < hf {
-                let s = (iy as usize * w + ix as usize) * 3;
-                px.copy_from_slice(&img.pixels[s..s + 3]);
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for (y, row) in out.chunks_exact_mut(w * 3).enumerate() {
+                let fy = y as f32;
+                for (x, px) in row.chunks_exact_mut(3).enumerate() {
+                    let fx = x as f32;
+                    let ix = round_half_away(t[0] * fx + t[1] * fy + t[2]);
+                    let iy = round_half_away(t[3] * fx + t[4] * fy + t[5]);
+                    // Written so NaN fails the test and fills.
+                    if ix >= 0.0 && ix < wf && iy >= 0.0 && iy < hf {
+                        let s = (iy as usize * w + ix as usize) * 3;
+                        px.copy_from_slice(&img.pixels[s..s + 3]);
+                    }
+                }
             }
-        }
-    }
+        },
+    );
     img.pixels = out;
+}
+
+/// `x.round()` (half away from zero) from `trunc`, which compiles to one instruction where
+/// `round` is a library call; `x − trunc(x)` is exact.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 /// Rotation about the image center by `degrees` (TF's `rotate`: positive turns the content
@@ -556,6 +574,17 @@ mod tests {
     use super::*;
     use crate::decode::load_rgb;
     use std::path::Path;
+
+    #[test]
+    fn rounding_half_away_matches_round() {
+        for i in -200_000..200_000 {
+            let x = i as f32 * 0.0125; // exact halves included
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+        for x in [0.49999997f32, -0.49999997, 8_388_607.5, -2.5, f32::MAX] {
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+    }
 
     fn photo(name: &str) -> RgbImage {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

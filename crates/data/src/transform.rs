@@ -1,5 +1,7 @@
 //! The eval transform: resize, center crop, normalize, into an NHWC f32 image.
 
+use effnet_engine::simd;
+
 use crate::decode::RgbImage;
 use crate::resize::{resize_box, Interpolation};
 
@@ -81,14 +83,22 @@ impl Normalize {
     }
 
     /// `(p/255 − mean)/std` for each channel of RGB samples in [0, 255] (8-bit or f32), into
-    /// `out` (the same length).
+    /// `out` (the same length), as `p·scale + shift`.
     pub fn apply<T: Copy + Into<f32>>(&self, pixels: &[T], out: &mut [f32]) {
-        let Normalize { mean, std } = *self;
-        for (o, px) in out.chunks_exact_mut(3).zip(pixels.chunks_exact(3)) {
-            for ch in 0..3 {
-                o[ch] = (px[ch].into() / 255.0 - mean[ch]) / std[ch];
-            }
-        }
+        // Eight pixels' worth of per-channel factors, so the loop runs on whole vectors.
+        const LANES: usize = 24;
+        let scale: [f32; LANES] = std::array::from_fn(|i| 1.0 / (255.0 * self.std[i % 3]));
+        let shift: [f32; LANES] = std::array::from_fn(|i| -self.mean[i % 3] / self.std[i % 3]);
+        simd::dispatch(
+            #[inline(always)]
+            || {
+                for (o, px) in out.chunks_mut(LANES).zip(pixels.chunks(LANES)) {
+                    for (((o, p), a), b) in o.iter_mut().zip(px).zip(&scale).zip(&shift) {
+                        *o = (*p).into() * a + b;
+                    }
+                }
+            },
+        )
     }
 
     /// [`Normalize::apply`] into a new buffer.
