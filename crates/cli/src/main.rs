@@ -78,9 +78,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    // The command runs on a worker of the pool: its parallel loops then split onto the other
-    // workers directly, instead of each one waking the pool and putting this thread to sleep.
-    let result = rayon::scope(|_| match cli.command {
+    let result = match cli.command {
         Command::Train(args) => train_cmd::train(&args, train_cmd::Mode::Train),
         Command::TrainAndEval(args) => train_cmd::train(&args, train_cmd::Mode::TrainAndEval),
         Command::InferenceBenchmark(args) => bench::run(&args, bench::Kind::Inference),
@@ -91,7 +89,7 @@ fn main() -> ExitCode {
         Command::MakeTfrecords(args) => records_cmd::make_tfrecords(&args),
         Command::Convert(args) => weights_cmd::convert(&args),
         Command::Info(args) => weights_cmd::info(&args),
-    });
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

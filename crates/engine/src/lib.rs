@@ -20,4 +20,13 @@ pub mod shape;
 pub mod simd;
 
 pub use act::Act;
+
+/// Runs `f` on a worker of the thread pool (in place when already on one). A parallel loop
+/// started from a thread outside the pool wakes a worker and puts the caller to sleep, about as
+/// long as a small layer's work; started on a worker it splits onto the others directly. Wrap
+/// whole passes, and never code that waits on another thread which may need the pool (the data
+/// loader's threads use it): with every worker waiting, nothing would run.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
 pub use shape::{same_padding, Nhwc};

@@ -296,6 +296,17 @@ impl Network {
         mode: Mode,
         rng: &mut Rng,
     ) -> &'w [f32] {
+        effnet_engine::on_pool(|| self.forward_on_pool(weights, ws, input, mode, rng))
+    }
+
+    fn forward_on_pool<'w>(
+        &self,
+        weights: &mut Weights,
+        ws: &'w mut Workspace,
+        input: &[f32],
+        mode: Mode,
+        rng: &mut Rng,
+    ) -> &'w [f32] {
         assert_eq!(
             input.len(),
             ws.shapes[0].len(),
@@ -491,6 +502,16 @@ impl Network {
     /// The backward pass after a training-mode [`Network::forward`] on the same workspace:
     /// adds every parameter's gradient of the loss into `grads` (the caller zeroes it).
     pub fn backward(
+        &self,
+        weights: &Weights,
+        ws: &mut Workspace,
+        dlogits: &[f32],
+        grads: &mut [f32],
+    ) {
+        effnet_engine::on_pool(|| self.backward_on_pool(weights, ws, dlogits, grads))
+    }
+
+    fn backward_on_pool(
         &self,
         weights: &Weights,
         ws: &mut Workspace,
