@@ -76,8 +76,8 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
             net.macs(args.img_size, args.img_size) as f64 / 1e9
         );
         println!(
-            "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-            "batch", "img/s", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms"
+            "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            "batch", "img/s", "mean ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "peak RSS MiB"
         );
     }
     let mut rng = Rng::new(1);
@@ -136,6 +136,7 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
         sorted.sort_by(f64::total_cmp);
         let median = percentile(&sorted, 50.0);
         let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let peak = peak_rss_mib();
         if args.json {
             let line = serde_json::json!({
                 "impl": format!("effnet-{}-fp32", env!("CARGO_PKG_VERSION")),
@@ -146,22 +147,39 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
                 "median_ms": (median * 100.0).round() / 100.0,
                 "img_per_s": (n as f64 * 1000.0 / median * 100.0).round() / 100.0,
                 "threads": threads,
+                "peak_rss_mib": peak,
             });
             println!("{line}");
         } else {
             println!(
-                "{:>6} {:>10.1} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                "{:>6} {:>10.1} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>12}",
                 n,
                 n as f64 * 1000.0 / median,
                 mean,
                 median,
                 percentile(&sorted, 90.0),
                 percentile(&sorted, 95.0),
-                percentile(&sorted, 99.0)
+                percentile(&sorted, 99.0),
+                peak.map_or("?".into(), |m| format!("{m:.0}"))
             );
         }
     }
     Ok(())
+}
+
+/// The process's peak resident memory so far (Linux `VmHWM`), in MiB; with several batch
+/// sizes in one run, that of the largest case so far.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib / 1024.0).round())
 }
 
 fn print_profile(profile: &effnet_model::network::Profile, times: &[f64]) {

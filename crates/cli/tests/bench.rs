@@ -1,0 +1,87 @@
+//! The benchmarks print the peers' schema (../shared/bench/README.md) plus peak memory, and the
+//! profile accounts for the whole step.
+
+mod common;
+use common::effnet;
+
+fn case(sub: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "--threads",
+        "1",
+        sub,
+        "--arch",
+        "efficientnetv2_b0",
+        "--batch-size",
+        "2",
+        "--img-size",
+        "32",
+        "--steps",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = effnet(&args);
+    assert!(ok, "{sub} failed: {err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    serde_json::from_str(line).expect("valid JSON")
+}
+
+#[test]
+fn benchmarks_print_the_peers_schema_with_peak_memory() {
+    for (sub, mode) in [
+        ("inference_benchmark", "infer"),
+        ("training_benchmark", "train"),
+    ] {
+        let v = case(sub, &["--json"]);
+        assert!(v["impl"].as_str().unwrap().starts_with("effnet-"), "{v}");
+        assert_eq!(v["arch"], "tf_efficientnetv2_b0");
+        assert_eq!(v["mode"], mode);
+        assert_eq!(
+            (v["batch"].as_u64(), v["res"].as_u64()),
+            (Some(2), Some(32))
+        );
+        let (ms, rate) = (
+            v["median_ms"].as_f64().unwrap(),
+            v["img_per_s"].as_f64().unwrap(),
+        );
+        assert!(ms > 0.0 && (rate - 2000.0 / ms).abs() <= 0.02 * rate, "{v}");
+        // At least the parameters (5.9 M floats, 22 MiB) are resident; a misread would be 0 or huge.
+        let peak = v["peak_rss_mib"].as_f64().unwrap();
+        assert!((22.0..4096.0).contains(&peak), "{v}");
+    }
+}
+
+#[test]
+fn the_profile_accounts_for_the_step() {
+    let (ok, out, err) = effnet(&[
+        "--threads",
+        "1",
+        "training_benchmark",
+        "--arch",
+        "efficientnetv2_b0",
+        "--batch-size",
+        "2",
+        "--img-size",
+        "32",
+        "--steps",
+        "2",
+        "--profile",
+    ]);
+    assert!(ok, "{err}");
+    let shares: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.ends_with('%')))
+        .map(|w| w.trim_end_matches('%').parse().unwrap())
+        .collect();
+    assert!(
+        out.contains("conv 1x1") && out.contains("depthwise"),
+        "{out}"
+    );
+    let total: f64 = shares.iter().sum();
+    assert!(
+        (50.0..=100.5).contains(&total),
+        "shares sum to {total}: {out}"
+    );
+}
