@@ -4,7 +4,8 @@
 mod common;
 use common::effnet;
 
-fn case(sub: &str, extra: &[&str]) -> serde_json::Value {
+/// `effnet --threads 1 SUB` on v2_b0, batch 2 at 32 px, 2 steps, plus `extra`; its stdout.
+fn bench(sub: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "--threads",
         "1",
@@ -21,11 +22,7 @@ fn case(sub: &str, extra: &[&str]) -> serde_json::Value {
     args.extend_from_slice(extra);
     let (ok, out, err) = effnet(&args);
     assert!(ok, "{sub} failed: {err}");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .expect("a JSON line");
-    serde_json::from_str(line).expect("valid JSON")
+    out
 }
 
 #[test]
@@ -34,7 +31,12 @@ fn benchmarks_print_the_peers_schema_with_peak_memory() {
         ("inference_benchmark", "infer"),
         ("training_benchmark", "train"),
     ] {
-        let v = case(sub, &["--json"]);
+        let out = bench(sub, &["--json"]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line");
+        let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
         assert!(v["impl"].as_str().unwrap().starts_with("effnet-"), "{v}");
         assert_eq!(v["arch"], "tf_efficientnetv2_b0");
         assert_eq!(v["mode"], mode);
@@ -47,7 +49,7 @@ fn benchmarks_print_the_peers_schema_with_peak_memory() {
             v["img_per_s"].as_f64().unwrap(),
         );
         assert!(ms > 0.0 && (rate - 2000.0 / ms).abs() <= 0.02 * rate, "{v}");
-        // At least the parameters (5.9 M floats, 22 MiB) are resident; a misread would be 0 or huge.
+        // The parameters alone (5.9 M floats) take 22 MiB; a misread would be 0 or huge.
         let peak = v["peak_rss_mib"].as_f64().unwrap();
         assert!((22.0..4096.0).contains(&peak), "{v}");
     }
@@ -55,21 +57,7 @@ fn benchmarks_print_the_peers_schema_with_peak_memory() {
 
 #[test]
 fn the_profile_accounts_for_the_step() {
-    let (ok, out, err) = effnet(&[
-        "--threads",
-        "1",
-        "training_benchmark",
-        "--arch",
-        "efficientnetv2_b0",
-        "--batch-size",
-        "2",
-        "--img-size",
-        "32",
-        "--steps",
-        "2",
-        "--profile",
-    ]);
-    assert!(ok, "{err}");
+    let out = bench("training_benchmark", &["--profile"]);
     let shares: Vec<f64> = out
         .lines()
         .filter_map(|l| l.split_whitespace().find(|w| w.ends_with('%')))
