@@ -131,8 +131,7 @@ pub fn load(path: &Path, t: &mut Trainer) -> Result<RunState, String> {
         e.params = p;
         e.buffers = b;
     }
-    t.grads.fill(0.0);
-    t.pending = 0;
+    t.discard_pending();
     Ok(RunState {
         epoch,
         batch_in_epoch: batch,

@@ -217,10 +217,8 @@ impl Trainer {
         if comm.size() > 1 {
             comm.all_reduce_sum_f64(&mut bad)?;
         }
-        self.pending = 0;
-        self.pending_bad = false;
         if bad[0] > 0.0 {
-            clear(&mut self.grads);
+            self.discard_pending();
             return Ok(false);
         }
         let scale = 1.0 / self.config.accumulation.max(1) as f32;
@@ -256,7 +254,7 @@ impl Trainer {
         if let Some(ema) = &mut self.ema {
             ema.update(&self.weights, self.optimizer.step);
         }
-        clear(&mut self.grads);
+        self.discard_pending();
         Ok(true)
     }
 
@@ -290,10 +288,17 @@ impl Trainer {
         let (step, tracked) = values.split_last().ok_or("empty state broadcast")?;
         self.weights.tracked = tracked.to_vec();
         self.optimizer.step = *step as u64;
-        self.grads.fill(0.0);
+        self.discard_pending();
+        Ok(())
+    }
+
+    /// Drops the micro-batches accumulated since the last optimizer step: their gradients
+    /// (zeroed over the pool: one thread's memset per step was a few percent of a small
+    /// model's step), their count and their non-finite flag.
+    pub(crate) fn discard_pending(&mut self) {
+        self.grads.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
         self.pending = 0;
         self.pending_bad = false;
-        Ok(())
     }
 
     /// The weights to evaluate: the EMA's when `use_ema` and EMA is on, else the raw ones.
@@ -331,10 +336,4 @@ pub fn smoothed(labels: &[usize], classes: usize, smoothing: f32) -> Vec<f32> {
     let mut t = vec![0f32; labels.len() * classes];
     loss::smoothed_targets(labels, classes, smoothing, &mut t);
     t
-}
-
-/// Zeroes the gradient buffer (tens of megabytes) over the pool: one thread's memset per step
-/// was a few percent of a small model's step.
-fn clear(grads: &mut [f32]) {
-    grads.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
 }
