@@ -8,6 +8,11 @@
 //! buffers, with grid-stride loops (any grid covers any size). Each source's header says how
 //! the host sequences its kernels and which launch shape they expect.
 
+pub mod conv;
+pub mod device;
+pub mod gemm;
+pub mod net;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -26,6 +31,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("regularize.cu", include_str!("../kernels/regularize.cu")),
     ("loss.cu", include_str!("../kernels/loss.cu")),
     ("optim.cu", include_str!("../kernels/optim.cu")),
+    ("tensor.cu", include_str!("../kernels/tensor.cu")),
 ];
 
 /// The virtual architecture the PTX targets: Ampere and later (A100, H100/H200) JIT it.

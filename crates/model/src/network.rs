@@ -245,7 +245,7 @@ impl Network {
     }
 
     /// Output shape of every layer for an input of `n` images of `h`×`w` (index 0: the input).
-    fn shapes(&self, n: usize, h: usize, w: usize) -> Vec<Nhwc> {
+    pub fn shapes(&self, n: usize, h: usize, w: usize) -> Vec<Nhwc> {
         let mut shapes = vec![Nhwc::new(n, h, w, 3)];
         for layer in &self.layers {
             let x = *shapes.last().expect("starts non-empty");
@@ -847,6 +847,12 @@ impl Workspace {
     /// The (batch, height, width) this workspace was planned for.
     pub fn input_shape(&self) -> Nhwc {
         self.shapes[0]
+    }
+
+    /// The output of layer `i` after the last forward pass (after its block's residual add when
+    /// it ends one): what another device's pass is compared with.
+    pub fn layer_output(&self, i: usize) -> &[f32] {
+        &self.acts[self.slots[i + 1].1]
     }
 
     /// Bytes held by activation and scratch buffers.

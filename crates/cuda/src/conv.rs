@@ -1,0 +1,384 @@
+//! Convolutions on cuDNN: dense k×k and depthwise, NHWC f32, forward, backward data and
+//! backward filter, with TF "SAME" padding.
+//!
+//! cuDNN pads the same amount on both sides; SAME pads `total/2` before and the rest after, one
+//! more after when the total is odd (stride 2 on an even size). Such layers copy the input into
+//! a zero-bordered buffer first and convolve it unpadded ([`SamePad::Explicit`]); their input
+//! gradient is cropped back out of the padded one.
+
+use cudarc::cudnn::result as dnn;
+use cudarc::cudnn::sys;
+use effnet_engine::Nhwc;
+
+use crate::device::{Gpu, Result};
+
+/// How a SAME convolution's padding is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamePad {
+    /// Equal on both sides: cuDNN's own padding (top/bottom, left/right).
+    Symmetric { h: usize, w: usize },
+    /// More after than before: a padded copy of `[n, hp, wp, c]`, the image at (top, left).
+    Explicit {
+        top: usize,
+        left: usize,
+        hp: usize,
+        wp: usize,
+    },
+}
+
+/// Output size and padding of a SAME convolution of an `h × w` input.
+pub fn same_pad(h: usize, w: usize, kernel: usize, stride: usize) -> (usize, usize, SamePad) {
+    let axis = |len: usize| {
+        let out = len.div_ceil(stride);
+        let total = ((out - 1) * stride + kernel).saturating_sub(len);
+        (out, total / 2, total - total / 2)
+    };
+    let ((oh, top, bottom), (ow, left, right)) = (axis(h), axis(w));
+    let pad = if top == bottom && left == right {
+        SamePad::Symmetric { h: top, w: left }
+    } else {
+        SamePad::Explicit {
+            top,
+            left,
+            hp: h + top + bottom,
+            wp: w + left + right,
+        }
+    };
+    (oh, ow, pad)
+}
+
+/// One convolution layer's cuDNN descriptors and algorithms for one input shape.
+pub struct Conv {
+    pub input: Nhwc,
+    pub output: Nhwc,
+    pub kernel: usize,
+    pub depthwise: bool,
+    pub pad: SamePad,
+    x: sys::cudnnTensorDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    fwd: sys::cudnnConvolutionFwdAlgo_t,
+    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
+    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    /// Scratch bytes the chosen algorithms need (the largest of the three).
+    pub workspace_bytes: usize,
+}
+
+fn dnn_err(what: &'static str) -> impl FnOnce(dnn::CudnnError) -> String {
+    move |e| format!("cuDNN {what}: {e:?}")
+}
+
+fn nhwc_desc(s: Nhwc) -> Result<sys::cudnnTensorDescriptor_t> {
+    let d = dnn::create_tensor_descriptor().map_err(dnn_err("tensor descriptor"))?;
+    let i = |v: usize| v as std::ffi::c_int;
+    // SAFETY: `d` was just created.
+    unsafe {
+        dnn::set_tensor4d_descriptor(
+            d,
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            [i(s.n), i(s.c), i(s.h), i(s.w)],
+        )
+    }
+    .map_err(dnn_err("tensor shape"))?;
+    Ok(d)
+}
+
+impl Conv {
+    /// Plans the convolution of `input` (NHWC) by a `kernel × kernel` filter at `stride`:
+    /// `cout` output channels, or depthwise (cout = input channels, one filter per channel).
+    pub fn new(
+        gpu: &Gpu,
+        input: Nhwc,
+        kernel: usize,
+        stride: usize,
+        cout: usize,
+        depthwise: bool,
+    ) -> Result<Conv> {
+        let (oh, ow, pad) = same_pad(input.h, input.w, kernel, stride);
+        let output = Nhwc::new(input.n, oh, ow, cout);
+        let (conv_in, (ph, pw)) = match pad {
+            SamePad::Symmetric { h, w } => (input, (h, w)),
+            SamePad::Explicit { hp, wp, .. } => (Nhwc::new(input.n, hp, wp, input.c), (0, 0)),
+        };
+        let i = |v: usize| v as std::ffi::c_int;
+        let x = nhwc_desc(conv_in)?;
+        let y = nhwc_desc(output)?;
+        let w = dnn::create_filter_descriptor().map_err(dnn_err("filter descriptor"))?;
+        let conv = dnn::create_convolution_descriptor().map_err(dnn_err("conv descriptor"))?;
+        let math = match gpu.math {
+            crate::device::Math::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            crate::device::Math::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+        };
+        // A depthwise filter is [c, 1, k, k]: PyTorch's layout is already cuDNN's NHWC one.
+        let per_group_in = if depthwise { 1 } else { input.c };
+        // SAFETY: the descriptors were just created; the handle is the device's.
+        unsafe {
+            dnn::set_filter4d_descriptor(
+                w,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
+                [i(cout), i(per_group_in), i(kernel), i(kernel)],
+            )
+            .map_err(dnn_err("filter shape"))?;
+            dnn::set_convolution2d_descriptor(
+                conv,
+                i(ph),
+                i(pw),
+                i(stride),
+                i(stride),
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+            .map_err(dnn_err("convolution"))?;
+            dnn::set_convolution_math_type(conv, math).map_err(dnn_err("math type"))?;
+            if depthwise {
+                dnn::set_convolution_group_count(conv, i(input.c))
+                    .map_err(dnn_err("group count"))?;
+            }
+        }
+        let mut plan = Conv {
+            input,
+            output,
+            kernel,
+            depthwise,
+            pad,
+            x,
+            y,
+            w,
+            conv,
+            fwd: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+            bwd_data: sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            workspace_bytes: 0,
+        };
+        plan.choose_algorithms(gpu)?;
+        Ok(plan)
+    }
+
+    /// cuDNN's heuristics' first choice for each pass, and the scratch they need.
+    fn choose_algorithms(&mut self, gpu: &Gpu) -> Result<()> {
+        let h = gpu.dnn;
+        let mut count = 0;
+        // SAFETY: handle and descriptors are live; the result arrays hold 8 entries, as asked.
+        unsafe {
+            let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+            dnn::get_convolution_forward_algorithm(
+                h,
+                self.x,
+                self.w,
+                self.conv,
+                self.y,
+                8,
+                &mut count,
+                fwd.as_mut_ptr(),
+            )
+            .map_err(dnn_err("forward algorithm"))?;
+            self.fwd = first_ok(&fwd[..count as usize], |p| (p.status, p.algo))
+                .ok_or("cuDNN offers no forward algorithm")?;
+            let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 8];
+            dnn::get_convolution_backward_data_algorithm(
+                h,
+                self.w,
+                self.y,
+                self.conv,
+                self.x,
+                8,
+                &mut count,
+                bd.as_mut_ptr(),
+            )
+            .map_err(dnn_err("backward data algorithm"))?;
+            self.bwd_data = first_ok(&bd[..count as usize], |p| (p.status, p.algo))
+                .ok_or("cuDNN offers no backward-data algorithm")?;
+            let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 8];
+            dnn::get_convolution_backward_filter_algorithm(
+                h,
+                self.x,
+                self.y,
+                self.conv,
+                self.w,
+                8,
+                &mut count,
+                bf.as_mut_ptr(),
+            )
+            .map_err(dnn_err("backward filter algorithm"))?;
+            self.bwd_filter = first_ok(&bf[..count as usize], |p| (p.status, p.algo))
+                .ok_or("cuDNN offers no backward-filter algorithm")?;
+            let f = dnn::get_convolution_forward_workspace_size(
+                h, self.x, self.w, self.conv, self.y, self.fwd,
+            )
+            .map_err(dnn_err("forward workspace"))?;
+            let d = dnn::get_convolution_backward_data_workspace_size(
+                h,
+                self.w,
+                self.y,
+                self.conv,
+                self.x,
+                self.bwd_data,
+            )
+            .map_err(dnn_err("backward data workspace"))?;
+            let g = dnn::get_convolution_backward_filter_workspace_size(
+                h,
+                self.x,
+                self.y,
+                self.conv,
+                self.w,
+                self.bwd_filter,
+            )
+            .map_err(dnn_err("backward filter workspace"))?;
+            self.workspace_bytes = f.max(d).max(g);
+        }
+        Ok(())
+    }
+
+    /// y = conv(x, w). `x` is the padded copy for [`SamePad::Explicit`]; `w` is in cuDNN's
+    /// NHWC filter layout ([o, kh, kw, i]); `scratch` holds [`Conv::workspace_bytes`].
+    pub fn forward(&self, gpu: &Gpu, x: u64, w: u64, y: u64, scratch: u64) -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the addresses hold tensors of the descriptors' shapes (the network plans
+        // them from this struct) and `scratch` at least `workspace_bytes`.
+        unsafe {
+            dnn::convolution_forward(
+                gpu.dnn,
+                ptr(&alpha),
+                self.x,
+                x as _,
+                self.w,
+                w as _,
+                self.conv,
+                self.fwd,
+                scratch as _,
+                self.workspace_bytes,
+                ptr(&beta),
+                self.y,
+                y as _,
+            )
+        }
+        .map_err(dnn_err("convolution forward"))
+    }
+
+    /// dx = convᵀ(dy, w), overwriting dx (the padded shape for [`SamePad::Explicit`]).
+    pub fn backward_data(&self, gpu: &Gpu, w: u64, dy: u64, dx: u64, scratch: u64) -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: as in `forward`.
+        unsafe {
+            dnn::convolution_backward_data(
+                gpu.dnn,
+                ptr(&alpha),
+                self.w,
+                w as _,
+                self.y,
+                dy as _,
+                self.conv,
+                self.bwd_data,
+                scratch as _,
+                self.workspace_bytes,
+                ptr(&beta),
+                self.x,
+                dx as _,
+            )
+        }
+        .map_err(dnn_err("convolution backward data"))
+    }
+
+    /// dw = beta·dw + ∂/∂w (cuDNN's filter layout).
+    pub fn backward_filter(
+        &self,
+        gpu: &Gpu,
+        x: u64,
+        dy: u64,
+        dw: u64,
+        beta: f32,
+        scratch: u64,
+    ) -> Result<()> {
+        let alpha = 1f32;
+        // SAFETY: as in `forward`.
+        unsafe {
+            dnn::convolution_backward_filter(
+                gpu.dnn,
+                ptr(&alpha),
+                self.x,
+                x as _,
+                self.y,
+                dy as _,
+                self.conv,
+                self.bwd_filter,
+                scratch as _,
+                self.workspace_bytes,
+                ptr(&beta),
+                self.w,
+                dw as _,
+            )
+        }
+        .map_err(dnn_err("convolution backward filter"))
+    }
+}
+
+fn ptr(v: &f32) -> *const std::ffi::c_void {
+    v as *const f32 as *const std::ffi::c_void
+}
+
+/// The first algorithm that cuDNN reports usable.
+fn first_ok<P, A: Copy>(perfs: &[P], f: impl Fn(&P) -> (sys::cudnnStatus_t, A)) -> Option<A> {
+    perfs
+        .iter()
+        .map(f)
+        .find(|(s, _)| *s == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+        .map(|(_, a)| a)
+}
+
+impl Drop for Conv {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once here.
+        unsafe {
+            let _ = dnn::destroy_tensor_descriptor(self.x);
+            let _ = dnn::destroy_tensor_descriptor(self.y);
+            let _ = dnn::destroy_filter_descriptor(self.w);
+            let _ = dnn::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use effnet_engine::same_padding;
+
+    #[test]
+    fn same_pad_agrees_with_the_cpu_engine() {
+        for (len, k, s) in [
+            (224, 3, 2),
+            (15, 3, 2),
+            (30, 5, 2),
+            (7, 3, 1),
+            (7, 5, 1),
+            (8, 1, 1),
+            (1, 3, 2),
+            (28, 3, 2),
+        ] {
+            let (oh, ow, pad) = same_pad(len, len, k, s);
+            let (out, before) = same_padding(len, k, s);
+            assert_eq!((oh, ow), (out, out), "{len} {k} {s}");
+            let (top, after) = match pad {
+                SamePad::Symmetric { h, .. } => (h, h),
+                SamePad::Explicit { top, hp, .. } => (top, hp - len - top),
+            };
+            assert_eq!(top, before, "{len} {k} {s}");
+            // The padded input covers exactly the windows of every output.
+            assert_eq!(len + top + after, (out - 1) * s + k.max(1), "{len} {k} {s}");
+        }
+        assert_eq!(
+            same_pad(224, 224, 3, 2).2,
+            SamePad::Explicit {
+                top: 0,
+                left: 0,
+                hp: 225,
+                wp: 225
+            }
+        );
+        assert_eq!(same_pad(7, 7, 5, 1).2, SamePad::Symmetric { h: 2, w: 2 });
+    }
+}

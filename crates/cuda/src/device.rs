@@ -1,0 +1,254 @@
+//! One CUDA device: its context and stream, the cuBLAS and cuDNN handles, and every kernel of
+//! [`crate::SOURCES`] compiled by NVRTC and loaded.
+//!
+//! Device memory is held in cudarc's `CudaSlice`s, but the network passes raw device addresses
+//! (`u64`) to kernels, cuBLAS and cuDNN: one stream runs everything in order, so cudarc's
+//! per-buffer event tracking is switched off and no borrow has to outlive a call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::cudnn::sys as dnn_sys;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+/// How f32 matrix products and convolutions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Math {
+    /// Plain f32 fused multiply-adds: what the self-test compares with the CPU engine.
+    F32,
+    /// TF32 tensor cores for f32 data (Ampere and newer): the reference's default for f32.
+    Tf32,
+}
+
+/// What is missing when a library cannot be opened, and where to get it.
+const LIBRARY_HELP: &str = "The CUDA device needs the NVIDIA driver (libcuda.so.1), cuBLAS \
+(libcublas.so.13 or .12), cuDNN 9 (libcudnn.so.9) and NVRTC (libnvrtc.so.13 or .12) on the \
+library search path (LD_LIBRARY_PATH), as a CUDA toolkit or PyTorch's nvidia-* wheels install them.";
+
+/// Errors of the device as text, naming the call that failed.
+pub type Result<T> = std::result::Result<T, String>;
+
+fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e:?}")
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: blas_sys::cublasHandle_t,
+    pub dnn: dnn_sys::cudnnHandle_t,
+    pub math: Math,
+    /// The device's name and compute capability, for reports.
+    pub name: String,
+    pub capability: (i32, i32),
+    kernels: HashMap<String, CudaFunction>,
+}
+
+/// Fails with a clear message when a library is missing (cudarc would panic at first use).
+fn check_libraries() -> Result<()> {
+    // SAFETY: each call only tries to dlopen the library's candidate names.
+    let present = unsafe {
+        [
+            ("the NVIDIA driver (libcuda)", cudarc::driver::sys::is_culib_present()),
+            ("cuBLAS", cudarc::cublas::sys::is_culib_present()),
+            ("cuDNN", cudarc::cudnn::sys::is_culib_present()),
+        ]
+    };
+    for (name, found) in present {
+        if !found {
+            return Err(format!("{name} not found. {LIBRARY_HELP}"));
+        }
+    }
+    crate::ensure_nvrtc()
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, compiles and loads the kernels, and creates the library handles
+    /// on one stream.
+    pub fn new(ordinal: usize, math: Math) -> Result<Gpu> {
+        check_libraries()?;
+        let ctx = CudaContext::new(ordinal).map_err(err("opening the CUDA device"))?;
+        // SAFETY: every buffer and call of this device runs on the one stream created below, in
+        // order, so the events cudarc records to order streams are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(err("creating a stream"))?;
+        let name = ctx.name().map_err(err("device name"))?;
+        let capability = ctx
+            .compute_capability()
+            .map_err(err("compute capability"))?;
+        let mut kernels = HashMap::new();
+        for (file, ptx) in crate::compile_all()? {
+            let module = ctx
+                .load_module(Ptx::from_src(ptx))
+                .map_err(err(&format!("loading the PTX of {file}")))?;
+            let source = crate::SOURCES
+                .iter()
+                .find(|(f, _)| *f == file)
+                .map(|(_, s)| *s)
+                .unwrap_or_default();
+            for kernel in crate::kernel_names(source) {
+                let f = module
+                    .load_function(kernel)
+                    .map_err(err(&format!("loading kernel {kernel}")))?;
+                kernels.insert(kernel.to_string(), f);
+            }
+        }
+        let blas = cudarc::cublas::result::create_handle().map_err(err("cublasCreate"))?;
+        let dnn = cudarc::cudnn::result::create_handle().map_err(err("cudnnCreate"))?;
+        // SAFETY: the handles were just created; the stream lives as long as `self`.
+        unsafe {
+            cudarc::cublas::result::set_stream(blas, stream.cu_stream() as _)
+                .map_err(err("cublasSetStream"))?;
+            cudarc::cudnn::result::set_stream(dnn, stream.cu_stream() as _)
+                .map_err(err("cudnnSetStream"))?;
+            let mode = match math {
+                Math::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
+                Math::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+            };
+            blas_sys::cublasSetMathMode(blas, mode)
+                .result()
+                .map_err(err("cublasSetMathMode"))?;
+        }
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            dnn,
+            math,
+            name,
+            capability,
+            kernels,
+        })
+    }
+
+    pub fn kernel(&self, name: &str) -> &CudaFunction {
+        self.kernels
+            .get(name)
+            .unwrap_or_else(|| panic!("no kernel {name} in the compiled sources"))
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // At least one element: a zero-length allocation has no address to pass around.
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(err("allocating device memory"))
+    }
+
+    pub fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        if host.is_empty() {
+            return self.zeros(1);
+        }
+        self.stream.clone_htod(host).map_err(err("copy to device"))
+    }
+
+    /// Copies `host` into the start of `dst`.
+    pub fn write(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        let mut view = dst.slice_mut(..host.len());
+        self.stream
+            .memcpy_htod(host, &mut view)
+            .map_err(err("copy to device"))
+    }
+
+    /// The first `len` elements of `src`, on the host (waits for the stream).
+    pub fn read<T: DeviceRepr + Default + Clone>(
+        &self,
+        src: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); len];
+        self.stream
+            .memcpy_dtoh(&src.slice(..len), &mut host)
+            .map_err(err("copy from device"))?;
+        self.sync()?;
+        Ok(host)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(err("stream synchronize"))
+    }
+
+    /// Zeroes `len` f32 elements at `ptr`.
+    pub fn memset_zero(&self, ptr: u64, len: usize) -> Result<()> {
+        // SAFETY: `ptr` addresses at least `len` f32 of device memory (the caller's plan).
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, 0, len * 4, self.stream.cu_stream())
+        }
+        .map_err(err("memset"))
+    }
+
+    /// Launches kernel `name` with `args` (raw addresses as `u64`, sizes as the kernel's types).
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[&dyn Arg]) -> Result<()> {
+        let f = self.kernel(name);
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: the caller passes the kernel's parameters in order and with its types, and
+        // every address spans what the launch shape makes the kernel touch (net.rs plans both).
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(err(&format!("launching {name}")))
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // SAFETY: the handles were created in `new` and are destroyed once, here.
+        unsafe {
+            let _ = cudarc::cublas::result::destroy_handle(self.blas);
+            let _ = cudarc::cudnn::result::destroy_handle(self.dnn);
+        }
+    }
+}
+
+/// The device address of a buffer's element `offset` (f32 or f64 elements).
+pub fn addr<T>(buf: &CudaSlice<T>, stream: &CudaStream, offset: usize) -> u64 {
+    let (ptr, _sync) = buf.device_ptr(stream);
+    ptr + (offset * std::mem::size_of::<T>()) as u64
+}
+
+/// A kernel argument: pushed by value, as the kernel declares it.
+pub trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+macro_rules! kernel_arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+                b.arg(self);
+            }
+        }
+    )*};
+}
+kernel_arg!(u64, i64, i32, f32, f64);
+
+/// A 1D grid-stride launch over `n` elements.
+pub fn linear(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 4) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The 2D launch of the column reductions: (32 channels × 8 rows) threads, channel tiles in x,
+/// `parts` row slices (or images) in y.
+pub fn columns(c: usize, parts: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.div_ceil(32) as u32, parts.clamp(1, 65_535) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Row slices for the batch-norm partial sums: ~2048 rows each (see norm.cu).
+pub fn bn_parts(rows: usize) -> usize {
+    rows.div_ceil(2048).clamp(1, 4096)
+}

@@ -1,0 +1,901 @@
+//! A [`Network`] on the GPU: its parameters, running statistics and gradients in device memory,
+//! and the forward and backward passes of the CPU engine (crates/model/src/network.rs), op for
+//! op, so that the self-test can compare every layer's output and every gradient with it.
+//!
+//! Convolutions run on cuDNN ([`crate::conv`]), 1×1 convolutions, squeeze-excitation and the
+//! classifier on cuBLAS ([`crate::gemm`]), everything else on our kernels. Random masks
+//! (dropout, drop-path) are drawn on the host from the same generator and in the same order as
+//! on the CPU, so a stochastic pass is the same function on both devices.
+
+use cudarc::driver::CudaSlice;
+use effnet_engine::rng::Rng;
+use effnet_engine::{regularize, Act, Nhwc};
+use effnet_model::network::{ConvKind, Layer, Mode, Network, Weights};
+
+use crate::conv::{Conv, SamePad};
+use crate::device::{addr, bn_parts, columns, linear, Gpu, Result};
+use crate::gemm::{sgemm, RowMajor};
+
+fn act_code(a: Act) -> i32 {
+    match a {
+        Act::None => 0,
+        Act::Silu => 1,
+        Act::Relu6 => 2,
+    }
+}
+
+/// The network's state on the device. `tracked` (BN batch counters) stays on the host.
+pub struct GpuNet {
+    pub net: Network,
+    pub params: CudaSlice<f32>,
+    pub buffers: CudaSlice<f32>,
+    pub tracked: Vec<i64>,
+    pub grads: CudaSlice<f32>,
+}
+
+/// The SE layer's saved tensors: pooled [n, c], pre-activation and hidden [n, cr], gate [n, c].
+struct SeBufs {
+    pooled: CudaSlice<f32>,
+    pre_act: CudaSlice<f32>,
+    hidden: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+}
+
+/// Device buffers for passes over `[n, h, w, 3]` inputs.
+pub struct GpuWorkspace {
+    pub shapes: Vec<Nhwc>,
+    training: bool,
+    /// acts[0] the input, acts[i + 1] the output of layer i (after the residual add).
+    acts: Vec<CudaSlice<f32>>,
+    /// Raw convolution outputs of conv layers (training: the backward pass reads them).
+    conv_out: Vec<Option<CudaSlice<f32>>>,
+    /// cuDNN plans of k×k and depthwise convolutions; None for 1×1 and SE layers.
+    convs: Vec<Option<Conv>>,
+    /// Per conv layer: [mean | var | invstd | scale | shift], c each.
+    bn: Vec<Option<CudaSlice<f32>>>,
+    se: Vec<Option<SeBufs>>,
+    partial: CudaSlice<f32>,
+    sums: CudaSlice<f64>,
+    packed: CudaSlice<f32>,
+    packed_grad: CudaSlice<f32>,
+    padded: CudaSlice<f32>,
+    dpadded: CudaSlice<f32>,
+    scratch: CudaSlice<u8>,
+    /// Per block, the drop-path mask [n]; and a mask of ones.
+    drop_masks: Vec<CudaSlice<f32>>,
+    host_masks: Vec<Vec<f32>>,
+    pooled: CudaSlice<f32>,
+    dropout_mask: CudaSlice<f32>,
+    dropped: CudaSlice<f32>,
+    pub logits: CudaSlice<f32>,
+    dlogits: CudaSlice<f32>,
+    targets: CudaSlice<f32>,
+    row_loss: CudaSlice<f64>,
+    d_head: CudaSlice<f32>,
+    d_head2: CudaSlice<f32>,
+    /// SE backward scratch: [n, c] each, c the widest SE layer's.
+    d_se: CudaSlice<f32>,
+    d_se2: CudaSlice<f32>,
+    grad_a: CudaSlice<f32>,
+    grad_b: CudaSlice<f32>,
+    grad_skip: CudaSlice<f32>,
+    grad_conv: CudaSlice<f32>,
+    mode: Option<Mode>,
+}
+
+impl GpuWorkspace {
+    /// The output of layer `i` (after its block's residual add when it ends one), on the host.
+    pub fn layer_output(&self, gpu: &Gpu, i: usize) -> Result<Vec<f32>> {
+        gpu.read(&self.acts[i + 1], self.shapes[i + 1].len())
+    }
+
+    pub fn batch(&self) -> usize {
+        self.shapes[0].n
+    }
+}
+
+impl GpuNet {
+    pub fn new(gpu: &Gpu, net: &Network, w: &Weights) -> Result<GpuNet> {
+        Ok(GpuNet {
+            net: net.clone(),
+            params: gpu.upload(&w.params)?,
+            buffers: gpu.upload(&w.buffers)?,
+            tracked: w.tracked.clone(),
+            grads: gpu.zeros(w.params.len())?,
+        })
+    }
+
+    /// Parameters, running statistics and counters, copied back to the host.
+    pub fn weights(&self, gpu: &Gpu) -> Result<Weights> {
+        Ok(Weights {
+            params: gpu.read(&self.params, self.net.layout.param_len)?,
+            buffers: gpu.read(&self.buffers, self.net.layout.buffer_len)?,
+            tracked: self.tracked.clone(),
+        })
+    }
+
+    pub fn grads(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.read(&self.grads, self.net.layout.param_len)
+    }
+
+    pub fn zero_grads(&mut self, gpu: &Gpu) -> Result<()> {
+        gpu.memset_zero(self.p(gpu, 0).1, self.net.layout.param_len)
+    }
+
+    /// (params, grads) device addresses of element `offset`.
+    fn p(&self, gpu: &Gpu, offset: usize) -> (u64, u64) {
+        (
+            addr(&self.params, &gpu.stream, offset),
+            addr(&self.grads, &gpu.stream, offset),
+        )
+    }
+
+    /// Plans the buffers for `[n, h, w, 3]` inputs; `training` adds what the training forward
+    /// and the backward pass need.
+    pub fn workspace(
+        &self,
+        gpu: &Gpu,
+        n: usize,
+        h: usize,
+        w: usize,
+        training: bool,
+    ) -> Result<GpuWorkspace> {
+        let net = &self.net;
+        let shapes = net.shapes(n, h, w);
+        let mut acts = vec![gpu.zeros(shapes[0].len())?];
+        let (mut conv_out, mut convs, mut bn, mut se) = (vec![], vec![], vec![], vec![]);
+        let (mut max_act, mut max_c, mut max_parts) = (shapes[0].len(), 1, 1);
+        let (mut packed, mut padded, mut scratch, mut se_c) = (1, 1, 1, 1);
+        for (i, layer) in net.layers.iter().enumerate() {
+            let (x, y) = (shapes[i], shapes[i + 1]);
+            acts.push(gpu.zeros(y.len())?);
+            max_act = max_act.max(y.len());
+            match layer {
+                Layer::Conv(u) => {
+                    conv_out.push(if training {
+                        Some(gpu.zeros(y.len())?)
+                    } else {
+                        None
+                    });
+                    bn.push(Some(gpu.zeros(5 * u.cout)?));
+                    se.push(None);
+                    max_c = max_c.max(u.cout);
+                    max_parts = max_parts.max(bn_parts(y.rows()));
+                    let pointwise = u.conv == ConvKind::Dense && u.kernel == 1 && u.stride == 1;
+                    if pointwise {
+                        convs.push(None);
+                        continue;
+                    }
+                    let depthwise = u.conv == ConvKind::Depthwise;
+                    let c = Conv::new(gpu, x, u.kernel, u.stride, u.cout, depthwise)?;
+                    if !depthwise {
+                        packed = packed.max(u.cout * u.cin * u.kernel * u.kernel);
+                    }
+                    if let SamePad::Explicit { hp, wp, .. } = c.pad {
+                        padded = padded.max(x.n * hp * wp * x.c);
+                    }
+                    scratch = scratch.max(c.workspace_bytes);
+                    convs.push(Some(c));
+                }
+                Layer::Se(s) => {
+                    conv_out.push(None);
+                    bn.push(None);
+                    convs.push(None);
+                    se_c = se_c.max(s.c);
+                    se.push(Some(SeBufs {
+                        pooled: gpu.zeros(n * s.c)?,
+                        pre_act: gpu.zeros(n * s.cr)?,
+                        hidden: gpu.zeros(n * s.cr)?,
+                        gate: gpu.zeros(n * s.c)?,
+                    }));
+                }
+            }
+        }
+        let (f, k) = (net.features, net.classes);
+        let train_len = |len: usize| if training { len } else { 1 };
+        Ok(GpuWorkspace {
+            training,
+            acts,
+            conv_out,
+            convs,
+            bn,
+            se,
+            partial: gpu.zeros(max_parts * 2 * max_c)?,
+            sums: gpu.zeros(2 * max_c)?,
+            packed: gpu.zeros(packed)?,
+            packed_grad: gpu.zeros(train_len(packed))?,
+            padded: gpu.zeros(padded)?,
+            dpadded: gpu.zeros(train_len(padded))?,
+            scratch: gpu.zeros(scratch)?,
+            drop_masks: (0..net.blocks.len())
+                .map(|_| gpu.upload(&vec![1f32; n]))
+                .collect::<Result<_>>()?,
+            host_masks: vec![vec![1f32; n]; net.blocks.len()],
+            pooled: gpu.zeros(n * f)?,
+            dropout_mask: gpu.upload(&vec![1f32; n * f])?,
+            dropped: gpu.zeros(n * f)?,
+            logits: gpu.zeros(n * k)?,
+            dlogits: gpu.zeros(n * k)?,
+            targets: gpu.zeros(n * k)?,
+            row_loss: gpu.zeros(n)?,
+            d_head: gpu.zeros(n * f)?,
+            d_head2: gpu.zeros(n * f)?,
+            d_se: gpu.zeros(train_len(n * se_c))?,
+            d_se2: gpu.zeros(train_len(n * se_c))?,
+            grad_a: gpu.zeros(train_len(max_act))?,
+            grad_b: gpu.zeros(train_len(max_act))?,
+            grad_skip: gpu.zeros(train_len(max_act))?,
+            grad_conv: gpu.zeros(train_len(max_act))?,
+            mode: None,
+            shapes,
+        })
+    }
+
+    /// The forward pass over host input `[n, h, w, 3]`; the logits stay in `ws.logits`
+    /// ([`GpuNet::logits`] reads them). Training mode updates the running statistics.
+    pub fn forward(
+        &mut self,
+        gpu: &Gpu,
+        ws: &mut GpuWorkspace,
+        input: &[f32],
+        mode: Mode,
+        rng: &mut Rng,
+    ) -> Result<()> {
+        if input.len() != ws.shapes[0].len() {
+            return Err(format!(
+                "input of {} values for a workspace of {:?}",
+                input.len(),
+                ws.shapes[0]
+            ));
+        }
+        if !ws.training && mode != Mode::Eval {
+            return Err("a training-mode pass needs a training workspace".into());
+        }
+        gpu.write(input, &mut ws.acts[0])?;
+        let stochastic = matches!(
+            mode,
+            Mode::Train {
+                stochastic: true,
+                ..
+            }
+        );
+        ws.mode = Some(mode);
+        let s = &gpu.stream;
+        for i in 0..self.net.layers.len() {
+            self.layer_forward(gpu, i, ws, mode)?;
+            let ends = self.net.blocks.iter().position(|b| b.layers.end == i + 1);
+            if let Some(b) = ends {
+                let block = &self.net.blocks[b];
+                if !block.skip {
+                    continue;
+                }
+                let mask = &mut ws.host_masks[b];
+                if stochastic && block.drop_path > 0.0 {
+                    regularize::drop_path_mask(rng, block.drop_path, mask);
+                } else {
+                    mask.fill(1.0);
+                }
+                gpu.write(mask, &mut ws.drop_masks[b])?;
+                let y = ws.shapes[i + 1];
+                let n = y.n;
+                gpu.launch(
+                    "residual_add",
+                    linear(y.len()),
+                    &[
+                        &addr(&ws.acts[i + 1], s, 0),
+                        &addr(&ws.acts[block.layers.start], s, 0),
+                        &addr(&ws.drop_masks[b], s, 0),
+                        &(n as i64),
+                        &((y.len() / n) as i64),
+                    ],
+                )?;
+            }
+        }
+        // Head: pool, dropout, classifier.
+        let head = *ws.shapes.last().expect("has layers");
+        let (n, hw, f, k) = (head.n, head.h * head.w, head.c, self.net.classes);
+        let last = self.net.layers.len();
+        let pooled = addr(&ws.pooled, s, 0);
+        gpu.launch(
+            "global_avg_pool_forward",
+            columns(f, n),
+            &[
+                &addr(&ws.acts[last], s, 0),
+                &(n as i64),
+                &(hw as i64),
+                &(f as i32),
+                &pooled,
+            ],
+        )?;
+        let mut mask = vec![1f32; n * f];
+        let rate = self.net.config.dropout;
+        if stochastic && rate > 0.0 {
+            regularize::dropout_mask(rng, rate, &mut mask);
+        }
+        gpu.write(&mask, &mut ws.dropout_mask)?;
+        let dropped = addr(&ws.dropped, s, 0);
+        gpu.launch(
+            "dropout_apply",
+            linear(n * f),
+            &[
+                &pooled,
+                &addr(&ws.dropout_mask, s, 0),
+                &((n * f) as i64),
+                &dropped,
+            ],
+        )?;
+        let (w, _) = self.p(gpu, self.net.fc_weight.start);
+        let (b, _) = self.p(gpu, self.net.fc_bias.start);
+        let logits = addr(&ws.logits, s, 0);
+        let fc = RowMajor {
+            m: n,
+            n: k,
+            k: f,
+            a_t: false,
+            b_t: true,
+        };
+        sgemm(gpu, fc, dropped, w, logits, 1.0, 0.0)?;
+        gpu.launch(
+            "add_bias_rows",
+            linear(n * k),
+            &[&logits, &b, &(n as i64), &(k as i32)],
+        )
+    }
+
+    pub fn logits(&self, gpu: &Gpu, ws: &GpuWorkspace) -> Result<Vec<f32>> {
+        gpu.read(&ws.logits, ws.batch() * self.net.classes)
+    }
+
+    fn layer_forward(&mut self, gpu: &Gpu, i: usize, ws: &mut GpuWorkspace, mode: Mode) -> Result<()> {
+        let s = &gpu.stream;
+        let (xs, ys) = (ws.shapes[i], ws.shapes[i + 1]);
+        let x = addr(&ws.acts[i], s, 0);
+        let y = addr(&ws.acts[i + 1], s, 0);
+        match &self.net.layers[i] {
+            Layer::Conv(u) => {
+                let target = match &ws.conv_out[i] {
+                    Some(z) if mode != Mode::Eval => addr(z, s, 0),
+                    _ => y,
+                };
+                let (w, _) = self.p(gpu, u.weight.start);
+                self.conv_forward(gpu, ws, i, x, w, target)?;
+                let bn = ws.bn[i].as_ref().expect("planned for conv layers");
+                let c = u.cout;
+                let (mean, var, invstd) = (addr(bn, s, 0), addr(bn, s, c), addr(bn, s, 2 * c));
+                let (scale, shift) = (addr(bn, s, 3 * c), addr(bn, s, 4 * c));
+                let (gamma, _) = self.p(gpu, u.bn.gamma.start);
+                let (beta, _) = self.p(gpu, u.bn.beta.start);
+                let rmean = addr(&self.buffers, s, u.bn.mean.start);
+                let rvar = addr(&self.buffers, s, u.bn.var.start);
+                let eps = self.net.config.bn_eps;
+                let rows = ys.rows();
+                let (ci, ri) = (c as i32, rows as i64);
+                match mode {
+                    Mode::Eval => {
+                        gpu.launch(
+                            "bn_fold_running",
+                            linear(c),
+                            &[&gamma, &beta, &rmean, &rvar, &eps, &ci, &scale, &shift],
+                        )?;
+                    }
+                    Mode::Train { bn_momentum, .. } => {
+                        let parts = bn_parts(rows);
+                        let partial = addr(&ws.partial, s, 0);
+                        let sums = addr(&ws.sums, s, 0);
+                        let total = rows as f64;
+                        let reduce = |width: usize| {
+                            gpu.launch(
+                                "bn_reduce_partials",
+                                linear(width),
+                                &[&partial, &(parts as i32), &(width as i32), &sums],
+                            )
+                        };
+                        gpu.launch(
+                            "bn_sum_partials",
+                            columns(c, parts),
+                            &[&target, &ri, &ci, &partial],
+                        )?;
+                        reduce(c)?;
+                        gpu.launch("bn_mean", linear(c), &[&sums, &ci, &total, &mean])?;
+                        gpu.launch(
+                            "bn_sqdev_partials",
+                            columns(c, parts),
+                            &[&target, &mean, &ri, &ci, &partial],
+                        )?;
+                        reduce(c)?;
+                        gpu.launch(
+                            "bn_var",
+                            linear(c),
+                            &[&sums, &ci, &total, &eps, &var, &invstd],
+                        )?;
+                        gpu.launch(
+                            "bn_fold",
+                            linear(c),
+                            &[&gamma, &beta, &mean, &invstd, &ci, &scale, &shift],
+                        )?;
+                        gpu.launch(
+                            "bn_update_running",
+                            linear(c),
+                            &[&rmean, &rvar, &mean, &var, &ci, &ri, &bn_momentum],
+                        )?;
+                        self.tracked[u.bn.tracked] += 1;
+                    }
+                }
+                gpu.launch(
+                    "bn_apply",
+                    linear(ys.len()),
+                    &[&target, &scale, &shift, &ri, &ci, &act_code(u.act), &y],
+                )
+            }
+            Layer::Se(l) => {
+                let sb = ws.se[i].as_ref().expect("planned for SE layers");
+                let (n, hw, c, cr) = (xs.n, xs.h * xs.w, l.c, l.cr);
+                let pooled = addr(&sb.pooled, s, 0);
+                let pre = addr(&sb.pre_act, s, 0);
+                let hidden = addr(&sb.hidden, s, 0);
+                let gate = addr(&sb.gate, s, 0);
+                let (ni, hwi, ci) = (n as i64, hw as i64, c as i32);
+                gpu.launch(
+                    "global_avg_pool_forward",
+                    columns(c, n),
+                    &[&x, &ni, &hwi, &ci, &pooled],
+                )?;
+                let (w1, _) = self.p(gpu, l.w1.start);
+                let (b1, _) = self.p(gpu, l.b1.start);
+                let (w2, _) = self.p(gpu, l.w2.start);
+                let (b2, _) = self.p(gpu, l.b2.start);
+                let reduce = RowMajor {
+                    m: n,
+                    n: cr,
+                    k: c,
+                    a_t: false,
+                    b_t: true,
+                };
+                sgemm(gpu, reduce, pooled, w1, pre, 1.0, 0.0)?;
+                gpu.launch(
+                    "se_bias_act",
+                    linear(n * cr),
+                    &[&pre, &b1, &ni, &(cr as i32), &act_code(l.act), &hidden],
+                )?;
+                let expand = RowMajor {
+                    m: n,
+                    n: c,
+                    k: cr,
+                    a_t: false,
+                    b_t: true,
+                };
+                sgemm(gpu, expand, hidden, w2, gate, 1.0, 0.0)?;
+                gpu.launch("se_bias_sigmoid", linear(n * c), &[&gate, &b2, &ni, &ci])?;
+                gpu.launch(
+                    "se_excite",
+                    linear(xs.len()),
+                    &[&x, &gate, &ni, &hwi, &ci, &y],
+                )
+            }
+        }
+    }
+
+    /// out = conv(x) for conv layer `i` (weights at `w`, PyTorch's layout).
+    fn conv_forward(
+        &self,
+        gpu: &Gpu,
+        ws: &GpuWorkspace,
+        i: usize,
+        x: u64,
+        w: u64,
+        out: u64,
+    ) -> Result<()> {
+        let s = &gpu.stream;
+        let Layer::Conv(u) = &self.net.layers[i] else {
+            unreachable!("conv_forward on a conv layer")
+        };
+        let Some(conv) = &ws.convs[i] else {
+            // 1×1: [rows, cin] · [cout, cin]ᵀ.
+            let p = RowMajor {
+                m: ws.shapes[i].rows(),
+                n: u.cout,
+                k: u.cin,
+                a_t: false,
+                b_t: true,
+            };
+            return sgemm(gpu, p, x, w, out, 1.0, 0.0);
+        };
+        let xin = self.padded_input(gpu, ws, conv, x)?;
+        let scratch = addr(&ws.scratch, s, 0);
+        if conv.depthwise {
+            conv.forward(gpu, xin, w, out, scratch)
+        } else {
+            let packed = self.pack_weight(gpu, ws, u.cout, u.cin, u.kernel, w)?;
+            conv.forward(gpu, xin, packed, out, scratch)
+        }
+    }
+
+    /// The convolution's input: `x` itself, or its zero-bordered copy for uneven SAME padding.
+    fn padded_input(&self, gpu: &Gpu, ws: &GpuWorkspace, conv: &Conv, x: u64) -> Result<u64> {
+        let SamePad::Explicit { top, left, hp, wp } = conv.pad else {
+            return Ok(x);
+        };
+        let xs = conv.input;
+        let padded = addr(&ws.padded, &gpu.stream, 0);
+        let i = |v: usize| v as i32;
+        gpu.launch(
+            "pad_nhwc",
+            linear(xs.n * hp * wp * xs.c),
+            &[
+                &x,
+                &(xs.n as i64),
+                &i(xs.h),
+                &i(xs.w),
+                &i(xs.c),
+                &i(top),
+                &i(left),
+                &i(hp),
+                &i(wp),
+                &padded,
+            ],
+        )?;
+        Ok(padded)
+    }
+
+    /// PyTorch's [o, i, k, k] weights in cuDNN's NHWC filter layout, in `ws.packed`.
+    fn pack_weight(
+        &self,
+        gpu: &Gpu,
+        ws: &GpuWorkspace,
+        o: usize,
+        i: usize,
+        k: usize,
+        w: u64,
+    ) -> Result<u64> {
+        let packed = addr(&ws.packed, &gpu.stream, 0);
+        gpu.launch(
+            "oihw_to_ohwi",
+            linear(o * i * k * k),
+            &[&w, &(o as i32), &(i as i32), &(k as i32), &packed],
+        )?;
+        Ok(packed)
+    }
+
+    /// The softmax cross-entropy of the logits against host `targets` [n, classes]: returns
+    /// the batch mean and leaves d loss/d logits for [`GpuNet::backward`].
+    pub fn loss(&self, gpu: &Gpu, ws: &mut GpuWorkspace, targets: &[f32]) -> Result<f32> {
+        let (n, k) = (ws.batch(), self.net.classes);
+        if targets.len() != n * k {
+            return Err(format!("{} targets for {n} × {k} logits", targets.len()));
+        }
+        gpu.write(targets, &mut ws.targets)?;
+        let s = &gpu.stream;
+        let (z, t) = (addr(&ws.logits, s, 0), addr(&ws.targets, s, 0));
+        let rows = cudarc::driver::LaunchConfig {
+            grid_dim: (n.min(65_535) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ni, ki) = (n as i64, k as i32);
+        gpu.launch(
+            "softmax_xent_forward",
+            rows,
+            &[&z, &t, &ni, &ki, &addr(&ws.row_loss, s, 0)],
+        )?;
+        gpu.launch(
+            "softmax_xent_backward",
+            rows,
+            &[&z, &t, &ni, &ki, &addr(&ws.dlogits, s, 0)],
+        )?;
+        let per_row = gpu.read(&ws.row_loss, n)?;
+        Ok((per_row.iter().sum::<f64>() / n as f64) as f32)
+    }
+
+    /// The backward pass after a training-mode forward and [`GpuNet::loss`]: adds every
+    /// parameter's gradient into `self.grads` (zero them first with [`GpuNet::zero_grads`]).
+    pub fn backward(&self, gpu: &Gpu, ws: &mut GpuWorkspace) -> Result<()> {
+        if !matches!(ws.mode, Some(Mode::Train { .. })) {
+            return Err("backward needs a training-mode forward pass on this workspace".into());
+        }
+        let s = &gpu.stream;
+        let head = *ws.shapes.last().expect("has layers");
+        let (n, hw, f, k) = (head.n, head.h * head.w, head.c, self.net.classes);
+        let dlogits = addr(&ws.dlogits, s, 0);
+        let (w, gw) = self.p(gpu, self.net.fc_weight.start);
+        let (_, gb) = self.p(gpu, self.net.fc_bias.start);
+        let d_dropped = addr(&ws.d_head, s, 0);
+        let d_pooled = addr(&ws.d_head2, s, 0);
+        // d_dropped = dlogits · W; dW += dlogitsᵀ · dropped; db += Σ dlogits.
+        let dx = RowMajor {
+            m: n,
+            n: f,
+            k,
+            a_t: false,
+            b_t: false,
+        };
+        sgemm(gpu, dx, dlogits, w, d_dropped, 1.0, 0.0)?;
+        let dw = RowMajor {
+            m: k,
+            n: f,
+            k: n,
+            a_t: true,
+            b_t: false,
+        };
+        sgemm(gpu, dw, dlogits, addr(&ws.dropped, s, 0), gw, 1.0, 1.0)?;
+        gpu.launch(
+            "se_bias_grad",
+            linear(k),
+            &[&dlogits, &(n as i64), &(k as i32), &gb],
+        )?;
+        gpu.launch(
+            "dropout_apply",
+            linear(n * f),
+            &[
+                &d_dropped,
+                &addr(&ws.dropout_mask, s, 0),
+                &((n * f) as i64),
+                &d_pooled,
+            ],
+        )?;
+        let (mut g, mut g_next) = (addr(&ws.grad_a, s, 0), addr(&ws.grad_b, s, 0));
+        let g_skip = addr(&ws.grad_skip, s, 0);
+        gpu.launch(
+            "global_avg_pool_backward",
+            linear(n * hw * f),
+            &[&d_pooled, &(n as i64), &(hw as i64), &(f as i32), &g],
+        )?;
+        for i in (0..self.net.layers.len()).rev() {
+            let (y_len, x_len) = (ws.shapes[i + 1].len(), ws.shapes[i].len());
+            let ends = self
+                .net
+                .blocks
+                .iter()
+                .position(|b| b.skip && b.layers.end == i + 1);
+            if let Some(b) = ends {
+                // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
+                // SAFETY: both buffers hold at least y_len f32 (the largest activation).
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        g_skip,
+                        g,
+                        y_len * 4,
+                        gpu.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| format!("copy on device: {e:?}"))?;
+                if ws.host_masks[b].iter().any(|&m| m != 1.0) {
+                    gpu.launch(
+                        "drop_path_scale",
+                        linear(y_len),
+                        &[
+                            &g_skip,
+                            &addr(&ws.drop_masks[b], s, 0),
+                            &(n as i64),
+                            &((y_len / n) as i64),
+                            &g,
+                        ],
+                    )?;
+                }
+            }
+            let dx = (i > 0).then_some(g_next);
+            self.layer_backward(gpu, ws, i, g, dx)?;
+            std::mem::swap(&mut g, &mut g_next);
+            if self
+                .net
+                .blocks
+                .iter()
+                .any(|b| b.skip && b.layers.start == i)
+            {
+                gpu.launch(
+                    "add_into",
+                    linear(x_len),
+                    &[&g, &g_skip, &(x_len as i64)],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn layer_backward(
+        &self,
+        gpu: &Gpu,
+        ws: &GpuWorkspace,
+        i: usize,
+        dy: u64,
+        dx: Option<u64>,
+    ) -> Result<()> {
+        let s = &gpu.stream;
+        let (xs, ys) = (ws.shapes[i], ws.shapes[i + 1]);
+        let x = addr(&ws.acts[i], s, 0);
+        match &self.net.layers[i] {
+            Layer::Conv(u) => {
+                let z = addr(ws.conv_out[i].as_ref().expect("training workspace"), s, 0);
+                let bn = ws.bn[i].as_ref().expect("planned for conv layers");
+                let c = u.cout;
+                let (mean, invstd) = (addr(bn, s, 0), addr(bn, s, 2 * c));
+                let (scale, shift) = (addr(bn, s, 3 * c), addr(bn, s, 4 * c));
+                let (_, dgamma) = self.p(gpu, u.bn.gamma.start);
+                let (_, dbeta) = self.p(gpu, u.bn.beta.start);
+                let rows = ys.rows();
+                let parts = bn_parts(rows);
+                let (ci, ri) = (c as i32, rows as i64);
+                let partial = addr(&ws.partial, s, 0);
+                let sums = addr(&ws.sums, s, 0);
+                let d_conv = addr(&ws.grad_conv, s, 0);
+                gpu.launch(
+                    "bn_backward_partials",
+                    columns(c, parts),
+                    &[
+                        &z,
+                        &dy,
+                        &scale,
+                        &shift,
+                        &mean,
+                        &invstd,
+                        &ri,
+                        &ci,
+                        &act_code(u.act),
+                        &d_conv,
+                        &partial,
+                    ],
+                )?;
+                gpu.launch(
+                    "bn_reduce_partials",
+                    linear(2 * c),
+                    &[&partial, &(parts as i32), &(2 * ci), &sums],
+                )?;
+                gpu.launch(
+                    "bn_backward_params",
+                    linear(c),
+                    &[&sums, &ci, &dgamma, &dbeta],
+                )?;
+                gpu.launch(
+                    "bn_backward_dx",
+                    linear(ys.len()),
+                    &[
+                        &z,
+                        &scale,
+                        &mean,
+                        &invstd,
+                        &sums,
+                        &ri,
+                        &ci,
+                        &(1.0 / rows as f64),
+                        &d_conv,
+                    ],
+                )?;
+                let (w, gw) = self.p(gpu, u.weight.start);
+                let Some(conv) = &ws.convs[i] else {
+                    // 1×1: dx = d_conv · W; dW += d_convᵀ · x.
+                    if let Some(dx) = dx {
+                        let p = RowMajor {
+                            m: xs.rows(),
+                            n: u.cin,
+                            k: c,
+                            a_t: false,
+                            b_t: false,
+                        };
+                        sgemm(gpu, p, d_conv, w, dx, 1.0, 0.0)?;
+                    }
+                    let p = RowMajor {
+                        m: c,
+                        n: u.cin,
+                        k: xs.rows(),
+                        a_t: true,
+                        b_t: false,
+                    };
+                    return sgemm(gpu, p, d_conv, x, gw, 1.0, 1.0);
+                };
+                let scratch = addr(&ws.scratch, s, 0);
+                let xin = self.padded_input(gpu, ws, conv, x)?;
+                let w_dnn = if conv.depthwise {
+                    // The depthwise gradient accumulates straight into PyTorch's layout.
+                    conv.backward_filter(gpu, xin, d_conv, gw, 1.0, scratch)?;
+                    w
+                } else {
+                    let packed_grad = addr(&ws.packed_grad, s, 0);
+                    conv.backward_filter(gpu, xin, d_conv, packed_grad, 0.0, scratch)?;
+                    let (o, ci, k) = (u.cout as i32, u.cin as i32, u.kernel as i32);
+                    gpu.launch(
+                        "ohwi_to_oihw_add",
+                        linear(u.cout * u.cin * u.kernel * u.kernel),
+                        &[&packed_grad, &o, &ci, &k, &gw],
+                    )?;
+                    self.pack_weight(gpu, ws, u.cout, u.cin, u.kernel, w)?
+                };
+                let Some(dx) = dx else { return Ok(()) };
+                match conv.pad {
+                    SamePad::Symmetric { .. } => {
+                        conv.backward_data(gpu, w_dnn, d_conv, dx, scratch)
+                    }
+                    SamePad::Explicit { top, left, hp, wp } => {
+                        let dpadded = addr(&ws.dpadded, s, 0);
+                        conv.backward_data(gpu, w_dnn, d_conv, dpadded, scratch)?;
+                        let i = |v: usize| v as i32;
+                        gpu.launch(
+                            "crop_nhwc",
+                            linear(xs.len()),
+                            &[
+                                &dpadded,
+                                &(xs.n as i64),
+                                &i(hp),
+                                &i(wp),
+                                &i(xs.c),
+                                &i(top),
+                                &i(left),
+                                &i(xs.h),
+                                &i(xs.w),
+                                &dx,
+                            ],
+                        )
+                    }
+                }
+            }
+            Layer::Se(l) => {
+                let dx = dx.ok_or("an SE layer is never first")?;
+                let sb = ws.se[i].as_ref().expect("planned for SE layers");
+                let (n, hw, c, cr) = (xs.n, xs.h * xs.w, l.c, l.cr);
+                let (ni, hwi, ci, cri) = (n as i64, hw as i64, c as i32, cr as i32);
+                let gate = addr(&sb.gate, s, 0);
+                let d_gate = addr(&ws.d_se, s, 0);
+                let d_small = addr(&ws.d_se2, s, 0);
+                let (w1, gw1) = self.p(gpu, l.w1.start);
+                let (_, gb1) = self.p(gpu, l.b1.start);
+                let (w2, gw2) = self.p(gpu, l.w2.start);
+                let (_, gb2) = self.p(gpu, l.b2.start);
+                gpu.launch(
+                    "se_gate_grad",
+                    columns(c, n),
+                    &[&x, &dy, &gate, &ni, &hwi, &ci, &d_gate],
+                )?;
+                gpu.launch("se_bias_grad", linear(c), &[&d_gate, &ni, &ci, &gb2])?;
+                // dW2 [c, cr] += d_gateᵀ · hidden; d_hidden [n, cr] = d_gate · W2.
+                let p = RowMajor {
+                    m: c,
+                    n: cr,
+                    k: n,
+                    a_t: true,
+                    b_t: false,
+                };
+                sgemm(gpu, p, d_gate, addr(&sb.hidden, s, 0), gw2, 1.0, 1.0)?;
+                let p = RowMajor {
+                    m: n,
+                    n: cr,
+                    k: c,
+                    a_t: false,
+                    b_t: false,
+                };
+                sgemm(gpu, p, d_gate, w2, d_small, 1.0, 0.0)?;
+                gpu.launch(
+                    "se_act_backward",
+                    linear(n * cr),
+                    &[
+                        &d_small,
+                        &addr(&sb.pre_act, s, 0),
+                        &((n * cr) as i64),
+                        &act_code(l.act),
+                    ],
+                )?;
+                gpu.launch("se_bias_grad", linear(cr), &[&d_small, &ni, &cri, &gb1])?;
+                // dW1 [cr, c] += d_preᵀ · pooled; d_pooled [n, c] = d_pre · W1 (into d_gate,
+                // no longer needed).
+                let p = RowMajor {
+                    m: cr,
+                    n: c,
+                    k: n,
+                    a_t: true,
+                    b_t: false,
+                };
+                sgemm(gpu, p, d_small, addr(&sb.pooled, s, 0), gw1, 1.0, 1.0)?;
+                let p = RowMajor {
+                    m: n,
+                    n: c,
+                    k: cr,
+                    a_t: false,
+                    b_t: false,
+                };
+                sgemm(gpu, p, d_small, w1, d_gate, 1.0, 0.0)?;
+                gpu.launch(
+                    "se_excite_backward",
+                    linear(xs.len()),
+                    &[&dy, &gate, &d_gate, &ni, &hwi, &ci, &dx],
+                )
+            }
+        }
+    }
+}
