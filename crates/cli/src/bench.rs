@@ -13,7 +13,7 @@ pub struct BenchArgs {
     /// Architecture (`efficientnetv2_s`, `efficientnet_b0`, `efficientnet_lite0`, …; timm's
     /// `tf_` prefix accepted).
     #[arg(long, default_value = "efficientnetv2_s")]
-    arch: String,
+    pub(crate) arch: String,
     /// Batch sizes, comma separated.
     #[arg(
         long = "batch-size",
@@ -21,22 +21,28 @@ pub struct BenchArgs {
         value_delimiter = ',',
         default_value = "8"
     )]
-    batch_sizes: Vec<usize>,
+    pub(crate) batch_sizes: Vec<usize>,
     /// Square input resolution.
     #[arg(long = "img-size", alias = "img_size", default_value_t = 224)]
-    img_size: usize,
+    pub(crate) img_size: usize,
     /// Untimed steps before measuring.
     #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    pub(crate) warmup: usize,
     /// Timed steps per batch size.
     #[arg(long, default_value_t = 10)]
-    steps: usize,
+    pub(crate) steps: usize,
     /// Print one JSON object per case instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Print time per operation kind after each case.
     #[arg(long)]
-    profile: bool,
+    pub(crate) profile: bool,
+    /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+    /// GPU math: `tf32` (tensor cores for f32, the reference's default) or `f32`.
+    #[arg(long, default_value = "tf32")]
+    pub(crate) math: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,6 +59,18 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
+    match args.device.as_str() {
+        "cpu" => {}
+        #[cfg(feature = "cuda")]
+        "cuda" => return crate::cuda_cmd::bench(args, kind == Kind::Training),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => {
+            return Err(
+                "this effnet was built without CUDA: cargo build --release --features cuda".into(),
+            )
+        }
+        d => return Err(format!("unknown --device {d:?}: expected cpu or cuda")),
+    }
     let config = arch(&args.arch)?;
     if args.steps == 0 || args.img_size < 8 || args.batch_sizes.contains(&0) {
         return Err("--steps, --batch-size must be at least 1 and --img-size at least 8".into());

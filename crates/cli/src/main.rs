@@ -1,6 +1,8 @@
 //! `effnet`: EfficientNet training and inference from the command line.
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod cuda_cmd;
 mod data_bench;
 mod dllogger;
 mod infer;
@@ -58,6 +60,10 @@ enum Command {
     Convert(weights_cmd::ConvertArgs),
     /// Describe an architecture: blocks, channels, parameters, multiply-adds.
     Info(weights_cmd::InfoArgs),
+    /// Compare a GPU's forward and backward passes with the CPU engine's, op by op; exits
+    /// non-zero on any difference beyond tolerance (needs a build with `--features cuda`).
+    #[cfg(feature = "cuda")]
+    Selftest(cuda_cmd::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +95,8 @@ fn main() -> ExitCode {
         Command::MakeTfrecords(args) => records_cmd::make_tfrecords(&args),
         Command::Convert(args) => weights_cmd::convert(&args),
         Command::Info(args) => weights_cmd::info(&args),
+        #[cfg(feature = "cuda")]
+        Command::Selftest(args) => cuda_cmd::selftest(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,3 +73,30 @@ fn the_profile_accounts_for_the_step() {
         "shares sum to {total}: {out}"
     );
 }
+
+/// Without the NVIDIA driver, `--device cuda` fails with a message naming what is missing
+/// (cudarc itself would panic); a build without the `cuda` feature says how to get one.
+#[test]
+fn the_cuda_device_explains_what_is_missing() {
+    let ldconfig = std::process::Command::new("ldconfig").arg("-p").output();
+    let has_driver =
+        ldconfig.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("libcuda.so"));
+    if has_driver {
+        eprintln!(
+            "skipped: this machine has an NVIDIA driver (the GPU check is tools/gpu_check.sh)"
+        );
+        return;
+    }
+    let (ok, _, err) = effnet(&["training_benchmark", "--device", "cuda", "--steps", "1"]);
+    assert!(!ok, "no GPU here, yet --device cuda succeeded");
+    if cfg!(feature = "cuda") {
+        assert!(err.contains("libcuda"), "{err}");
+        assert!(err.contains("LD_LIBRARY_PATH"), "{err}");
+        let (ok, _, err) = effnet(&["selftest", "--device", "cuda"]);
+        assert!(!ok && err.contains("libcuda"), "{err}");
+    } else {
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    let (ok, _, err) = effnet(&["training_benchmark", "--device", "tpu"]);
+    assert!(!ok && err.contains("expected cpu or cuda"), "{err}");
+}

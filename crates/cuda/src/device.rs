@@ -54,7 +54,10 @@ fn check_libraries() -> Result<()> {
     // SAFETY: each call only tries to dlopen the library's candidate names.
     let present = unsafe {
         [
-            ("the NVIDIA driver (libcuda)", cudarc::driver::sys::is_culib_present()),
+            (
+                "the NVIDIA driver (libcuda)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
             ("cuBLAS", cudarc::cublas::sys::is_culib_present()),
             ("cuDNN", cudarc::cudnn::sys::is_culib_present()),
         ]
@@ -175,10 +178,8 @@ impl Gpu {
     /// Zeroes `len` f32 elements at `ptr`.
     pub fn memset_zero(&self, ptr: u64, len: usize) -> Result<()> {
         // SAFETY: `ptr` addresses at least `len` f32 of device memory (the caller's plan).
-        unsafe {
-            cudarc::driver::result::memset_d8_async(ptr, 0, len * 4, self.stream.cu_stream())
-        }
-        .map_err(err("memset"))
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, len * 4, self.stream.cu_stream()) }
+            .map_err(err("memset"))
     }
 
     /// Launches kernel `name` with `args` (raw addresses as `u64`, sizes as the kernel's types).

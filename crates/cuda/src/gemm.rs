@@ -142,8 +142,8 @@ mod tests {
             blas_sgemm(g, 2.0, &b, &a, 1.0, &mut c);
             for i in 0..m {
                 for j in 0..n {
-                    let want = 2.0 * (0..k).map(|l| opa(i, l) * opb(l, j)).sum::<f32>()
-                        + (i + j) as f32;
+                    let want =
+                        2.0 * (0..k).map(|l| opa(i, l) * opb(l, j)).sum::<f32>() + (i + j) as f32;
                     assert_eq!(c[i * n + j], want, "a_t {a_t} b_t {b_t} at ({i}, {j})");
                 }
             }

@@ -346,7 +346,13 @@ impl GpuNet {
         gpu.read(&ws.logits, ws.batch() * self.net.classes)
     }
 
-    fn layer_forward(&mut self, gpu: &Gpu, i: usize, ws: &mut GpuWorkspace, mode: Mode) -> Result<()> {
+    fn layer_forward(
+        &mut self,
+        gpu: &Gpu,
+        i: usize,
+        ws: &mut GpuWorkspace,
+        mode: Mode,
+    ) -> Result<()> {
         let s = &gpu.stream;
         let (xs, ys) = (ws.shapes[i], ws.shapes[i + 1]);
         let x = addr(&ws.acts[i], s, 0);
@@ -681,11 +687,7 @@ impl GpuNet {
                 .iter()
                 .any(|b| b.skip && b.layers.start == i)
             {
-                gpu.launch(
-                    "add_into",
-                    linear(x_len),
-                    &[&g, &g_skip, &(x_len as i64)],
-                )?;
+                gpu.launch("add_into", linear(x_len), &[&g, &g_skip, &(x_len as i64)])?;
             }
         }
         Ok(())

@@ -1,0 +1,376 @@
+//! `effnet selftest --device cuda`: the GPU's passes compared with the CPU engine's, op by op,
+//! and the `--device cuda` benchmarks. Built with the `cuda` feature.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use clap::Args;
+
+use crate::bench::BenchArgs;
+use effnet_cuda::device::{addr, linear, Gpu, Math};
+use effnet_cuda::net::GpuNet;
+use effnet_engine::loss;
+use effnet_engine::rng::Rng;
+use effnet_model::network::{ConvKind, Layer};
+use effnet_model::{arch, Mode, Network, ParamKind, Weights};
+
+#[derive(Args)]
+pub struct SelftestArgs {
+    /// The device to test against the CPU engine (`cuda`).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Architecture whose every layer is compared.
+    #[arg(long, default_value = "efficientnetv2_s")]
+    arch: String,
+    #[arg(long = "batch-size", default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long = "img-size", default_value_t = 64)]
+    img_size: usize,
+    /// `f32` (plain fused multiply-adds) or `tf32` (tensor cores; looser tolerances).
+    #[arg(long, default_value = "f32")]
+    math: String,
+}
+
+fn parse_math(s: &str) -> Result<Math, String> {
+    match s {
+        "f32" => Ok(Math::F32),
+        "tf32" => Ok(Math::Tf32),
+        _ => Err(format!("unknown --math {s:?}: expected f32 or tf32")),
+    }
+}
+
+fn open_gpu(device: &str, math: Math) -> Result<Gpu, String> {
+    if device != "cuda" {
+        return Err(format!("unknown --device {device:?}: expected cuda"));
+    }
+    let gpu = Gpu::new(0, math)?;
+    println!(
+        "device: {} (compute capability {}.{}), math {math:?}",
+        gpu.name, gpu.capability.0, gpu.capability.1
+    );
+    Ok(gpu)
+}
+
+/// max |a − b| / max |b|: the error relative to the reference's scale.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    // NaN anywhere fails the comparison.
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    diff / scale.max(1e-12)
+}
+
+fn layer_kind(layer: &Layer, i: usize) -> &'static str {
+    match layer {
+        Layer::Conv(u) if i == 0 => {
+            let _ = u;
+            "stem conv + bn + act"
+        }
+        Layer::Conv(u) => match (u.conv, u.kernel, u.stride) {
+            (ConvKind::Depthwise, _, _) => "depthwise + bn + act",
+            (ConvKind::Dense, 1, 1) => "conv 1x1 + bn + act",
+            _ => "conv kxk + bn + act",
+        },
+        Layer::Se(_) => "squeeze-excite",
+    }
+}
+
+/// Rows of the report: (pass, op) → worst relative error.
+#[derive(Default)]
+struct Report {
+    rows: BTreeMap<(String, String), f64>,
+}
+
+impl Report {
+    fn add(&mut self, pass: &str, op: &str, err: f64) {
+        let e = self
+            .rows
+            .entry((pass.to_string(), op.to_string()))
+            .or_insert(0.0);
+        // NaN and infinity stay visible.
+        if !(err <= *e) {
+            *e = err;
+        }
+    }
+}
+
+/// Random BN statistics and affine parameters, so that folding and normalization are tested
+/// away from the identity that a fresh initialization gives.
+fn perturb_batch_norm(net: &Network, w: &mut Weights, rng: &mut Rng) {
+    for e in &net.layout.params {
+        match e.kind {
+            ParamKind::BnWeight => w.params[e.range.clone()]
+                .iter_mut()
+                .for_each(|v| *v = rng.uniform_in(0.5, 1.5) as f32),
+            ParamKind::BnBias => w.params[e.range.clone()]
+                .iter_mut()
+                .for_each(|v| *v = 0.1 * rng.normal() as f32),
+            _ => {}
+        }
+    }
+    for e in &net.layout.buffers {
+        match e.kind {
+            ParamKind::RunningMean => w.buffers[e.range.clone()]
+                .iter_mut()
+                .for_each(|v| *v = 0.1 * rng.normal() as f32),
+            ParamKind::RunningVar => w.buffers[e.range.clone()]
+                .iter_mut()
+                .for_each(|v| *v = rng.uniform_in(0.5, 1.5) as f32),
+            _ => {}
+        }
+    }
+}
+
+pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
+    let math = parse_math(&args.math)?;
+    let gpu = open_gpu(&args.device, math)?;
+    let net = Network::new(arch(&args.arch)?);
+    let (n, s) = (args.batch_size, args.img_size);
+    if n < 2 || s < 8 {
+        return Err(
+            "--batch-size must be at least 2 (batch statistics) and --img-size at least 8".into(),
+        );
+    }
+    println!(
+        "{} on {n} × {s}×{s} random images: every layer, the loss and every gradient",
+        net.config.name
+    );
+    let mut rng = Rng::new(11);
+    let mut cpu_w = Weights::init(&net, 7);
+    perturb_batch_norm(&net, &mut cpu_w, &mut rng);
+    let mut gpu_net = GpuNet::new(&gpu, &net, &cpu_w)?;
+    let input: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+    let mut ws = net.workspace(n, s, s);
+    let mut gws = gpu_net.workspace(&gpu, n, s, s, true)?;
+    let mut report = Report::default();
+    let compare_layers = |report: &mut Report,
+                          pass: &str,
+                          ws: &effnet_model::Workspace,
+                          gws: &effnet_cuda::net::GpuWorkspace|
+     -> Result<(), String> {
+        for (i, layer) in net.layers.iter().enumerate() {
+            let got = gws.layer_output(&gpu, i)?;
+            report.add(
+                pass,
+                layer_kind(layer, i),
+                rel_err(&got, ws.layer_output(i)),
+            );
+        }
+        Ok(())
+    };
+
+    // Eval: running statistics folded into the convolutions' outputs.
+    let cpu_logits = net
+        .forward(&mut cpu_w, &mut ws, &input, Mode::Eval, &mut Rng::new(3))
+        .to_vec();
+    gpu_net.forward(&gpu, &mut gws, &input, Mode::Eval, &mut Rng::new(3))?;
+    compare_layers(&mut report, "eval forward", &ws, &gws)?;
+    let logits = gpu_net.logits(&gpu, &gws)?;
+    report.add(
+        "eval forward",
+        "pool + classifier (logits)",
+        rel_err(&logits, &cpu_logits),
+    );
+
+    // Training: batch statistics, running-statistic updates, drop-path and dropout masks drawn
+    // from the same generator on both sides.
+    let mode = Mode::Train {
+        bn_momentum: 0.1,
+        stochastic: true,
+    };
+    let cpu_logits = net
+        .forward(&mut cpu_w, &mut ws, &input, mode, &mut Rng::new(5))
+        .to_vec();
+    gpu_net.forward(&gpu, &mut gws, &input, mode, &mut Rng::new(5))?;
+    compare_layers(&mut report, "train forward", &ws, &gws)?;
+    let logits = gpu_net.logits(&gpu, &gws)?;
+    report.add(
+        "train forward",
+        "pool + dropout + classifier (logits)",
+        rel_err(&logits, &cpu_logits),
+    );
+    let gpu_w = gpu_net.weights(&gpu)?;
+    report.add(
+        "train forward",
+        "running statistics",
+        rel_err(&gpu_w.buffers, &cpu_w.buffers),
+    );
+    let counters_match = gpu_w.tracked == cpu_w.tracked;
+    report.add(
+        "train forward",
+        "batch counters (exact)",
+        if counters_match { 0.0 } else { f64::INFINITY },
+    );
+
+    // Loss and backward.
+    let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
+    let mut targets = vec![0f32; n * net.classes];
+    loss::smoothed_targets(&labels, net.classes, 0.1, &mut targets);
+    let mut dlogits = vec![0f32; n * net.classes];
+    let cpu_loss = loss::softmax_cross_entropy(&cpu_logits, net.classes, &targets, &mut dlogits);
+    let mut cpu_grads = vec![0f32; cpu_w.params.len()];
+    net.backward(&cpu_w, &mut ws, &dlogits, &mut cpu_grads);
+    gpu_net.zero_grads(&gpu)?;
+    let gpu_loss = gpu_net.loss(&gpu, &mut gws, &targets)?;
+    gpu_net.backward(&gpu, &mut gws)?;
+    report.add(
+        "backward",
+        "softmax cross-entropy (loss)",
+        rel_err(&[gpu_loss], &[cpu_loss]),
+    );
+    let grads = gpu_net.grads(&gpu)?;
+    for e in &net.layout.params {
+        let op = format!("gradient of {:?}", e.kind);
+        report.add(
+            "backward",
+            &op,
+            rel_err(&grads[e.range.clone()], &cpu_grads[e.range.clone()]),
+        );
+    }
+
+    // One EMA update over the parameters, on the GPU's kernel.
+    let shadow_host: Vec<f32> = cpu_w.params.iter().map(|v| v * 0.5).collect();
+    let shadow = gpu.upload(&shadow_host)?;
+    let len = cpu_w.params.len();
+    gpu.launch(
+        "ema_update",
+        linear(len),
+        &[
+            &addr(&shadow, &gpu.stream, 0),
+            &addr(&gpu_net.params, &gpu.stream, 0),
+            &(len as i64),
+            &0.9f32,
+        ],
+    )?;
+    let want: Vec<f32> = shadow_host
+        .iter()
+        .zip(&cpu_w.params)
+        .map(|(s, w)| 0.9 * s + (1.0 - 0.9f32) * w)
+        .collect();
+    report.add(
+        "optimizer",
+        "EMA update",
+        rel_err(&gpu.read(&shadow, len)?, &want),
+    );
+
+    // Tolerances: f32 differs from the CPU only by summation order (cuDNN's and cuBLAS's
+    // algorithms); TF32 rounds products' inputs to 10 mantissa bits.
+    let (tol_fwd, tol_bwd) = match math {
+        Math::F32 => (1e-3, 1e-2),
+        Math::Tf32 => (3e-2, 1e-1),
+    };
+    println!(
+        "{:<14} {:<40} {:>12} {:>10} {:>6}",
+        "pass", "op", "max rel err", "tolerance", ""
+    );
+    let mut failed = 0;
+    for ((pass, op), err) in &report.rows {
+        let tol = if pass == "backward" { tol_bwd } else { tol_fwd };
+        let ok = *err <= tol;
+        failed += usize::from(!ok);
+        println!(
+            "{pass:<14} {op:<40} {err:>12.2e} {tol:>10.0e} {:>6}",
+            if ok { "ok" } else { "FAIL" }
+        );
+    }
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} comparisons failed",
+            report.rows.len()
+        ));
+    }
+    println!("all {} comparisons within tolerance", report.rows.len());
+    Ok(())
+}
+
+/// Training (forward, loss, backward, SGD momentum) or inference steps timed on the GPU, in
+/// the peers' schema with `--json`.
+pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
+    let math = parse_math(&args.math)?;
+    let gpu = open_gpu("cuda", math)?;
+    let net = Network::new(arch(&args.arch)?);
+    let weights = Weights::init(&net, 0);
+    let mut g = GpuNet::new(&gpu, &net, &weights)?;
+    let len = weights.params.len();
+    let velocity = gpu.zeros::<f32>(len)?;
+    let ones = gpu.upload(&vec![1f32; len])?;
+    let mut rng = Rng::new(1);
+    let mode_name = if training { "train" } else { "infer" };
+    for &n in &args.batch_sizes {
+        let s = args.img_size;
+        let mut ws = g.workspace(&gpu, n, s, s, training)?;
+        let input: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+        let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
+        let mut targets = vec![0f32; n * net.classes];
+        loss::smoothed_targets(&labels, net.classes, 0.0, &mut targets);
+        let mut times = Vec::new();
+        for step in 0..args.warmup + args.steps {
+            let t = Instant::now();
+            if training {
+                let mode = Mode::Train {
+                    bn_momentum: 0.1,
+                    stochastic: true,
+                };
+                g.forward(&gpu, &mut ws, &input, mode, &mut rng)?;
+                g.zero_grads(&gpu)?;
+                g.loss(&gpu, &mut ws, &targets)?;
+                g.backward(&gpu, &mut ws)?;
+                let st = &gpu.stream;
+                gpu.launch(
+                    "sgd_update",
+                    linear(len),
+                    &[
+                        &addr(&g.params, st, 0),
+                        &addr(&g.grads, st, 0),
+                        &addr(&ones, st, 0),
+                        &addr(&velocity, st, 0),
+                        &(len as i64),
+                        &0.01f32,
+                        &0.9f32,
+                        &0i32,
+                        &0f32,
+                    ],
+                )?;
+            } else {
+                g.forward(&gpu, &mut ws, &input, Mode::Eval, &mut rng)?;
+            }
+            gpu.sync()?;
+            if step >= args.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        if args.steps == 0 {
+            return Err("--steps must be at least 1".into());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = crate::bench::percentile(&times, 50.0);
+        let img_s = n as f64 * 1000.0 / median;
+        if args.json {
+            let line = serde_json::json!({
+                "impl": format!("effnet-{}-cuda-{}", env!("CARGO_PKG_VERSION"), args.math),
+                "arch": format!("tf_{}", net.config.name),
+                "mode": mode_name,
+                "batch": n,
+                "res": s,
+                "median_ms": (median * 100.0).round() / 100.0,
+                "img_per_s": (img_s * 100.0).round() / 100.0,
+                "device": gpu.name,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{} {mode_name} batch {n} at {s}×{s} ({}): {img_s:.1} img/s, median {median:.2} ms",
+                net.config.name, args.math
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU check of issue 7, as one script for a lent GPU machine (CUDA 13 image with PyTorch):
+# the self-test against the CPU engine in f32 and TF32, then effnet's and PyTorch's benchmarks
+# on the same GPU. Build here first (`cargo build --release --features cuda`) and carry
+# target/release/effnet; everything is logged to $OUT/log (or ./gpu-check.log).
+# Usage: tools/gpu_check.sh [quick]   (quick: the self-tests only)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log="${OUT:-.}/gpu-check.log"
+exec > >(tee "$log") 2>&1
+# The CUDA libraries PyTorch's wheels and the toolkit bring: cuBLAS, cuDNN, NVRTC.
+site=$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null)
+libdirs=$(find "$site/nvidia" /usr/local/cuda/lib64 -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
+nvidia-smi -L
+bin=target/release/effnet
+t0=$(date +%s)
+$bin selftest --math f32; echo "selftest f32 rc=$?"
+$bin selftest --math tf32; echo "selftest tf32 rc=$?"
+$bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32; echo "selftest lite0 odd size rc=$?"
+echo "self-tests took $(( $(date +%s) - t0 )) s"
+[ "${1:-}" = quick ] && exit 0
+$bin inference_benchmark --device cuda --math tf32 --batch-size 1,8,128 --img-size 384 --json
+$bin training_benchmark --device cuda --math tf32 --batch-size 128 --img-size 300 --steps 10 --json
+python3 tools/gpu_peer.py --runs 10
+python3 tools/gpu_peer.py --runs 10 --compile --impls torch-amp-bf16-cl --cases train:128x300,infer:128x384
+echo "total $(( $(date +%s) - t0 )) s"
