@@ -171,7 +171,8 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
     let cpu_logits = net
         .forward(&mut cpu_w, &mut ws, &input, Mode::Eval, &mut Rng::new(3))
         .to_vec();
-    gpu_net.forward(&gpu, &mut gws, &input, Mode::Eval, &mut Rng::new(3))?;
+    gpu_net.write_input(&gpu, &mut gws, &input)?;
+    gpu_net.forward(&gpu, &mut gws, Mode::Eval, &mut Rng::new(3))?;
     compare_layers(&mut report, "eval forward", &ws, &gws)?;
     let logits = gpu_net.logits(&gpu, &gws)?;
     report.add(
@@ -189,7 +190,7 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
     let cpu_logits = net
         .forward(&mut cpu_w, &mut ws, &input, mode, &mut Rng::new(5))
         .to_vec();
-    gpu_net.forward(&gpu, &mut gws, &input, mode, &mut Rng::new(5))?;
+    gpu_net.forward(&gpu, &mut gws, mode, &mut Rng::new(5))?;
     compare_layers(&mut report, "train forward", &ws, &gws)?;
     let logits = gpu_net.logits(&gpu, &gws)?;
     report.add(
@@ -311,6 +312,8 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
         let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
         let mut targets = vec![0f32; n * net.classes];
         loss::smoothed_targets(&labels, net.classes, 0.0, &mut targets);
+        // The input stays on the device, as the peer's does.
+        g.write_input(&gpu, &mut ws, &input)?;
         let mut times = Vec::new();
         for step in 0..args.warmup + args.steps {
             let t = Instant::now();
@@ -319,7 +322,7 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
                     bn_momentum: 0.1,
                     stochastic: true,
                 };
-                g.forward(&gpu, &mut ws, &input, mode, &mut rng)?;
+                g.forward(&gpu, &mut ws, mode, &mut rng)?;
                 g.zero_grads(&gpu)?;
                 g.loss(&gpu, &mut ws, &targets)?;
                 g.backward(&gpu, &mut ws)?;
@@ -340,7 +343,7 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
                     ],
                 )?;
             } else {
-                g.forward(&gpu, &mut ws, &input, Mode::Eval, &mut rng)?;
+                g.forward(&gpu, &mut ws, Mode::Eval, &mut rng)?;
             }
             gpu.sync()?;
             if step >= args.warmup {

@@ -231,16 +231,9 @@ impl GpuNet {
         })
     }
 
-    /// The forward pass over host input `[n, h, w, 3]`; the logits stay in `ws.logits`
-    /// ([`GpuNet::logits`] reads them). Training mode updates the running statistics.
-    pub fn forward(
-        &mut self,
-        gpu: &Gpu,
-        ws: &mut GpuWorkspace,
-        input: &[f32],
-        mode: Mode,
-        rng: &mut Rng,
-    ) -> Result<()> {
+    /// Copies host input `[n, h, w, 3]` (the workspace's shape) to the device, where
+    /// [`GpuNet::forward`] reads it; it stays there for any number of passes.
+    pub fn write_input(&self, gpu: &Gpu, ws: &mut GpuWorkspace, input: &[f32]) -> Result<()> {
         if input.len() != ws.shapes[0].len() {
             return Err(format!(
                 "input of {} values for a workspace of {:?}",
@@ -248,10 +241,22 @@ impl GpuNet {
                 ws.shapes[0]
             ));
         }
+        gpu.write(input, &mut ws.acts[0])
+    }
+
+    /// The forward pass over the input on the device ([`GpuNet::write_input`]); the logits stay
+    /// in `ws.logits` ([`GpuNet::logits`] reads them). Training mode updates the running
+    /// statistics.
+    pub fn forward(
+        &mut self,
+        gpu: &Gpu,
+        ws: &mut GpuWorkspace,
+        mode: Mode,
+        rng: &mut Rng,
+    ) -> Result<()> {
         if !ws.training && mode != Mode::Eval {
             return Err("a training-mode pass needs a training workspace".into());
         }
-        gpu.write(input, &mut ws.acts[0])?;
         let stochastic = matches!(
             mode,
             Mode::Train {
