@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod decode;
 pub mod files;
 pub mod idx;
+pub mod jpeg;
 pub mod labels;
 pub mod loader;
 pub mod mix;
@@ -17,6 +18,6 @@ pub mod sampler;
 pub mod tfrecord;
 pub mod transform;
 
-pub use decode::{decode_rgb, load_rgb, RgbImage};
+pub use decode::{decode_rgb, decode_rgb_window, load_rgb, RgbImage, Window};
 pub use resize::Interpolation;
 pub use transform::{Crop, Normalize, Transform};

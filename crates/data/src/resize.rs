@@ -95,12 +95,58 @@ fn taps(
 pub fn resize_box<T: Copy + Into<f32> + Sync>(
     src: &[T],
     (w, h, c): (usize, usize, usize),
+    region: (f64, f64, f64, f64),
+    out_size: (usize, usize),
+    interp: Interpolation,
+) -> Vec<f32> {
+    resize_window(src, (w, h, c), (0, 0), (w, h), region, out_size, interp)
+}
+
+/// The source pixels `(x, y, width, height)` that [`resize_box`] reads to resample `region` of
+/// a `full_w × full_h` image to `out_w × out_h`: the box widened by the filter's reach (PIL
+/// reads pixels outside the box, up to the image's edges).
+pub fn footprint(
+    (full_w, full_h): (usize, usize),
+    (x0, y0, box_w, box_h): (f64, f64, f64, f64),
+    (out_w, out_h): (usize, usize),
+    interp: Interpolation,
+) -> (usize, usize, usize, usize) {
+    let span = |t: Vec<(usize, Vec<f32>)>| {
+        t.iter().fold((usize::MAX, 0), |(lo, hi), (s, k)| {
+            (lo.min(*s), hi.max(s + k.len()))
+        })
+    };
+    let (xl, xh) = span(taps(interp, x0, box_w, full_w, out_w));
+    let (yl, yh) = span(taps(interp, y0, box_h, full_h, out_h));
+    (xl, yl, xh.saturating_sub(xl), yh.saturating_sub(yl))
+}
+
+/// [`resize_box`] of a `full_w × full_h` image of which only the `w × h` window at `origin`
+/// is in `src`; the window must cover the [`footprint`]. The result equals resizing the whole
+/// image bit for bit (the filter taps are computed in whole-image coordinates).
+#[allow(clippy::too_many_arguments)]
+pub fn resize_window<T: Copy + Into<f32> + Sync>(
+    src: &[T],
+    (w, h, c): (usize, usize, usize),
+    (ox, oy): (usize, usize),
+    (full_w, full_h): (usize, usize),
     (x0, y0, box_w, box_h): (f64, f64, f64, f64),
     (out_w, out_h): (usize, usize),
     interp: Interpolation,
 ) -> Vec<f32> {
-    let xt = taps(interp, x0, box_w, w, out_w);
-    let yt = taps(interp, y0, box_h, h, out_h);
+    let shift = |t: Vec<(usize, Vec<f32>)>, origin: usize, len: usize| -> Vec<(usize, Vec<f32>)> {
+        t.into_iter()
+            .map(|(s, k)| {
+                assert!(
+                    s >= origin && s + k.len() <= origin + len,
+                    "the window does not cover the resize's footprint"
+                );
+                (s - origin, k)
+            })
+            .collect()
+    };
+    let xt = shift(taps(interp, x0, box_w, full_w, out_w), ox, w);
+    let yt = shift(taps(interp, y0, box_h, full_h, out_h), oy, h);
     // Rows the vertical pass needs.
     let (row_lo, row_hi) = yt
         .iter()

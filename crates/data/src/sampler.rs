@@ -19,8 +19,8 @@
 use effnet_engine::rng::Rng;
 use effnet_engine::simd;
 
-use crate::decode::RgbImage;
-use crate::resize::{resize_box, Interpolation};
+use crate::decode::{decode_rgb_window, RgbImage, Window};
+use crate::resize::{footprint, resize_window, Interpolation};
 
 /// `sample_distorted_bounding_box`'s parameters, relative to the image.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,11 +175,51 @@ impl TrainGeometry {
 
     /// The cropped, flipped, resized image as `[size, size, 3]` floats in [0, 255].
     pub fn render(&self, img: &RgbImage, draw: GeometryDraw) -> Vec<f32> {
+        self.render_part(img, (0, 0), (img.width, img.height), draw)
+    }
+
+    /// The source pixels `(x, y, width, height)` that rendering `draw` on a `w × h` image
+    /// reads: the crop and the resize filter's reach around it.
+    pub fn footprint(
+        &self,
+        draw: GeometryDraw,
+        w: usize,
+        h: usize,
+    ) -> (usize, usize, usize, usize) {
+        let (x, y, cw, ch) = draw.crop;
+        footprint(
+            (w, h),
+            (x as f64, y as f64, cw as f64, ch as f64),
+            (self.size, self.size),
+            Interpolation::Bilinear,
+        )
+    }
+
+    /// [`render`](Self::render) from a window of the image that covers the draw's
+    /// [`footprint`](Self::footprint); equal to rendering from the whole image.
+    pub fn render_window(&self, window: &Window, draw: GeometryDraw) -> Vec<f32> {
+        self.render_part(
+            &window.image,
+            (window.x, window.y),
+            (window.full_width, window.full_height),
+            draw,
+        )
+    }
+
+    fn render_part(
+        &self,
+        img: &RgbImage,
+        origin: (usize, usize),
+        full: (usize, usize),
+        draw: GeometryDraw,
+    ) -> Vec<f32> {
         let s = self.size;
         let (x, y, cw, ch) = draw.crop;
-        let mut out = resize_box(
+        let mut out = resize_window(
             &img.pixels,
             (img.width, img.height, 3),
+            origin,
+            full,
             (x as f64, y as f64, cw as f64, ch as f64),
             (s, s),
             Interpolation::Bilinear,
@@ -208,6 +248,21 @@ impl TrainGeometry {
     /// casts to uint8, which truncates, before augmenting).
     pub fn apply(&self, img: &RgbImage, rng: &mut Rng) -> RgbImage {
         to_u8(&self.apply_f32(img, rng), self.size, self.size)
+    }
+
+    /// [`apply`](Self::apply) to an encoded image, decoding only what the draw reads (the
+    /// reference's decode-and-crop): the draw comes from the header's size, with the same
+    /// random draws as `apply` on the decoded image.
+    pub fn apply_encoded(&self, bytes: Vec<u8>, rng: &mut Rng) -> Result<RgbImage, String> {
+        let (draw, window) = decode_rgb_window(bytes, |w, h| {
+            let draw = self.draw(w, h, rng);
+            (draw, self.footprint(draw, w, h))
+        })?;
+        Ok(to_u8(
+            &self.render_window(&window, draw),
+            self.size,
+            self.size,
+        ))
     }
 }
 
