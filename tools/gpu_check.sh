@@ -15,6 +15,9 @@ export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
 nvidia-smi -L
 bin=target/release/effnet
 t0=$(date +%s)
+# Smallest first: a failure names its cuDNN call in the log (CUDNN_LOGLEVEL_DBG=2).
+CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGDEST_DBG=stderr $bin selftest --batch-size 2 --img-size 32 --math f32 2> >(tail -40 >&2)
+echo "selftest small rc=$?"
 $bin selftest --math f32; echo "selftest f32 rc=$?"
 $bin selftest --math tf32; echo "selftest tf32 rc=$?"
 $bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32; echo "selftest lite0 odd size rc=$?"

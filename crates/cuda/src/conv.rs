@@ -58,11 +58,64 @@ pub struct Conv {
     y: sys::cudnnTensorDescriptor_t,
     w: sys::cudnnFilterDescriptor_t,
     conv: sys::cudnnConvolutionDescriptor_t,
-    fwd: sys::cudnnConvolutionFwdAlgo_t,
-    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
-    bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
-    /// Scratch bytes the chosen algorithms need (the largest of the three).
+    /// Each pass's usable algorithms in cuDNN's order of preference, with the math type each
+    /// was rated for; a pass starts with the first and moves on when one fails to run.
+    fwd: Candidates<sys::cudnnConvolutionFwdAlgo_t>,
+    bwd_data: Candidates<sys::cudnnConvolutionBwdDataAlgo_t>,
+    bwd_filter: Candidates<sys::cudnnConvolutionBwdFilterAlgo_t>,
+    /// Scratch bytes any candidate needs (the largest).
     pub workspace_bytes: usize,
+}
+
+/// Usable algorithms of one pass, and which of them is in use.
+struct Candidates<A> {
+    list: Vec<(A, sys::cudnnMathType_t)>,
+    current: std::cell::Cell<usize>,
+}
+
+impl<A: Copy + std::fmt::Debug> Candidates<A> {
+    fn new(list: Vec<(A, sys::cudnnMathType_t)>) -> Self {
+        Candidates {
+            list,
+            current: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Runs `call` with the algorithm in use (its math type set on `conv` first); on failure,
+    /// with the next ones, keeping the first that runs. The error lists every failure.
+    fn run(
+        &self,
+        conv: sys::cudnnConvolutionDescriptor_t,
+        what: &str,
+        call: impl Fn(A) -> std::result::Result<(), dnn::CudnnError>,
+    ) -> Result<()> {
+        let mut failures = Vec::new();
+        for i in self.current.get()..self.list.len() {
+            let (algo, math) = self.list[i];
+            // SAFETY: `conv` is the plan's live descriptor.
+            let set = unsafe { dnn::set_convolution_math_type(conv, math) };
+            match set.and_then(|()| call(algo)) {
+                Ok(()) => {
+                    self.current.set(i);
+                    return Ok(());
+                }
+                Err(e) => failures.push(format!("{algo:?} ({math:?}): {e:?}")),
+            }
+        }
+        Err(format!(
+            "cuDNN {what}: no algorithm ran: {}",
+            failures.join("; ")
+        ))
+    }
+}
+
+/// Math types a plan accepts: FMA only for exact f32; anything cuDNN rates for f32 data (TF32
+/// tensor cores included) otherwise.
+fn math_ok(math: crate::device::Math, m: sys::cudnnMathType_t) -> bool {
+    match math {
+        crate::device::Math::F32 => m == sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        crate::device::Math::Tf32 => true,
+    }
 }
 
 fn dnn_err(what: &'static str) -> impl FnOnce(dnn::CudnnError) -> String {
@@ -88,6 +141,7 @@ fn nhwc_desc(s: Nhwc) -> Result<sys::cudnnTensorDescriptor_t> {
 impl Conv {
     /// Plans the convolution of `input` (NHWC) by a `kernel × kernel` filter at `stride`:
     /// `cout` output channels, or depthwise (cout = input channels, one filter per channel).
+    /// `training` also plans the backward passes.
     pub fn new(
         gpu: &Gpu,
         input: Nhwc,
@@ -95,6 +149,7 @@ impl Conv {
         stride: usize,
         cout: usize,
         depthwise: bool,
+        training: bool,
     ) -> Result<Conv> {
         let (oh, ow, pad) = same_pad(input.h, input.w, kernel, stride);
         let output = Nhwc::new(input.n, oh, ow, cout);
@@ -150,20 +205,40 @@ impl Conv {
             y,
             w,
             conv,
-            fwd: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-            bwd_data: sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-            bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+            fwd: Candidates::new(Vec::new()),
+            bwd_data: Candidates::new(Vec::new()),
+            bwd_filter: Candidates::new(Vec::new()),
             workspace_bytes: 0,
         };
-        plan.choose_algorithms(gpu)?;
+        plan.choose_algorithms(gpu, training)?;
         Ok(plan)
     }
 
-    /// cuDNN's heuristics' first choice for each pass, and the scratch they need.
-    fn choose_algorithms(&mut self, gpu: &Gpu) -> Result<()> {
-        let h = gpu.dnn;
+    /// Each pass's usable algorithms by cuDNN's heuristics, those of an accepted math type,
+    /// and the scratch the hungriest needs (candidates wanting over 1 GiB are left out).
+    fn choose_algorithms(&mut self, gpu: &Gpu, training: bool) -> Result<()> {
+        const MAX_SCRATCH: usize = 1 << 30;
+        let (h, math) = (gpu.dnn, gpu.math);
+        let shape = format!(
+            "{:?} k{} {}",
+            self.input,
+            self.kernel,
+            if self.depthwise { "depthwise" } else { "dense" }
+        );
         let mut count = 0;
-        // SAFETY: handle and descriptors are live; the result arrays hold 8 entries, as asked.
+        let mut scratch = 0;
+        let mut keep = |status: sys::cudnnStatus_t, m: sys::cudnnMathType_t, bytes: usize| {
+            let ok = status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                && math_ok(math, m)
+                && bytes <= MAX_SCRATCH;
+            if ok {
+                scratch = scratch.max(bytes);
+            }
+            ok
+        };
+        let none =
+            |pass: &str| format!("cuDNN offers no {pass} algorithm for {shape} with {math:?} math");
+        // SAFETY: handle and descriptors are live; each result array holds 8 entries, as asked.
         unsafe {
             let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
             dnn::get_convolution_forward_algorithm(
@@ -177,60 +252,61 @@ impl Conv {
                 fwd.as_mut_ptr(),
             )
             .map_err(dnn_err("forward algorithm"))?;
-            self.fwd = first_ok(&fwd[..count as usize], |p| (p.status, p.algo))
-                .ok_or("cuDNN offers no forward algorithm")?;
-            let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 8];
-            dnn::get_convolution_backward_data_algorithm(
-                h,
-                self.w,
-                self.y,
-                self.conv,
-                self.x,
-                8,
-                &mut count,
-                bd.as_mut_ptr(),
-            )
-            .map_err(dnn_err("backward data algorithm"))?;
-            self.bwd_data = first_ok(&bd[..count as usize], |p| (p.status, p.algo))
-                .ok_or("cuDNN offers no backward-data algorithm")?;
-            let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 8];
-            dnn::get_convolution_backward_filter_algorithm(
-                h,
-                self.x,
-                self.y,
-                self.conv,
-                self.w,
-                8,
-                &mut count,
-                bf.as_mut_ptr(),
-            )
-            .map_err(dnn_err("backward filter algorithm"))?;
-            self.bwd_filter = first_ok(&bf[..count as usize], |p| (p.status, p.algo))
-                .ok_or("cuDNN offers no backward-filter algorithm")?;
-            let f = dnn::get_convolution_forward_workspace_size(
-                h, self.x, self.w, self.conv, self.y, self.fwd,
-            )
-            .map_err(dnn_err("forward workspace"))?;
-            let d = dnn::get_convolution_backward_data_workspace_size(
-                h,
-                self.w,
-                self.y,
-                self.conv,
-                self.x,
-                self.bwd_data,
-            )
-            .map_err(dnn_err("backward data workspace"))?;
-            let g = dnn::get_convolution_backward_filter_workspace_size(
-                h,
-                self.x,
-                self.y,
-                self.conv,
-                self.w,
-                self.bwd_filter,
-            )
-            .map_err(dnn_err("backward filter workspace"))?;
-            self.workspace_bytes = f.max(d).max(g);
+            let list: Vec<_> = fwd[..count as usize]
+                .iter()
+                .filter(|p| keep(p.status, p.mathType, p.memory))
+                .map(|p| (p.algo, p.mathType))
+                .collect();
+            if list.is_empty() {
+                return Err(none("forward"));
+            }
+            self.fwd = Candidates::new(list);
+            if training {
+                let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 8];
+                dnn::get_convolution_backward_data_algorithm(
+                    h,
+                    self.w,
+                    self.y,
+                    self.conv,
+                    self.x,
+                    8,
+                    &mut count,
+                    bd.as_mut_ptr(),
+                )
+                .map_err(dnn_err("backward data algorithm"))?;
+                let list: Vec<_> = bd[..count as usize]
+                    .iter()
+                    .filter(|p| keep(p.status, p.mathType, p.memory))
+                    .map(|p| (p.algo, p.mathType))
+                    .collect();
+                if list.is_empty() {
+                    return Err(none("backward-data"));
+                }
+                self.bwd_data = Candidates::new(list);
+                let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 8];
+                dnn::get_convolution_backward_filter_algorithm(
+                    h,
+                    self.x,
+                    self.y,
+                    self.conv,
+                    self.w,
+                    8,
+                    &mut count,
+                    bf.as_mut_ptr(),
+                )
+                .map_err(dnn_err("backward filter algorithm"))?;
+                let list: Vec<_> = bf[..count as usize]
+                    .iter()
+                    .filter(|p| keep(p.status, p.mathType, p.memory))
+                    .map(|p| (p.algo, p.mathType))
+                    .collect();
+                if list.is_empty() {
+                    return Err(none("backward-filter"));
+                }
+                self.bwd_filter = Candidates::new(list);
+            }
         }
+        self.workspace_bytes = scratch;
         Ok(())
     }
 
@@ -238,50 +314,53 @@ impl Conv {
     /// NHWC filter layout ([o, kh, kw, i]); `scratch` holds [`Conv::workspace_bytes`].
     pub fn forward(&self, gpu: &Gpu, x: u64, w: u64, y: u64, scratch: u64) -> Result<()> {
         let (alpha, beta) = (1f32, 0f32);
-        // SAFETY: the addresses hold tensors of the descriptors' shapes (the network plans
-        // them from this struct) and `scratch` at least `workspace_bytes`.
-        unsafe {
-            dnn::convolution_forward(
-                gpu.dnn,
-                ptr(&alpha),
-                self.x,
-                x as _,
-                self.w,
-                w as _,
-                self.conv,
-                self.fwd,
-                scratch as _,
-                self.workspace_bytes,
-                ptr(&beta),
-                self.y,
-                y as _,
-            )
-        }
-        .map_err(dnn_err("convolution forward"))
+        self.fwd.run(self.conv, "convolution forward", |algo| {
+            // SAFETY: the addresses hold tensors of the descriptors' shapes (the network plans
+            // them from this struct) and `scratch` at least `workspace_bytes`.
+            unsafe {
+                dnn::convolution_forward(
+                    gpu.dnn,
+                    ptr(&alpha),
+                    self.x,
+                    x as _,
+                    self.w,
+                    w as _,
+                    self.conv,
+                    algo,
+                    scratch as _,
+                    self.workspace_bytes,
+                    ptr(&beta),
+                    self.y,
+                    y as _,
+                )
+            }
+        })
     }
 
     /// dx = convᵀ(dy, w), overwriting dx (the padded shape for [`SamePad::Explicit`]).
     pub fn backward_data(&self, gpu: &Gpu, w: u64, dy: u64, dx: u64, scratch: u64) -> Result<()> {
         let (alpha, beta) = (1f32, 0f32);
-        // SAFETY: as in `forward`.
-        unsafe {
-            dnn::convolution_backward_data(
-                gpu.dnn,
-                ptr(&alpha),
-                self.w,
-                w as _,
-                self.y,
-                dy as _,
-                self.conv,
-                self.bwd_data,
-                scratch as _,
-                self.workspace_bytes,
-                ptr(&beta),
-                self.x,
-                dx as _,
-            )
-        }
-        .map_err(dnn_err("convolution backward data"))
+        self.bwd_data
+            .run(self.conv, "convolution backward data", |algo| {
+                // SAFETY: as in `forward`.
+                unsafe {
+                    dnn::convolution_backward_data(
+                        gpu.dnn,
+                        ptr(&alpha),
+                        self.w,
+                        w as _,
+                        self.y,
+                        dy as _,
+                        self.conv,
+                        algo,
+                        scratch as _,
+                        self.workspace_bytes,
+                        ptr(&beta),
+                        self.x,
+                        dx as _,
+                    )
+                }
+            })
     }
 
     /// dw = beta·dw + ∂/∂w (cuDNN's filter layout).
@@ -295,39 +374,32 @@ impl Conv {
         scratch: u64,
     ) -> Result<()> {
         let alpha = 1f32;
-        // SAFETY: as in `forward`.
-        unsafe {
-            dnn::convolution_backward_filter(
-                gpu.dnn,
-                ptr(&alpha),
-                self.x,
-                x as _,
-                self.y,
-                dy as _,
-                self.conv,
-                self.bwd_filter,
-                scratch as _,
-                self.workspace_bytes,
-                ptr(&beta),
-                self.w,
-                dw as _,
-            )
-        }
-        .map_err(dnn_err("convolution backward filter"))
+        self.bwd_filter
+            .run(self.conv, "convolution backward filter", |algo| {
+                // SAFETY: as in `forward`.
+                unsafe {
+                    dnn::convolution_backward_filter(
+                        gpu.dnn,
+                        ptr(&alpha),
+                        self.x,
+                        x as _,
+                        self.y,
+                        dy as _,
+                        self.conv,
+                        algo,
+                        scratch as _,
+                        self.workspace_bytes,
+                        ptr(&beta),
+                        self.w,
+                        dw as _,
+                    )
+                }
+            })
     }
 }
 
 fn ptr(v: &f32) -> *const std::ffi::c_void {
     v as *const f32 as *const std::ffi::c_void
-}
-
-/// The first algorithm that cuDNN reports usable.
-fn first_ok<P, A: Copy>(perfs: &[P], f: impl Fn(&P) -> (sys::cudnnStatus_t, A)) -> Option<A> {
-    perfs
-        .iter()
-        .map(f)
-        .find(|(s, _)| *s == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
-        .map(|(_, a)| a)
 }
 
 impl Drop for Conv {

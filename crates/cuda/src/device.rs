@@ -85,15 +85,11 @@ impl Gpu {
             .compute_capability()
             .map_err(err("compute capability"))?;
         let mut kernels = HashMap::new();
-        for (file, ptx) in crate::compile_all()? {
+        for (file, source) in crate::SOURCES {
+            let cubin = crate::compile_cubin(file, source, capability)?;
             let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(err(&format!("loading the PTX of {file}")))?;
-            let source = crate::SOURCES
-                .iter()
-                .find(|(f, _)| *f == file)
-                .map(|(_, s)| *s)
-                .unwrap_or_default();
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(err(&format!("loading the machine code of {file}")))?;
             for kernel in crate::kernel_names(source) {
                 let f = module
                     .load_function(kernel)

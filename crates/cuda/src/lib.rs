@@ -140,9 +140,7 @@ pub fn compile(name: &str, source: &str) -> Result<String, String> {
         name: Some(name.to_string()),
         ..Default::default()
     };
-    // `#line` makes NVRTC's messages point into `source`, not into the shared prefix.
-    let program = format!("{COMMON}\n#line 1 \"{name}\"\n{source}");
-    match compile_ptx_with_opts(program, opts) {
+    match compile_ptx_with_opts(program(name, source), opts) {
         Ok(ptx) => Ok(ptx.to_src()),
         Err(CompileError::CompileError { nvrtc, log, .. }) => Err(format!(
             "NVRTC failed to compile {name} ({nvrtc:?}):\n{}",
@@ -150,6 +148,63 @@ pub fn compile(name: &str, source: &str) -> Result<String, String> {
         )),
         Err(e) => Err(format!("NVRTC failed on {name}: {e:?}")),
     }
+}
+
+/// What NVRTC compiles: [`COMMON`], then the source; `#line` makes NVRTC's messages point into
+/// `source`, not into the shared prefix.
+fn program(name: &str, source: &str) -> String {
+    format!("{COMMON}\n#line 1 \"{name}\"\n{source}")
+}
+
+/// Compiles one source, after [`COMMON`], to machine code (CUBIN) for compute capability
+/// `major.minor` (`sm_90` for an H100/H200). What the device loads: a CUBIN for the exact chip
+/// loads under any driver of the same CUDA major version, where PTX from an NVRTC newer than the
+/// driver would be refused (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`).
+pub fn compile_cubin(
+    name: &str,
+    source: &str,
+    (major, minor): (i32, i32),
+) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    ensure_nvrtc()?;
+    let c = |s: String| std::ffi::CString::new(s).map_err(|e| format!("{name}: {e}"));
+    let (src, file) = (c(program(name, source))?, c(name.to_string())?);
+    let prog = result::create_program(&src, Some(&file))
+        .map_err(|e| format!("NVRTC cannot create a program for {name}: {e:?}"))?;
+    let arch = format!("--gpu-architecture=sm_{major}{minor}");
+    // SAFETY: `prog` is live until destroyed below; the buffers are sized by NVRTC's answers.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, &[arch.as_str()]);
+        let out = match compiled {
+            Ok(()) => {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|()| {
+                        let mut cubin = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _)
+                            .result()
+                            .map(|()| cubin)
+                    })
+                    .map_err(|e| format!("NVRTC gave no CUBIN for {name}: {e:?}"))
+            }
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> =
+                            l.iter().map(|&b| b as u8).take_while(|&b| b != 0).collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_default();
+                Err(format!(
+                    "NVRTC failed to compile {name} for sm_{major}{minor} ({e:?}):\n{log}"
+                ))
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    };
+    out
 }
 
 /// Compiles every source of [`SOURCES`]: (file name, PTX), in order.

@@ -24,6 +24,13 @@ fn act_code(a: Act) -> i32 {
     }
 }
 
+/// Copies `len` f32 from `src` to `dst` on the device, in stream order.
+fn copy(gpu: &Gpu, src: u64, dst: u64, len: usize) -> Result<()> {
+    // SAFETY: the callers' buffers hold at least `len` f32 at these addresses.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, len * 4, gpu.stream.cu_stream()) }
+        .map_err(|e| format!("copy on device: {e:?}"))
+}
+
 /// The network's state on the device. `tracked` (BN batch counters) stays on the host.
 pub struct GpuNet {
     pub net: Network,
@@ -61,9 +68,12 @@ pub struct GpuWorkspace {
     padded: CudaSlice<f32>,
     dpadded: CudaSlice<f32>,
     scratch: CudaSlice<u8>,
-    /// Per block, the drop-path mask [n]; and a mask of ones.
+    /// Per block, the drop-path mask [n], and the host copy of what the device holds (a mask
+    /// is uploaded only when it changes: never, in eval passes).
     drop_masks: Vec<CudaSlice<f32>>,
     host_masks: Vec<Vec<f32>>,
+    host_dropout: Vec<f32>,
+    mask_draw: Vec<f32>,
     pooled: CudaSlice<f32>,
     dropout_mask: CudaSlice<f32>,
     dropped: CudaSlice<f32>,
@@ -167,10 +177,9 @@ impl GpuNet {
                         continue;
                     }
                     let depthwise = u.conv == ConvKind::Depthwise;
-                    let c = Conv::new(gpu, x, u.kernel, u.stride, u.cout, depthwise)?;
-                    if !depthwise {
-                        packed = packed.max(u.cout * u.cin * u.kernel * u.kernel);
-                    }
+                    let c = Conv::new(gpu, x, u.kernel, u.stride, u.cout, depthwise, training)?;
+                    let per_group_in = if depthwise { 1 } else { u.cin };
+                    packed = packed.max(u.cout * per_group_in * u.kernel * u.kernel);
                     if let SamePad::Explicit { hp, wp, .. } = c.pad {
                         padded = padded.max(x.n * hp * wp * x.c);
                     }
@@ -211,6 +220,8 @@ impl GpuNet {
                 .map(|_| gpu.upload(&vec![1f32; n]))
                 .collect::<Result<_>>()?,
             host_masks: vec![vec![1f32; n]; net.blocks.len()],
+            host_dropout: vec![1f32; n * f],
+            mask_draw: vec![1f32; n * f],
             pooled: gpu.zeros(n * f)?,
             dropout_mask: gpu.upload(&vec![1f32; n * f])?,
             dropped: gpu.zeros(n * f)?,
@@ -274,13 +285,17 @@ impl GpuNet {
                 if !block.skip {
                     continue;
                 }
-                let mask = &mut ws.host_masks[b];
+                let images = ws.shapes[0].n;
+                let mask = &mut ws.mask_draw[..images];
                 if stochastic && block.drop_path > 0.0 {
                     regularize::drop_path_mask(rng, block.drop_path, mask);
                 } else {
                     mask.fill(1.0);
                 }
-                gpu.write(mask, &mut ws.drop_masks[b])?;
+                if ws.host_masks[b] != *mask {
+                    ws.host_masks[b].copy_from_slice(mask);
+                    gpu.write(mask, &mut ws.drop_masks[b])?;
+                }
                 let y = ws.shapes[i + 1];
                 let n = y.n;
                 gpu.launch(
@@ -312,12 +327,17 @@ impl GpuNet {
                 &pooled,
             ],
         )?;
-        let mut mask = vec![1f32; n * f];
+        let mask = &mut ws.mask_draw[..n * f];
         let rate = self.net.config.dropout;
         if stochastic && rate > 0.0 {
-            regularize::dropout_mask(rng, rate, &mut mask);
+            regularize::dropout_mask(rng, rate, mask);
+        } else {
+            mask.fill(1.0);
         }
-        gpu.write(&mask, &mut ws.dropout_mask)?;
+        if ws.host_dropout != *mask {
+            ws.host_dropout.copy_from_slice(mask);
+            gpu.write(mask, &mut ws.dropout_mask)?;
+        }
         let dropped = addr(&ws.dropped, s, 0);
         gpu.launch(
             "dropout_apply",
@@ -513,12 +533,8 @@ impl GpuNet {
         };
         let xin = self.padded_input(gpu, ws, conv, x)?;
         let scratch = addr(&ws.scratch, s, 0);
-        if conv.depthwise {
-            conv.forward(gpu, xin, w, out, scratch)
-        } else {
-            let packed = self.pack_weight(gpu, ws, u.cout, u.cin, u.kernel, w)?;
-            conv.forward(gpu, xin, packed, out, scratch)
-        }
+        let packed = self.pack_weight(gpu, ws, conv, u.cin, w)?;
+        conv.forward(gpu, xin, packed, out, scratch)
     }
 
     /// The convolution's input: `x` itself, or its zero-bordered copy for uneven SAME padding.
@@ -548,22 +564,28 @@ impl GpuNet {
         Ok(padded)
     }
 
-    /// PyTorch's [o, i, k, k] weights in cuDNN's NHWC filter layout, in `ws.packed`.
+    /// The layer's weights in cuDNN's NHWC filter layout, in `ws.packed`: dense [o, i, k, k]
+    /// transposed to [o, k, k, i]; depthwise [c, 1, k, k] (already that layout) copied, since a
+    /// tensor inside the flat parameter buffer may start only 8-byte aligned.
     fn pack_weight(
         &self,
         gpu: &Gpu,
         ws: &GpuWorkspace,
-        o: usize,
-        i: usize,
-        k: usize,
+        conv: &Conv,
+        cin: usize,
         w: u64,
     ) -> Result<u64> {
         let packed = addr(&ws.packed, &gpu.stream, 0);
-        gpu.launch(
-            "oihw_to_ohwi",
-            linear(o * i * k * k),
-            &[&w, &(o as i32), &(i as i32), &(k as i32), &packed],
-        )?;
+        let (o, k) = (conv.output.c, conv.kernel);
+        if conv.depthwise {
+            copy(gpu, w, packed, o * k * k)?;
+        } else {
+            gpu.launch(
+                "oihw_to_ohwi",
+                linear(o * cin * k * k),
+                &[&w, &(o as i32), &(cin as i32), &(k as i32), &packed],
+            )?;
+        }
         Ok(packed)
     }
 
@@ -659,16 +681,7 @@ impl GpuNet {
                 .position(|b| b.skip && b.layers.end == i + 1);
             if let Some(b) = ends {
                 // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
-                // SAFETY: both buffers hold at least y_len f32 (the largest activation).
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        g_skip,
-                        g,
-                        y_len * 4,
-                        gpu.stream.cu_stream(),
-                    )
-                }
-                .map_err(|e| format!("copy on device: {e:?}"))?;
+                copy(gpu, g, g_skip, y_len)?;
                 if ws.host_masks[b].iter().any(|&m| m != 1.0) {
                     gpu.launch(
                         "drop_path_scale",
@@ -790,21 +803,25 @@ impl GpuNet {
                 };
                 let scratch = addr(&ws.scratch, s, 0);
                 let xin = self.padded_input(gpu, ws, conv, x)?;
-                let w_dnn = if conv.depthwise {
-                    // The depthwise gradient accumulates straight into PyTorch's layout.
-                    conv.backward_filter(gpu, xin, d_conv, gw, 1.0, scratch)?;
-                    w
+                // The filter gradient in cuDNN's layout, then added into PyTorch's.
+                let packed_grad = addr(&ws.packed_grad, s, 0);
+                conv.backward_filter(gpu, xin, d_conv, packed_grad, 0.0, scratch)?;
+                let k = u.kernel;
+                if conv.depthwise {
+                    gpu.launch(
+                        "add_into",
+                        linear(c * k * k),
+                        &[&gw, &packed_grad, &((c * k * k) as i64)],
+                    )?;
                 } else {
-                    let packed_grad = addr(&ws.packed_grad, s, 0);
-                    conv.backward_filter(gpu, xin, d_conv, packed_grad, 0.0, scratch)?;
-                    let (o, ci, k) = (u.cout as i32, u.cin as i32, u.kernel as i32);
+                    let (o, ci, ki) = (c as i32, u.cin as i32, k as i32);
                     gpu.launch(
                         "ohwi_to_oihw_add",
-                        linear(u.cout * u.cin * u.kernel * u.kernel),
-                        &[&packed_grad, &o, &ci, &k, &gw],
+                        linear(c * u.cin * k * k),
+                        &[&packed_grad, &o, &ci, &ki, &gw],
                     )?;
-                    self.pack_weight(gpu, ws, u.cout, u.cin, u.kernel, w)?
-                };
+                }
+                let w_dnn = self.pack_weight(gpu, ws, conv, u.cin, w)?;
                 let Some(dx) = dx else { return Ok(()) };
                 match conv.pad {
                     SamePad::Symmetric { .. } => {

@@ -1,7 +1,9 @@
 //! The kernels compile with NVRTC (no GPU needed). These tests fail, rather than skip, when
 //! NVRTC is missing: set `EFFNET_NVRTC_DIR` (see `effnet_cuda::NVRTC_HELP`).
 
-use effnet_cuda::{compile, compile_all, ensure_nvrtc, kernel_names, nvrtc_version, SOURCES};
+use effnet_cuda::{
+    compile, compile_all, compile_cubin, ensure_nvrtc, kernel_names, nvrtc_version, SOURCES,
+};
 
 /// Fails with directions when NVRTC cannot be had from `EFFNET_NVRTC_DIR`.
 fn require_nvrtc() {
@@ -56,4 +58,29 @@ fn a_syntax_error_fails_with_nvrtcs_message_and_line() {
     let err = compile("broken.cu", source).expect_err("a syntax error must not compile");
     assert!(err.contains("broken.cu(3)"), "{err}");
     assert!(err.contains("error"), "{err}");
+}
+
+/// What the device loads: machine code for its exact chip (an ELF image), here for Hopper.
+#[test]
+fn every_source_compiles_to_a_cubin_for_hopper() {
+    require_nvrtc();
+    for (name, source) in SOURCES {
+        let cubin = compile_cubin(name, source, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{name}: not an ELF image");
+        // Every kernel's name is in the image's symbol table.
+        for kernel in kernel_names(source) {
+            let found = cubin.windows(kernel.len()).any(|w| w == kernel.as_bytes());
+            assert!(found, "{name}: {kernel} missing from the CUBIN");
+        }
+    }
+    let err = compile_cubin(
+        "broken.cu",
+        "extern \"C\" __global__ void f() { x; }",
+        (9, 0),
+    )
+    .expect_err("an undeclared name must not compile");
+    assert!(
+        err.contains("broken.cu(1)") && err.contains("sm_90"),
+        "{err}"
+    );
 }
