@@ -234,6 +234,23 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
         );
     }
 
+    // The eval forward captured as a CUDA graph and replayed computes the same logits.
+    let cpu_logits = net
+        .forward(&mut cpu_w, &mut ws, &input, Mode::Eval, &mut Rng::new(3))
+        .to_vec();
+    gpu_net.draw_masks(&gpu, &mut gws, Mode::Eval, &mut Rng::new(3))?;
+    gpu.memset_zero(addr(&gws.logits, &gpu.stream, 0), n * net.classes)?;
+    let graph = gpu.capture(|| gpu_net.forward_launches(&gpu, &mut gws, Mode::Eval))?;
+    graph
+        .launch()
+        .map_err(|e| format!("replaying the graph: {e:?}"))?;
+    let logits = gpu_net.logits(&gpu, &gws)?;
+    report.add(
+        "cuda graph",
+        "eval forward replayed (logits)",
+        rel_err(&logits, &cpu_logits),
+    );
+
     // One EMA update over the parameters, on the GPU's kernel.
     let shadow_host: Vec<f32> = cpu_w.params.iter().map(|v| v * 0.5).collect();
     let shadow = gpu.upload(&shadow_host)?;
@@ -309,20 +326,28 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
         let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
         let mut targets = vec![0f32; n * net.classes];
         loss::smoothed_targets(&labels, net.classes, 0.0, &mut targets);
-        // The input stays on the device, as the peer's does.
+        // The input and targets stay on the device, as the peer's do.
         g.write_input(&gpu, &mut ws, &input)?;
-        let mut times = Vec::new();
-        for step in 0..args.warmup + args.steps {
-            let t = Instant::now();
-            if training {
-                let mode = Mode::Train {
-                    bn_momentum: 0.1,
-                    stochastic: true,
-                };
-                g.forward(&gpu, &mut ws, mode, &mut rng)?;
+        g.write_targets(&gpu, &mut ws, &targets)?;
+        let mode = if training {
+            Mode::Train {
+                bn_momentum: 0.1,
+                stochastic: true,
+            }
+        } else {
+            Mode::Eval
+        };
+        // The device work of one step: the forward pass (and for training: cross-entropy,
+        // backward, SGD with momentum 0.9), on the masks drawn before it.
+        let device_step =
+            |g: &GpuNet, ws: &mut effnet_cuda::net::GpuWorkspace| -> Result<(), String> {
+                g.forward_launches(&gpu, ws, mode)?;
+                if !training {
+                    return Ok(());
+                }
                 g.zero_grads(&gpu)?;
-                g.loss(&gpu, &mut ws, &targets)?;
-                g.backward(&gpu, &mut ws)?;
+                g.loss_launches(&gpu, ws)?;
+                g.backward(&gpu, ws)?;
                 let st = &gpu.stream;
                 gpu.launch(
                     "sgd_update",
@@ -338,10 +363,31 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
                         &0i32,
                         &0f32,
                     ],
-                )?;
-            } else {
-                g.forward(&gpu, &mut ws, Mode::Eval, &mut rng)?;
+                )
+            };
+        // One step run directly settles cuDNN's algorithms and loads the kernels; then the
+        // step is captured as a CUDA graph and replayed (or run directly if capture fails).
+        g.draw_masks(&gpu, &mut ws, mode, &mut rng)?;
+        device_step(&g, &mut ws)?;
+        gpu.sync()?;
+        let graph = match gpu.capture(|| device_step(&g, &mut ws)) {
+            Ok(graph) => Some(graph),
+            Err(e) => {
+                eprintln!("effnet: no CUDA graph ({e}); running the step directly");
+                None
             }
+        };
+        let mut times = Vec::new();
+        for step in 0..args.warmup + args.steps {
+            let t = Instant::now();
+            g.draw_masks(&gpu, &mut ws, mode, &mut rng)?;
+            match &graph {
+                Some(graph) => graph
+                    .launch()
+                    .map_err(|e| format!("replaying the graph: {e:?}"))?,
+                None => device_step(&g, &mut ws)?,
+            }
+            g.count_batches(mode);
             gpu.sync()?;
             if step >= args.warmup {
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -355,7 +401,12 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
         let img_s = n as f64 * 1000.0 / median;
         if args.json {
             let line = serde_json::json!({
-                "impl": format!("effnet-{}-cuda-{}", env!("CARGO_PKG_VERSION"), args.math),
+                "impl": format!(
+                    "effnet-{}-cuda-{}{}",
+                    env!("CARGO_PKG_VERSION"),
+                    args.math,
+                    if graph.is_some() { "-graph" } else { "" }
+                ),
                 "arch": format!("tf_{}", net.config.name),
                 "mode": mode_name,
                 "batch": n,

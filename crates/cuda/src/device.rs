@@ -11,8 +11,8 @@ use std::sync::Arc;
 use cudarc::cublas::sys as blas_sys;
 use cudarc::cudnn::sys as dnn_sys;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -47,6 +47,8 @@ pub struct Gpu {
     pub name: String,
     pub capability: (i32, i32),
     kernels: HashMap<String, CudaFunction>,
+    /// cuBLAS's scratch, set once: a product captured in a graph must not allocate.
+    _blas_workspace: CudaSlice<u8>,
 }
 
 /// Fails with a clear message when a library is missing (cudarc would panic at first use).
@@ -113,6 +115,18 @@ impl Gpu {
                 .result()
                 .map_err(err("cublasSetMathMode"))?;
         }
+        const BLAS_WORKSPACE: usize = 32 << 20;
+        let blas_workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(err("allocating cuBLAS's workspace"))?;
+        // SAFETY: the buffer lives as long as the handle (both in `Gpu`, the handle destroyed
+        // first in `drop`).
+        unsafe {
+            let (ptr, _) = blas_workspace.device_ptr(&stream);
+            blas_sys::cublasSetWorkspace_v2(blas, ptr as *mut _, BLAS_WORKSPACE)
+                .result()
+                .map_err(err("cublasSetWorkspace"))?;
+        }
         Ok(Gpu {
             ctx,
             stream,
@@ -122,7 +136,24 @@ impl Gpu {
             name,
             capability,
             kernels,
+            _blas_workspace: blas_workspace,
         })
+    }
+
+    /// Records what `work` queues on the stream into a CUDA graph (nothing runs while it is
+    /// recorded); `launch()` on the result replays it. Host-side effects of `work` happen once.
+    pub fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(err("beginning a graph capture"))?;
+        let recorded = work();
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(err("ending the graph capture"));
+        recorded?;
+        graph?.ok_or_else(|| "the graph capture recorded nothing".to_string())
     }
 
     pub fn kernel(&self, name: &str) -> &CudaFunction {

@@ -128,7 +128,7 @@ impl GpuNet {
         gpu.read(&self.grads, self.net.layout.param_len)
     }
 
-    pub fn zero_grads(&mut self, gpu: &Gpu) -> Result<()> {
+    pub fn zero_grads(&self, gpu: &Gpu) -> Result<()> {
         gpu.memset_zero(self.p(gpu, 0).1, self.net.layout.param_len)
     }
 
@@ -265,6 +265,22 @@ impl GpuNet {
         mode: Mode,
         rng: &mut Rng,
     ) -> Result<()> {
+        self.draw_masks(gpu, ws, mode, rng)?;
+        self.forward_launches(gpu, ws, mode)?;
+        self.count_batches(mode);
+        Ok(())
+    }
+
+    /// Draws the pass's drop-path and dropout masks on the host, as the CPU engine does (same
+    /// generator calls in the same order), and uploads those that changed. Separate from the
+    /// launches so that a captured graph can replay them with fresh masks.
+    pub fn draw_masks(
+        &self,
+        gpu: &Gpu,
+        ws: &mut GpuWorkspace,
+        mode: Mode,
+        rng: &mut Rng,
+    ) -> Result<()> {
         if !ws.training && mode != Mode::Eval {
             return Err("a training-mode pass needs a training workspace".into());
         }
@@ -275,6 +291,54 @@ impl GpuNet {
                 ..
             }
         );
+        let head = *ws.shapes.last().expect("has layers");
+        for (b, block) in self.net.blocks.iter().enumerate() {
+            if !block.skip {
+                continue;
+            }
+            let mask = &mut ws.mask_draw[..head.n];
+            if stochastic && block.drop_path > 0.0 {
+                regularize::drop_path_mask(rng, block.drop_path, mask);
+            } else {
+                mask.fill(1.0);
+            }
+            if ws.host_masks[b] != *mask {
+                ws.host_masks[b].copy_from_slice(mask);
+                gpu.write(mask, &mut ws.drop_masks[b])?;
+            }
+        }
+        let mask = &mut ws.mask_draw[..head.n * head.c];
+        let rate = self.net.config.dropout;
+        if stochastic && rate > 0.0 {
+            regularize::dropout_mask(rng, rate, mask);
+        } else {
+            mask.fill(1.0);
+        }
+        if ws.host_dropout != *mask {
+            ws.host_dropout.copy_from_slice(mask);
+            gpu.write(mask, &mut ws.dropout_mask)?;
+        }
+        Ok(())
+    }
+
+    /// A training pass's batch counters (on the host: one per batch-norm layer).
+    pub fn count_batches(&mut self, mode: Mode) {
+        if mode == Mode::Eval {
+            return;
+        }
+        for layer in &self.net.layers {
+            if let Layer::Conv(u) = layer {
+                self.tracked[u.bn.tracked] += 1;
+            }
+        }
+    }
+
+    /// The forward pass's device work only (kernels, cuDNN, cuBLAS; nothing from the host), on
+    /// the masks [`GpuNet::draw_masks`] left: what a CUDA graph captures.
+    pub fn forward_launches(&self, gpu: &Gpu, ws: &mut GpuWorkspace, mode: Mode) -> Result<()> {
+        if !ws.training && mode != Mode::Eval {
+            return Err("a training-mode pass needs a training workspace".into());
+        }
         ws.mode = Some(mode);
         let s = &gpu.stream;
         for i in 0..self.net.layers.len() {
@@ -284,17 +348,6 @@ impl GpuNet {
                 let block = &self.net.blocks[b];
                 if !block.skip {
                     continue;
-                }
-                let images = ws.shapes[0].n;
-                let mask = &mut ws.mask_draw[..images];
-                if stochastic && block.drop_path > 0.0 {
-                    regularize::drop_path_mask(rng, block.drop_path, mask);
-                } else {
-                    mask.fill(1.0);
-                }
-                if ws.host_masks[b] != *mask {
-                    ws.host_masks[b].copy_from_slice(mask);
-                    gpu.write(mask, &mut ws.drop_masks[b])?;
                 }
                 let y = ws.shapes[i + 1];
                 let n = y.n;
@@ -327,17 +380,6 @@ impl GpuNet {
                 &pooled,
             ],
         )?;
-        let mask = &mut ws.mask_draw[..n * f];
-        let rate = self.net.config.dropout;
-        if stochastic && rate > 0.0 {
-            regularize::dropout_mask(rng, rate, mask);
-        } else {
-            mask.fill(1.0);
-        }
-        if ws.host_dropout != *mask {
-            ws.host_dropout.copy_from_slice(mask);
-            gpu.write(mask, &mut ws.dropout_mask)?;
-        }
         let dropped = addr(&ws.dropped, s, 0);
         gpu.launch(
             "dropout_apply",
@@ -371,13 +413,7 @@ impl GpuNet {
         gpu.read(&ws.logits, ws.batch() * self.net.classes)
     }
 
-    fn layer_forward(
-        &mut self,
-        gpu: &Gpu,
-        i: usize,
-        ws: &mut GpuWorkspace,
-        mode: Mode,
-    ) -> Result<()> {
+    fn layer_forward(&self, gpu: &Gpu, i: usize, ws: &GpuWorkspace, mode: Mode) -> Result<()> {
         let s = &gpu.stream;
         let (xs, ys) = (ws.shapes[i], ws.shapes[i + 1]);
         let x = addr(&ws.acts[i], s, 0);
@@ -449,7 +485,6 @@ impl GpuNet {
                             linear(c),
                             &[&rmean, &rvar, &mean, &var, &ci, &ri, &bn_momentum],
                         )?;
-                        self.tracked[u.bn.tracked] += 1;
                     }
                 }
                 gpu.launch(
@@ -592,11 +627,22 @@ impl GpuNet {
     /// The softmax cross-entropy of the logits against host `targets` [n, classes]: returns
     /// the batch mean and leaves d loss/d logits for [`GpuNet::backward`].
     pub fn loss(&self, gpu: &Gpu, ws: &mut GpuWorkspace, targets: &[f32]) -> Result<f32> {
+        self.write_targets(gpu, ws, targets)?;
+        self.loss_launches(gpu, ws)?;
+        self.read_loss(gpu, ws)
+    }
+
+    pub fn write_targets(&self, gpu: &Gpu, ws: &mut GpuWorkspace, targets: &[f32]) -> Result<()> {
         let (n, k) = (ws.batch(), self.net.classes);
         if targets.len() != n * k {
             return Err(format!("{} targets for {n} × {k} logits", targets.len()));
         }
-        gpu.write(targets, &mut ws.targets)?;
+        gpu.write(targets, &mut ws.targets)
+    }
+
+    /// Per-row losses and d loss/d logits on the device (capturable).
+    pub fn loss_launches(&self, gpu: &Gpu, ws: &GpuWorkspace) -> Result<()> {
+        let (n, k) = (ws.batch(), self.net.classes);
         let s = &gpu.stream;
         let (z, t) = (addr(&ws.logits, s, 0), addr(&ws.targets, s, 0));
         let rows = cudarc::driver::LaunchConfig {
@@ -614,7 +660,12 @@ impl GpuNet {
             "softmax_xent_backward",
             rows,
             &[&z, &t, &ni, &ki, &addr(&ws.dlogits, s, 0)],
-        )?;
+        )
+    }
+
+    /// The batch mean of the per-row losses (waits for the stream).
+    pub fn read_loss(&self, gpu: &Gpu, ws: &GpuWorkspace) -> Result<f32> {
+        let n = ws.batch();
         let per_row = gpu.read(&ws.row_loss, n)?;
         Ok((per_row.iter().sum::<f64>() / n as f64) as f32)
     }
