@@ -1,5 +1,6 @@
-//! `data_benchmark`: the train input pipeline's speed per core — JPEG decode, the reference's
-//! random-resized crop and flip, resize, RandAugment, normalization — over a folder of images.
+//! `data_benchmark`: the train input pipeline's speed per core — JPEG decode (of only what the
+//! crop reads, unless `--full-decode`), the reference's random-resized crop and flip, resize,
+//! RandAugment, normalization — over a folder of images.
 //! `tools/bench_pipeline.sh` runs it beside PIL + torchvision on the same files and threads.
 
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ pub struct DataBenchArgs {
     passes: usize,
     #[arg(long)]
     json: bool,
+    /// Decode every image whole before cropping (no decode-and-crop), for comparison.
+    #[arg(long = "full-decode")]
+    full_decode: bool,
 }
 
 pub fn run(args: &DataBenchArgs) -> Result<(), String> {
@@ -42,8 +46,12 @@ pub fn run(args: &DataBenchArgs) -> Result<(), String> {
     let normalize = Normalize::parse("imagenet")?;
     let one = |i: usize, path: &PathBuf| -> Result<f32, String> {
         let mut rng = Rng::new(i as u64);
-        let img = load_rgb(path)?;
-        let mut out = geometry.apply(&img, &mut rng);
+        let mut out = if args.full_decode {
+            geometry.apply(&load_rgb(path)?, &mut rng)
+        } else {
+            let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+            geometry.apply_encoded(bytes, &mut rng)?
+        };
         if args.magnitude > 0.0 {
             augment.apply(&mut out, &mut rng);
         }

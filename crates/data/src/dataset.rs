@@ -4,8 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::decode::{decode_rgb, load_rgb, RgbImage};
+use crate::decode::{decode_rgb, RgbImage};
 use crate::files;
+use crate::sampler::TrainGeometry;
+use effnet_engine::rng::Rng;
 use rayon::prelude::*;
 
 use crate::tfrecord::{decode_example, list_shards, TfRecordReader, INDEX_SUFFIX};
@@ -237,8 +239,31 @@ impl ImageDataset {
 
     /// Decodes sample `index`; the error names the file (and record) and what is wrong.
     pub fn image(&self, index: usize) -> Result<RgbImage, String> {
+        self.decode_with(index, decode_rgb)
+    }
+
+    /// Sample `index` through the train geometry, decoding only what its crop reads
+    /// ([`TrainGeometry::apply_encoded`]); the error names the file (and record).
+    pub fn train_image(
+        &self,
+        index: usize,
+        geometry: &TrainGeometry,
+        rng: &mut Rng,
+    ) -> Result<RgbImage, String> {
+        self.decode_with(index, |bytes| geometry.apply_encoded(bytes, rng))
+    }
+
+    /// `decode` of sample `index`'s encoded bytes, its error prefixed with where they are.
+    fn decode_with<T>(
+        &self,
+        index: usize,
+        decode: impl FnOnce(Vec<u8>) -> Result<T, String>,
+    ) -> Result<T, String> {
         match &self.items[index].0 {
-            Location::File(p) => load_rgb(p).map_err(|e| format!("{}: {e}", p.display())),
+            Location::File(p) => std::fs::read(p)
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(decode)
+                .map_err(|e| format!("{}: {e}", p.display())),
             Location::Record { shard, offset } => {
                 let path = &self.shards[*shard];
                 let record = TfRecordReader::open_at(path, *offset)?
@@ -246,7 +271,7 @@ impl ImageDataset {
                     .ok_or_else(|| format!("{}: no record at byte {offset}", path.display()))??;
                 let example = decode_example(&record)
                     .map_err(|e| format!("{}: record at byte {offset}: {e}", path.display()))?;
-                decode_rgb(example.image)
+                decode(example.image)
                     .map_err(|e| format!("{}: record at byte {offset}: {e}", path.display()))
             }
         }

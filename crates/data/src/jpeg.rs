@@ -13,6 +13,8 @@
 //! encoder's padding blocks as neighbours at the right and bottom edges, and BT.601 full-range
 //! YCbCr→RGB with 14-bit constants.
 
+use effnet_engine::simd;
+
 use crate::decode::RgbImage;
 
 /// Natural (row-major) index of the `k`-th coefficient in zigzag order.
@@ -524,7 +526,11 @@ pub fn decode_crop(
             }
         })
         .collect();
-    decode_mcus(jpeg, b, (mcus_x, mcus_y), (mx0, mx1, my0, my1), &mut planes)?;
+    // Compiled for AVX2 where the CPU has it: the IDCT's 32-bit lane products need it.
+    simd::dispatch(
+        #[inline(always)]
+        || decode_mcus(jpeg, b, (mcus_x, mcus_y), (mx0, mx1, my0, my1), &mut planes),
+    )?;
 
     let mut out = vec![0u8; width * height * 3];
     let luma = b.frame_index.iter().position(|&f| f == 0).unwrap_or(0);
@@ -551,22 +557,27 @@ pub fn decode_crop(
     );
     let mut cb_row = vec![0i32; width];
     let mut cr_row = vec![0i32; width];
-    let mut vertical = Vec::new();
-    for (r, out_row) in out.chunks_exact_mut(width * 3).enumerate() {
-        let yy = y + r;
-        for (plane, dst) in [(&planes[cb], &mut cb_row), (&planes[cr], &mut cr_row)] {
-            upsample_row(
-                plane,
-                (x, yy, width),
-                (sh, sv),
-                (chroma_cols, chroma_rows),
-                &mut vertical,
-                dst,
-            );
-        }
-        let yrow = &lp.samples[(yy - lp.y0) * lp.width + x - lp.x0..][..width];
-        ycbcr_to_rgb(yrow, &cb_row, &cr_row, out_row);
-    }
+    let (mut vertical, mut wide) = (Vec::new(), Vec::new());
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for (r, out_row) in out.chunks_exact_mut(width * 3).enumerate() {
+                let yy = y + r;
+                for (plane, dst) in [(&planes[cb], &mut cb_row), (&planes[cr], &mut cr_row)] {
+                    upsample_row(
+                        plane,
+                        (x, yy, width),
+                        (sh, sv),
+                        (chroma_cols, chroma_rows),
+                        (&mut vertical, &mut wide),
+                        dst,
+                    );
+                }
+                let yrow = &lp.samples[(yy - lp.y0) * lp.width + x - lp.x0..][..width];
+                ycbcr_to_rgb(yrow, &cb_row, &cr_row, out_row);
+            }
+        },
+    );
     Ok(RgbImage {
         width,
         height,
@@ -589,12 +600,13 @@ fn filter_span(lo: usize, hi: usize, factor: usize, len: usize) -> (usize, usize
 
 /// One output row of a chroma component at full resolution, columns `[x, x + width)` of row
 /// `y`: zune-jpeg's triangle filter, vertical then horizontal, each rounded.
+#[inline(always)]
 fn upsample_row(
     plane: &Plane,
     (x, y, width): (usize, usize, usize),
     (sh, sv): (usize, usize),
     (cols, rows): (usize, usize),
-    vertical: &mut Vec<i32>,
+    (vertical, wide): (&mut Vec<i32>, &mut Vec<i32>),
     out: &mut [i32],
 ) {
     let (first, last) = filter_span(x, x + width, sh, cols);
@@ -624,20 +636,24 @@ fn upsample_row(
         out.copy_from_slice(&vertical[x - first..][..width]);
         return;
     }
-    let at = |c: usize| vertical[c - first];
-    for (i, o) in out.iter_mut().enumerate() {
-        let px = x + i;
-        let c = px / 2;
-        let other = if px % 2 == 0 {
-            c.saturating_sub(1)
-        } else {
-            (c + 1).min(cols - 1)
-        };
-        *o = (3 * at(c) + at(other) + 2) >> 2;
+    // Each sample gives two outputs, leaning to its left and right neighbours. The span's end
+    // samples are repeated outside it: at the component's edges that is the filter's clamp,
+    // elsewhere the outputs that would read them lie outside the crop.
+    let n = vertical.len();
+    vertical.insert(0, vertical[0]);
+    vertical.push(vertical[n]);
+    wide.clear();
+    wide.resize(2 * n, 0);
+    for (pair, v) in wide.chunks_exact_mut(2).zip(vertical.windows(3)) {
+        let centre = 3 * v[1] + 2;
+        pair[0] = (centre + v[0]) >> 2;
+        pair[1] = (centre + v[2]) >> 2;
     }
+    out.copy_from_slice(&wide[x - 2 * first..][..width]);
 }
 
 /// BT.601 full-range YCbCr to RGB with 14-bit fixed-point constants, rounding as zune-jpeg.
+#[inline(always)]
 fn ycbcr_to_rgb(luma: &[u8], cb: &[i32], cr: &[i32], out: &mut [u8]) {
     const ONE: i32 = 1 << 14;
     const HALF_MINUS_ONE: i32 = (1 << 13) - 1;
@@ -656,6 +672,7 @@ fn ycbcr_to_rgb(luma: &[u8], cb: &[i32], cr: &[i32], out: &mut [u8]) {
 
 /// Entropy-decodes MCUs up to the last one the crop needs (MCU columns `mx0..=mx1`, rows
 /// `my0..=my1`), transforming the blocks of those into `planes`.
+#[inline(always)]
 fn decode_mcus(
     jpeg: &[u8],
     b: &Baseline,
@@ -798,6 +815,7 @@ fn decode_block<const STORE: bool>(
 /// `jidctint` and stb_image's arithmetic) of natural-order coefficients, clamped to 8 bits and
 /// written as an 8×8 block at `out` with row stride `stride`. Columns first, then rows, each
 /// pass over eight lanes at once so that it vectorizes.
+#[inline(always)]
 fn idct_islow(coefficients: &[i32; 64], out: &mut [u8], stride: usize) {
     let mut rows = [[0i32; 8]; 8];
     for (r, row) in rows.iter_mut().enumerate() {

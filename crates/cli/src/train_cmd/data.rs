@@ -55,6 +55,15 @@ pub trait Samples: Send + Sync {
     fn label(&self, index: usize) -> usize;
     /// Sample `index` as 8-bit RGB; the error names the file and what is wrong.
     fn rgb(&self, index: usize) -> Result<RgbImage, String>;
+    /// Sample `index` through the train geometry (crop, flip, resize).
+    fn train_image(
+        &self,
+        index: usize,
+        geometry: &TrainGeometry,
+        rng: &mut Rng,
+    ) -> Result<RgbImage, String> {
+        Ok(geometry.apply(&self.rgb(index)?, rng))
+    }
 }
 
 impl Samples for Split {
@@ -88,6 +97,16 @@ impl Samples for ImageDataset {
 
     fn rgb(&self, index: usize) -> Result<RgbImage, String> {
         self.image(index)
+    }
+
+    /// Decodes only the part the crop reads (decode-and-crop for baseline JPEGs).
+    fn train_image(
+        &self,
+        index: usize,
+        geometry: &TrainGeometry,
+        rng: &mut Rng,
+    ) -> Result<RgbImage, String> {
+        ImageDataset::train_image(self, index, geometry, rng)
     }
 }
 
@@ -221,14 +240,13 @@ impl Source for TrainSource {
         stage: &Stage,
         rng: &mut Rng,
     ) -> Result<(Vec<f32>, usize), String> {
-        let img = self.data.rgb(index)?;
         let mut geometry = TrainGeometry::new(stage.size);
         if !self.random_crop {
             // The whole image: the sampler's area range pinned to 1.
             geometry.sampler.area_range = (1.0, 1.0);
             geometry.sampler.aspect_range = (1.0, 1.0);
         }
-        let mut out = geometry.apply(&img, rng);
+        let mut out = self.data.train_image(index, &geometry, rng)?;
         match self.augment {
             Augment::Rand { layers } if stage.magnitude > 0.0 && layers > 0 => RandAugment {
                 num_layers: layers,
