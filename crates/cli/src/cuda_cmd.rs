@@ -8,11 +8,12 @@ use clap::Args;
 
 use crate::bench::BenchArgs;
 use effnet_cuda::device::{addr, linear, Gpu, Math};
-use effnet_cuda::net::GpuNet;
+use effnet_cuda::net::{GpuNet, GpuWorkspace};
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
 use effnet_model::network::{ConvKind, Layer};
 use effnet_model::{arch, Mode, Network, ParamKind, Weights};
+use effnet_train::trainer::{Passes, Replicas};
 
 #[derive(Args)]
 pub struct SelftestArgs {
@@ -31,7 +32,7 @@ pub struct SelftestArgs {
     math: String,
 }
 
-fn parse_math(s: &str) -> Result<Math, String> {
+pub fn parse_math(s: &str) -> Result<Math, String> {
     match s {
         "f32" => Ok(Math::F32),
         "tf32" => Ok(Math::Tf32),
@@ -424,4 +425,118 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The trainer's passes on the GPU. The trainer keeps weights, optimizer and EMA on the host:
+/// each micro-batch uploads the parameters and running statistics, runs forward (and backward)
+/// on the device, and brings the logits, statistics and gradients back. (Next: the optimizer
+/// and EMA kernels on the device, so that only the logits travel.)
+pub struct GpuPasses {
+    gpu: Gpu,
+    net: GpuNet,
+    train: Option<((usize, usize), GpuWorkspace)>,
+    eval: Option<((usize, usize), GpuWorkspace)>,
+}
+
+impl GpuPasses {
+    pub fn new(net: &Network, weights: &Weights, math: Math) -> Result<GpuPasses, String> {
+        let gpu = open_gpu("cuda", math)?;
+        let net = GpuNet::new(&gpu, net, weights)?;
+        Ok(GpuPasses {
+            gpu,
+            net,
+            train: None,
+            eval: None,
+        })
+    }
+
+    /// The weights onto the device and the workspace for (n, size), planned when it changed.
+    fn prepare(
+        &mut self,
+        weights: &Weights,
+        n: usize,
+        size: usize,
+        training: bool,
+    ) -> Result<(), String> {
+        self.gpu.write(&weights.params, &mut self.net.params)?;
+        self.gpu.write(&weights.buffers, &mut self.net.buffers)?;
+        self.net.tracked.clone_from(&weights.tracked);
+        let slot = if training {
+            &mut self.train
+        } else {
+            &mut self.eval
+        };
+        if slot.as_ref().map(|(k, _)| *k) != Some((n, size)) {
+            *slot = None; // free the old buffers first
+            let ws = self.net.workspace(&self.gpu, n, size, size, training)?;
+            *slot = Some(((n, size), ws));
+        }
+        Ok(())
+    }
+}
+
+impl Passes for GpuPasses {
+    fn train_forward(
+        &mut self,
+        _net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+        mode: Mode,
+        rng: &mut Rng,
+        replicas: &Replicas,
+    ) -> Result<Vec<f32>, String> {
+        if replicas.comm.size() > 1 {
+            return Err(
+                "data-parallel training on GPUs needs NCCL, not written yet: run one process"
+                    .into(),
+            );
+        }
+        self.prepare(weights, n, size, true)?;
+        let (_, ws) = self.train.as_mut().expect("prepared");
+        self.net.write_input(&self.gpu, ws, images)?;
+        self.net.forward(&self.gpu, ws, mode, rng)?;
+        let logits = self.net.logits(&self.gpu, ws)?;
+        weights.buffers = self.gpu.read(&self.net.buffers, weights.buffers.len())?;
+        weights.tracked.clone_from(&self.net.tracked);
+        Ok(logits)
+    }
+
+    fn backward(
+        &mut self,
+        _net: &Network,
+        _weights: &Weights,
+        dlogits: &[f32],
+        grads: &mut [f32],
+    ) -> Result<(), String> {
+        let (_, ws) = self
+            .train
+            .as_mut()
+            .ok_or("backward before a training forward pass")?;
+        self.net.write_dlogits(&self.gpu, ws, dlogits)?;
+        self.net.zero_grads(&self.gpu)?;
+        self.net.backward(&self.gpu, ws)?;
+        let g = self.net.grads(&self.gpu)?;
+        for (a, b) in grads.iter_mut().zip(&g) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn eval_logits(
+        &mut self,
+        _net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>, String> {
+        self.prepare(weights, n, size, false)?;
+        let (_, ws) = self.eval.as_mut().expect("prepared");
+        self.net.write_input(&self.gpu, ws, images)?;
+        self.net
+            .forward(&self.gpu, ws, Mode::Eval, &mut Rng::new(0))?;
+        self.net.logits(&self.gpu, ws)
+    }
 }

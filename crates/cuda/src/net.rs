@@ -640,6 +640,18 @@ impl GpuNet {
         gpu.write(targets, &mut ws.targets)
     }
 
+    /// Sets d loss/d logits from the host (a loss computed there), for [`GpuNet::backward`].
+    pub fn write_dlogits(&self, gpu: &Gpu, ws: &mut GpuWorkspace, dlogits: &[f32]) -> Result<()> {
+        let (n, k) = (ws.batch(), self.net.classes);
+        if dlogits.len() != n * k {
+            return Err(format!(
+                "{} logit gradients for {n} × {k} logits",
+                dlogits.len()
+            ));
+        }
+        gpu.write(dlogits, &mut ws.dlogits)
+    }
+
     /// Per-row losses and d loss/d logits on the device (capturable).
     pub fn loss_launches(&self, gpu: &Gpu, ws: &GpuWorkspace) -> Result<()> {
         let (n, k) = (ws.batch(), self.net.classes);

@@ -68,6 +68,115 @@ impl Replicas {
     }
 }
 
+/// Where a micro-batch's forward and backward passes run: the CPU engine ([`CpuPasses`], the
+/// default) or a device the command adds (the GPU, with its `cuda` feature). The trainer keeps
+/// the weights, optimizer and EMA on the host either way.
+pub trait Passes {
+    /// Training-mode forward of `n` NHWC images of `size`²: the logits. `weights`' running
+    /// statistics and batch counters move.
+    #[allow(clippy::too_many_arguments)]
+    fn train_forward(
+        &mut self,
+        net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+        mode: Mode,
+        rng: &mut Rng,
+        replicas: &Replicas,
+    ) -> Result<Vec<f32>, String>;
+
+    /// The backward pass of the last [`Passes::train_forward`]: adds every parameter's
+    /// gradient of the loss into `grads`.
+    fn backward(
+        &mut self,
+        net: &Network,
+        weights: &Weights,
+        dlogits: &[f32],
+        grads: &mut [f32],
+    ) -> Result<(), String>;
+
+    /// Eval-mode logits of `n` NHWC images of `size`².
+    fn eval_logits(
+        &mut self,
+        net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>, String>;
+
+    /// Drops what was planned for the previous replicas (synchronized BN's hook).
+    fn replan(&mut self) {}
+}
+
+/// The CPU engine's passes, over workspaces planned per (batch, resolution).
+#[derive(Default)]
+pub struct CpuPasses {
+    workspace: Option<((usize, usize), Workspace)>,
+    eval_workspace: Option<((usize, usize), Workspace)>,
+}
+
+impl Passes for CpuPasses {
+    fn train_forward(
+        &mut self,
+        net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+        mode: Mode,
+        rng: &mut Rng,
+        replicas: &Replicas,
+    ) -> Result<Vec<f32>, String> {
+        let ws = planned(&mut self.workspace, net, n, size, true);
+        if replicas.sync_bn && replicas.comm.size() > 1 && ws.replica_sum.is_none() {
+            let comm = replicas.comm.clone();
+            ws.replica_sum = Some(CrossReplica(Arc::new(move |v: &mut [f64]| {
+                // A failed collective leaves the replicas out of step; nothing can continue.
+                if let Err(e) = comm.all_reduce_sum_f64(v) {
+                    panic!("synchronized batch norm: {e}");
+                }
+            })));
+        }
+        Ok(net.forward(weights, ws, images, mode, rng).to_vec())
+    }
+
+    fn backward(
+        &mut self,
+        net: &Network,
+        weights: &Weights,
+        dlogits: &[f32],
+        grads: &mut [f32],
+    ) -> Result<(), String> {
+        let (_, ws) = self
+            .workspace
+            .as_mut()
+            .ok_or("backward before a training forward pass")?;
+        net.backward(weights, ws, dlogits, grads);
+        Ok(())
+    }
+
+    fn eval_logits(
+        &mut self,
+        net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>, String> {
+        let ws = planned(&mut self.eval_workspace, net, n, size, false);
+        Ok(net
+            .forward(weights, ws, images, Mode::Eval, &mut Rng::new(0))
+            .to_vec())
+    }
+
+    fn replan(&mut self) {
+        *self = CpuPasses::default();
+    }
+}
+
 pub struct Trainer {
     pub net: Network,
     pub weights: Weights,
@@ -83,8 +192,8 @@ pub struct Trainer {
     pub exchange_seconds: f64,
     /// A micro-batch of the pending step had a non-finite loss.
     pending_bad: bool,
-    workspace: Option<((usize, usize), Workspace)>,
-    eval_workspace: Option<((usize, usize), Workspace)>,
+    /// Where the passes run (the CPU engine unless [`Trainer::set_passes`] says otherwise).
+    passes: Box<dyn Passes>,
 }
 
 /// The workspace in `slot` for (n, size), planned anew when the shape changed (a new batch size
@@ -125,9 +234,13 @@ impl Trainer {
             replicas: Replicas::single(),
             exchange_seconds: 0.0,
             pending_bad: false,
-            workspace: None,
-            eval_workspace: None,
+            passes: Box::new(CpuPasses::default()),
         }
+    }
+
+    /// Runs the forward and backward passes on `passes` from here on.
+    pub fn set_passes(&mut self, passes: Box<dyn Passes>) {
+        self.passes = passes;
     }
 
     /// Optimizer steps taken.
@@ -138,7 +251,7 @@ impl Trainer {
     /// Joins a data-parallel run: every collective call from here on spans `replicas`.
     pub fn set_replicas(&mut self, replicas: Replicas) {
         self.replicas = replicas;
-        self.workspace = None;
+        self.passes.replan();
     }
 
     /// One micro-batch of `n` NHWC images with soft `targets` (`[n, classes]`; see
@@ -163,34 +276,31 @@ impl Trainer {
         // The forward pass moves the BN running statistics; keep them to undo a bad step (they
         // are small: two values per channel).
         let (buffers, tracked) = (self.weights.buffers.clone(), self.weights.tracked.clone());
-        let ws = planned(&mut self.workspace, &self.net, n, size, true);
-        if self.replicas.sync_bn && self.replicas.comm.size() > 1 && ws.replica_sum.is_none() {
-            let comm = self.replicas.comm.clone();
-            ws.replica_sum = Some(CrossReplica(Arc::new(move |v: &mut [f64]| {
-                // A failed collective leaves the replicas out of step; nothing can continue.
-                if let Err(e) = comm.all_reduce_sum_f64(v) {
-                    panic!("synchronized batch norm: {e}");
-                }
-            })));
-        }
-        let logits = self
-            .net
-            .forward(&mut self.weights, ws, images, mode, &mut rng)
-            .to_vec();
+        let logits = self.passes.train_forward(
+            &self.net,
+            &mut self.weights,
+            images,
+            n,
+            size,
+            mode,
+            &mut rng,
+            &self.replicas,
+        )?;
         let mut dlogits = vec![0f32; logits.len()];
         let value = loss::softmax_cross_entropy(&logits, classes, targets, &mut dlogits);
         if value.is_finite() {
-            self.net
-                .backward(&self.weights, ws, &dlogits, &mut self.grads);
+            self.passes
+                .backward(&self.net, &self.weights, &dlogits, &mut self.grads)?;
         } else {
             self.weights.buffers = buffers;
             self.weights.tracked = tracked;
             self.pending_bad = true;
-            if ws.replica_sum.is_some() {
+            if self.replicas.sync_bn && self.replicas.comm.size() > 1 {
                 // Synchronized BN's backward is collective: take part, with no gradient.
                 dlogits.fill(0.0);
                 let mut discard = vec![0f32; self.grads.len()];
-                self.net.backward(&self.weights, ws, &dlogits, &mut discard);
+                self.passes
+                    .backward(&self.net, &self.weights, &dlogits, &mut discard)?;
             }
         }
         let correct = logits
@@ -316,11 +426,8 @@ impl Trainer {
         images: &[f32],
         n: usize,
         size: usize,
-    ) -> Vec<f32> {
-        let ws = planned(&mut self.eval_workspace, &self.net, n, size, false);
-        self.net
-            .forward(weights, ws, images, Mode::Eval, &mut Rng::new(0))
-            .to_vec()
+    ) -> Result<Vec<f32>, String> {
+        self.passes.eval_logits(&self.net, weights, images, n, size)
     }
 }
 

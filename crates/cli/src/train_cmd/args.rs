@@ -356,6 +356,13 @@ pub struct TrainArgs {
     /// Compiled, fused kernels: effnet's engine always fuses (accepted for the reference's scripts).
     #[arg(long = "use-xla", alias = "use_xla", help_heading = "Precision")]
     pub use_xla: bool,
+    /// Where the forward and backward passes run: `cpu`, or `cuda` (GPU 0; a build with
+    /// `--features cuda`). Weights, optimizer and EMA stay on the host.
+    #[arg(long, default_value = "cpu", help_heading = "Precision")]
+    pub device: String,
+    /// GPU math for f32: `tf32` (tensor cores, the reference's default) or `f32`.
+    #[arg(long, default_value = "tf32", help_heading = "Precision")]
+    pub math: String,
 
     // --- Distributed (mpirun -np N effnet train …)
     /// Batch norm over the global batch (one all-reduce per BN layer and pass).

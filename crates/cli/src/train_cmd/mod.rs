@@ -65,7 +65,7 @@ fn evaluate(
         if labels.is_empty() {
             continue;
         }
-        let logits = t.eval_logits(weights, &x, labels.len(), transform.size);
+        let logits = t.eval_logits(weights, &x, labels.len(), transform.size)?;
         let scores = crate::infer::batch_scores(&logits, &labels, classes);
         sums[0] += scores.top1 as f64;
         sums[1] += scores.top5 as f64;
@@ -306,6 +306,22 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         sync_bn: args.sync_bn,
         fp16_gradients: args.hvd_fp16_compression,
     });
+    match args.device.as_str() {
+        "cpu" => {}
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let math = crate::cuda_cmd::parse_math(&args.math)?;
+            let passes = crate::cuda_cmd::GpuPasses::new(&t.net, &t.weights, math)?;
+            t.set_passes(Box::new(passes));
+        }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => {
+            return Err(
+                "this effnet was built without CUDA: cargo build --release --features cuda".into(),
+            )
+        }
+        d => return Err(format!("unknown --device {d:?}: expected cpu or cuda")),
+    }
     let files = RunFiles::new(args, root)?;
     files.log(start, "PARAMETER".into(), args.to_json())?;
 
@@ -671,7 +687,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     // A few predictions, as a user would check them.
     let sample: Vec<usize> = (0..8.min(data.eval.len())).collect();
     let (x, labels) = eval_batch(data.eval.as_ref(), &sample, &eval_transform);
-    let logits = t.eval_logits(&mut best, &x, labels.len(), eval_size);
+    let logits = t.eval_logits(&mut best, &x, labels.len(), eval_size)?;
     println!("predictions on the first test images:");
     for (i, (z, &truth)) in logits.chunks_exact(classes).zip(&labels).enumerate() {
         let p = argmax(z);
