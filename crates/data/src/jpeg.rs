@@ -295,6 +295,12 @@ pub fn read_header(bytes: &[u8]) -> Option<Baseline> {
                 if width == 0 || height == 0 || !(n == 1 || n == 3) || seg.len() < 6 + 3 * n {
                     return None;
                 }
+                // The full decoder refuses images over `image`'s allocation limit (512 MiB);
+                // a crop must not succeed where it fails, so very large images (over 64
+                // Mpixels, well under the limit) take the full decoder's path.
+                if width * height > 64 << 20 {
+                    return None;
+                }
                 let comps = (0..n)
                     .map(|c| {
                         let s = &seg[6 + 3 * c..9 + 3 * c];

@@ -218,3 +218,32 @@ fn rendering_from_the_footprint_window_is_bit_identical() {
         }
     }
 }
+
+#[test]
+fn restart_intervals_outside_the_crop_are_not_read() {
+    // One restart interval per MCU row (8 pixel rows at 4:4:4). Fill the first interval's
+    // entropy-coded bytes with stuffed 0xFF (all-ones bits: never a valid Huffman code).
+    let bytes = read(&fixtures().join("fruit_444_restart_row.jpg"));
+    let sos = bytes.windows(2).position(|m| m == [0xFF, 0xDA]).unwrap();
+    let scan = sos + 2 + (usize::from(bytes[sos + 2]) << 8 | usize::from(bytes[sos + 3]));
+    let rst0 = scan
+        + bytes[scan..]
+            .windows(2)
+            .position(|m| m == [0xFF, 0xD0])
+            .unwrap();
+    let mut damaged = bytes.clone();
+    for (i, b) in damaged[scan..rst0].iter_mut().enumerate() {
+        *b = if i % 2 == 0 { 0xFF } else { 0x00 };
+    }
+    let header = read_header(&damaged).unwrap();
+    let full = decode_rgb(bytes).unwrap();
+    let (w, h) = (full.width, full.height);
+    // Below the first MCU row: decoded from the intact intervals only.
+    for rect in [(0, 8, w, h - 8), (100, 40, 50, 60), (w - 1, h - 1, 1, 1)] {
+        let got = decode_crop(&damaged, &header, rect).unwrap();
+        assert_eq!(got, crop(&full, rect).unwrap().image, "{rect:?}");
+    }
+    // A crop that needs the first row reads the damage and says so.
+    let e = decode_crop(&damaged, &header, (0, 0, 4, 4)).unwrap_err();
+    assert!(e.contains("Huffman"), "{e}");
+}
