@@ -4,6 +4,9 @@
 # on the same GPU. Build here first (`cargo build --release --features cuda`) and carry
 # target/release/effnet; everything is logged to $OUT/log (or ./gpu-check.log).
 # Usage: tools/gpu_check.sh [quick]   (quick: the self-tests only)
+# A short GPU training run on Fashion-MNIST too when .gpu-data/ holds its four .gz files: here,
+#   mkdir -p .gpu-data && cp /usr/share/datasets/fashion-mnist/*.gz .gpu-data/ &&
+#   echo /.gpu-data/ >> .git/info/exclude      (then carry .gpu-data with the binary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="${OUT:-.}/gpu-check.log"
@@ -23,6 +26,12 @@ $bin selftest --math tf32; echo "selftest tf32 rc=$?"
 $bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32; echo "selftest lite0 odd size rc=$?"
 echo "self-tests took $(( $(date +%s) - t0 )) s"
 [ "${1:-}" = quick ] && exit 0
+if [ -f .gpu-data/train-images-idx3-ubyte.gz ]; then
+  $bin train --device cuda --data-dir .gpu-data --arch efficientnetv2_b0 --epochs 1 \
+    --batch-size 256 --img-size 28 --lr-init 0.004 --lr-decay cosine --lr-warmup-epochs 0.2 \
+    --augmenter-name none --moving-average-decay 0.999 --log-steps 50 --model-dir /tmp/gpu-run
+  echo "gpu training rc=$?"
+fi
 $bin inference_benchmark --device cuda --math tf32 --batch-size 1,8,128 --img-size 384 --json
 $bin training_benchmark --device cuda --math tf32 --batch-size 128 --img-size 300 --steps 10 --json
 python3 tools/gpu_peer.py --runs 10
