@@ -44,12 +44,22 @@ fn open_gpu(device: &str, math: Math) -> Result<Gpu, String> {
     if device != "cuda" {
         return Err(format!("unknown --device {device:?}: expected cuda"));
     }
-    let gpu = Gpu::new(0, math)?;
+    let ordinal = local_rank();
+    let gpu = Gpu::new(ordinal, math)?;
     println!(
-        "device: {} (compute capability {}.{}), math {math:?}",
+        "device {ordinal}: {} (compute capability {}.{}), math {math:?}",
         gpu.name, gpu.capability.0, gpu.capability.1
     );
     Ok(gpu)
+}
+
+/// This process's index among those of its machine (Open MPI, Slurm, or torchrun's variable):
+/// the GPU it takes under `mpirun -np N`, one process per GPU; 0 alone.
+fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// max |a − b| / max |b|: the error relative to the reference's scale.
@@ -429,8 +439,9 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
 
 /// The trainer's passes on the GPU. The trainer keeps weights, optimizer and EMA on the host:
 /// each micro-batch uploads the parameters and running statistics, runs forward (and backward)
-/// on the device, and brings the logits, statistics and gradients back. (Next: the optimizer
-/// and EMA kernels on the device, so that only the logits travel.)
+/// on the device, and brings the logits, statistics and gradients back — so data-parallel runs
+/// (`mpirun -np N`, one process per GPU by local rank) all-reduce gradients over MPI as on the
+/// CPU. (Next: the optimizer and EMA kernels on the device, NCCL, so that only logits travel.)
 pub struct GpuPasses {
     gpu: Gpu,
     net: GpuNet,
