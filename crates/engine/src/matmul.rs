@@ -129,9 +129,14 @@ pub fn matmul_then(
         });
 }
 
+/// Partials of [`split_k`], kept between calls: a weight gradient per layer and step would
+/// otherwise allocate (and page-fault in) fresh zeroed memory each time.
+static SPLIT_K_PARTIALS: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+
 /// `aᵀ·b` with a long reduction and a small output (weight gradients: Σ over every pixel):
-/// the reduction is split across threads, each into its own partial, then summed. `gemm`
-/// itself splits only the output, which leaves one thread working on such shapes.
+/// the reduction is split across threads. The first slice goes straight into `c`, the others
+/// into partials (overwritten, so never zeroed) that are then added to it. `gemm` itself
+/// splits only the output, which leaves one thread working on such shapes.
 #[allow(clippy::too_many_arguments)]
 fn split_k(
     c: &mut [f32],
@@ -145,44 +150,60 @@ fn split_k(
 ) {
     use rayon::prelude::*;
     let per = k.div_ceil(threads);
-    let partials: Vec<Vec<f32>> = (0..threads)
-        .into_par_iter()
-        .map(|t| {
-            let (k0, k1) = (t * per, ((t + 1) * per).min(k));
-            let mut part = vec![0f32; m * n];
-            if k1 > k0 {
-                // Rows k0..k1 of both operands: aᵀ is stored [k, m] and b [k, n].
-                let (a_part, b_part) = (&a[k0 * m..k1 * m], &b[k0 * n..k1 * n]);
-                let kp = k1 - k0;
-                let (a_strides, b_strides) = (
-                    Layout::Transposed.strides(m, kp),
-                    Layout::Normal.strides(kp, n),
-                );
-                raw(
-                    &mut part,
-                    m,
-                    n,
-                    kp,
-                    a_part,
-                    a_strides,
-                    b_part,
-                    b_strides,
-                    false,
-                    Parallelism::None,
-                );
+    let len = m * n;
+    // Rows k0..k1 of both operands into `out`: aᵀ is stored [k, m] and b [k, n].
+    let slice = |t: usize, out: &mut [f32], accumulate: bool| {
+        let (k0, k1) = (t * per, ((t + 1) * per).min(k));
+        if k1 <= k0 {
+            if !accumulate {
+                out.fill(0.0);
             }
-            part
-        })
-        .collect();
-    let out = &mut c[..m * n];
-    if !accumulate {
-        out.fill(0.0);
-    }
-    for part in &partials {
-        for (o, p) in out.iter_mut().zip(part) {
-            *o += p;
+            return;
         }
+        let kp = k1 - k0;
+        raw(
+            out,
+            m,
+            n,
+            kp,
+            &a[k0 * m..k1 * m],
+            Layout::Transposed.strides(m, kp),
+            &b[k0 * n..k1 * n],
+            Layout::Normal.strides(kp, n),
+            accumulate,
+            Parallelism::None,
+        );
+    };
+    // Another split_k running at once (never in the network's passes) gets its own buffer.
+    let mut shared = SPLIT_K_PARTIALS.try_lock();
+    let mut own = Vec::new();
+    let partials: &mut Vec<f32> = match shared.as_deref_mut() {
+        Ok(v) => v,
+        Err(_) => &mut own,
+    };
+    if partials.len() < (threads - 1) * len {
+        partials.resize((threads - 1) * len, 0.0);
     }
+    let out = &mut c[..len];
+    rayon::join(
+        || slice(0, out, accumulate),
+        || {
+            partials[..(threads - 1) * len]
+                .par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(t, part)| slice(t + 1, part, false));
+        },
+    );
+    let partials = &partials[..(threads - 1) * len];
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+        for part in partials.chunks_exact(len) {
+            let p = &part[i * CHUNK..i * CHUNK + o.len()];
+            for (o, p) in o.iter_mut().zip(p) {
+                *o += p;
+            }
+        }
+    });
 }
 
 /// The `gemm` call with explicit (row, column) strides for each operand.
@@ -229,5 +250,59 @@ fn raw(
             false,
             parallelism,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The split-reduction path (weight gradients) against a plain f64 sum: overwrite and
+    /// accumulate, slices of unequal length, and called twice so the reused partials hold
+    /// stale values from the first call.
+    #[test]
+    fn split_reduction_equals_the_plain_product() {
+        let (m, n, k) = (5, 7, 3001);
+        let a_t: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0)
+            .collect();
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                (0..k)
+                    .map(|l| a_t[l * m + i] as f64 * b[l * n + j] as f64)
+                    .sum()
+            })
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a pool");
+        pool.install(|| {
+            for accumulate in [false, true, false] {
+                let mut c = vec![1.0f32; m * n];
+                matmul(
+                    &mut c,
+                    m,
+                    n,
+                    k,
+                    &a_t,
+                    Layout::Transposed,
+                    &b,
+                    Layout::Normal,
+                    accumulate,
+                );
+                for (e, (got, w)) in c.iter().zip(&want).enumerate() {
+                    let w = w + if accumulate { 1.0 } else { 0.0 };
+                    assert!(
+                        (*got as f64 - w).abs() < 1e-3,
+                        "{e}: {got} vs {w} ({accumulate})"
+                    );
+                }
+            }
+        });
     }
 }
