@@ -109,6 +109,51 @@ impl<A: Copy + std::fmt::Debug> Candidates<A> {
     }
 }
 
+/// What cuDNN's heuristics say of one algorithm, for any of the three passes.
+trait AlgoPerf: Copy {
+    type Algo: Copy + std::fmt::Debug;
+    fn rated(&self) -> (sys::cudnnStatus_t, sys::cudnnMathType_t, usize, Self::Algo);
+}
+
+macro_rules! algo_perf {
+    ($($perf:ty => $algo:ty),*) => {$(
+        impl AlgoPerf for $perf {
+            type Algo = $algo;
+            fn rated(&self) -> (sys::cudnnStatus_t, sys::cudnnMathType_t, usize, $algo) {
+                (self.status, self.mathType, self.memory, self.algo)
+            }
+        }
+    )*};
+}
+algo_perf!(
+    sys::cudnnConvolutionFwdAlgoPerf_t => sys::cudnnConvolutionFwdAlgo_t,
+    sys::cudnnConvolutionBwdDataAlgoPerf_t => sys::cudnnConvolutionBwdDataAlgo_t,
+    sys::cudnnConvolutionBwdFilterAlgoPerf_t => sys::cudnnConvolutionBwdFilterAlgo_t
+);
+
+/// The usable algorithms among cuDNN's ratings: ran without error, an accepted math type,
+/// scratch within `max_scratch`; `scratch` grows to the largest kept.
+fn usable<P: AlgoPerf>(
+    rated: &[P],
+    math: crate::device::Math,
+    max_scratch: usize,
+    scratch: &mut usize,
+) -> Vec<(P::Algo, sys::cudnnMathType_t)> {
+    rated
+        .iter()
+        .map(AlgoPerf::rated)
+        .filter(|&(status, m, bytes, _)| {
+            status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                && math_ok(math, m)
+                && bytes <= max_scratch
+        })
+        .map(|(_, m, bytes, algo)| {
+            *scratch = (*scratch).max(bytes);
+            (algo, m)
+        })
+        .collect()
+}
+
 /// Math types a plan accepts: FMA only for exact f32; anything cuDNN rates for f32 data (TF32
 /// tensor cores included) otherwise.
 fn math_ok(math: crate::device::Math, m: sys::cudnnMathType_t) -> bool {
@@ -227,15 +272,6 @@ impl Conv {
         );
         let mut count = 0;
         let mut scratch = 0;
-        let mut keep = |status: sys::cudnnStatus_t, m: sys::cudnnMathType_t, bytes: usize| {
-            let ok = status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                && math_ok(math, m)
-                && bytes <= MAX_SCRATCH;
-            if ok {
-                scratch = scratch.max(bytes);
-            }
-            ok
-        };
         let none =
             |pass: &str| format!("cuDNN offers no {pass} algorithm for {shape} with {math:?} math");
         // SAFETY: handle and descriptors are live; each result array holds 8 entries, as asked.
@@ -252,11 +288,7 @@ impl Conv {
                 fwd.as_mut_ptr(),
             )
             .map_err(dnn_err("forward algorithm"))?;
-            let list: Vec<_> = fwd[..count as usize]
-                .iter()
-                .filter(|p| keep(p.status, p.mathType, p.memory))
-                .map(|p| (p.algo, p.mathType))
-                .collect();
+            let list = usable(&fwd[..count as usize], math, MAX_SCRATCH, &mut scratch);
             if list.is_empty() {
                 return Err(none("forward"));
             }
@@ -274,11 +306,7 @@ impl Conv {
                     bd.as_mut_ptr(),
                 )
                 .map_err(dnn_err("backward data algorithm"))?;
-                let list: Vec<_> = bd[..count as usize]
-                    .iter()
-                    .filter(|p| keep(p.status, p.mathType, p.memory))
-                    .map(|p| (p.algo, p.mathType))
-                    .collect();
+                let list = usable(&bd[..count as usize], math, MAX_SCRATCH, &mut scratch);
                 if list.is_empty() {
                     return Err(none("backward-data"));
                 }
@@ -295,11 +323,7 @@ impl Conv {
                     bf.as_mut_ptr(),
                 )
                 .map_err(dnn_err("backward filter algorithm"))?;
-                let list: Vec<_> = bf[..count as usize]
-                    .iter()
-                    .filter(|p| keep(p.status, p.mathType, p.memory))
-                    .map(|p| (p.algo, p.mathType))
-                    .collect();
+                let list = usable(&bf[..count as usize], math, MAX_SCRATCH, &mut scratch);
                 if list.is_empty() {
                     return Err(none("backward-filter"));
                 }
