@@ -1,11 +1,13 @@
-//! Dense k×k convolution (groups = 1) with TF "SAME" padding, by im2col and a matrix product,
-//! and the 1×1 stride-1 case as a plain matrix product over the NHWC rows.
+//! Dense k×k convolution (groups = 1) with TF "SAME" padding, by im2col and a matrix product
+//! (the forward of 3×3 stride 1 by Winograd's transform instead: `winograd.rs`), and the 1×1
+//! stride-1 case as a plain matrix product over the NHWC rows.
 
 use rayon::prelude::*;
 
 use crate::matmul::{matmul, matmul_then, Layout};
 use crate::shape::{same_padding, Nhwc};
 use crate::simd;
+use crate::winograd;
 
 /// The geometry of one dense convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,12 +52,19 @@ impl ConvGeom {
         self.kernel * self.kernel * self.input.c
     }
 
-    /// Scratch needed for one image's im2col matrix (0 for pointwise convolutions).
+    /// Scratch needed for one image's im2col matrix, or the Winograd-transformed filter of a
+    /// 3×3 stride-1 forward, whichever is larger (0 for pointwise convolutions).
     pub fn col_len(&self) -> usize {
         if self.is_pointwise() {
             0
         } else {
-            self.out_h * self.out_w * self.patch_len()
+            let im2col = self.out_h * self.out_w * self.patch_len();
+            let winograd = if winograd::applies(self) {
+                16 * self.input.c * self.cout
+            } else {
+                0
+            };
+            im2col.max(winograd)
         }
     }
 
@@ -185,6 +194,12 @@ pub fn forward(
     };
     if g.is_pointwise() {
         product(y, g.output().rows(), x);
+        return;
+    }
+    if winograd::applies(g) {
+        let u = &mut col[..16 * g.input.c * g.cout];
+        winograd::transform_filter(g.input.c, g.cout, w, u);
+        winograd::forward(g, x, u, y, epilogue);
         return;
     }
     let in_img = g.input.h * g.input.w * g.input.c;

@@ -18,6 +18,7 @@ pub mod rng;
 pub mod se;
 pub mod shape;
 pub mod simd;
+pub mod winograd;
 
 pub use act::Act;
 

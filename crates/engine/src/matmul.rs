@@ -78,6 +78,31 @@ pub fn matmul(
     );
 }
 
+/// `c[m×n] = a[m×k] · b[k×n]` on the calling thread alone (for callers that already split
+/// their work over the pool).
+pub fn matmul_serial(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    b_layout: Layout,
+) {
+    raw(
+        c,
+        m,
+        n,
+        k,
+        a,
+        Layout::Normal.strides(m, k),
+        b,
+        b_layout.strides(k, n),
+        false,
+        Parallelism::None,
+    );
+}
+
 /// `c = a·b` (`a` row-major) in blocks of rows spread over the thread pool, each block handed
 /// to `epilogue` right after it is computed, while it is still in cache.
 #[allow(clippy::too_many_arguments)]

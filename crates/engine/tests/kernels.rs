@@ -104,6 +104,10 @@ const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (7, 7, 3, 4, 3, 2),
     (8, 6, 3, 5, 3, 2),
     (5, 6, 4, 3, 3, 1),
+    // 3×3 stride 1 runs by Winograd's transform: odd sizes (partial tiles), a 1×1 image.
+    (7, 5, 6, 9, 3, 1),
+    (1, 1, 3, 4, 3, 1),
+    (9, 10, 8, 12, 3, 1),
     (6, 6, 5, 7, 1, 1),
     (9, 8, 2, 3, 5, 2),
     (4, 5, 3, 2, 1, 2),

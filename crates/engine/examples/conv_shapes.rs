@@ -1,0 +1,58 @@
+//! Time per call and GFLOP/s (direct-convolution multiply-adds × 2) of `conv::forward` on the
+//! 3×3 convolutions of EfficientNetV2-S at 224 px:
+//! `cargo run --release -p effnet-engine --example conv_shapes [THREADS] [BATCH]`.
+
+use effnet_engine::conv::{forward, ConvGeom};
+use effnet_engine::Nhwc;
+use std::time::Instant;
+
+fn main() {
+    let arg = |i: usize, default: usize| {
+        std::env::args()
+            .nth(i)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(default)
+    };
+    let (threads, n) = (arg(1, 1), arg(2, 1));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .expect("thread pool");
+    // (size, cin, cout, stride): stem, stage 1, stage 2 (first and later), stage 3 (first, later).
+    let shapes = [
+        (224, 3, 24, 2),
+        (112, 24, 24, 1),
+        (112, 24, 96, 2),
+        (56, 48, 192, 1),
+        (56, 48, 256, 2),
+        (28, 64, 256, 1),
+    ];
+    println!("batch {n}, {threads} threads");
+    println!(
+        "{:>5} {:>5} {:>5} {:>3} {:>9} {:>9}",
+        "size", "cin", "cout", "s", "ms", "GFLOP/s"
+    );
+    for (size, cin, cout, stride) in shapes {
+        let g = ConvGeom::new(Nhwc::new(n, size, size, cin), 3, stride, cout);
+        let x: Vec<f32> = (0..g.input.len()).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..g.weight_len()).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut y = vec![0f32; g.output().len()];
+        let mut col = vec![0f32; g.col_len()];
+        let flops = 2.0 * g.macs() as f64;
+        let reps = ((1e9 / flops) as usize).clamp(3, 500);
+        forward(&g, &x, &w, &mut y, &mut col, None);
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                forward(&g, &x, &w, &mut y, &mut col, None);
+            }
+            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        println!(
+            "{size:>5} {cin:>5} {cout:>5} {stride:>3} {:>9.3} {:>9.1}",
+            best * 1e3,
+            flops / best / 1e9
+        );
+    }
+}
