@@ -28,15 +28,13 @@ pub fn transform_filter(cin: usize, cout: usize, packed: &[f32], u: &mut [f32]) 
     for ci in 0..cin {
         for co in 0..cout {
             let g = |kh: usize, kw: usize| at(kh * 3 + kw, ci)[co];
-            // G·g: 4×3.
-            let mut gg = [[0f32; 3]; 4];
-            for kw in 0..3 {
+            // G·g: 4×3, column by column (kw).
+            let column = |kw: usize| {
                 let (a, b, c) = (g(0, kw), g(1, kw), g(2, kw));
-                gg[0][kw] = a;
-                gg[1][kw] = 0.5 * (a + b + c);
-                gg[2][kw] = 0.5 * (a - b + c);
-                gg[3][kw] = c;
-            }
+                [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
+            };
+            let cols = [column(0), column(1), column(2)];
+            let gg: [[f32; 3]; 4] = std::array::from_fn(|i| [cols[0][i], cols[1][i], cols[2][i]]);
             // (G·g)·Gᵀ: 4×4.
             for (i, row) in gg.iter().enumerate() {
                 let (a, b, c) = (row[0], row[1], row[2]);
