@@ -59,8 +59,10 @@ impl ConvGeom {
             0
         } else {
             let im2col = self.out_h * self.out_w * self.patch_len();
+            // The transformed filter (16·cin·cout), and in the backward pass the flipped
+            // filter it is made from (9·cin·cout).
             let winograd = if winograd::applies(self) {
-                16 * self.input.c * self.cout
+                25 * self.input.c * self.cout
             } else {
                 0
             };
@@ -263,6 +265,23 @@ pub fn backward(
     let out_px = g.out_h * g.out_w;
     let patch = g.patch_len();
     let mut dx = dx;
+    if winograd::applies(g) {
+        if let Some(dx) = dx.take() {
+            // The input gradient of a 3×3 stride-1 SAME convolution is itself one: dy convolved
+            // with the filter turned 180° and its channels swapped, [3·3·cout, cin].
+            let (flipped, u) = dcol[..25 * cin * cout].split_at_mut(9 * cin * cout);
+            for t in 0..9 {
+                for co in 0..cout {
+                    for ci in 0..cin {
+                        flipped[(t * cout + co) * cin + ci] = w[((8 - t) * cin + ci) * cout + co];
+                    }
+                }
+            }
+            winograd::transform_filter(cout, cin, flipped, u);
+            let g_t = ConvGeom::new(Nhwc::new(g.input.n, g.out_h, g.out_w, cout), 3, 1, cin);
+            winograd::forward(&g_t, dy, u, dx, None);
+        }
+    }
     for b in 0..g.input.n {
         let dy_img = &dy[b * out_px * cout..][..out_px * cout];
         im2col(g, &x[b * in_img..][..in_img], col);
