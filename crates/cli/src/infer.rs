@@ -4,13 +4,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use effnet_data::{files, labels, load_rgb, npy, Crop, Interpolation, Normalize, Transform};
+use effnet_data::{files, labels, npy, Crop, Image, Interpolation, Normalize, Transform};
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
 use effnet_model::{weights, Mode, Network, Weights, Workspace};
 
 use crate::bench::percentile;
 use crate::dllogger;
+
+/// An image file's bytes for the eval transform, which decodes only what its crop reads.
+fn read_image(path: &Path) -> Result<Image, String> {
+    std::fs::read(path)
+        .map(Image::Encoded)
+        .map_err(|e| format!("cannot read: {e}"))
+}
 
 /// Preprocessing overrides; unset ones come from the weights' metadata, else the architecture's
 /// timm defaults.
@@ -260,7 +267,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
         let mut failed = 0;
         let mut batch = Vec::new();
         for chunk in paths.chunks(batch_size) {
-            let rows = t.batch(chunk, |p| load_rgb(p), &mut batch);
+            let rows = t.batch(chunk, |p| read_image(p), &mut batch);
             let n = rows.iter().filter(|r| r.is_ok()).count();
             let logits = if n > 0 {
                 runner.logits(&batch, n, t.size)
@@ -351,7 +358,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     for chunk in folder.samples.chunks(args.batch_size.max(1)) {
         let t0 = Instant::now();
         let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
-        let rows = t.batch(&paths, |p| load_rgb(p), &mut batch);
+        let rows = t.batch(&paths, |p| read_image(p), &mut batch);
         let labels: Vec<usize> = chunk
             .iter()
             .zip(&rows)

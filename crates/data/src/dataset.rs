@@ -253,6 +253,12 @@ impl ImageDataset {
         self.decode_with(index, |bytes| geometry.apply_encoded(bytes, rng))
     }
 
+    /// Sample `index`'s encoded bytes (the file, or the record's image), for a transform that
+    /// decodes only what it needs.
+    pub fn encoded(&self, index: usize) -> Result<Vec<u8>, String> {
+        self.decode_with(index, Ok)
+    }
+
     /// `decode` of sample `index`'s encoded bytes, its error prefixed with where they are.
     fn decode_with<T>(
         &self,

@@ -20,4 +20,4 @@ pub mod transform;
 
 pub use decode::{decode_rgb, decode_rgb_window, load_rgb, RgbImage, Window};
 pub use resize::Interpolation;
-pub use transform::{Crop, Normalize, Transform};
+pub use transform::{Crop, Image, Normalize, Transform};

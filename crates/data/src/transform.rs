@@ -2,8 +2,16 @@
 
 use effnet_engine::simd;
 
-use crate::decode::RgbImage;
-use crate::resize::{resize_box, Interpolation};
+use crate::decode::{decode_rgb, decode_rgb_window, RgbImage};
+use crate::resize::{footprint, resize_box, resize_window, Interpolation};
+
+/// An image for the eval transform: decoded pixels, or a file's encoded bytes, which are decoded
+/// here — only the part the crop reads, when the crop is known from the size alone (the
+/// reference's center crop) and the file is a baseline JPEG.
+pub enum Image {
+    Pixels(RgbImage),
+    Encoded(Vec<u8>),
+}
 
 /// How the square input is cut from an image.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,7 +150,7 @@ impl Transform {
     pub fn batch<T: Sync>(
         &self,
         items: &[T],
-        load: impl Fn(&T) -> Result<RgbImage, String> + Sync,
+        load: impl Fn(&T) -> Result<Image, String> + Sync,
         batch: &mut Vec<f32>,
     ) -> Vec<Result<usize, String>> {
         use rayon::prelude::*;
@@ -150,9 +158,8 @@ impl Transform {
         let images: Vec<Result<Vec<f32>, String>> = items
             .par_iter()
             .map(|item| {
-                let img = load(item)?;
                 let mut out = vec![0f32; per];
-                self.apply(&img, &mut out);
+                self.apply_image(load(item)?, &mut out)?;
                 Ok(out)
             })
             .collect();
@@ -170,6 +177,40 @@ impl Transform {
             .collect()
     }
 
+    /// [`Transform::apply`] to decoded pixels or encoded bytes. With the reference's crop, a
+    /// baseline JPEG is decoded only over the resize's footprint in the crop (bit-identical to
+    /// decoding it whole); other crops need the whole image anyway.
+    pub fn apply_image(&self, img: Image, out: &mut [f32]) -> Result<(), String> {
+        let bytes = match img {
+            Image::Pixels(p) => {
+                self.apply(&p, out);
+                return Ok(());
+            }
+            Image::Encoded(bytes) => bytes,
+        };
+        if self.crop != Crop::Reference {
+            self.apply(&decode_rgb(bytes)?, out);
+            return Ok(());
+        }
+        let (s, interp) = (self.size, self.interpolation);
+        let (area, window) = decode_rgb_window(bytes, |w, h| {
+            let area = reference_crop(s, w, h);
+            (area, footprint((w, h), area, (s, s), interp))
+        })?;
+        let img = &window.image;
+        let pixels = resize_window(
+            &img.pixels,
+            (img.width, img.height, 3),
+            (window.x, window.y),
+            (window.full_width, window.full_height),
+            area,
+            (s, s),
+            interp,
+        );
+        self.normalize.apply(&pixels, out);
+        Ok(())
+    }
+
     /// Writes the image as a normalized `[size, size, 3]` tensor into `out`.
     pub fn apply(&self, img: &RgbImage, out: &mut [f32]) {
         let s = self.size;
@@ -183,19 +224,13 @@ impl Transform {
                 (s, s),
                 self.interpolation,
             ),
-            Crop::Reference => {
-                // TF: crop = int(size/(size+32) · short side), offset ((dim − crop) + 1) // 2.
-                let crop = ((s as f64 / (s as f64 + 32.0)) * w.min(h) as f64) as usize;
-                let crop = crop.max(1);
-                let (top, left) = ((h - crop).div_ceil(2), (w - crop).div_ceil(2));
-                resize_box(
-                    src,
-                    (w, h, 3),
-                    (left as f64, top as f64, crop as f64, crop as f64),
-                    (s, s),
-                    self.interpolation,
-                )
-            }
+            Crop::Reference => resize_box(
+                src,
+                (w, h, 3),
+                reference_crop(s, w, h),
+                (s, s),
+                self.interpolation,
+            ),
             Crop::Fraction(pct) => {
                 // torchvision: Resize(int(size / crop_pct)) on the short side, then CenterCrop(size).
                 let scale_size = (s as f64 / pct as f64).floor() as usize;
@@ -232,6 +267,15 @@ impl Transform {
         };
         self.normalize.apply(&pixels, out);
     }
+}
+
+/// The reference's eval crop of a `w × h` image for `size`: the center square of side
+/// int(size/(size+32) · short side), offset ((dim − crop) + 1) // 2, as (x, y, width, height).
+fn reference_crop(size: usize, w: usize, h: usize) -> (f64, f64, f64, f64) {
+    let crop = ((size as f64 / (size as f64 + 32.0)) * w.min(h) as f64) as usize;
+    let crop = crop.max(1);
+    let (top, left) = ((h - crop).div_ceil(2), (w - crop).div_ceil(2));
+    (left as f64, top as f64, crop as f64, crop as f64)
 }
 
 #[cfg(test)]

@@ -247,3 +247,55 @@ fn restart_intervals_outside_the_crop_are_not_read() {
     let e = decode_crop(&damaged, &header, (0, 0, 4, 4)).unwrap_err();
     assert!(e.contains("Huffman"), "{e}");
 }
+
+/// The eval transform from the encoded file (the reference's center crop: only its footprint
+/// is decoded) equals the transform of the whole decoded image, bit for bit; other crops and
+/// fallback files take the whole image.
+#[test]
+fn eval_transform_from_the_encoded_file_equals_decoding_it_whole() {
+    use effnet_data::{Crop, Image, Interpolation, Normalize, Transform};
+    let mut files = baseline_files();
+    files.push(fixtures().join("cat_420_progressive.jpg"));
+    for path in files {
+        let bytes = read(&path);
+        let whole = decode_rgb(bytes.clone()).unwrap();
+        for (size, interpolation, crop) in [
+            (224, Interpolation::Bicubic, Crop::Reference),
+            (33, Interpolation::Bilinear, Crop::Reference),
+            (17, Interpolation::Nearest, Crop::Reference),
+            (40, Interpolation::Bicubic, Crop::Fraction(0.875)),
+        ] {
+            let t = Transform {
+                size,
+                interpolation,
+                crop,
+                normalize: Normalize::parse("imagenet").unwrap(),
+            };
+            let mut want = vec![0f32; size * size * 3];
+            t.apply(&whole, &mut want);
+            let mut got = vec![0f32; size * size * 3];
+            t.apply_image(Image::Encoded(bytes.clone()), &mut got)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                got == want,
+                "{} at {size} ({crop:?}): the encoded path differs",
+                path.display()
+            );
+        }
+    }
+    // A damaged file is an error, as decoding it whole would be.
+    let t = Transform {
+        size: 32,
+        interpolation: Interpolation::Bilinear,
+        crop: Crop::Reference,
+        normalize: Normalize::parse("imagenet").unwrap(),
+    };
+    let mut out = vec![0f32; 32 * 32 * 3];
+    let err = t
+        .apply_image(
+            Image::Encoded(b"\xff\xd8\xff\xe0 not a jpeg".to_vec()),
+            &mut out,
+        )
+        .expect_err("garbage must not transform");
+    assert!(!err.is_empty());
+}

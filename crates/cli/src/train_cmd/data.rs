@@ -10,7 +10,7 @@ use effnet_data::idx;
 use effnet_data::loader::{Source, Stage};
 use effnet_data::sampler::TrainGeometry;
 use effnet_data::tfrecord;
-use effnet_data::{Normalize, RgbImage, Transform};
+use effnet_data::{Image, Normalize, RgbImage, Transform};
 use effnet_engine::rng::Rng;
 
 /// Fashion-MNIST images as 8-bit gray, with labels.
@@ -55,6 +55,10 @@ pub trait Samples: Send + Sync {
     fn label(&self, index: usize) -> usize;
     /// Sample `index` as 8-bit RGB; the error names the file and what is wrong.
     fn rgb(&self, index: usize) -> Result<RgbImage, String>;
+    /// Sample `index` for the eval transform: pixels, or encoded bytes it decodes in part.
+    fn eval_image(&self, index: usize) -> Result<Image, String> {
+        self.rgb(index).map(Image::Pixels)
+    }
     /// Sample `index` through the train geometry (crop, flip, resize).
     fn train_image(
         &self,
@@ -97,6 +101,10 @@ impl Samples for ImageDataset {
 
     fn rgb(&self, index: usize) -> Result<RgbImage, String> {
         self.image(index)
+    }
+
+    fn eval_image(&self, index: usize) -> Result<Image, String> {
+        self.encoded(index).map(Image::Encoded)
     }
 
     /// Decodes only the part the crop reads (decode-and-crop for baseline JPEGs).
@@ -269,7 +277,7 @@ pub fn eval_batch(
     transform: &Transform,
 ) -> (Vec<f32>, Vec<usize>) {
     let mut x = Vec::new();
-    let rows = transform.batch(indices, |&i| data.rgb(i), &mut x);
+    let rows = transform.batch(indices, |&i| data.eval_image(i), &mut x);
     let mut labels = Vec::new();
     for (r, &i) in rows.into_iter().zip(indices) {
         match r {
