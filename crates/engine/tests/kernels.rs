@@ -170,6 +170,9 @@ fn depthwise_conv_forward_and_backward() {
         (6, 5, 3, 5, 1),
         (9, 10, 6, 5, 2),
         (5, 5, 17, 3, 1),
+        // Whole 32-channel register blocks, and one with a tail.
+        (4, 5, 64, 3, 1),
+        (5, 4, 40, 5, 2),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
