@@ -102,12 +102,7 @@ fn split_columns(
     threads: usize,
 ) {
     use rayon::prelude::*;
-    // Every element addressed must lie inside the slices (strides are non-negative here).
-    let last = |rows: usize, cols: usize, rs: isize, cs: isize| {
-        (rows - 1) as isize * rs + (cols - 1) as isize * cs
-    };
-    assert!(last(m, k, a_rs, a_cs) < a.len() as isize && last(k, n, b_rs, b_cs) < b.len() as isize);
-    assert!(c.len() >= m * n);
+    assert_in_bounds(c, m, n, k, a, (a_rs, a_cs), b, (b_rs, b_cs));
     // Blocks of a multiple of 16 columns (the kernels' width), one per thread.
     let per = n.div_ceil(threads).div_ceil(16) * 16;
     let c_addr = c.as_mut_ptr() as usize;
@@ -118,27 +113,17 @@ fn split_columns(
         // columns, so no two threads write the same element; `c` is borrowed mutably for the
         // whole call, so nothing else reads or writes it meanwhile, and it aliases no input.
         unsafe {
-            gemm::gemm(
-                m,
-                j1 - j0,
-                k,
+            gemm_at(
                 (c_addr as *mut f32).add(j0),
-                1,
-                n as isize,
-                accumulate,
+                n,
+                (m, j1 - j0, k),
                 a.as_ptr(),
-                a_cs,
-                a_rs,
+                (a_rs, a_cs),
                 b.as_ptr().offset(j0 as isize * b_cs),
-                b_cs,
-                b_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                (b_rs, b_cs),
+                accumulate,
                 Parallelism::None,
-            );
+            )
         }
     });
 }
@@ -310,37 +295,82 @@ fn raw(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    // Every element addressed must lie inside the slices (strides are non-negative here).
+    assert_in_bounds(c, m, n, k, a, (a_rs, a_cs), b, (b_rs, b_cs));
+    // SAFETY: the asserts above guarantee that every element addressed by (m, n, k) and the
+    // strides lies inside the three slices; `c` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm_at(
+            c.as_mut_ptr(),
+            n,
+            (m, n, k),
+            a.as_ptr(),
+            (a_rs, a_cs),
+            b.as_ptr(),
+            (b_rs, b_cs),
+            accumulate,
+            parallelism,
+        )
+    }
+}
+
+/// Panics unless every element that `m × n × k` and the strides address lies inside the
+/// three slices (strides are non-negative here).
+#[allow(clippy::too_many_arguments)]
+fn assert_in_bounds(
+    c: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (isize, isize),
+    b: &[f32],
+    (b_rs, b_cs): (isize, isize),
+) {
     let last = |rows: usize, cols: usize, rs: isize, cs: isize| {
         (rows - 1) as isize * rs + (cols - 1) as isize * cs
     };
     assert!(last(m, k, a_rs, a_cs) < a.len() as isize && last(k, n, b_rs, b_cs) < b.len() as isize);
     assert!(c.len() >= m * n);
-    // SAFETY: the asserts above guarantee that every element addressed by (m, n, k) and the
-    // strides lies inside the three slices; `c` is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+}
+
+/// `gemm`'s call for a row-major output at `c` with row stride `c_rs`: c = a·b (+ c).
+///
+/// # Safety
+/// Every element addressed by (m, n, k) and the strides must be valid: `c`'s for writes that no
+/// other thread makes, `a`'s and `b`'s for reads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_at(
+    c: *mut f32,
+    c_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    (a_rs, a_cs): (isize, isize),
+    b: *const f32,
+    (b_rs, b_cs): (isize, isize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs as isize,
+        accumulate,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 #[cfg(test)]
