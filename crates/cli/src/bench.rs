@@ -59,17 +59,10 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
-    match args.device.as_str() {
-        "cpu" => {}
+    match crate::Device::parse(&args.device)? {
+        crate::Device::Cpu => {}
         #[cfg(feature = "cuda")]
-        "cuda" => return crate::cuda_cmd::bench(args, kind == Kind::Training),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => {
-            return Err(
-                "this effnet was built without CUDA: cargo build --release --features cuda".into(),
-            )
-        }
-        d => return Err(format!("unknown --device {d:?}: expected cpu or cuda")),
+        crate::Device::Cuda => return crate::cuda_cmd::bench(args, kind == Kind::Training),
     }
     let config = arch(&args.arch)?;
     if args.steps == 0 || args.img_size < 8 || args.batch_sizes.contains(&0) {

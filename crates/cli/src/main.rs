@@ -66,6 +66,29 @@ enum Command {
     Selftest(cuda_cmd::SelftestArgs),
 }
 
+/// Where the passes run (`--device`): the CPU engine, or a GPU in a build with `--features cuda`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            "cuda" => Ok(Device::Cuda),
+            #[cfg(not(feature = "cuda"))]
+            "cuda" => Err(
+                "this effnet was built without CUDA: cargo build --release --features cuda".into(),
+            ),
+            d => Err(format!("unknown --device {d:?}: expected cpu or cuda")),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let argv = match train_cmd::with_config_file(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,

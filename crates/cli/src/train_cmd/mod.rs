@@ -306,21 +306,14 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         sync_bn: args.sync_bn,
         fp16_gradients: args.hvd_fp16_compression,
     });
-    match args.device.as_str() {
-        "cpu" => {}
+    match crate::Device::parse(&args.device)? {
+        crate::Device::Cpu => {}
         #[cfg(feature = "cuda")]
-        "cuda" => {
+        crate::Device::Cuda => {
             let math = crate::cuda_cmd::parse_math(&args.math)?;
             let passes = crate::cuda_cmd::GpuPasses::new(&t.net, &t.weights, math)?;
             t.set_passes(Box::new(passes));
         }
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => {
-            return Err(
-                "this effnet was built without CUDA: cargo build --release --features cuda".into(),
-            )
-        }
-        d => return Err(format!("unknown --device {d:?}: expected cpu or cuda")),
     }
     let files = RunFiles::new(args, root)?;
     files.log(start, "PARAMETER".into(), args.to_json())?;
