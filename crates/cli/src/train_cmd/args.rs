@@ -241,6 +241,22 @@ pub struct TrainArgs {
         help_heading = "Augmentation"
     )]
     pub raug_magnitude: f32,
+    /// Translate's shift at magnitude 10, in pixels (default: RandAugment 100, AutoAugment 250;
+    /// sized for ImageNet, so set it for small images).
+    #[arg(
+        long = "translate-const",
+        alias = "translate_const",
+        help_heading = "Augmentation"
+    )]
+    pub translate_const: Option<f32>,
+    /// Half the side of cutout's square at magnitude 10, in pixels (default: RandAugment 40,
+    /// AutoAugment 100).
+    #[arg(
+        long = "cutout-const",
+        alias = "cutout_const",
+        help_heading = "Augmentation"
+    )]
+    pub cutout_const: Option<f32>,
     /// The reference's random-resized crop (area 0.05–1, aspect 3/4–4/3, 100 attempts) before
     /// the resize; without it the whole image is resized. Flips are always on.
     #[arg(long = "random-crop", help_heading = "Augmentation")]

@@ -222,9 +222,20 @@ pub enum Augment {
     /// RandAugment with this many layers, at the stage's magnitude.
     Rand {
         layers: usize,
+        geometry: OpPixels,
     },
     /// AutoAugment policy v0.
-    Auto,
+    Auto {
+        geometry: OpPixels,
+    },
+}
+
+/// Translate's and cutout's full-magnitude sizes in pixels (`None`: the augmenter's default,
+/// sized for ImageNet resolutions).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct OpPixels {
+    pub translate_const: Option<f32>,
+    pub cutout_const: Option<f32>,
 }
 
 /// The reference's train transform: the random-resized crop (with `--random-crop`) or the
@@ -256,13 +267,24 @@ impl Source for TrainSource {
         }
         let mut out = self.data.train_image(index, &geometry, rng)?;
         match self.augment {
-            Augment::Rand { layers } if stage.magnitude > 0.0 && layers > 0 => RandAugment {
-                num_layers: layers,
-                magnitude: stage.magnitude,
-                ..RandAugment::default()
+            Augment::Rand { layers, geometry } if stage.magnitude > 0.0 && layers > 0 => {
+                let default = RandAugment::default();
+                RandAugment {
+                    num_layers: layers,
+                    magnitude: stage.magnitude,
+                    translate_const: geometry.translate_const.unwrap_or(default.translate_const),
+                    cutout_const: geometry.cutout_const.unwrap_or(default.cutout_const),
+                }
+                .apply(&mut out, rng)
             }
-            .apply(&mut out, rng),
-            Augment::Auto => AutoAugment::default().apply(&mut out, rng),
+            Augment::Auto { geometry } => {
+                let default = AutoAugment::default();
+                AutoAugment {
+                    translate_const: geometry.translate_const.unwrap_or(default.translate_const),
+                    cutout_const: geometry.cutout_const.unwrap_or(default.cutout_const),
+                }
+                .apply(&mut out, rng)
+            }
             _ => {}
         }
         Ok((self.normalize.to_vec(&out.pixels), self.data.label(index)))
@@ -286,4 +308,68 @@ pub fn eval_batch(
         }
     }
     (x, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 28×28 picture with detail everywhere, so every geometric op changes it.
+    struct Gradient;
+
+    impl Samples for Gradient {
+        fn len(&self) -> usize {
+            1
+        }
+        fn label(&self, _: usize) -> usize {
+            0
+        }
+        fn rgb(&self, _: usize) -> Result<RgbImage, String> {
+            let pixels = (0..28 * 28 * 3).map(|i| (i * 37 % 251) as u8).collect();
+            Ok(RgbImage {
+                width: 28,
+                height: 28,
+                pixels,
+            })
+        }
+    }
+
+    /// Twenty RandAugment draws at magnitude 10 from the same seed.
+    fn draws(geometry: OpPixels) -> Vec<Vec<f32>> {
+        let source = TrainSource {
+            data: Arc::new(Gradient),
+            random_crop: false,
+            augment: Augment::Rand {
+                layers: 2,
+                geometry,
+            },
+            normalize: Normalize::parse("inception").unwrap(),
+        };
+        let stage = Stage {
+            size: 28,
+            magnitude: 10.0,
+        };
+        let mut rng = Rng::new(3);
+        (0..20)
+            .map(|_| source.load(0, &stage, &mut rng).unwrap().0)
+            .collect()
+    }
+
+    #[test]
+    fn translate_and_cutout_sizes_reach_randaugment() {
+        let defaults = draws(OpPixels::default());
+        let explicit = draws(OpPixels {
+            translate_const: Some(100.0),
+            cutout_const: Some(40.0),
+        });
+        assert_eq!(defaults, explicit, "unset means augment.py's 100 and 40 px");
+        let small = draws(OpPixels {
+            translate_const: Some(3.0),
+            cutout_const: Some(4.0),
+        });
+        assert_ne!(
+            defaults, small,
+            "the sizes change what translate and cutout do"
+        );
+    }
 }

@@ -24,7 +24,7 @@ use effnet_train::trainer::{argmax, smoothed, Replicas, TrainConfig, Trainer};
 
 pub use args::{with_config_file, TrainArgs};
 use args::{Augmenter, LrDecay, OptimizerName};
-use data::{eval_batch, Augment, Data, Samples, TrainSource};
+use data::{eval_batch, Augment, Data, OpPixels, Samples, TrainSource};
 use run_files::{Curves, RunFiles};
 
 use crate::progress::Progress;
@@ -365,11 +365,16 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
 
     let classes = t.net.classes;
     let micro_per_epoch = steps_per_epoch as usize * accum;
+    let geometry = OpPixels {
+        translate_const: args.translate_const,
+        cutout_const: args.cutout_const,
+    };
     let augment = match args.augmenter_name {
         Augmenter::Randaugment => Augment::Rand {
             layers: args.raug_num_layers,
+            geometry,
         },
-        Augmenter::Autoaugment => Augment::Auto,
+        Augmenter::Autoaugment => Augment::Auto { geometry },
         Augmenter::None => Augment::None,
     };
     let source = TrainSource {
@@ -425,15 +430,19 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     for epoch in position.epoch..args.epochs {
         let st = stage_of(epoch);
         if root && st.first_epoch == epoch && args.n_stages > 1 {
+            // The magnitude only where RandAugment runs (AutoAugment and none have none).
+            let magnitude = match augment {
+                Augment::Rand { .. } => format!(", RandAugment magnitude {:.2}", st.magnitude),
+                Augment::Auto { .. } | Augment::None => String::new(),
+            };
             println!(
-                "stage {}/{}: epochs {}–{}, image {}×{}, RandAugment magnitude {:.2}, mixup {:.2}, cutmix {:.2}",
+                "stage {}/{}: epochs {}–{}, image {}×{}{magnitude}, mixup {:.2}, cutmix {:.2}",
                 stages.iter().position(|s| *s == st).unwrap_or(0) + 1,
                 stages.len(),
                 st.first_epoch + 1,
                 st.end_epoch,
                 st.img_size,
                 st.img_size,
-                st.magnitude,
                 st.mixup,
                 st.cutmix
             );
