@@ -97,7 +97,12 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     for &n in &args.batch_sizes {
         let s = args.img_size;
         let mut ws = match kind {
-            Kind::Inference => net.inference_workspace(n, s, s),
+            Kind::Inference => {
+                // As a deployment runs: weights fixed and prepared once (`predict` does this).
+                let mut ws = net.inference_workspace(n, s, s);
+                net.freeze(&weights, &mut ws);
+                ws
+            }
             Kind::Training => net.workspace(n, s, s),
         };
         let input: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();

@@ -79,8 +79,10 @@ impl Runner {
         let i = match self.workspaces.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
-                self.workspaces
-                    .push((key, self.net.inference_workspace(n, size, size)));
+                // The weights never change here: prepare them once per workspace.
+                let mut ws = self.net.inference_workspace(n, size, size);
+                self.net.freeze(&self.weights, &mut ws);
+                self.workspaces.push((key, ws));
                 self.workspaces.len() - 1
             }
         };

@@ -2,7 +2,7 @@
 //! 3×3 convolutions of EfficientNetV2-S at 224 px:
 //! `cargo run --release -p effnet-engine --example conv_shapes [THREADS] [BATCH]`.
 
-use effnet_engine::conv::{forward, ConvGeom};
+use effnet_engine::conv::{forward, ConvGeom, Weight};
 use effnet_engine::Nhwc;
 use std::time::Instant;
 
@@ -40,12 +40,12 @@ fn main() {
         let mut col = vec![0f32; g.col_len()];
         let flops = 2.0 * g.macs() as f64;
         let reps = ((1e9 / flops) as usize).clamp(3, 500);
-        forward(&g, &x, &w, &mut y, &mut col, None);
+        forward(&g, &x, Weight::Plain(&w), &mut y, &mut col, None);
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
             for _ in 0..reps {
-                forward(&g, &x, &w, &mut y, &mut col, None);
+                forward(&g, &x, Weight::Plain(&w), &mut y, &mut col, None);
             }
             best = best.min(t.elapsed().as_secs_f64() / reps as f64);
         }

@@ -91,6 +91,41 @@ pub fn pack_weight(g: &ConvGeom, torch: &[f32], packed: &mut [f32]) {
     }
 }
 
+/// A dense convolution's weight as [`forward`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// PyTorch's layout `[cout, cin]` for a pointwise convolution, [`pack_weight`]'s otherwise:
+    /// what a training step has (its weights change every step).
+    Plain(&'a [f32]),
+    /// [`prepare`]'s layout, made once for weights that stay fixed (inference).
+    Prepared(&'a [f32]),
+}
+
+/// The weight (PyTorch's layout) in the layout [`forward`] reads fastest, for many passes with
+/// fixed weights: `[cin, cout]` for a pointwise convolution (its product streams rows of the
+/// weight instead of gathering columns), Winograd's transformed filter where that applies,
+/// [`pack_weight`]'s layout otherwise.
+pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
+    let (cin, cout) = (g.input.c, g.cout);
+    if g.is_pointwise() {
+        let mut out = vec![0f32; cin * cout];
+        for (o, row) in torch[..cout * cin].chunks_exact(cin).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                out[i * cout + o] = v;
+            }
+        }
+        return out;
+    }
+    let mut packed = vec![0f32; g.weight_len()];
+    pack_weight(g, torch, &mut packed);
+    if winograd::applies(g) {
+        let mut u = vec![0f32; 16 * cin * cout];
+        winograd::transform_filter(cin, cout, &packed, &mut u);
+        return u;
+    }
+    packed
+}
+
 /// Adds a gradient in the packed layout to one in PyTorch's layout (the inverse of [`pack_weight`]).
 pub fn unpack_weight_add(g: &ConvGeom, packed: &[f32], torch: &mut [f32]) {
     let (k, cin, cout) = (g.kernel, g.input.c, g.cout);
@@ -172,23 +207,22 @@ fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
 /// (eval-mode batch norm and activation).
 pub type Epilogue<'a> = Option<&'a (dyn Fn(&mut [f32]) + Sync)>;
 
-/// `y = conv(x, w)`, then `epilogue` over blocks of output rows. `w` is PyTorch's layout for
-/// pointwise convolutions and the packed layout ([`pack_weight`]) otherwise; `col` is scratch of
+/// `y = conv(x, w)`, then `epilogue` over blocks of output rows; `col` is scratch of
 /// [`ConvGeom::col_len`].
 pub fn forward(
     g: &ConvGeom,
     x: &[f32],
-    w: &[f32],
+    weight: Weight,
     y: &mut [f32],
     col: &mut [f32],
     epilogue: Epilogue,
 ) {
-    // Pointwise: [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed.
-    // Otherwise, per image: im2col [pixels, k·k·cin] · packed [k·k·cin, cout].
-    let (k, w_layout) = if g.is_pointwise() {
-        (g.input.c, Layout::Transposed)
-    } else {
-        (g.patch_len(), Layout::Normal)
+    // Pointwise: [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed unless
+    // prepared. Otherwise, per image: im2col [pixels, k·k·cin] · packed [k·k·cin, cout].
+    let (w, k, w_layout) = match (g.is_pointwise(), weight) {
+        (true, Weight::Plain(w)) => (w, g.input.c, Layout::Transposed),
+        (true, Weight::Prepared(w)) => (w, g.input.c, Layout::Normal),
+        (false, Weight::Plain(w) | Weight::Prepared(w)) => (w, g.patch_len(), Layout::Normal),
     };
     let product = |y: &mut [f32], rows: usize, a: &[f32]| match epilogue {
         Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, e),
@@ -199,8 +233,14 @@ pub fn forward(
         return;
     }
     if winograd::applies(g) {
-        let u = &mut col[..16 * g.input.c * g.cout];
-        winograd::transform_filter(g.input.c, g.cout, w, u);
+        let u = match weight {
+            Weight::Prepared(u) => u,
+            Weight::Plain(w) => {
+                let u = &mut col[..16 * g.input.c * g.cout];
+                winograd::transform_filter(g.input.c, g.cout, w, u);
+                u
+            }
+        };
         winograd::forward(g, x, u, y, epilogue);
         return;
     }

@@ -124,12 +124,22 @@ fn dense_conv_forward_and_backward() {
         let wk = &forward_weight(&g, &wt);
         let mut col = vec![0f32; g.col_len()];
         let mut y = vec![0f32; g.output().len()];
-        conv::forward(&g, &x, wk, &mut y, &mut col, None);
+        conv::forward(&g, &x, conv::Weight::Plain(wk), &mut y, &mut col, None);
         let (xd, wd) = (f64s(&x), f64s(&wt));
         let y_ref = conv_ref(&xd, s, &wd, cout, k, stride, false);
         assert!(
             max_rel(&y, &y_ref) < 1e-5,
             "forward {:?}",
+            (h, w, cin, cout, k, stride)
+        );
+        // Weights prepared once for inference: the same products, other layouts.
+        let prepared = conv::prepare(&g, &wt);
+        let mut y_prepared = vec![f32::NAN; y.len()];
+        let weight = conv::Weight::Prepared(&prepared);
+        conv::forward(&g, &x, weight, &mut y_prepared, &mut col, None);
+        assert!(
+            max_rel(&y_prepared, &y_ref) < 1e-5,
+            "forward with prepared weights {:?}",
             (h, w, cin, cout, k, stride)
         );
 
@@ -605,6 +615,7 @@ fn fused_epilogue_equals_a_separate_pass() {
         let wk = &forward_weight(&g, &wt);
         let mut col = vec![0f32; g.col_len()];
         let (mut plain, mut fused) = (vec![0f32; g.output().len()], vec![0f32; g.output().len()]);
+        let wk = conv::Weight::Plain(wk);
         conv::forward(&g, &x, wk, &mut plain, &mut col, None);
         folded.apply(&mut plain);
         conv::forward(&g, &x, wk, &mut fused, &mut col, Some(&epilogue));

@@ -286,6 +286,52 @@ impl Network {
         Workspace::new(self, n, h, w, false)
     }
 
+    /// Prepares `weights` for eval-mode passes on `ws`: every convolution's weight in the layout
+    /// its kernel reads fastest and every batch norm folded, once instead of in each pass.
+    /// Later eval-mode passes on `ws` use them, so call it again after the weights change (a
+    /// training-mode pass on `ws` drops them); passes with other weights are refused.
+    pub fn freeze(&self, weights: &Weights, ws: &mut Workspace) {
+        let p = &weights.params;
+        let convs = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| {
+                let Layer::Conv(u) = layer else {
+                    return FrozenConv::default();
+                };
+                let x_shape = ws.shapes[i];
+                let torch = &p[u.weight.clone()];
+                let weight = match u.conv {
+                    ConvKind::Dense => conv::prepare(
+                        &conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout),
+                        torch,
+                    ),
+                    ConvKind::Depthwise => {
+                        let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
+                        let mut packed = vec![0f32; g.weight_len()];
+                        depthwise::pack_weight(&g, torch, &mut packed);
+                        packed
+                    }
+                };
+                let b = &weights.buffers;
+                let folded = norm::Folded::from_running(
+                    &p[u.bn.gamma.clone()],
+                    &p[u.bn.beta.clone()],
+                    &b[u.bn.mean.clone()],
+                    &b[u.bn.var.clone()],
+                    self.config.bn_eps,
+                    u.act,
+                );
+                FrozenConv { weight, folded }
+            })
+            .collect();
+        ws.frozen = Some(Frozen {
+            params: p.as_ptr() as usize,
+            convs,
+        });
+    }
+
     /// The forward pass over NHWC input `[n, h, w, 3]` (the workspace's size); returns logits.
     /// In training mode, running statistics in `weights` are updated.
     pub fn forward<'w>(
@@ -316,6 +362,15 @@ impl Network {
             ws.training || mode == Mode::Eval,
             "a training-mode pass needs a workspace from Network::workspace, not inference_workspace"
         );
+        match (mode, &ws.frozen) {
+            (Mode::Train { .. }, Some(_)) => ws.frozen = None,
+            (Mode::Eval, Some(f)) => assert_eq!(
+                f.params,
+                weights.params.as_ptr() as usize,
+                "the workspace was frozen with other weights (Network::freeze)"
+            ),
+            _ => {}
+        }
         ws.acts[0].copy_from_slice(input);
         let stochastic = matches!(
             mode,
@@ -379,12 +434,23 @@ impl Network {
                 // Eval mode folds batch norm and activation into the convolution's output
                 // (written straight to the layer output); training keeps the raw convolution
                 // output for the backward pass and normalizes with batch statistics after.
-                let folded = (mode == Mode::Eval).then(|| {
-                    let b = &weights.buffers;
-                    let (mean, var) = (&b[u.bn.mean.clone()], &b[u.bn.var.clone()]);
-                    norm::Folded::from_running(gamma, beta, mean, var, eps, u.act)
-                });
-                let epilogue = |rows: &mut [f32]| folded.as_ref().expect("eval mode").apply(rows);
+                // Weights prepared once by `Network::freeze` (eval mode only).
+                let frozen = match mode {
+                    Mode::Eval => ws.frozen.as_ref().map(|f| &f.convs[i]),
+                    Mode::Train { .. } => None,
+                };
+                let folded_now;
+                let folded = match (mode, frozen) {
+                    (Mode::Train { .. }, _) => None,
+                    (Mode::Eval, Some(f)) => Some(&f.folded),
+                    (Mode::Eval, None) => {
+                        let b = &weights.buffers;
+                        let (mean, var) = (&b[u.bn.mean.clone()], &b[u.bn.var.clone()]);
+                        folded_now = norm::Folded::from_running(gamma, beta, mean, var, eps, u.act);
+                        Some(&folded_now)
+                    }
+                };
+                let epilogue = |rows: &mut [f32]| folded.expect("eval mode").apply(rows);
                 let (target, epilogue): (&mut Vec<f32>, conv::Epilogue) = match folded {
                     Some(_) => (y, Some(&epilogue)),
                     None => (conv_out, None),
@@ -393,11 +459,13 @@ impl Network {
                 match u.conv {
                     ConvKind::Dense => {
                         let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
-                        let w = if g.is_pointwise() {
-                            &p[u.weight.clone()]
-                        } else {
-                            conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
-                            &ws.packed[..g.weight_len()]
+                        let w = match frozen {
+                            Some(f) => conv::Weight::Prepared(&f.weight),
+                            None if g.is_pointwise() => conv::Weight::Plain(&p[u.weight.clone()]),
+                            None => {
+                                conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
+                                conv::Weight::Plain(&ws.packed[..g.weight_len()])
+                            }
                         };
                         conv::forward(&g, x, w, target, &mut ws.col, epilogue);
                         let op = if g.is_pointwise() {
@@ -409,8 +477,14 @@ impl Network {
                     }
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
-                        depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
-                        depthwise::forward(&g, x, &ws.packed[..g.weight_len()], target, epilogue);
+                        let w = match frozen {
+                            Some(f) => &f.weight[..],
+                            None => {
+                                depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
+                                &ws.packed[..g.weight_len()]
+                            }
+                        };
+                        depthwise::forward(&g, x, w, target, epilogue);
                         Profile::add(&mut ws.profile, "depthwise", t, g.macs());
                     }
                 }
@@ -736,6 +810,34 @@ impl Profile {
     }
 }
 
+/// Weights that [`Network::freeze`] prepared, per layer (empty for SE layers).
+#[derive(Debug)]
+struct Frozen {
+    /// The address of the parameters they came from: a pass with others is refused.
+    params: usize,
+    convs: Vec<FrozenConv>,
+}
+
+#[derive(Debug)]
+struct FrozenConv {
+    /// `conv::prepare`'s layout, or depthwise's packed one.
+    weight: Vec<f32>,
+    folded: norm::Folded,
+}
+
+impl Default for FrozenConv {
+    fn default() -> Self {
+        FrozenConv {
+            weight: Vec::new(),
+            folded: norm::Folded {
+                scale: Vec::new(),
+                shift: Vec::new(),
+                act: Act::None,
+            },
+        }
+    }
+}
+
 /// Every buffer one forward and backward pass needs, planned once per (batch, resolution).
 #[derive(Debug)]
 pub struct Workspace {
@@ -761,6 +863,8 @@ pub struct Workspace {
     grad_skip: Vec<f32>,
     grad_conv: Vec<f32>,
     mode: Option<Mode>,
+    /// Eval-mode weights prepared by [`Network::freeze`].
+    frozen: Option<Frozen>,
     /// Planned for training (forward in either mode, and backward) or for inference only.
     training: bool,
     pub profile: Option<Profile>,
@@ -838,6 +942,7 @@ impl Workspace {
             grad_skip: vec![0f32; train_len(max_act)],
             grad_conv: vec![0f32; train_len(max_act)],
             mode: None,
+            frozen: None,
             training,
             profile: None,
             replica_sum: None,

@@ -192,3 +192,63 @@ fn training_on_an_inference_workspace_is_refused() {
     };
     net.forward(&mut w, &mut ws, &x, mode, &mut Rng::new(0));
 }
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale)
+}
+
+#[test]
+fn frozen_weights_give_the_same_logits_until_the_weights_change() {
+    let net = tiny();
+    let mut w = Weights::init(&net, 5);
+    let x: Vec<f32> = (0..3 * 9 * 9 * 3)
+        .map(|i| ((i * 13 % 29) as f32 / 10.0) - 1.4)
+        .collect();
+    let eval = |w: &mut Weights, ws: &mut effnet_model::Workspace| {
+        net.forward(w, ws, &x, Mode::Eval, &mut Rng::new(0))
+            .to_vec()
+    };
+    let mut plain_ws = net.inference_workspace(3, 9, 9);
+    let mut ws = net.inference_workspace(3, 9, 9);
+    net.freeze(&w, &mut ws);
+    let before = eval(&mut w, &mut plain_ws);
+    assert!(close(&eval(&mut w, &mut ws), &before));
+    // Running statistics changed in place are not seen until frozen again: the pass really
+    // reads the prepared (folded) copies.
+    for v in w.buffers.iter_mut() {
+        *v = *v * 1.5 + 0.1;
+    }
+    let after = eval(&mut w, &mut plain_ws);
+    assert!(!close(&after, &before));
+    assert!(close(&eval(&mut w, &mut ws), &before));
+    net.freeze(&w, &mut ws);
+    assert!(close(&eval(&mut w, &mut ws), &after));
+    // A training-mode pass (weights and statistics move) drops the prepared copies.
+    let mut train_ws = net.workspace(3, 9, 9);
+    net.freeze(&w, &mut train_ws);
+    let mode = Mode::Train {
+        bn_momentum: 0.5,
+        stochastic: false,
+    };
+    net.forward(&mut w, &mut train_ws, &x, mode, &mut Rng::new(0));
+    let moved = eval(&mut w, &mut plain_ws);
+    assert!(!close(&moved, &after));
+    assert!(close(&eval(&mut w, &mut train_ws), &moved));
+}
+
+#[test]
+#[should_panic(expected = "frozen with other weights")]
+fn a_workspace_frozen_with_other_weights_is_refused() {
+    let net = tiny();
+    let (w, mut other) = (Weights::init(&net, 5), Weights::init(&net, 6));
+    let mut ws = net.inference_workspace(3, 9, 9);
+    net.freeze(&w, &mut ws);
+    net.forward(
+        &mut other,
+        &mut ws,
+        &vec![0f32; 3 * 9 * 9 * 3],
+        Mode::Eval,
+        &mut Rng::new(0),
+    );
+}
