@@ -63,9 +63,6 @@ pub fn matmul(
     if parallel && m <= FEW_ROWS && n >= 64 * threads {
         return split_columns(c, m, n, k, a, a_strides, b, b_strides, accumulate, threads);
     }
-    if parallel && m > FEW_ROWS && std::env::var("EFFNET_SPLIT_ROWS").is_ok() {
-        return split_rows(c, m, n, k, a, a_strides, b, b_strides, accumulate, threads);
-    }
     let parallelism = if parallel {
         Parallelism::Rayon(threads)
     } else {
@@ -123,45 +120,6 @@ fn split_columns(
                 a.as_ptr(),
                 (a_rs, a_cs),
                 b.as_ptr().offset(j0 as isize * b_cs),
-                (b_rs, b_cs),
-                accumulate,
-                Parallelism::None,
-            )
-        }
-    });
-}
-
-/// Blocks of whole rows, one per thread, each a serial `gemm` call.
-#[allow(clippy::too_many_arguments)]
-fn split_rows(
-    c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    (a_rs, a_cs): (isize, isize),
-    b: &[f32],
-    (b_rs, b_cs): (isize, isize),
-    accumulate: bool,
-    threads: usize,
-) {
-    use rayon::prelude::*;
-    assert_in_bounds(c, m, n, k, a, (a_rs, a_cs), b, (b_rs, b_cs));
-    let per = m.div_ceil(threads).div_ceil(8) * 8;
-    let c_addr = c.as_mut_ptr() as usize;
-    (0..m.div_ceil(per)).into_par_iter().for_each(|i| {
-        let (i0, i1) = (i * per, ((i + 1) * per).min(m));
-        // SAFETY: block i reads rows i0..i1 of a and writes rows i0..i1 of c: inside the
-        // slices by the assert above, disjoint between blocks; `c` is borrowed mutably for the
-        // whole call and aliases no input.
-        unsafe {
-            gemm_at(
-                (c_addr as *mut f32).add(i0 * n),
-                n,
-                (i1 - i0, n, k),
-                a.as_ptr().offset(i0 as isize * a_rs),
-                (a_rs, a_cs),
-                b.as_ptr(),
                 (b_rs, b_cs),
                 accumulate,
                 Parallelism::None,
