@@ -71,6 +71,19 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     let net = Network::new(config);
     let mut weights = Weights::init(&net, 0);
     let threads = rayon::current_num_threads();
+    let ceilings = args.profile.then(|| {
+        let c = effnet_engine::ceiling::measure();
+        // The bandwidth probe's 48 MiB buffer must not count as the cases' peak memory: Linux
+        // resets the peak (VmHWM) on this write.
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        println!(
+            "ceilings (measured now, {threads} threads): {:.1} GFLOP/s f32 multiply-add, {:.1} GB/s memory read{}",
+            c.gflops,
+            c.read_gb_per_s,
+            if reset { "" } else { " (peak RSS below includes the 48 MiB probe)" }
+        );
+        c
+    });
     let mode_name = if kind == Kind::Inference {
         "infer"
     } else {
@@ -145,8 +158,8 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }
-        if let Some(profile) = &ws.profile {
-            print_profile(profile, &times);
+        if let (Some(profile), Some(ceilings)) = (&ws.profile, &ceilings) {
+            print_profile(profile, &times, ceilings);
         }
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
@@ -198,26 +211,33 @@ fn peak_rss_mib() -> Option<f64> {
     Some((kib / 1024.0).round())
 }
 
-fn print_profile(profile: &effnet_model::network::Profile, times: &[f64]) {
+/// Time per operation kind, its share of the step, and its rate against the machine's ceiling:
+/// GFLOP/s for convolutions (direct-convolution multiply-adds, so Winograd's can pass 100 %),
+/// GB/s of f32 input read for the rest.
+fn print_profile(
+    profile: &effnet_model::network::Profile,
+    times: &[f64],
+    ceilings: &effnet_engine::ceiling::Ceilings,
+) {
     let steps = times.len() as f64;
     let step_ms = times.iter().sum::<f64>() / steps;
     println!(
-        "{:<26} {:>9} {:>7} {:>10}",
-        "operation", "ms/step", "share", "GFLOP/s|GB/s"
+        "{:<26} {:>9} {:>7} {:>12} {:>11}",
+        "operation", "ms/step", "share", "GFLOP/s|GB/s", "of ceiling"
     );
     let mut entries = profile.entries.clone();
     entries.sort_by(|a, b| b.1.total_cmp(&a.1));
     for (op, secs, work) in entries {
         let ms = secs * 1000.0 / steps;
-        // Convolutions count multiply-adds (2 flops); the rest count f32 elements read (4 bytes).
-        let rate = if op.starts_with("conv") || op.starts_with("depthwise") {
-            2.0 * work as f64 / secs / 1e9
+        let (rate, ceiling) = if op.starts_with("conv") || op.starts_with("depthwise") {
+            (2.0 * work as f64 / secs / 1e9, ceilings.gflops)
         } else {
-            4.0 * work as f64 / secs / 1e9
+            (4.0 * work as f64 / secs / 1e9, ceilings.read_gb_per_s)
         };
         println!(
-            "{op:<26} {ms:>9.2} {:>6.1}% {rate:>10.1}",
-            100.0 * ms / step_ms
+            "{op:<26} {ms:>9.2} {:>6.1}% {rate:>12.1} {:>10.0}%",
+            100.0 * ms / step_ms,
+            100.0 * rate / ceiling
         );
     }
 }

@@ -67,6 +67,32 @@ fn the_profile_accounts_for_the_step() {
         out.contains("conv 1x1") && out.contains("depthwise"),
         "{out}"
     );
+    // Each operation against the ceilings measured at the start.
+    let ceiling_line = out
+        .lines()
+        .find(|l| l.starts_with("ceilings (measured now"))
+        .unwrap_or_else(|| panic!("no ceilings: {out}"));
+    let numbers: Vec<f64> = ceiling_line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        numbers.len() == 3 && numbers[1] > 0.0 && numbers[2] > 0.0,
+        "threads, GFLOP/s, GB/s: {ceiling_line}"
+    );
+    let conv = out.lines().find(|l| l.starts_with("conv 1x1 ")).unwrap();
+    let fields: Vec<&str> = conv.split_whitespace().collect();
+    let (rate, of_ceiling): (f64, f64) = (
+        fields[fields.len() - 2].parse().unwrap(),
+        fields[fields.len() - 1]
+            .trim_end_matches('%')
+            .parse()
+            .unwrap(),
+    );
+    assert!(
+        (of_ceiling - 100.0 * rate / numbers[1]).abs() <= 1.0,
+        "{conv} against {ceiling_line}"
+    );
     let total: f64 = shares.iter().sum();
     assert!(
         (50.0..=100.5).contains(&total),

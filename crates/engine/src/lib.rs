@@ -6,6 +6,7 @@
 //! kernels that want another layout take a packed copy made by the caller.
 
 pub mod act;
+pub mod ceiling;
 pub mod conv;
 pub mod depthwise;
 pub mod linear;
