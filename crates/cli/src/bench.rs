@@ -73,14 +73,9 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     let threads = rayon::current_num_threads();
     let ceilings = args.profile.then(|| {
         let c = effnet_engine::ceiling::measure();
-        // The bandwidth probe's 48 MiB buffer must not count as the cases' peak memory: Linux
-        // resets the peak (VmHWM) on this write.
-        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
         println!(
-            "ceilings (measured now, {threads} threads): {:.1} GFLOP/s f32 multiply-add, {:.1} GB/s memory read{}",
-            c.gflops,
-            c.read_gb_per_s,
-            if reset { "" } else { " (peak RSS below includes the 48 MiB probe)" }
+            "ceilings (measured now, {threads} threads): {:.1} GFLOP/s f32 multiply-add, {:.1} GB/s memory read",
+            c.gflops, c.read_gb_per_s,
         );
         c
     });
@@ -108,6 +103,8 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     let mut velocity = vec![0f32; weights.params.len()];
     let mut grads = vec![0f32; weights.params.len()];
     for &n in &args.batch_sizes {
+        // Each case's own peak memory, not the largest so far (nor the ceiling probe's buffer).
+        reset_peak_rss();
         let s = args.img_size;
         let mut ws = match kind {
             Kind::Inference => {
@@ -196,8 +193,13 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     Ok(())
 }
 
-/// The process's peak resident memory so far (Linux `VmHWM`), in MiB; with several batch
-/// sizes in one run, that of the largest case so far.
+/// Starts the peak resident memory afresh (Linux resets `VmHWM` on this write; elsewhere the
+/// peak stays the process's).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory (Linux `VmHWM`) since the last [`reset_peak_rss`], in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: f64 = status

@@ -126,3 +126,42 @@ fn the_cuda_device_explains_what_is_missing() {
     let (ok, _, err) = effnet(&["training_benchmark", "--device", "tpu"]);
     assert!(!ok && err.contains("expected cpu or cuda"), "{err}");
 }
+
+#[test]
+fn each_case_reports_its_own_peak_memory() {
+    // Where the peak cannot be reset (not Linux), it is the process's and this does not apply.
+    if std::fs::write("/proc/self/clear_refs", "5").is_err() {
+        return;
+    }
+    let (ok, out, err) = effnet(&[
+        "--threads",
+        "1",
+        "inference_benchmark",
+        "--arch",
+        "efficientnetv2_b0",
+        "--batch-size",
+        "16,1",
+        "--img-size",
+        "128",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let peaks: Vec<f64> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["peak_rss_mib"].as_f64().unwrap()
+        })
+        .collect();
+    // Batch 16's activations at 128 px take tens of MiB more than batch 1's, and the batch-1
+    // case, run second, must not inherit batch 16's peak.
+    assert!(
+        peaks.len() == 2 && peaks[1] + 10.0 < peaks[0],
+        "peaks {peaks:?}: {out}"
+    );
+}
