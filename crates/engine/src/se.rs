@@ -62,16 +62,23 @@ pub fn forward(
         Layout::Transposed,
         false,
     );
-    for (row_pre, row_hidden) in saved
-        .pre_act
-        .chunks_exact_mut(cr)
-        .zip(saved.hidden.chunks_exact_mut(cr))
-    {
-        for ((p, h), b) in row_pre.iter_mut().zip(row_hidden.iter_mut()).zip(b1) {
-            *p += b;
-            *h = g.act.apply(*p);
-        }
-    }
+    // The activations inside `dispatch`: compiled for AVX2+FMA, e^x's multiply-adds are
+    // instructions, not calls.
+    let (pre_act, hidden) = (&mut saved.pre_act, &mut saved.hidden);
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for (row_pre, row_hidden) in pre_act
+                .chunks_exact_mut(cr)
+                .zip(hidden.chunks_exact_mut(cr))
+            {
+                for ((p, h), b) in row_pre.iter_mut().zip(row_hidden.iter_mut()).zip(b1) {
+                    *p += b;
+                    *h = g.act.apply(*p);
+                }
+            }
+        },
+    );
     matmul(
         &mut saved.gate,
         n,
@@ -83,11 +90,17 @@ pub fn forward(
         Layout::Transposed,
         false,
     );
-    for row in saved.gate.chunks_exact_mut(c) {
-        for (v, b) in row.iter_mut().zip(b2) {
-            *v = sigmoid(*v + b);
-        }
-    }
+    let gate = &mut saved.gate;
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for row in gate.chunks_exact_mut(c) {
+                for (v, b) in row.iter_mut().zip(b2) {
+                    *v = sigmoid(*v + b);
+                }
+            }
+        },
+    );
     let gate = &saved.gate;
     y.par_chunks_mut(hw * c)
         .zip(x.par_chunks(hw * c))
@@ -171,9 +184,14 @@ pub fn backward(
         Layout::Normal,
         false,
     );
-    for (d, p) in d_pre_act.iter_mut().zip(&saved.pre_act) {
-        *d *= g.act.derivative(*p);
-    }
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for (d, p) in d_pre_act.iter_mut().zip(&saved.pre_act) {
+                *d *= g.act.derivative(*p);
+            }
+        },
+    );
     for b in 0..n {
         for (acc, d) in db2.iter_mut().zip(&d_pre_gate[b * c..][..c]) {
             *acc += d;
