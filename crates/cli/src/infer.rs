@@ -79,9 +79,12 @@ impl Runner {
         let i = match self.workspaces.iter().position(|(k, _)| *k == key) {
             Some(i) => i,
             None => {
-                // The weights never change here: prepare them once per workspace.
+                // The weights never change here: prepared once, shared by every workspace.
                 let mut ws = self.net.inference_workspace(n, size, size);
-                self.net.freeze(&self.weights, &mut ws);
+                match self.workspaces.first() {
+                    Some((_, first)) => ws.share_frozen(first),
+                    None => self.net.freeze(&self.weights, &mut ws),
+                }
                 self.workspaces.push((key, ws));
                 self.workspaces.len() - 1
             }

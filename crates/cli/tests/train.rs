@@ -188,7 +188,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         &config,
         "# a comment\narch: efficientnet_lite0\nimg_size: 32\nmax-train-images: 64\n\
          max_eval_images: 32\nbatch-size: 16\nepochs: 1\naugmenter-name: \"none\"\n\
-         random-crop: true\nskip-eval: false\nmodel-dir: \"ignored\"\n",
+         random-crop: true\nskip-eval: false\nmodel-dir: \"ignored\"\ntranslate_const: 6\n",
     )
     .unwrap();
     let model_dir = root.join("run");
@@ -209,6 +209,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         "img-size: 32",
         "random-crop: true",
         "batch-size: 32",
+        "translate-const: 6.0",
     ] {
         assert!(params.lines().any(|l| l == line), "{line} in {params}");
     }
@@ -216,6 +217,9 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     std::fs::write(&config, "epochs 3\n").unwrap();
     let (ok, _, stderr) = effnet(&["train", "--config", config.to_str().unwrap()]);
     assert!(!ok && stderr.contains("run.yaml:1"), "{stderr}");
+    // Augmentation sizes are pixels: a negative one is refused before anything runs.
+    let (ok, _, stderr) = effnet(&["train", "--cutout-const=-1", "--epochs", "1"]);
+    assert!(!ok && stderr.contains("--cutout-const"), "{stderr}");
     std::fs::remove_dir_all(root).unwrap();
 }
 

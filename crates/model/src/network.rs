@@ -326,10 +326,10 @@ impl Network {
                 FrozenConv { weight, folded }
             })
             .collect();
-        ws.frozen = Some(Frozen {
+        ws.frozen = Some(std::sync::Arc::new(Frozen {
             params: p.as_ptr() as usize,
             convs,
-        });
+        }));
     }
 
     /// The forward pass over NHWC input `[n, h, w, 3]` (the workspace's size); returns logits.
@@ -863,8 +863,9 @@ pub struct Workspace {
     grad_skip: Vec<f32>,
     grad_conv: Vec<f32>,
     mode: Option<Mode>,
-    /// Eval-mode weights prepared by [`Network::freeze`].
-    frozen: Option<Frozen>,
+    /// Eval-mode weights prepared by [`Network::freeze`] (shared between workspaces of other
+    /// shapes: the layouts do not depend on batch or resolution).
+    frozen: Option<std::sync::Arc<Frozen>>,
     /// Planned for training (forward in either mode, and backward) or for inference only.
     training: bool,
     pub profile: Option<Profile>,
@@ -947,6 +948,12 @@ impl Workspace {
             profile: None,
             replica_sum: None,
         }
+    }
+
+    /// Uses the weights `other` was frozen with ([`Network::freeze`]), without a copy of its
+    /// own: for workspaces of other batch sizes or resolutions of the same network.
+    pub fn share_frozen(&mut self, other: &Workspace) {
+        self.frozen = other.frozen.clone();
     }
 
     /// The (batch, height, width) this workspace was planned for.

@@ -224,6 +224,21 @@ fn frozen_weights_give_the_same_logits_until_the_weights_change() {
     assert!(close(&eval(&mut w, &mut ws), &before));
     net.freeze(&w, &mut ws);
     assert!(close(&eval(&mut w, &mut ws), &after));
+    // Another batch size shares the prepared weights (not the live ones, changed again here):
+    // batch 1 of the same images gives the first image's frozen logits.
+    for v in w.buffers.iter_mut() {
+        *v = *v * 0.5 + 0.3;
+    }
+    let mut one = net.inference_workspace(1, 9, 9);
+    one.share_frozen(&ws);
+    let image = &x[..9 * 9 * 3];
+    let first = net
+        .forward(&mut w, &mut one, image, Mode::Eval, &mut Rng::new(0))
+        .to_vec();
+    assert!(close(&first, &after[..first.len()]));
+    let mut live = net.inference_workspace(1, 9, 9);
+    let live = net.forward(&mut w, &mut live, image, Mode::Eval, &mut Rng::new(0));
+    assert!(!close(live, &first));
     // A training-mode pass (weights and statistics move) drops the prepared copies.
     let mut train_ws = net.workspace(3, 9, 9);
     net.freeze(&w, &mut train_ws);

@@ -218,6 +218,14 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
             "--batch-size and --epochs must be at least 1 and --img-size at least 8".into(),
         );
     }
+    for (flag, value) in [
+        ("--translate-const", args.translate_const),
+        ("--cutout-const", args.cutout_const),
+    ] {
+        if value.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            return Err(format!("{flag} is a size in pixels: a number ≥ 0"));
+        }
+    }
     if root {
         precision_notes(args);
     }
