@@ -25,18 +25,27 @@ pub fn measure() -> Ceilings {
     }
 }
 
-/// Independent multiply-add chains per thread: 96 lanes are 12 AVX registers, enough to cover
-/// the latency of two FMA units.
+/// Independent multiply-add chains per thread: 12 vector registers' worth, enough to cover the
+/// latency of two FMA units (96 lanes with AVX2, 192 with AVX-512; more would spill).
 const LANES: usize = 96;
+const LANES_AVX512: usize = 192;
 
 fn multiply_add_gflops() -> f64 {
     const ITERATIONS: usize = 5_000_000;
     let threads = rayon::current_num_threads();
-    let flops = (threads * ITERATIONS * LANES * 2) as f64;
+    let lanes = if simd::level() == Level::Avx512 {
+        LANES_AVX512
+    } else {
+        LANES
+    };
+    let flops = (threads * ITERATIONS * lanes * 2) as f64;
     (0..3)
         .map(|_| {
             let t = Instant::now();
-            black_box(rayon::broadcast(|_| chains(ITERATIONS)));
+            black_box(rayon::broadcast(|_| match lanes {
+                LANES_AVX512 => chains::<LANES_AVX512>(ITERATIONS),
+                _ => chains::<LANES>(ITERATIONS),
+            }));
             flops / t.elapsed().as_secs_f64() / 1e9
         })
         .fold(0.0, f64::max)
@@ -44,13 +53,13 @@ fn multiply_add_gflops() -> f64 {
 
 /// `a ← a·x + y` on every lane, `iterations` times: fused where the CPU has FMA (what the
 /// kernels use), a multiply and an add otherwise.
-fn chains(iterations: usize) -> f32 {
+fn chains<const N: usize>(iterations: usize) -> f32 {
     let (x, y) = (black_box(0.999_999f32), black_box(1e-7f32));
     let fused = simd::level() != Level::Baseline;
     simd::dispatch(
         #[inline(always)]
         || {
-            let mut acc = [1f32; LANES];
+            let mut acc = [1f32; N];
             if fused {
                 for _ in 0..iterations {
                     for a in acc.iter_mut() {
@@ -70,8 +79,10 @@ fn chains(iterations: usize) -> f32 {
 }
 
 fn read_gb_per_s() -> f64 {
-    // 48 MiB: beyond the last-level cache of most CPUs, so the reads come from memory.
-    let buffer = vec![1f32; 12 << 20];
+    // Four times the last-level cache (at least 48 MiB, at most 1 GiB), so the reads come
+    // from memory.
+    let bytes = (4 * last_level_cache_bytes().unwrap_or(0)).clamp(48 << 20, 1 << 30);
+    let buffer = vec![1f32; bytes / std::mem::size_of::<f32>()];
     let bytes = (buffer.len() * std::mem::size_of::<f32>()) as f64;
     (0..3)
         .map(|_| {
@@ -81,6 +92,24 @@ fn read_gb_per_s() -> f64 {
             bytes / t.elapsed().as_secs_f64() / 1e9
         })
         .fold(0.0, f64::max)
+}
+
+/// The largest cache's size that Linux reports for CPU 0.
+fn last_level_cache_bytes() -> Option<usize> {
+    (0..8)
+        .filter_map(|i| {
+            let path = format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size");
+            let text = std::fs::read_to_string(path).ok()?;
+            let text = text.trim();
+            let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+            let scale = match unit {
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                _ => return None,
+            };
+            Some(number.parse::<usize>().ok()? * scale)
+        })
+        .max()
 }
 
 /// A sum in 32 lanes, so it vectorizes (a plain float sum is one sequential chain).
@@ -116,7 +145,7 @@ mod tests {
         for _ in 0..3 {
             a = a * 0.999_999 + 1e-7;
         }
-        let got = super::chains(3) / super::LANES as f32;
+        let got = super::chains::<{ super::LANES }>(3) / super::LANES as f32;
         assert!((got - a).abs() < 1e-6, "{got} vs {a}");
     }
 }

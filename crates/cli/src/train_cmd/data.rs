@@ -334,15 +334,12 @@ mod tests {
         }
     }
 
-    /// Twenty RandAugment draws at magnitude 10 from the same seed.
-    fn draws(geometry: OpPixels) -> Vec<Vec<f32>> {
+    /// Twenty draws of `augment` at magnitude 10 from the same seed.
+    fn draws(augment: Augment) -> Vec<Vec<f32>> {
         let source = TrainSource {
             data: Arc::new(Gradient),
             random_crop: false,
-            augment: Augment::Rand {
-                layers: 2,
-                geometry,
-            },
+            augment,
             normalize: Normalize::parse("inception").unwrap(),
         };
         let stage = Stage {
@@ -356,20 +353,32 @@ mod tests {
     }
 
     #[test]
-    fn translate_and_cutout_sizes_reach_randaugment() {
-        let defaults = draws(OpPixels::default());
-        let explicit = draws(OpPixels {
-            translate_const: Some(100.0),
-            cutout_const: Some(40.0),
-        });
-        assert_eq!(defaults, explicit, "unset means augment.py's 100 and 40 px");
-        let small = draws(OpPixels {
+    fn translate_and_cutout_sizes_reach_randaugment_and_autoaugment() {
+        let rand = |geometry| Augment::Rand {
+            layers: 2,
+            geometry,
+        };
+        let auto = |geometry| Augment::Auto { geometry };
+        let small = OpPixels {
             translate_const: Some(3.0),
             cutout_const: Some(4.0),
-        });
-        assert_ne!(
-            defaults, small,
-            "the sizes change what translate and cutout do"
-        );
+        };
+        // (augmenter, its defaults spelled out: augment.py's 100/40 and 250/100 px)
+        for (augment, (translate, cutout)) in [
+            (&rand as &dyn Fn(OpPixels) -> Augment, (100.0, 40.0)),
+            (&auto, (250.0, 100.0)),
+        ] {
+            let defaults = draws(augment(OpPixels::default()));
+            let explicit = draws(augment(OpPixels {
+                translate_const: Some(translate),
+                cutout_const: Some(cutout),
+            }));
+            assert_eq!(defaults, explicit, "unset means the augmenter's default");
+            assert_ne!(
+                defaults,
+                draws(augment(small)),
+                "the sizes change what translate and cutout do"
+            );
+        }
     }
 }
