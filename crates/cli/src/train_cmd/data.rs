@@ -238,6 +238,16 @@ pub struct OpPixels {
     pub cutout_const: Option<f32>,
 }
 
+impl OpPixels {
+    /// (translate, cutout) in pixels, each unset one taken from the augmenter's `defaults`.
+    fn or(self, defaults: (f32, f32)) -> (f32, f32) {
+        (
+            self.translate_const.unwrap_or(defaults.0),
+            self.cutout_const.unwrap_or(defaults.1),
+        )
+    }
+}
+
 /// The reference's train transform: the random-resized crop (with `--random-crop`) or the
 /// whole image, flip, resize to the stage's size, RandAugment at the stage's magnitude or
 /// AutoAugment, then normalization.
@@ -268,20 +278,24 @@ impl Source for TrainSource {
         let mut out = self.data.train_image(index, &geometry, rng)?;
         match self.augment {
             Augment::Rand { layers, geometry } if stage.magnitude > 0.0 && layers > 0 => {
-                let default = RandAugment::default();
+                let d = RandAugment::default();
+                let (translate_const, cutout_const) =
+                    geometry.or((d.translate_const, d.cutout_const));
                 RandAugment {
                     num_layers: layers,
                     magnitude: stage.magnitude,
-                    translate_const: geometry.translate_const.unwrap_or(default.translate_const),
-                    cutout_const: geometry.cutout_const.unwrap_or(default.cutout_const),
+                    translate_const,
+                    cutout_const,
                 }
                 .apply(&mut out, rng)
             }
             Augment::Auto { geometry } => {
-                let default = AutoAugment::default();
+                let d = AutoAugment::default();
+                let (translate_const, cutout_const) =
+                    geometry.or((d.translate_const, d.cutout_const));
                 AutoAugment {
-                    translate_const: geometry.translate_const.unwrap_or(default.translate_const),
-                    cutout_const: geometry.cutout_const.unwrap_or(default.cutout_const),
+                    translate_const,
+                    cutout_const,
                 }
                 .apply(&mut out, rng)
             }
