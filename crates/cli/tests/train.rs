@@ -188,7 +188,8 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         &config,
         "# a comment\narch: efficientnet_lite0\nimg_size: 32\nmax-train-images: 64\n\
          max_eval_images: 32\nbatch-size: 16\nepochs: 1\naugmenter-name: \"none\"\n\
-         random-crop: true\nskip-eval: false\nmodel-dir: \"ignored\"\ntranslate_const: 6\n",
+         random-crop: true\ncrop_area_range: 0.7,1\nskip-eval: false\nmodel-dir: \"ignored\"\n\
+         translate_const: 6\n",
     )
     .unwrap();
     let model_dir = root.join("run");
@@ -208,6 +209,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         "arch: \"efficientnet_lite0\"",
         "img-size: 32",
         "random-crop: true",
+        "crop-area-range: 0.7,1.0",
         "batch-size: 32",
         "translate-const: 6.0",
     ] {
@@ -220,6 +222,16 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     // Augmentation sizes are pixels: a negative one is refused before anything runs.
     let (ok, _, stderr) = effnet(&["train", "--cutout-const=-1", "--epochs", "1"]);
     assert!(!ok && stderr.contains("--cutout-const"), "{stderr}");
+    // A crop area outside (0, 1], or one without the random crop it shapes, is refused.
+    for bad in [
+        &["--crop-area-range", "0,1", "--random-crop"][..],
+        &["--crop-area-range", "0.9,0.5", "--random-crop"],
+        &["--crop-area-range", "0.7"],
+        &["--crop-area-range", "0.7,1"],
+    ] {
+        let (ok, _, stderr) = effnet(&[&["train", "--epochs", "1"][..], bad].concat());
+        assert!(!ok && stderr.contains("--crop-area-range"), "{bad:?}: {stderr}");
+    }
     std::fs::remove_dir_all(root).unwrap();
 }
 

@@ -261,6 +261,10 @@ pub struct TrainArgs {
     /// the resize; without it the whole image is resized. Flips are always on.
     #[arg(long = "random-crop", help_heading = "Augmentation")]
     pub random_crop: bool,
+    /// The random crop's area as a fraction of the image, `MIN,MAX` (default: the reference's
+    /// 0.05,1; crops under 0.1 are redrawn). Milder ranges such as 0.7,1 suit small images.
+    #[arg(long = "crop-area-range", value_name = "MIN,MAX", value_parser = parse_area_range, help_heading = "Augmentation")]
+    pub crop_area_range: Option<(f64, f64)>,
     #[arg(
         long = "mixup-alpha",
         alias = "mixup_alpha",
@@ -599,4 +603,17 @@ pub fn with_config_file(
     out.extend(file_flags);
     out.extend_from_slice(&args[sub + 1..]);
     Ok(out)
+}
+
+/// `MIN,MAX` with 0 < MIN ≤ MAX ≤ 1.
+fn parse_area_range(s: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("{s:?}: expected MIN,MAX with 0 < MIN ≤ MAX ≤ 1, such as 0.7,1");
+    let (min, max) = s.split_once(',').ok_or_else(bad)?;
+    let min: f64 = min.trim().parse().map_err(|_| bad())?;
+    let max: f64 = max.trim().parse().map_err(|_| bad())?;
+    if 0.0 < min && min <= max && max <= 1.0 {
+        Ok((min, max))
+    } else {
+        Err(bad())
+    }
 }

@@ -8,7 +8,7 @@ use effnet_data::augment::{AutoAugment, RandAugment};
 use effnet_data::dataset::ImageDataset;
 use effnet_data::idx;
 use effnet_data::loader::{Source, Stage};
-use effnet_data::sampler::TrainGeometry;
+use effnet_data::sampler::{CropSampler, TrainGeometry};
 use effnet_data::tfrecord;
 use effnet_data::{Image, Normalize, RgbImage, Transform};
 use effnet_engine::rng::Rng;
@@ -253,7 +253,8 @@ impl OpPixels {
 /// AutoAugment, then normalization.
 pub struct TrainSource {
     pub data: Arc<dyn Samples>,
-    pub random_crop: bool,
+    /// The random crop's sampler; `None`: the whole image.
+    pub crop: Option<CropSampler>,
     pub augment: Augment,
     pub normalize: Normalize,
 }
@@ -270,11 +271,12 @@ impl Source for TrainSource {
         rng: &mut Rng,
     ) -> Result<(Vec<f32>, usize), String> {
         let mut geometry = TrainGeometry::new(stage.size);
-        if !self.random_crop {
+        geometry.sampler = self.crop.unwrap_or(CropSampler {
             // The whole image: the sampler's area range pinned to 1.
-            geometry.sampler.area_range = (1.0, 1.0);
-            geometry.sampler.aspect_range = (1.0, 1.0);
-        }
+            area_range: (1.0, 1.0),
+            aspect_range: (1.0, 1.0),
+            ..geometry.sampler
+        });
         let mut out = self.data.train_image(index, &geometry, rng)?;
         match self.augment {
             Augment::Rand { layers, geometry } if stage.magnitude > 0.0 && layers > 0 => {
@@ -352,7 +354,7 @@ mod tests {
     fn draws(augment: Augment) -> Vec<Vec<f32>> {
         let source = TrainSource {
             data: Arc::new(Gradient),
-            random_crop: false,
+            crop: None,
             augment,
             normalize: Normalize::parse("inception").unwrap(),
         };

@@ -12,6 +12,7 @@ use std::time::Instant;
 use effnet_data::loader::{Loader, LoaderConfig, Stage};
 use effnet_data::mix::{mix_batch, MixConfig};
 use effnet_data::resize::Interpolation;
+use effnet_data::sampler::CropSampler;
 use effnet_data::{Crop, Normalize, Transform};
 use effnet_dist::Communicator;
 use effnet_engine::rng::Rng;
@@ -226,6 +227,9 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
             return Err(format!("{flag} is a size in pixels: a number ≥ 0"));
         }
     }
+    if args.crop_area_range.is_some() && !args.random_crop {
+        return Err("--crop-area-range shapes the random crop: add --random-crop".into());
+    }
     if root {
         precision_notes(args);
     }
@@ -387,7 +391,10 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     };
     let source = TrainSource {
         data: data.train.clone(),
-        random_crop: args.random_crop,
+        crop: args.random_crop.then(|| CropSampler {
+            area_range: args.crop_area_range.unwrap_or(CropSampler::default().area_range),
+            ..CropSampler::default()
+        }),
         augment,
         normalize: eval_transform.normalize,
     };
