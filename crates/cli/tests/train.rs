@@ -230,7 +230,10 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         &["--crop-area-range", "0.7,1"],
     ] {
         let (ok, _, stderr) = effnet(&[&["train", "--epochs", "1"][..], bad].concat());
-        assert!(!ok && stderr.contains("--crop-area-range"), "{bad:?}: {stderr}");
+        assert!(
+            !ok && stderr.contains("--crop-area-range"),
+            "{bad:?}: {stderr}"
+        );
     }
     std::fs::remove_dir_all(root).unwrap();
 }

@@ -5,6 +5,8 @@
 use rayon::prelude::*;
 
 use crate::matmul::{matmul, matmul_then, Layout};
+use crate::norm::Folded;
+use crate::pointwise;
 use crate::shape::{same_padding, Nhwc};
 use crate::simd;
 use crate::winograd;
@@ -102,11 +104,15 @@ pub enum Weight<'a> {
 }
 
 /// The weight (PyTorch's layout) in the layout [`forward`] reads fastest, for many passes with
-/// fixed weights: `[cin, cout]` for a pointwise convolution (its product streams rows of the
-/// weight instead of gathering columns), Winograd's transformed filter where that applies,
-/// [`pack_weight`]'s layout otherwise.
+/// fixed weights: for a pointwise convolution, [`pointwise::pack`]'s panels where that kernel
+/// runs, else `[cin, cout]` (the product streams rows of the weight instead of gathering
+/// columns); Winograd's transformed filter where that applies; [`pack_weight`]'s layout
+/// otherwise.
 pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     let (cin, cout) = (g.input.c, g.cout);
+    if g.is_pointwise() && pointwise::available() {
+        return pointwise::pack(cin, cout, torch);
+    }
     if g.is_pointwise() {
         let mut out = vec![0f32; cin * cout];
         for (o, row) in torch[..cout * cin].chunks_exact(cin).enumerate() {
@@ -203,9 +209,9 @@ fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
         });
 }
 
-/// A per-row-block function applied to a kernel's output in place right after it is produced
-/// (eval-mode batch norm and activation).
-pub type Epilogue<'a> = Option<&'a (dyn Fn(&mut [f32]) + Sync)>;
+/// Eval-mode batch norm and activation, applied to a kernel's output right after it is
+/// produced, while it is in cache (or in registers).
+pub type Epilogue<'a> = Option<&'a Folded>;
 
 /// `y = conv(x, w)`, then `epilogue` over blocks of output rows; `col` is scratch of
 /// [`ConvGeom::col_len`].
@@ -225,11 +231,16 @@ pub fn forward(
         (false, Weight::Plain(w) | Weight::Prepared(w)) => (w, g.patch_len(), Layout::Normal),
     };
     let product = |y: &mut [f32], rows: usize, a: &[f32]| match epilogue {
-        Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, e),
+        Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, &|rows| e.apply(rows)),
         None => matmul(y, rows, g.cout, k, a, Layout::Normal, w, w_layout, false),
     };
     if g.is_pointwise() {
-        product(y, g.output().rows(), x);
+        match weight {
+            Weight::Prepared(w) if pointwise::available() => {
+                pointwise::forward(x, g.output().rows(), g.input.c, g.cout, w, y, epilogue)
+            }
+            _ => product(y, g.output().rows(), x),
+        }
         return;
     }
     if winograd::applies(g) {

@@ -109,7 +109,7 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
                 },
             );
             if let Some(epilogue) = epilogue {
-                epilogue(out_row);
+                epilogue.apply(out_row);
             }
         });
 }

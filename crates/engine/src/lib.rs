@@ -13,6 +13,7 @@ pub mod linear;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub mod pointwise;
 pub mod pool;
 pub mod regularize;
 pub mod rng;

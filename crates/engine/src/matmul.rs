@@ -153,6 +153,9 @@ pub fn matmul_serial(
     );
 }
 
+/// Outputs up to this size stay in the cores' caches between the product and its epilogue.
+const SMALL_OUTPUT_BYTES: usize = 1 << 20;
+
 /// `c = a·b` (`a` row-major) in blocks of rows spread over the thread pool, each block handed
 /// to `epilogue` right after it is computed, while it is still in cache.
 #[allow(clippy::too_many_arguments)]
@@ -174,7 +177,8 @@ pub fn matmul_then(
     // Output blocks of about 128 KiB (at least 96 rows, so repacking `b` per block stays cheap).
     let rows = (32768 / n.max(1)).clamp(96, 512);
     let threads = rayon::current_num_threads();
-    if m.div_ceil(rows) < 2 * threads {
+    let small = m * n * std::mem::size_of::<f32>() <= SMALL_OUTPUT_BYTES;
+    if small || m.div_ceil(rows) < 2 * threads {
         // Too few row blocks to keep every thread busy (small images, batch 1): one product
         // split by `gemm` itself, then the epilogue over row blocks (the output is small).
         matmul(c, m, n, k, a, Layout::Normal, b, b_layout, false);

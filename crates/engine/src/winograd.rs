@@ -101,7 +101,7 @@ pub fn forward(g: &ConvGeom, x: &[f32], u: &[f32], y: &mut [f32], epilogue: Epil
                 || output_transform(m, h, w, cout, r0, r1, tw, out),
             );
             if let Some(e) = epilogue {
-                e(out);
+                e.apply(out);
             }
         },
     );

@@ -4,7 +4,7 @@
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
 use effnet_engine::{
-    conv, depthwise, linear, loss, norm, pool, regularize, same_padding, se, Act, Nhwc,
+    conv, depthwise, linear, loss, norm, pointwise, pool, regularize, same_padding, se, Act, Nhwc,
 };
 
 fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -606,7 +606,6 @@ fn fused_epilogue_equals_a_separate_pass() {
         shift: (0..c_out).map(|i| i as f32 * 0.2 - 0.5).collect(),
         act: Act::Silu,
     };
-    let epilogue = |rows: &mut [f32]| folded.apply(rows);
     for &(h, w, cin, k, stride) in &[(9, 7, 5, 1, 1), (9, 8, 3, 3, 2), (40, 40, 4, 3, 1)] {
         let s = Nhwc::new(2, h, w, cin);
         let g = conv::ConvGeom::new(s, k, stride, c_out);
@@ -618,7 +617,7 @@ fn fused_epilogue_equals_a_separate_pass() {
         let wk = conv::Weight::Plain(wk);
         conv::forward(&g, &x, wk, &mut plain, &mut col, None);
         folded.apply(&mut plain);
-        conv::forward(&g, &x, wk, &mut fused, &mut col, Some(&epilogue));
+        conv::forward(&g, &x, wk, &mut fused, &mut col, Some(&folded));
         assert!(
             max_rel(&fused, &f64s(&plain)) < 1e-6,
             "conv {:?}",
@@ -632,6 +631,49 @@ fn fused_epilogue_equals_a_separate_pass() {
     let (mut plain, mut fused) = (vec![0f32; g.output().len()], vec![0f32; g.output().len()]);
     depthwise::forward(&g, &x, &wp, &mut plain, None);
     folded.apply(&mut plain);
-    depthwise::forward(&g, &x, &wp, &mut fused, Some(&epilogue));
+    depthwise::forward(&g, &x, &wp, &mut fused, Some(&folded));
     assert_eq!(plain, fused);
+}
+
+/// The packed 1×1 kernel against an f64 product: tiles short of 6 rows, panels short of 16
+/// columns, products split over threads, with and without the folded batch norm + SiLU.
+#[test]
+fn pointwise_kernel_matches_the_product_and_its_epilogue() {
+    if !pointwise::available() {
+        eprintln!("skipped: no AVX2+FMA on this CPU");
+        return;
+    }
+    let mut rng = Rng::new(11);
+    for &(m, k, n) in &[
+        (1, 3, 5),
+        (7, 16, 24),
+        (13, 40, 33),
+        (50, 70, 16),
+        (600, 100, 48),
+    ] {
+        let x = random(&mut rng, m * k);
+        let torch = random(&mut rng, n * k);
+        let folded = norm::Folded {
+            scale: (0..n).map(|i| 0.5 + i as f32 * 0.01).collect(),
+            shift: (0..n).map(|i| i as f32 * 0.02 - 0.3).collect(),
+            act: Act::Silu,
+        };
+        let (mut plain, mut fused) = (vec![0f64; m * n], vec![0f64; m * n]);
+        for i in 0..m {
+            for o in 0..n {
+                let v: f64 = (0..k)
+                    .map(|p| x[i * k + p] as f64 * torch[o * k + p] as f64)
+                    .sum();
+                plain[i * n + o] = v;
+                let z = v * folded.scale[o] as f64 + folded.shift[o] as f64;
+                fused[i * n + o] = z / (1.0 + (-z).exp());
+            }
+        }
+        let w = pointwise::pack(k, n, &torch);
+        let mut y = vec![f32::NAN; m * n];
+        pointwise::forward(&x, m, k, n, &w, &mut y, None);
+        assert!(max_rel(&y, &plain) < 1e-5, "product {:?}", (m, k, n));
+        pointwise::forward(&x, m, k, n, &w, &mut y, Some(&folded));
+        assert!(max_rel(&y, &fused) < 1e-5, "with epilogue {:?}", (m, k, n));
+    }
 }

@@ -450,11 +450,11 @@ impl Network {
                         Some(&folded_now)
                     }
                 };
-                let epilogue = |rows: &mut [f32]| folded.expect("eval mode").apply(rows);
-                let (target, epilogue): (&mut Vec<f32>, conv::Epilogue) = match folded {
-                    Some(_) => (y, Some(&epilogue)),
-                    None => (conv_out, None),
+                let target: &mut Vec<f32> = match folded {
+                    Some(_) => y,
+                    None => conv_out,
                 };
+                let epilogue = folded;
                 let t = Instant::now();
                 match u.conv {
                     ConvKind::Dense => {

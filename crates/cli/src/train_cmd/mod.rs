@@ -392,7 +392,9 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     let source = TrainSource {
         data: data.train.clone(),
         crop: args.random_crop.then(|| CropSampler {
-            area_range: args.crop_area_range.unwrap_or(CropSampler::default().area_range),
+            area_range: args
+                .crop_area_range
+                .unwrap_or(CropSampler::default().area_range),
             ..CropSampler::default()
         }),
         augment,

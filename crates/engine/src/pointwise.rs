@@ -1,0 +1,203 @@
+//! 1×1 convolutions for inference: `y = act((x·w)·scale + shift)` over NHWC rows, with the
+//! weights packed once into panels of [`NR`] output channels, the activations read in place
+//! (an NHWC tensor already is the product's row-major left operand, so nothing is packed per
+//! call), and batch norm and activation applied to each tile in registers before its one store.
+//!
+//! Work is split into blocks of rows (about 128 KiB of activations, reused from L2 for every
+//! panel) and, when there are few rows, groups of panels, so small maps still use every thread.
+
+use rayon::prelude::*;
+
+use crate::act::Activation;
+use crate::norm::Folded;
+use crate::simd;
+
+/// Output channels per panel: two AVX2 vectors.
+pub const NR: usize = 16;
+/// Rows per tile: 6 × 16 accumulators fill 12 of AVX2's 16 vector registers.
+const MR: usize = 6;
+
+/// Whether this CPU runs these kernels (x86-64 with AVX2 and FMA, unless `EFFNET_SIMD=baseline`);
+/// elsewhere 1×1 convolutions keep the general matrix product and its weight layout.
+pub fn available() -> bool {
+    cfg!(target_arch = "x86_64") && simd::level() != simd::Level::Baseline
+}
+
+/// Length of the packed weights of a `k → n` 1×1 convolution.
+pub fn packed_len(k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * NR * k
+}
+
+/// Packs torch's `[n, k]` weight into panels `[n/NR][k][NR]`, the last one zero-padded.
+pub fn pack(k: usize, n: usize, torch: &[f32]) -> Vec<f32> {
+    let mut panels = vec![0f32; packed_len(k, n)];
+    for (o, row) in torch[..n * k].chunks_exact(k).enumerate() {
+        let panel = &mut panels[(o / NR) * k * NR..][..k * NR];
+        for (p, &v) in row.iter().enumerate() {
+            panel[p * NR + o % NR] = v;
+        }
+    }
+    panels
+}
+
+/// `y[m×n] = epilogue(x[m×k] · w)`, `w` packed by [`pack`]; without `folded`, the plain product.
+/// Only where [`available`].
+pub fn forward(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    y: &mut [f32],
+    folded: Option<&Folded>,
+) {
+    assert!(
+        available(),
+        "pointwise: kernels need x86-64 with AVX2 and FMA"
+    );
+    assert!(
+        x.len() >= m * k,
+        "pointwise: input holds {} < {m}×{k}",
+        x.len()
+    );
+    assert!(
+        y.len() >= m * n,
+        "pointwise: output holds {} < {m}×{n}",
+        y.len()
+    );
+    assert!(
+        w.len() >= packed_len(k, n),
+        "pointwise: weights not packed for {k}→{n}"
+    );
+    if let Some(f) = folded {
+        assert!(
+            f.scale.len() == n && f.shift.len() == n,
+            "pointwise: epilogue width"
+        );
+    }
+    let Some(f) = folded else {
+        return run::<crate::act::Identity, false>(x, m, k, n, w, y, &[], &[]);
+    };
+    crate::with_activation!(f.act, A => run::<A, true>(x, m, k, n, w, y, &f.scale, &f.shift))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<A: Activation, const FOLD: bool>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    y: &mut [f32],
+    scale: &[f32],
+    shift: &[f32],
+) {
+    let panels = n.div_ceil(NR);
+    // Rows per block: ~128 KiB of activations, a whole number of tiles.
+    let block = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
+    let row_blocks = m.div_ceil(block);
+    let threads = rayon::current_num_threads();
+    let groups = if threads > 1 && m * k * n >= 1 << 18 {
+        (4 * threads).div_ceil(row_blocks).clamp(1, panels)
+    } else {
+        1
+    };
+    let per_group = panels.div_ceil(groups);
+    let y_addr = y.as_mut_ptr() as usize;
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let (r0, r1) = (rb * block, ((rb + 1) * block).min(m));
+        let (p0, p1) = (g * per_group, ((g + 1) * per_group).min(panels));
+        simd::dispatch(
+            #[inline(always)]
+            || {
+                for panel in p0..p1 {
+                    let col0 = panel * NR;
+                    let cols = NR.min(n - col0);
+                    let wp = &w[panel * k * NR..][..k * NR];
+                    let mut r = r0;
+                    while r < r1 {
+                        let rows = MR.min(r1 - r);
+                        // SAFETY: `forward` asserted AVX2 and FMA (`available`). The tile covers
+                        // rows r..r+rows ≤ m of `x` (row length k; m×k asserted) and of `y`
+                        // (row length n; m×n asserted), columns col0..col0+cols ≤ n, and `wp`
+                        // holds k×NR. Tasks own disjoint (row block, panel) ranges, so no two
+                        // threads write the same element; `y` is borrowed mutably for the whole
+                        // call, so nothing else reads or writes it meanwhile.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            let xt = x.as_ptr().add(r * k);
+                            let yt = (y_addr as *mut f32).add(r * n + col0);
+                            let wt = wp.as_ptr();
+                            match rows {
+                                6 => tile::<6>(xt, k, wt, yt, n, cols),
+                                5 => tile::<5>(xt, k, wt, yt, n, cols),
+                                4 => tile::<4>(xt, k, wt, yt, n, cols),
+                                3 => tile::<3>(xt, k, wt, yt, n, cols),
+                                2 => tile::<2>(xt, k, wt, yt, n, cols),
+                                _ => tile::<1>(xt, k, wt, yt, n, cols),
+                            }
+                            if FOLD {
+                                let (s, b) = (&scale[col0..col0 + cols], &shift[col0..col0 + cols]);
+                                for i in 0..rows {
+                                    let out = std::slice::from_raw_parts_mut(yt.add(i * n), cols);
+                                    for ((v, s), b) in out.iter_mut().zip(s).zip(b) {
+                                        *v = A::apply(*v * s + b);
+                                    }
+                                }
+                            }
+                        }
+                        r += rows;
+                    }
+                }
+            },
+        )
+    };
+    let tasks = row_blocks * groups;
+    if tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// One `R × NR` tile: the full reduction over `k` in registers, stored once (`cols` columns).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `x` must be readable for `R` rows of `k` at stride `k`,
+/// `w` for `k × NR` values, and `y` writable for `R` rows of `cols ≤ NR` at stride `ldy`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const R: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    for p in 0..k {
+        let w0 = _mm256_loadu_ps(w.add(p * NR));
+        let w1 = _mm256_loadu_ps(w.add(p * NR + 8));
+        for r in 0..R {
+            let a = _mm256_broadcast_ss(&*x.add(r * k + p));
+            lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
+        }
+    }
+    for r in 0..R {
+        let out = y.add(r * ldy);
+        if cols == NR {
+            _mm256_storeu_ps(out, lo[r]);
+            _mm256_storeu_ps(out.add(8), hi[r]);
+        } else {
+            let mut row = [0f32; NR];
+            _mm256_storeu_ps(row.as_mut_ptr(), lo[r]);
+            _mm256_storeu_ps(row.as_mut_ptr().add(8), hi[r]);
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
+        }
+    }
+}
