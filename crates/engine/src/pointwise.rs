@@ -31,7 +31,7 @@ pub fn packed_len(k: usize, n: usize) -> usize {
 /// Packs torch's `[n, k]` weight into panels `[n/NR][k][NR]`, the last one zero-padded.
 pub fn pack(k: usize, n: usize, torch: &[f32]) -> Vec<f32> {
     let mut panels = vec![0f32; packed_len(k, n)];
-    for (o, row) in torch[..n * k].chunks_exact(k).enumerate() {
+    for (o, row) in torch[..n * k].chunks_exact(k.max(1)).enumerate() {
         let panel = &mut panels[(o / NR) * k * NR..][..k * NR];
         for (p, &v) in row.iter().enumerate() {
             panel[p * NR + o % NR] = v;
@@ -74,6 +74,9 @@ pub fn forward(
             f.scale.len() == n && f.shift.len() == n,
             "pointwise: epilogue width"
         );
+    }
+    if m == 0 || n == 0 {
+        return;
     }
     let Some(f) = folded else {
         return run::<crate::act::Identity, false>(x, m, k, n, w, y, &[], &[]);

@@ -645,6 +645,8 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
     }
     let mut rng = Rng::new(11);
     for &(m, k, n) in &[
+        (0, 4, 8),
+        (3, 0, 8),
         (1, 3, 5),
         (7, 16, 24),
         (13, 40, 33),
