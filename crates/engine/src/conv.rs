@@ -127,6 +127,9 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     if winograd::applies(g) {
         let mut u = vec![0f32; 16 * cin * cout];
         winograd::transform_filter(cin, cout, &packed, &mut u);
+        if pointwise::available() {
+            return winograd::pack_filter(cin, cout, &u);
+        }
         return u;
     }
     packed
@@ -245,11 +248,12 @@ pub fn forward(
     }
     if winograd::applies(g) {
         let u = match weight {
-            Weight::Prepared(u) => u,
+            Weight::Prepared(u) if pointwise::available() => winograd::Filter::Panels(u),
+            Weight::Prepared(u) => winograd::Filter::Rows(u),
             Weight::Plain(w) => {
                 let u = &mut col[..16 * g.input.c * g.cout];
                 winograd::transform_filter(g.input.c, g.cout, w, u);
-                u
+                winograd::Filter::Rows(u)
             }
         };
         winograd::forward(g, x, u, y, epilogue);
@@ -330,7 +334,7 @@ pub fn backward(
             }
             winograd::transform_filter(cout, cin, flipped, u);
             let g_t = ConvGeom::new(Nhwc::new(g.input.n, g.out_h, g.out_w, cout), 3, 1, cin);
-            winograd::forward(&g_t, dy, u, dx, None);
+            winograd::forward(&g_t, dy, winograd::Filter::Rows(u), dx, None);
         }
     }
     for b in 0..g.input.n {

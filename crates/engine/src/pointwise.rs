@@ -30,11 +30,21 @@ pub fn packed_len(k: usize, n: usize) -> usize {
 
 /// Packs torch's `[n, k]` weight into panels `[n/NR][k][NR]`, the last one zero-padded.
 pub fn pack(k: usize, n: usize, torch: &[f32]) -> Vec<f32> {
+    pack_with(k, n, |o, p| torch[o * k + p])
+}
+
+/// Packs a row-major `[k, n]` matrix (the right operand of `x · w`) into [`pack`]'s panels.
+pub fn pack_rows(k: usize, n: usize, w: &[f32]) -> Vec<f32> {
+    assert!(w.len() >= k * n, "pointwise: weight holds {} < {k}×{n}", w.len());
+    pack_with(k, n, |o, p| w[p * n + o])
+}
+
+fn pack_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
     let mut panels = vec![0f32; packed_len(k, n)];
-    for (o, row) in torch[..n * k].chunks_exact(k.max(1)).enumerate() {
+    for o in 0..n {
         let panel = &mut panels[(o / NR) * k * NR..][..k * NR];
-        for (p, &v) in row.iter().enumerate() {
-            panel[p * NR + o % NR] = v;
+        for p in 0..k {
+            panel[p * NR + o % NR] = at(o, p);
         }
     }
     panels
@@ -51,24 +61,7 @@ pub fn forward(
     y: &mut [f32],
     folded: Option<&Folded>,
 ) {
-    assert!(
-        available(),
-        "pointwise: kernels need x86-64 with AVX2 and FMA"
-    );
-    assert!(
-        x.len() >= m * k,
-        "pointwise: input holds {} < {m}×{k}",
-        x.len()
-    );
-    assert!(
-        y.len() >= m * n,
-        "pointwise: output holds {} < {m}×{n}",
-        y.len()
-    );
-    assert!(
-        w.len() >= packed_len(k, n),
-        "pointwise: weights not packed for {k}→{n}"
-    );
+    check(x, m, k, n, w, y);
     if let Some(f) = folded {
         assert!(
             f.scale.len() == n && f.shift.len() == n,
@@ -97,8 +90,8 @@ fn run<A: Activation, const FOLD: bool>(
 ) {
     let panels = n.div_ceil(NR);
     // Rows per block: ~128 KiB of activations, a whole number of tiles.
-    let block = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
-    let row_blocks = m.div_ceil(block);
+    let block_rows = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
+    let row_blocks = m.div_ceil(block_rows);
     let threads = rayon::current_num_threads();
     let groups = if threads > 1 && m * k * n >= 1 << 18 {
         (4 * threads).div_ceil(row_blocks).clamp(1, panels)
@@ -109,52 +102,11 @@ fn run<A: Activation, const FOLD: bool>(
     let y_addr = y.as_mut_ptr() as usize;
     let task = |t: usize| {
         let (rb, g) = (t / groups, t % groups);
-        let (r0, r1) = (rb * block, ((rb + 1) * block).min(m));
-        let (p0, p1) = (g * per_group, ((g + 1) * per_group).min(panels));
-        simd::dispatch(
-            #[inline(always)]
-            || {
-                for panel in p0..p1 {
-                    let col0 = panel * NR;
-                    let cols = NR.min(n - col0);
-                    let wp = &w[panel * k * NR..][..k * NR];
-                    let mut r = r0;
-                    while r < r1 {
-                        let rows = MR.min(r1 - r);
-                        // SAFETY: `forward` asserted AVX2 and FMA (`available`). The tile covers
-                        // rows r..r+rows ≤ m of `x` (row length k; m×k asserted) and of `y`
-                        // (row length n; m×n asserted), columns col0..col0+cols ≤ n, and `wp`
-                        // holds k×NR. Tasks own disjoint (row block, panel) ranges, so no two
-                        // threads write the same element; `y` is borrowed mutably for the whole
-                        // call, so nothing else reads or writes it meanwhile.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            let xt = x.as_ptr().add(r * k);
-                            let yt = (y_addr as *mut f32).add(r * n + col0);
-                            let wt = wp.as_ptr();
-                            match rows {
-                                6 => tile::<6>(xt, k, wt, yt, n, cols),
-                                5 => tile::<5>(xt, k, wt, yt, n, cols),
-                                4 => tile::<4>(xt, k, wt, yt, n, cols),
-                                3 => tile::<3>(xt, k, wt, yt, n, cols),
-                                2 => tile::<2>(xt, k, wt, yt, n, cols),
-                                _ => tile::<1>(xt, k, wt, yt, n, cols),
-                            }
-                            if FOLD {
-                                let (s, b) = (&scale[col0..col0 + cols], &shift[col0..col0 + cols]);
-                                for i in 0..rows {
-                                    let out = std::slice::from_raw_parts_mut(yt.add(i * n), cols);
-                                    for ((v, s), b) in out.iter_mut().zip(s).zip(b) {
-                                        *v = A::apply(*v * s + b);
-                                    }
-                                }
-                            }
-                        }
-                        r += rows;
-                    }
-                }
-            },
-        )
+        let rows = rb * block_rows..((rb + 1) * block_rows).min(m);
+        let panels = g * per_group..((g + 1) * per_group).min(panels);
+        // SAFETY: `forward` checked the operands' sizes and the CPU; tasks own disjoint (row
+        // block, panel group) ranges of `y`, which is borrowed mutably for the whole call.
+        unsafe { block::<A, FOLD>(x, k, n, w, y_addr as *mut f32, rows, panels, scale, shift) }
     };
     let tasks = row_blocks * groups;
     if tasks > 1 {
@@ -162,6 +114,94 @@ fn run<A: Activation, const FOLD: bool>(
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// `y[m×n] = x[m×k] · w` on the calling thread (for callers that already split their work over
+/// the pool), `w` packed by [`pack`] or [`pack_rows`]. Only where [`available`].
+pub fn product_serial(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32]) {
+    check(x, m, k, n, w, y);
+    // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call.
+    unsafe {
+        block::<crate::act::Identity, false>(
+            x,
+            k,
+            n,
+            w,
+            y.as_mut_ptr(),
+            0..m,
+            0..n.div_ceil(NR),
+            &[],
+            &[],
+        )
+    }
+}
+
+fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
+    assert!(available(), "pointwise: kernels need x86-64 with AVX2 and FMA");
+    assert!(x.len() >= m * k, "pointwise: input holds {} < {m}×{k}", x.len());
+    assert!(y.len() >= m * n, "pointwise: output holds {} < {m}×{n}", y.len());
+    assert!(w.len() >= packed_len(k, n), "pointwise: weights not packed for {k}→{n}");
+}
+
+/// Rows `rows` × panels `panels` of the product, tile by tile, each followed by the epilogue.
+///
+/// # Safety
+/// [`check`] must have passed for `x`, `w` and the `m × n` output at `y`, with `rows` ⊆ 0..m and
+/// `panels` ⊆ 0..n/NR; no other thread may touch this part of `y` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block<A: Activation, const FOLD: bool>(
+    x: &[f32],
+    k: usize,
+    n: usize,
+    w: &[f32],
+    y: *mut f32,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    scale: &[f32],
+    shift: &[f32],
+) {
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for panel in panels {
+                let col0 = panel * NR;
+                let cols = NR.min(n - col0);
+                let wp = &w[panel * k * NR..][..k * NR];
+                let mut r = rows.start;
+                while r < rows.end {
+                    let tile_rows = MR.min(rows.end - r);
+                    // SAFETY: AVX2 and FMA checked (`available`); the tile covers rows
+                    // r..r+tile_rows ≤ m of `x` (row length k) and of `y` (row length n),
+                    // columns col0..col0+cols ≤ n, and `wp` holds k×NR: inside the operands
+                    // by the caller's contract, and this caller's part of `y` alone.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let xt = x.as_ptr().add(r * k);
+                        let yt = y.add(r * n + col0);
+                        let wt = wp.as_ptr();
+                        match tile_rows {
+                            6 => tile::<6>(xt, k, wt, yt, n, cols),
+                            5 => tile::<5>(xt, k, wt, yt, n, cols),
+                            4 => tile::<4>(xt, k, wt, yt, n, cols),
+                            3 => tile::<3>(xt, k, wt, yt, n, cols),
+                            2 => tile::<2>(xt, k, wt, yt, n, cols),
+                            _ => tile::<1>(xt, k, wt, yt, n, cols),
+                        }
+                        if FOLD {
+                            let (s, b) = (&scale[col0..col0 + cols], &shift[col0..col0 + cols]);
+                            for i in 0..tile_rows {
+                                let out = std::slice::from_raw_parts_mut(yt.add(i * n), cols);
+                                for ((v, s), b) in out.iter_mut().zip(s).zip(b) {
+                                    *v = A::apply(*v * s + b);
+                                }
+                            }
+                        }
+                    }
+                    r += tile_rows;
+                }
+            }
+        },
+    )
 }
 
 /// One `R × NR` tile: the full reduction over `k` in registers, stored once (`cols` columns).

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::conv::{ConvGeom, Epilogue};
 use crate::matmul::{matmul_serial, Layout};
+use crate::pointwise;
 use crate::simd;
 
 /// Whether [`forward`] computes this convolution: 3×3, stride 1 (SAME pads one on each side).
@@ -52,9 +53,27 @@ fn block_scratch(tiles: usize, cin: usize, cout: usize) -> usize {
     16 * tiles * (cin + cout)
 }
 
-/// y = conv(x) for a 3×3 stride-1 SAME convolution (see [`applies`]); `u` is the transformed
-/// filter of [`transform_filter`]; the epilogue runs on each block's output rows.
-pub fn forward(g: &ConvGeom, x: &[f32], u: &[f32], y: &mut [f32], epilogue: Epilogue) {
+/// The transformed filter as [`forward`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Filter<'a> {
+    /// `u[16][cin][cout]`, as [`transform_filter`] writes it.
+    Rows(&'a [f32]),
+    /// Each of the 16 positions packed for the pointwise kernel ([`pack_filter`]).
+    Panels(&'a [f32]),
+}
+
+/// [`transform_filter`]'s `u` packed position by position into [`pointwise::pack_rows`]'
+/// panels, for inference with fixed weights where the pointwise kernel runs.
+pub fn pack_filter(cin: usize, cout: usize, u: &[f32]) -> Vec<f32> {
+    u[..16 * cin * cout]
+        .chunks_exact((cin * cout).max(1))
+        .flat_map(|plane| pointwise::pack_rows(cin, cout, plane))
+        .collect()
+}
+
+/// y = conv(x) for a 3×3 stride-1 SAME convolution (see [`applies`]) with the transformed
+/// filter `u`; the epilogue runs on each block's output rows.
+pub fn forward(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epilogue) {
     let (n, h, w, cin, cout) = (g.input.n, g.input.h, g.input.w, g.input.c, g.cout);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     // Blocks of whole tile rows: about 16K output floats per position (in cache), ≥ 1 row.
@@ -86,15 +105,18 @@ pub fn forward(g: &ConvGeom, x: &[f32], u: &[f32], y: &mut [f32], epilogue: Epil
                 || input_transform(image, h, w, cin, r0, r1, tw, v),
             );
             for xi in 0..16 {
-                matmul_serial(
-                    &mut m[xi * tiles * cout..][..tiles * cout],
-                    tiles,
-                    cout,
-                    cin,
-                    &v[xi * tiles * cin..][..tiles * cin],
-                    &u[xi * cin * cout..][..cin * cout],
-                    Layout::Normal,
-                );
+                let out = &mut m[xi * tiles * cout..][..tiles * cout];
+                let vx = &v[xi * tiles * cin..][..tiles * cin];
+                match u {
+                    Filter::Rows(u) => {
+                        let ux = &u[xi * cin * cout..][..cin * cout];
+                        matmul_serial(out, tiles, cout, cin, vx, ux, Layout::Normal)
+                    }
+                    Filter::Panels(u) => {
+                        let len = pointwise::packed_len(cin, cout);
+                        pointwise::product_serial(vx, tiles, cin, cout, &u[xi * len..][..len], out)
+                    }
+                }
             }
             simd::dispatch(
                 #[inline(always)]
