@@ -104,10 +104,10 @@ pub enum Weight<'a> {
 }
 
 /// The weight (PyTorch's layout) in the layout [`forward`] reads fastest, for many passes with
-/// fixed weights: for a pointwise convolution, [`pointwise::pack`]'s panels where that kernel
-/// runs, else `[cin, cout]` (the product streams rows of the weight instead of gathering
-/// columns); Winograd's transformed filter where that applies; [`pack_weight`]'s layout
-/// otherwise.
+/// fixed weights. Where the [`pointwise`] kernel runs, every product's right operand packed into
+/// its panels: the 1×1 weight, each of Winograd's 16 transformed filters, the im2col filter.
+/// Elsewhere `[cin, cout]` for a 1×1 convolution (the product streams rows of the weight instead
+/// of gathering columns), Winograd's transformed filter, or [`pack_weight`]'s layout.
 pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     let (cin, cout) = (g.input.c, g.cout);
     if g.is_pointwise() && pointwise::available() {
@@ -131,6 +131,9 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
             return winograd::pack_filter(cin, cout, &u);
         }
         return u;
+    }
+    if pointwise::available() {
+        return pointwise::pack_rows(g.patch_len(), cout, &packed);
     }
     packed
 }
@@ -233,22 +236,20 @@ pub fn forward(
         (true, Weight::Prepared(w)) => (w, g.input.c, Layout::Normal),
         (false, Weight::Plain(w) | Weight::Prepared(w)) => (w, g.patch_len(), Layout::Normal),
     };
+    // Prepared weights are the pointwise kernel's panels where that kernel runs.
+    let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
     let product = |y: &mut [f32], rows: usize, a: &[f32]| match epilogue {
+        _ if panels => pointwise::forward(a, rows, k, g.cout, w, y, epilogue),
         Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, &|rows| e.apply(rows)),
         None => matmul(y, rows, g.cout, k, a, Layout::Normal, w, w_layout, false),
     };
     if g.is_pointwise() {
-        match weight {
-            Weight::Prepared(w) if pointwise::available() => {
-                pointwise::forward(x, g.output().rows(), g.input.c, g.cout, w, y, epilogue)
-            }
-            _ => product(y, g.output().rows(), x),
-        }
+        product(y, g.output().rows(), x);
         return;
     }
     if winograd::applies(g) {
         let u = match weight {
-            Weight::Prepared(u) if pointwise::available() => winograd::Filter::Panels(u),
+            Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
             Weight::Prepared(u) => winograd::Filter::Rows(u),
             Weight::Plain(w) => {
                 let u = &mut col[..16 * g.input.c * g.cout];

@@ -35,7 +35,11 @@ pub fn pack(k: usize, n: usize, torch: &[f32]) -> Vec<f32> {
 
 /// Packs a row-major `[k, n]` matrix (the right operand of `x · w`) into [`pack`]'s panels.
 pub fn pack_rows(k: usize, n: usize, w: &[f32]) -> Vec<f32> {
-    assert!(w.len() >= k * n, "pointwise: weight holds {} < {k}×{n}", w.len());
+    assert!(
+        w.len() >= k * n,
+        "pointwise: weight holds {} < {k}×{n}",
+        w.len()
+    );
     pack_with(k, n, |o, p| w[p * n + o])
 }
 
@@ -137,10 +141,24 @@ pub fn product_serial(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mu
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
-    assert!(available(), "pointwise: kernels need x86-64 with AVX2 and FMA");
-    assert!(x.len() >= m * k, "pointwise: input holds {} < {m}×{k}", x.len());
-    assert!(y.len() >= m * n, "pointwise: output holds {} < {m}×{n}", y.len());
-    assert!(w.len() >= packed_len(k, n), "pointwise: weights not packed for {k}→{n}");
+    assert!(
+        available(),
+        "pointwise: kernels need x86-64 with AVX2 and FMA"
+    );
+    assert!(
+        x.len() >= m * k,
+        "pointwise: input holds {} < {m}×{k}",
+        x.len()
+    );
+    assert!(
+        y.len() >= m * n,
+        "pointwise: output holds {} < {m}×{n}",
+        y.len()
+    );
+    assert!(
+        w.len() >= packed_len(k, n),
+        "pointwise: weights not packed for {k}→{n}"
+    );
 }
 
 /// Rows `rows` × panels `panels` of the product, tile by tile, each followed by the epilogue.
