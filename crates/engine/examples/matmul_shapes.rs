@@ -3,7 +3,8 @@
 //! `cargo run --release -p effnet-engine --example matmul_shapes [THREADS] [BATCH]`.
 
 use effnet_engine::matmul::{matmul, matmul_then, Layout};
-use effnet_engine::pointwise;
+use effnet_engine::norm::Folded;
+use effnet_engine::{pointwise, Act};
 use std::time::Instant;
 
 fn main() {
@@ -42,8 +43,8 @@ fn main() {
     // `then`: the same product through `matmul_then` with an empty epilogue, as inference runs
     // every 1×1 convolution (row blocks, one serial product each).
     println!(
-        "{:>6} {:>5} {:>5}  {:>9} {:>9} {:>9}",
-        "rows", "k", "n", "GFLOP/s", "then", "packed"
+        "{:>6} {:>5} {:>5}  {:>9} {:>9} {:>9} {:>9}",
+        "rows", "k", "n", "GFLOP/s", "then", "packed", "+silu"
     );
     for (m, k, n, layout) in shapes {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
@@ -63,6 +64,16 @@ fn main() {
         let then = rate(&|c| matmul_then(c, m, n, k, &a, &b, layout, &|_| {}));
         let panels = pointwise::pack(k, n, &b);
         let packed = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, None));
-        println!("{m:>6} {k:>5} {n:>5}  {plain:>9.1} {then:>9.1} {packed:>9.1}");
+        let silu = Folded {
+            scale: vec![0.9; n],
+            shift: vec![0.1; n],
+            act: if std::env::var_os("ACT_NONE").is_some() {
+                Act::None
+            } else {
+                Act::Silu
+            },
+        };
+        let fused = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, Some(&silu)));
+        println!("{m:>6} {k:>5} {n:>5}  {plain:>9.1} {then:>9.1} {packed:>9.1} {fused:>9.1}");
     }
 }

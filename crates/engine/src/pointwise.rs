@@ -8,7 +8,6 @@
 
 use rayon::prelude::*;
 
-use crate::act::Activation;
 use crate::norm::Folded;
 use crate::simd;
 
@@ -75,23 +74,10 @@ pub fn forward(
     if m == 0 || n == 0 {
         return;
     }
-    let Some(f) = folded else {
-        return run::<crate::act::Identity, false>(x, m, k, n, w, y, &[], &[]);
-    };
-    crate::with_activation!(f.act, A => run::<A, true>(x, m, k, n, w, y, &f.scale, &f.shift))
+    run(x, m, k, n, w, y, folded)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run<A: Activation, const FOLD: bool>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    w: &[f32],
-    y: &mut [f32],
-    scale: &[f32],
-    shift: &[f32],
-) {
+fn run(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32], folded: Option<&Folded>) {
     let panels = n.div_ceil(NR);
     // Rows per block: ~128 KiB of activations, a whole number of tiles.
     let block_rows = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
@@ -110,7 +96,7 @@ fn run<A: Activation, const FOLD: bool>(
         let panels = g * per_group..((g + 1) * per_group).min(panels);
         // SAFETY: `forward` checked the operands' sizes and the CPU; tasks own disjoint (row
         // block, panel group) ranges of `y`, which is borrowed mutably for the whole call.
-        unsafe { block::<A, FOLD>(x, k, n, w, y_addr as *mut f32, rows, panels, scale, shift) }
+        unsafe { block(x, k, n, w, y_addr as *mut f32, rows, panels, folded) }
     };
     let tasks = row_blocks * groups;
     if tasks > 1 {
@@ -125,19 +111,7 @@ fn run<A: Activation, const FOLD: bool>(
 pub fn product_serial(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32]) {
     check(x, m, k, n, w, y);
     // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call.
-    unsafe {
-        block::<crate::act::Identity, false>(
-            x,
-            k,
-            n,
-            w,
-            y.as_mut_ptr(),
-            0..m,
-            0..n.div_ceil(NR),
-            &[],
-            &[],
-        )
-    }
+    unsafe { block(x, k, n, w, y.as_mut_ptr(), 0..m, 0..n.div_ceil(NR), None) }
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
@@ -161,13 +135,13 @@ fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
     );
 }
 
-/// Rows `rows` × panels `panels` of the product, tile by tile, each followed by the epilogue.
+/// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue.
 ///
 /// # Safety
 /// [`check`] must have passed for `x`, `w` and the `m × n` output at `y`, with `rows` ⊆ 0..m and
 /// `panels` ⊆ 0..n/NR; no other thread may touch this part of `y` meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<A: Activation, const FOLD: bool>(
+unsafe fn block(
     x: &[f32],
     k: usize,
     n: usize,
@@ -175,54 +149,47 @@ unsafe fn block<A: Activation, const FOLD: bool>(
     y: *mut f32,
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
-    scale: &[f32],
-    shift: &[f32],
+    folded: Option<&Folded>,
 ) {
-    simd::dispatch(
-        #[inline(always)]
-        || {
-            for panel in panels {
-                let col0 = panel * NR;
-                let cols = NR.min(n - col0);
-                let wp = &w[panel * k * NR..][..k * NR];
-                let mut r = rows.start;
-                while r < rows.end {
-                    let tile_rows = MR.min(rows.end - r);
-                    // SAFETY: AVX2 and FMA checked (`available`); the tile covers rows
-                    // r..r+tile_rows ≤ m of `x` (row length k) and of `y` (row length n),
-                    // columns col0..col0+cols ≤ n, and `wp` holds k×NR: inside the operands
-                    // by the caller's contract, and this caller's part of `y` alone.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let xt = x.as_ptr().add(r * k);
-                        let yt = y.add(r * n + col0);
-                        let wt = wp.as_ptr();
-                        match tile_rows {
-                            6 => tile::<6>(xt, k, wt, yt, n, cols),
-                            5 => tile::<5>(xt, k, wt, yt, n, cols),
-                            4 => tile::<4>(xt, k, wt, yt, n, cols),
-                            3 => tile::<3>(xt, k, wt, yt, n, cols),
-                            2 => tile::<2>(xt, k, wt, yt, n, cols),
-                            _ => tile::<1>(xt, k, wt, yt, n, cols),
-                        }
-                        if FOLD {
-                            let (s, b) = (&scale[col0..col0 + cols], &shift[col0..col0 + cols]);
-                            for i in 0..tile_rows {
-                                let out = std::slice::from_raw_parts_mut(yt.add(i * n), cols);
-                                for ((v, s), b) in out.iter_mut().zip(s).zip(b) {
-                                    *v = A::apply(*v * s + b);
-                                }
-                            }
-                        }
-                    }
-                    r += tile_rows;
+    for panel in panels {
+        let col0 = panel * NR;
+        let cols = NR.min(n - col0);
+        let wp = &w[panel * k * NR..][..k * NR];
+        // The panel's scale and shift, zero past the last column.
+        let epilogue = folded.map(|f| {
+            let (mut scale, mut shift) = ([0f32; NR], [0f32; NR]);
+            scale[..cols].copy_from_slice(&f.scale[col0..col0 + cols]);
+            shift[..cols].copy_from_slice(&f.shift[col0..col0 + cols]);
+            (scale, shift, f.act)
+        });
+        let mut r = rows.start;
+        while r < rows.end {
+            let tile_rows = MR.min(rows.end - r);
+            // SAFETY: AVX2 and FMA checked (`available`); the tile covers rows r..r+tile_rows ≤ m
+            // of `x` (row length k) and of `y` (row length n), columns col0..col0+cols ≤ n, and
+            // `wp` holds k×NR: inside the operands by the caller's contract, and this caller's
+            // part of `y` alone.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let xt = x.as_ptr().add(r * k);
+                let yt = y.add(r * n + col0);
+                let (wt, e) = (wp.as_ptr(), epilogue.as_ref());
+                match tile_rows {
+                    6 => tile::<6>(xt, k, wt, yt, n, cols, e),
+                    5 => tile::<5>(xt, k, wt, yt, n, cols, e),
+                    4 => tile::<4>(xt, k, wt, yt, n, cols, e),
+                    3 => tile::<3>(xt, k, wt, yt, n, cols, e),
+                    2 => tile::<2>(xt, k, wt, yt, n, cols, e),
+                    _ => tile::<1>(xt, k, wt, yt, n, cols, e),
                 }
             }
-        },
-    )
+            r += tile_rows;
+        }
+    }
 }
 
-/// One `R × NR` tile: the full reduction over `k` in registers, stored once (`cols` columns).
+/// One `R × NR` tile: the full reduction over `k` in registers, then `act(v·scale + shift)`
+/// there too when an epilogue is given, then one store of `cols` columns.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable for `R` rows of `k` at stride `k`,
@@ -236,6 +203,7 @@ unsafe fn tile<const R: usize>(
     y: *mut f32,
     ldy: usize,
     cols: usize,
+    epilogue: Option<&([f32; NR], [f32; NR], crate::act::Act)>,
 ) {
     use std::arch::x86_64::*;
     let mut lo = [_mm256_setzero_ps(); R];
@@ -247,6 +215,20 @@ unsafe fn tile<const R: usize>(
             let a = _mm256_broadcast_ss(&*x.add(r * k + p));
             lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
             hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
+        }
+    }
+    if let Some((scale, shift, act)) = epilogue {
+        let (s0, s1) = (
+            _mm256_loadu_ps(scale.as_ptr()),
+            _mm256_loadu_ps(scale.as_ptr().add(8)),
+        );
+        let (b0, b1) = (
+            _mm256_loadu_ps(shift.as_ptr()),
+            _mm256_loadu_ps(shift.as_ptr().add(8)),
+        );
+        for r in 0..R {
+            lo[r] = simd::act8(*act, _mm256_fmadd_ps(lo[r], s0, b0));
+            hi[r] = simd::act8(*act, _mm256_fmadd_ps(hi[r], s1, b1));
         }
     }
     for r in 0..R {
