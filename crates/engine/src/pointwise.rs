@@ -1,10 +1,13 @@
-//! 1×1 convolutions for inference: `y = act((x·w)·scale + shift)` over NHWC rows, with the
-//! weights packed once into panels of [`NR`] output channels, the activations read in place
-//! (an NHWC tensor already is the product's row-major left operand, so nothing is packed per
-//! call), and batch norm and activation applied to each tile in registers before its one store.
+//! Matrix products against weights fixed for many passes (inference): `y = act((x·w)·scale +
+//! shift)` with the weights packed once into panels of [`NR`] output channels, the left operand
+//! read in place (an NHWC tensor already is the row-major `[pixels, channels]` matrix of a 1×1
+//! convolution, so nothing is packed per call), and batch norm and activation applied to each
+//! tile in registers before its one store. 1×1 convolutions, Winograd's 16 transformed-domain
+//! products and im2col'd k×k convolutions all run here when their weights are prepared.
 //!
-//! Work is split into blocks of rows (about 128 KiB of activations, reused from L2 for every
-//! panel) and, when there are few rows, groups of panels, so small maps still use every thread.
+//! Work is split into blocks of rows (about 128 KiB of the left operand, reused from L2 for
+//! every panel) and, when there are few rows, groups of panels, so small maps still use every
+//! thread.
 
 use rayon::prelude::*;
 
