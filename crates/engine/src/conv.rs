@@ -110,7 +110,8 @@ pub enum Weight<'a> {
 /// of gathering columns), Winograd's transformed filter, or [`pack_weight`]'s layout.
 pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     let (cin, cout) = (g.input.c, g.cout);
-    if g.is_pointwise() && pointwise::available() {
+    let panels = pointwise::available();
+    if g.is_pointwise() && panels {
         return pointwise::pack(cin, cout, torch);
     }
     if g.is_pointwise() {
@@ -127,12 +128,12 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     if winograd::applies(g) {
         let mut u = vec![0f32; 16 * cin * cout];
         winograd::transform_filter(cin, cout, &packed, &mut u);
-        if pointwise::available() {
+        if panels {
             return winograd::pack_filter(cin, cout, &u);
         }
         return u;
     }
-    if pointwise::available() {
+    if panels {
         return pointwise::pack_rows(g.patch_len(), cout, &packed);
     }
     packed

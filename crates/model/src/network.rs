@@ -454,7 +454,6 @@ impl Network {
                     Some(_) => y,
                     None => conv_out,
                 };
-                let epilogue = folded;
                 let t = Instant::now();
                 match u.conv {
                     ConvKind::Dense => {
@@ -467,7 +466,7 @@ impl Network {
                                 conv::Weight::Plain(&ws.packed[..g.weight_len()])
                             }
                         };
-                        conv::forward(&g, x, w, target, &mut ws.col, epilogue);
+                        conv::forward(&g, x, w, target, &mut ws.col, folded);
                         let op = if g.is_pointwise() {
                             "conv 1x1"
                         } else {
@@ -484,7 +483,7 @@ impl Network {
                                 &ws.packed[..g.weight_len()]
                             }
                         };
-                        depthwise::forward(&g, x, w, target, epilogue);
+                        depthwise::forward(&g, x, w, target, folded);
                         Profile::add(&mut ws.profile, "depthwise", t, g.macs());
                     }
                 }
