@@ -8,14 +8,14 @@ use effnet_engine::{pointwise, Act};
 use std::time::Instant;
 
 fn main() {
-    let threads: usize = std::env::args()
-        .nth(1)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(1);
-    let batch: usize = std::env::args()
-        .nth(2)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(1);
+    // Positional argument `i`, 1 when absent or not a number.
+    let arg = |i: usize| -> usize {
+        std::env::args()
+            .nth(i)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1)
+    };
+    let (threads, batch) = (arg(1), arg(2));
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
