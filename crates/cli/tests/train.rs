@@ -189,7 +189,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         "# a comment\narch: efficientnet_lite0\nimg_size: 32\nmax-train-images: 64\n\
          max_eval_images: 32\nbatch-size: 16\nepochs: 1\naugmenter-name: \"none\"\n\
          random-crop: true\ncrop_area_range: 0.7,1\nskip-eval: false\nmodel-dir: \"ignored\"\n\
-         translate_const: 6\n",
+         translate_const: 6\nrandom-translate: 2\n",
     )
     .unwrap();
     let model_dir = root.join("run");
@@ -212,6 +212,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         "crop-area-range: 0.7,1.0",
         "batch-size: 32",
         "translate-const: 6.0",
+        "random-translate: 2",
     ] {
         assert!(params.lines().any(|l| l == line), "{line} in {params}");
     }

@@ -292,6 +292,38 @@ pub fn train_image(img: &RgbImage, size: usize, rng: &mut Rng) -> RgbImage {
     TrainGeometry::new(size).apply(img, rng)
 }
 
+/// Pad-and-crop translation (the CIFAR/Fashion-MNIST staple, torchvision's `RandomCrop(size,
+/// padding)`; not in the reference): the image padded by `pad` black pixels on every side and
+/// cropped back to its size at an offset uniform in `[0, 2·pad]` each way, i.e. the content shifted
+/// by `dx, dy` uniform in `[−pad, pad]` (x drawn first). It moves without zooming, which small
+/// images need: a random-resized crop of a 28-pixel image rescales it.
+pub fn pad_and_crop(img: &mut RgbImage, pad: usize, rng: &mut Rng) {
+    if pad == 0 {
+        return;
+    }
+    let dx = rng.below(2 * pad + 1) as i64 - pad as i64;
+    let dy = rng.below(2 * pad + 1) as i64 - pad as i64;
+    shift(img, dx, dy);
+}
+
+/// Moves the content `dx` pixels right and `dy` down; uncovered pixels are black.
+pub fn shift(img: &mut RgbImage, dx: i64, dy: i64) {
+    let (w, h) = (img.width as i64, img.height as i64);
+    let mut out = vec![0u8; img.pixels.len()];
+    // Columns that stay inside: destination x in [x0, x1).
+    let (x0, x1) = (dx.clamp(0, w), (w + dx).clamp(0, w));
+    for y in 0..h {
+        let sy = y - dy;
+        if !(0..h).contains(&sy) || x0 >= x1 {
+            continue;
+        }
+        let dst = ((y * w + x0) * 3) as usize..((y * w + x1) * 3) as usize;
+        let src = ((sy * w + x0 - dx) * 3) as usize..((sy * w + x1 - dx) * 3) as usize;
+        out[dst].copy_from_slice(&img.pixels[src]);
+    }
+    img.pixels = out;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +407,56 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn shift_moves_every_pixel_and_blackens_the_rest() {
+        let w = 7usize;
+        let h = 5usize;
+        let src = RgbImage {
+            width: w,
+            height: h,
+            pixels: (0..w * h * 3).map(|i| (i % 251) as u8 + 1).collect(),
+        };
+        for (dx, dy) in [(0i64, 0i64), (2, -1), (-3, 4), (7, 0), (-1, -5), (1, 1)] {
+            let mut img = src.clone();
+            shift(&mut img, dx, dy);
+            for y in 0..h as i64 {
+                for x in 0..w as i64 {
+                    let (sx, sy) = (x - dx, y - dy);
+                    for c in 0..3 {
+                        let want = if (0..w as i64).contains(&sx) && (0..h as i64).contains(&sy) {
+                            src.pixels[((sy * w as i64 + sx) * 3 + c) as usize]
+                        } else {
+                            0
+                        };
+                        let got = img.pixels[((y * w as i64 + x) * 3 + c) as usize];
+                        assert_eq!(got, want, "shift ({dx}, {dy}) at ({x}, {y}) channel {c}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pad_and_crop_draws_every_offset_within_the_pad() {
+        let mut rng = Rng::new(3);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..400 {
+            // One lit pixel in the middle of a 9×9 image: where it lands is the offset.
+            let mut img = RgbImage {
+                width: 9,
+                height: 9,
+                pixels: vec![0; 9 * 9 * 3],
+            };
+            img.pixels[(4 * 9 + 4) * 3] = 255;
+            pad_and_crop(&mut img, 2, &mut rng);
+            let at = img.pixels.iter().position(|&v| v == 255).unwrap() / 3;
+            let (dx, dy) = (at as i64 % 9 - 4, at as i64 / 9 - 4);
+            assert!(dx.abs() <= 2 && dy.abs() <= 2, "offset ({dx}, {dy})");
+            seen.insert((dx, dy));
+        }
+        assert_eq!(seen.len(), 25, "all 5×5 offsets drawn: {seen:?}");
     }
 
     #[test]

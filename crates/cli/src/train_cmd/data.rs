@@ -8,7 +8,7 @@ use effnet_data::augment::{AutoAugment, RandAugment};
 use effnet_data::dataset::ImageDataset;
 use effnet_data::idx;
 use effnet_data::loader::{Source, Stage};
-use effnet_data::sampler::{CropSampler, TrainGeometry};
+use effnet_data::sampler::{pad_and_crop, CropSampler, TrainGeometry};
 use effnet_data::tfrecord;
 use effnet_data::{Image, Normalize, RgbImage, Transform};
 use effnet_engine::rng::Rng;
@@ -255,6 +255,8 @@ pub struct TrainSource {
     pub data: Arc<dyn Samples>,
     /// The random crop's sampler; `None`: the whole image.
     pub crop: Option<CropSampler>,
+    /// Pad-and-crop's largest shift in pixels (0: none).
+    pub translate: usize,
     pub augment: Augment,
     pub normalize: Normalize,
 }
@@ -278,6 +280,7 @@ impl Source for TrainSource {
             ..geometry.sampler
         });
         let mut out = self.data.train_image(index, &geometry, rng)?;
+        pad_and_crop(&mut out, self.translate, rng);
         match self.augment {
             Augment::Rand { layers, geometry } if stage.magnitude > 0.0 && layers > 0 => {
                 let d = RandAugment::default();
@@ -355,6 +358,7 @@ mod tests {
         let source = TrainSource {
             data: Arc::new(Gradient),
             crop: None,
+            translate: 0,
             augment,
             normalize: Normalize::parse("inception").unwrap(),
         };

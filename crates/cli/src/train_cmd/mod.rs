@@ -397,6 +397,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
                 .unwrap_or(CropSampler::default().area_range),
             ..CropSampler::default()
         }),
+        translate: args.random_translate,
         augment,
         normalize: eval_transform.normalize,
     };
