@@ -78,11 +78,39 @@ pub fn unpack_weight_add(g: &DwGeom, packed: &[f32], torch: &mut [f32]) {
 }
 
 /// `y = depthwise(x, w)` with `w` packed as `[kh][kw][c]`, then `epilogue` on each output row.
+///
+/// On AVX2 CPUs, whole 8-channel vectors run [`row_avx2`]; it sums the same products in the same
+/// order as the portable loop below, so both give the same bits.
 pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate::conv::Epilogue) {
     let c = g.input.c;
     let (ih_len, iw_len) = (g.input.h, g.input.w);
     let in_img = ih_len * iw_len * c;
     let row_len = g.out_w * c;
+    assert!(
+        x.len() >= g.input.len() && w.len() >= g.weight_len() && y.len() >= g.output().len(),
+        "depthwise: operand sizes"
+    );
+    if let Some(f) = epilogue {
+        assert!(
+            f.scale.len() == c && f.shift.len() == c,
+            "depthwise: epilogue width"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() != simd::Level::Baseline && c % 8 == 0 {
+        y[..g.output().len()]
+            .par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, out_row)| {
+                let (b, oh) = (r / g.out_h, r % g.out_h);
+                let img = &x[b * in_img..][..in_img];
+                // SAFETY: AVX2 and FMA are present (`simd::level`); `img` is one whole input
+                // image, `w` holds k·k·c weights, `out_row` one output row and `epilogue` c
+                // scales and shifts (asserted above), which is what `row_avx2` reads and writes.
+                unsafe { row_avx2(g, img, w, oh, out_row, epilogue) }
+            });
+        return;
+    }
     y.par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(r, out_row)| {
@@ -112,6 +140,103 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
                 epilogue.apply(out_row);
             }
         });
+}
+
+/// Output row `oh` of one image, pixel by pixel, 32 channels at a time (a tail of 8 at a time):
+/// each channel's sum stays in a register over the taps and the epilogue runs there before the
+/// one store, while the loads walk the channels contiguously as the portable loop's do. Products
+/// are added as separate multiplies and adds, in the portable loop's order.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `img` must hold the whole input image, `w` `k·k·c` weights,
+/// `out` the `out_w · c` output row, `epilogue` (if any) `c` scales and shifts, with `c % 8 == 0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(
+    g: &DwGeom,
+    img: &[f32],
+    w: &[f32],
+    oh: usize,
+    out: &mut [f32],
+    epilogue: crate::conv::Epilogue,
+) {
+    let (c, iw_len) = (g.input.c, g.input.w);
+    let (kh0, ih0, nh) = g.taps(oh, g.pad_top, g.input.h);
+    let wide = c / 32 * 32;
+    for ow in 0..g.out_w {
+        let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
+        let taps = Taps {
+            x: img.as_ptr().add((ih0 * iw_len + iw0) * c),
+            w: w.as_ptr().add((kh0 * g.kernel + kw0) * c),
+            nh,
+            nw,
+            x_row: iw_len * c,
+            w_row: g.kernel * c,
+            c,
+        };
+        let y = out.as_mut_ptr().add(ow * c);
+        for cb in (0..wide).step_by(32) {
+            channels::<4>(&taps, cb, y, epilogue);
+        }
+        for cb in (wide..c).step_by(8) {
+            channels::<1>(&taps, cb, y, epilogue);
+        }
+    }
+}
+
+/// One output pixel's taps: the first input pixel and weight inside the window, the window's
+/// rows and columns inside the image, and the strides between rows (columns are `c` apart).
+#[cfg(target_arch = "x86_64")]
+struct Taps {
+    x: *const f32,
+    w: *const f32,
+    nh: usize,
+    nw: usize,
+    x_row: usize,
+    w_row: usize,
+    c: usize,
+}
+
+/// Channels `cb..cb + 8V` of one output pixel: the sum over its taps, the epilogue, the store.
+///
+/// # Safety
+/// As [`row_avx2`], whose pixel `taps` describes and whose output pixel starts at `y`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn channels<const V: usize>(
+    taps: &Taps,
+    cb: usize,
+    y: *mut f32,
+    epilogue: crate::conv::Epilogue,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); V];
+    for dh in 0..taps.nh {
+        let (xr, wr) = (
+            taps.x.add(dh * taps.x_row + cb),
+            taps.w.add(dh * taps.w_row + cb),
+        );
+        for dw in 0..taps.nw {
+            let (xp, wp) = (xr.add(dw * taps.c), wr.add(dw * taps.c));
+            for (v, a) in acc.iter_mut().enumerate() {
+                let prod = _mm256_mul_ps(
+                    _mm256_loadu_ps(xp.add(8 * v)),
+                    _mm256_loadu_ps(wp.add(8 * v)),
+                );
+                *a = _mm256_add_ps(*a, prod);
+            }
+        }
+    }
+    if let Some(f) = epilogue {
+        for (v, a) in acc.iter_mut().enumerate() {
+            let scale = _mm256_loadu_ps(f.scale.as_ptr().add(cb + 8 * v));
+            let shift = _mm256_loadu_ps(f.shift.as_ptr().add(cb + 8 * v));
+            *a = simd::act8(f.act, _mm256_add_ps(_mm256_mul_ps(*a, scale), shift));
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(y.add(cb + 8 * v), *a);
+    }
 }
 
 /// Gradients of [`forward`]: `dx` is overwritten, `dw` (packed) accumulated into.

@@ -597,6 +597,66 @@ fn dropout_and_drop_path_keep_the_expectation() {
     assert_eq!(y, vec![0.0, 2.5, 3.75]);
 }
 
+/// The depthwise forward sums each pixel's taps in one fixed order (rows, then columns, as
+/// separate multiplies and adds) whatever kernel runs it, so the AVX2 kernel and this scalar
+/// loop agree to the bit, with and without the folded batch norm + SiLU; image borders, stride
+/// 2, 5×5 kernels and maps narrower than the kernel included.
+#[test]
+fn depthwise_forward_sums_in_the_portable_order() {
+    let mut rng = Rng::new(11);
+    for &(h, w, c, k, stride) in &[
+        (7, 7, 16, 3, 1),
+        (14, 13, 24, 3, 2),
+        (9, 10, 8, 5, 1),
+        (11, 12, 32, 5, 2),
+        (2, 3, 8, 5, 1),
+        (1, 1, 8, 3, 1),
+    ] {
+        let s = Nhwc::new(2, h, w, c);
+        let g = depthwise::DwGeom::new(s, k, stride);
+        let x = random(&mut rng, s.len());
+        let wp = random(&mut rng, g.weight_len());
+        let (oh, ow) = (g.out_h, g.out_w);
+        // SAME padding: total padding max((o − 1)·stride + k − i, 0), the smaller half first.
+        let pad = |o: usize, i: usize| ((o - 1) * stride + k).saturating_sub(i) / 2;
+        let (pt, pl) = (pad(oh, h) as isize, pad(ow, w) as isize);
+        let mut want = vec![0f32; g.output().len()];
+        for b in 0..2 {
+            for y in 0..oh {
+                for xo in 0..ow {
+                    for ch in 0..c {
+                        let mut acc = 0f32;
+                        for i in 0..k as isize {
+                            for j in 0..k as isize {
+                                let (iy, ix) = (
+                                    y as isize * stride as isize - pt + i,
+                                    xo as isize * stride as isize - pl + j,
+                                );
+                                if (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix) {
+                                    let xv = x[((b * h + iy as usize) * w + ix as usize) * c + ch];
+                                    acc += xv * wp[(i as usize * k + j as usize) * c + ch];
+                                }
+                            }
+                        }
+                        want[((b * oh + y) * ow + xo) * c + ch] = acc;
+                    }
+                }
+            }
+        }
+        let mut got = vec![0f32; want.len()];
+        depthwise::forward(&g, &x, &wp, &mut got, None);
+        assert_eq!(got, want, "{:?}", (h, w, c, k, stride));
+        let folded = norm::Folded {
+            scale: (0..c).map(|i| 0.5 + i as f32 * 0.1).collect(),
+            shift: (0..c).map(|i| i as f32 * 0.2 - 0.5).collect(),
+            act: Act::Silu,
+        };
+        folded.apply(&mut want);
+        depthwise::forward(&g, &x, &wp, &mut got, Some(&folded));
+        assert_eq!(got, want, "with the epilogue {:?}", (h, w, c, k, stride));
+    }
+}
+
 #[test]
 fn fused_epilogue_equals_a_separate_pass() {
     let mut rng = Rng::new(7);
