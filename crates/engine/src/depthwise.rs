@@ -97,7 +97,7 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if simd::level() != simd::Level::Baseline && c % 8 == 0 {
+    if simd::level() != simd::Level::Baseline && c.is_multiple_of(8) {
         y[..g.output().len()]
             .par_chunks_mut(row_len)
             .enumerate()
