@@ -105,7 +105,8 @@ pub enum Weight<'a> {
 
 /// The weight (PyTorch's layout) in the layout [`forward`] reads fastest, for many passes with
 /// fixed weights. Where the [`pointwise`] kernel runs, every product's right operand packed into
-/// its panels: the 1×1 weight, each of Winograd's 16 transformed filters, the im2col filter.
+/// its panels: the 1×1 weight, each of Winograd's 16 transformed filters, or the im2col filter
+/// that [`pointwise::conv`] reads.
 /// Elsewhere `[cin, cout]` for a 1×1 convolution (the product streams rows of the weight instead
 /// of gathering columns), Winograd's transformed filter, or [`pack_weight`]'s layout.
 pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
@@ -125,7 +126,7 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     }
     let mut packed = vec![0f32; g.weight_len()];
     pack_weight(g, torch, &mut packed);
-    if winograd::applies(g) {
+    if winograd::applies(g) && !direct(g) {
         let mut u = vec![0f32; 16 * cin * cout];
         winograd::transform_filter(cin, cout, &packed, &mut u);
         if panels {
@@ -216,6 +217,40 @@ fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
         });
 }
 
+/// Input channels below which Winograd's transforms cost more than its fewer products save, so
+/// a prepared 3×3 convolution runs direct instead (measured on EfficientNetV2-S's shapes:
+/// `examples/conv_shapes`).
+const WINOGRAD_MIN_CIN: usize = 32;
+
+/// Whether a k×k convolution with prepared weights runs [`pointwise::conv`], straight from its
+/// zero-padded image: where that kernel runs, unless Winograd applies and pays. (A 1×1 stride-2
+/// convolution gathers its pixels by im2col instead; with the stride at most the kernel, the
+/// padded image fits the im2col scratch.)
+fn direct(g: &ConvGeom) -> bool {
+    g.kernel > 1
+        && g.stride <= g.kernel
+        && pointwise::available()
+        && (!winograd::applies(g) || g.input.c < WINOGRAD_MIN_CIN)
+}
+
+/// The image zero-padded to `d`'s size for [`pointwise::conv`]: SAME padding on the top and
+/// left, and whatever the last window reaches on the bottom and right.
+fn pad_image(g: &ConvGeom, d: &pointwise::Direct, image: &[f32], padded: &mut [f32]) {
+    let (w, cin) = (g.input.w, g.input.c);
+    padded[..d.height * d.width * cin]
+        .par_chunks_mut(d.width * cin)
+        .enumerate()
+        .for_each(|(ph, row)| {
+            row.fill(0.0);
+            let ih = ph as isize - g.pad_top as isize;
+            if (0..g.input.h as isize).contains(&ih) {
+                let src = &image[ih as usize * w * cin..][..w * cin];
+                let cols = w.min(d.width - g.pad_left);
+                row[g.pad_left * cin..][..cols * cin].copy_from_slice(&src[..cols * cin]);
+            }
+        });
+}
+
 /// Eval-mode batch norm and activation, applied to a kernel's output right after it is
 /// produced, while it is in cache (or in registers).
 pub type Epilogue<'a> = Option<&'a Folded>;
@@ -248,6 +283,26 @@ pub fn forward(
         product(y, g.output().rows(), x);
         return;
     }
+    let in_img = g.input.h * g.input.w * g.input.c;
+    let out_px = g.out_h * g.out_w;
+    if panels && direct(g) {
+        let d = pointwise::Direct {
+            height: (g.out_h - 1) * g.stride + g.kernel,
+            width: (g.out_w - 1) * g.stride + g.kernel,
+            cin: g.input.c,
+            kernel: g.kernel,
+            stride: g.stride,
+            out_h: g.out_h,
+            out_w: g.out_w,
+            cout: g.cout,
+        };
+        for b in 0..g.input.n {
+            pad_image(g, &d, &x[b * in_img..][..in_img], col);
+            let y = &mut y[b * out_px * g.cout..][..out_px * g.cout];
+            pointwise::conv(&d, col, w, y, epilogue);
+        }
+        return;
+    }
     if winograd::applies(g) {
         let u = match weight {
             Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
@@ -261,8 +316,6 @@ pub fn forward(
         winograd::forward(g, x, u, y, epilogue);
         return;
     }
-    let in_img = g.input.h * g.input.w * g.input.c;
-    let out_px = g.out_h * g.out_w;
     for b in 0..g.input.n {
         im2col(g, &x[b * in_img..][..in_img], col);
         product(

@@ -3,7 +3,8 @@
 //! read in place (an NHWC tensor already is the row-major `[pixels, channels]` matrix of a 1×1
 //! convolution, so nothing is packed per call), and batch norm and activation applied to each
 //! tile in registers before its one store. 1×1 convolutions, Winograd's 16 transformed-domain
-//! products and im2col'd k×k convolutions all run here when their weights are prepared.
+//! products and other k×k convolutions (read straight from their zero-padded image, [`conv`])
+//! all run here when their weights are prepared.
 //!
 //! Work is split into blocks of rows (about 128 KiB of the left operand, reused from L2 for
 //! every panel) and, when there are few rows, groups of panels, so small maps still use every
@@ -158,13 +159,7 @@ unsafe fn block(
         let col0 = panel * NR;
         let cols = NR.min(n - col0);
         let wp = &w[panel * k * NR..][..k * NR];
-        // The panel's scale and shift, zero past the last column.
-        let epilogue = folded.map(|f| {
-            let (mut scale, mut shift) = ([0f32; NR], [0f32; NR]);
-            scale[..cols].copy_from_slice(&f.scale[col0..col0 + cols]);
-            shift[..cols].copy_from_slice(&f.shift[col0..col0 + cols]);
-            (scale, shift, f.act)
-        });
+        let epilogue = panel_epilogue(folded, col0, cols);
         let mut r = rows.start;
         while r < rows.end {
             let tile_rows = MR.min(rows.end - r);
@@ -177,31 +172,198 @@ unsafe fn block(
                 let xt = x.as_ptr().add(r * k);
                 let yt = y.add(r * n + col0);
                 let (wt, e) = (wp.as_ptr(), epilogue.as_ref());
-                match tile_rows {
-                    6 => tile::<6>(xt, k, wt, yt, n, cols, e),
-                    5 => tile::<5>(xt, k, wt, yt, n, cols, e),
-                    4 => tile::<4>(xt, k, wt, yt, n, cols, e),
-                    3 => tile::<3>(xt, k, wt, yt, n, cols, e),
-                    2 => tile::<2>(xt, k, wt, yt, n, cols, e),
-                    _ => tile::<1>(xt, k, wt, yt, n, cols, e),
-                }
+                tile_of(tile_rows, xt, k, &[0], k, wt, yt, n, cols, e);
             }
             r += tile_rows;
         }
     }
 }
 
-/// One `R × NR` tile: the full reduction over `k` in registers, then `act(v·scale + shift)`
-/// there too when an epilogue is given, then one store of `cols` columns.
+/// `depth` steps of a tile's reduction, added to `lo` and `hi`. A function of its own, not
+/// inlined, because LLVM keeps the accumulators in registers through one loop but spills them to
+/// the stack on every step when this loop sits inside [`tile`]'s loop over taps.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `x` must be readable for `R` rows of `k` at stride `k`,
-/// `w` for `k × NR` values, and `y` writable for `R` rows of `cols ≤ NR` at stride `ldy`.
+/// As [`tile`], for one tap.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn reduce<const R: usize>(
+    x: *const f32,
+    pixel: usize,
+    depth: usize,
+    w: *const f32,
+    lo: &mut [std::arch::x86_64::__m256; R],
+    hi: &mut [std::arch::x86_64::__m256; R],
+) {
+    use std::arch::x86_64::*;
+    let (mut l, mut h) = (*lo, *hi);
+    for p in 0..depth {
+        let w0 = _mm256_loadu_ps(w.add(p * NR));
+        let w1 = _mm256_loadu_ps(w.add(p * NR + 8));
+        for r in 0..R {
+            let a = _mm256_broadcast_ss(&*x.add(r * pixel + p));
+            l[r] = _mm256_fmadd_ps(a, w0, l[r]);
+            h[r] = _mm256_fmadd_ps(a, w1, h[r]);
+        }
+    }
+    (*lo, *hi) = (l, h);
+}
+
+/// A panel's scale and shift, zero past the last of its `cols` columns, and the activation.
+type PanelEpilogue = ([f32; NR], [f32; NR], crate::act::Act);
+
+fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<PanelEpilogue> {
+    folded.map(|f| {
+        let (mut scale, mut shift) = ([0f32; NR], [0f32; NR]);
+        scale[..cols].copy_from_slice(&f.scale[col0..col0 + cols]);
+        shift[..cols].copy_from_slice(&f.shift[col0..col0 + cols]);
+        (scale, shift, f.act)
+    })
+}
+
+/// [`tile`] for `rows` (1..=MR) rows.
+///
+/// # Safety
+/// As [`tile`] with `R = rows`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn tile_of(
+    rows: usize,
+    x: *const f32,
+    pixel: usize,
+    taps: &[usize],
+    depth: usize,
+    w: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    e: Option<&PanelEpilogue>,
+) {
+    match rows {
+        6 => tile::<6>(x, pixel, taps, depth, w, y, ldy, cols, e),
+        5 => tile::<5>(x, pixel, taps, depth, w, y, ldy, cols, e),
+        4 => tile::<4>(x, pixel, taps, depth, w, y, ldy, cols, e),
+        3 => tile::<3>(x, pixel, taps, depth, w, y, ldy, cols, e),
+        2 => tile::<2>(x, pixel, taps, depth, w, y, ldy, cols, e),
+        _ => tile::<1>(x, pixel, taps, depth, w, y, ldy, cols, e),
+    }
+}
+
+/// The shape of a k×k convolution that [`conv`] runs straight from a zero-padded image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    /// Padded image: `height × width` pixels of `cin` channels.
+    pub height: usize,
+    pub width: usize,
+    pub cin: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub cout: usize,
+}
+
+/// `y[out_h·out_w × cout] = epilogue(conv(padded, w))` for one image, `w` packed by
+/// [`pack_rows`] from the `[k·k·cin, cout]` im2col filter (rows in `(kh, kw, cin)` order): each
+/// tile of [`MR`] neighbouring output pixels reads the padded image in place, one tap per kernel
+/// position, so no im2col matrix is written or read. Output rows are spread over the pool.
+/// Only where [`available`].
+pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option<&Folded>) {
+    assert!(
+        available(),
+        "pointwise: kernels need x86-64 with AVX2 and FMA"
+    );
+    let (k, s, cin, n) = (d.kernel, d.stride, d.cin, d.cout);
+    assert!(
+        (d.out_h - 1) * s + k <= d.height && (d.out_w - 1) * s + k <= d.width,
+        "pointwise: padded image too small for the convolution"
+    );
+    assert!(
+        padded.len() >= d.height * d.width * cin,
+        "pointwise: padded image size"
+    );
+    assert!(y.len() >= d.out_h * d.out_w * n, "pointwise: output size");
+    assert!(
+        w.len() >= packed_len(k * k * cin, n),
+        "pointwise: weights not packed"
+    );
+    if let Some(f) = folded {
+        assert!(
+            f.scale.len() == n && f.shift.len() == n,
+            "pointwise: epilogue width"
+        );
+    }
+    // One tap per kernel row: its k pixels' channels lie side by side in the padded image, in
+    // the filter's (kw, cin) order.
+    assert!(k <= 7, "pointwise: kernels up to 7×7");
+    let mut taps = [0usize; 7];
+    for (kh, tap) in taps[..k].iter_mut().enumerate() {
+        *tap = kh * d.width * cin;
+    }
+    let taps = &taps[..k];
+    let depth = k * k * cin;
+    let panels = n.div_ceil(NR);
+    y[..d.out_h * d.out_w * n]
+        .par_chunks_mut(d.out_w * n)
+        .enumerate()
+        .for_each(|(oh, out_row)| {
+            let row0 = &padded[oh * s * d.width * cin..];
+            for panel in 0..panels {
+                let col0 = panel * NR;
+                let cols = NR.min(n - col0);
+                let wp = &w[panel * depth * NR..][..depth * NR];
+                let e = panel_epilogue(folded, col0, cols);
+                let mut ow = 0;
+                while ow < d.out_w {
+                    let rows = MR.min(d.out_w - ow);
+                    // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow + r, tap
+                    // (kh, kw), channel p reads padded pixel (oh·s + kh, (ow + r)·s + kw), inside
+                    // the image by the size assertion above; `wp` holds depth × NR values; the
+                    // tile writes columns col0..col0 + cols of pixels ow..ow + rows of this task's
+                    // own output row.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        let x = row0.as_ptr().add(ow * s * cin);
+                        let yt = out_row.as_mut_ptr().add(ow * n + col0);
+                        tile_of(
+                            rows,
+                            x,
+                            s * cin,
+                            taps,
+                            k * cin,
+                            wp.as_ptr(),
+                            yt,
+                            n,
+                            cols,
+                            e.as_ref(),
+                        );
+                    }
+                    ow += rows;
+                }
+            }
+        });
+}
+
+/// One `R × NR` tile: the full reduction in registers, then `act(v·scale + shift)` there too
+/// when an epilogue is given, then one store of `cols` columns. Row `r` of the left operand
+/// starts at `x + r·pixel`; the reduction runs over `taps` (offsets from those starts), `depth`
+/// values each — one tap of `k` values for a matrix product, one tap per kernel position for a
+/// convolution read straight from its padded image — with `w` holding `taps·depth × NR` values.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
+/// tap and `p < depth`, `w` for `taps.len()·depth × NR` values, and `y` writable for `R` rows of
+/// `cols ≤ NR` at stride `ldy`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile<const R: usize>(
     x: *const f32,
-    k: usize,
+    pixel: usize,
+    taps: &[usize],
+    depth: usize,
     w: *const f32,
     y: *mut f32,
     ldy: usize,
@@ -211,14 +373,15 @@ unsafe fn tile<const R: usize>(
     use std::arch::x86_64::*;
     let mut lo = [_mm256_setzero_ps(); R];
     let mut hi = [_mm256_setzero_ps(); R];
-    for p in 0..k {
-        let w0 = _mm256_loadu_ps(w.add(p * NR));
-        let w1 = _mm256_loadu_ps(w.add(p * NR + 8));
-        for r in 0..R {
-            let a = _mm256_broadcast_ss(&*x.add(r * k + p));
-            lo[r] = _mm256_fmadd_ps(a, w0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(a, w1, hi[r]);
-        }
+    for (i, &tap) in taps.iter().enumerate() {
+        reduce::<R>(
+            x.add(tap),
+            pixel,
+            depth,
+            w.add(i * depth * NR),
+            &mut lo,
+            &mut hi,
+        );
     }
     if let Some((scale, shift, act)) = epilogue {
         let (s0, s1) = (

@@ -113,6 +113,45 @@ const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (4, 5, 3, 2, 1, 2),
 ];
 
+/// Weights prepared for inference at channel counts the small cases above do not reach:
+/// Winograd's panels from 32 input channels, the direct kernel below that (and for strides
+/// other than 1), with partial tiles and panels and the fused batch norm + SiLU.
+#[test]
+fn prepared_weights_at_wider_channels() {
+    let mut rng = Rng::new(5);
+    for &(h, w, cin, cout, k, stride) in &[
+        (6, 7, 40, 20, 3, 1),
+        (9, 11, 24, 40, 3, 2),
+        (13, 8, 16, 18, 3, 1),
+        (5, 9, 3, 24, 3, 2),
+    ] {
+        let s = Nhwc::new(2, h, w, cin);
+        let g = conv::ConvGeom::new(s, k, stride, cout);
+        let x = random(&mut rng, s.len());
+        let wt = random(&mut rng, g.weight_len());
+        let y_ref = conv_ref(&f64s(&x), s, &f64s(&wt), cout, k, stride, false);
+        let prepared = conv::prepare(&g, &wt);
+        let weight = conv::Weight::Prepared(&prepared);
+        let mut col = vec![0f32; g.col_len()];
+        let mut y = vec![f32::NAN; g.output().len()];
+        conv::forward(&g, &x, weight, &mut y, &mut col, None);
+        let case = (h, w, cin, cout, k, stride);
+        assert!(max_rel(&y, &y_ref) < 1e-5, "{case:?}");
+        let folded = norm::Folded {
+            scale: (0..cout).map(|i| 0.5 + i as f32 * 0.1).collect(),
+            shift: (0..cout).map(|i| i as f32 * 0.2 - 0.5).collect(),
+            act: Act::Silu,
+        };
+        let mut fused = vec![f32::NAN; y.len()];
+        conv::forward(&g, &x, weight, &mut fused, &mut col, Some(&folded));
+        folded.apply(&mut y);
+        assert!(
+            max_rel(&fused, &f64s(&y)) < 1e-6,
+            "with the epilogue {case:?}"
+        );
+    }
+}
+
 #[test]
 fn dense_conv_forward_and_backward() {
     let mut rng = Rng::new(1);
