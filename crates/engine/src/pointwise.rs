@@ -268,7 +268,7 @@ pub struct Direct {
 /// `y[out_h·out_w × cout] = epilogue(conv(padded, w))` for one image, `w` packed by
 /// [`pack_rows`] from the `[k·k·cin, cout]` im2col filter (rows in `(kh, kw, cin)` order): each
 /// tile of [`MR`] neighbouring output pixels reads the padded image in place, one tap per kernel
-/// position, so no im2col matrix is written or read. Output rows are spread over the pool.
+/// row, so no im2col matrix is written or read. Output rows are spread over the pool.
 /// Only where [`available`].
 pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option<&Folded>) {
     assert!(
@@ -349,8 +349,8 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
 /// One `R × NR` tile: the full reduction in registers, then `act(v·scale + shift)` there too
 /// when an epilogue is given, then one store of `cols` columns. Row `r` of the left operand
 /// starts at `x + r·pixel`; the reduction runs over `taps` (offsets from those starts), `depth`
-/// values each — one tap of `k` values for a matrix product, one tap per kernel position for a
-/// convolution read straight from its padded image — with `w` holding `taps·depth × NR` values.
+/// values each — one tap of `k` values for a matrix product, one tap of `k·cin` values per kernel
+/// row for a convolution read straight from its padded image — with `w` holding `taps·depth × NR` values.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
