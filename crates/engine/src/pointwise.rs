@@ -349,8 +349,9 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
 /// One `R × NR` tile: the full reduction in registers, then `act(v·scale + shift)` there too
 /// when an epilogue is given, then one store of `cols` columns. Row `r` of the left operand
 /// starts at `x + r·pixel`; the reduction runs over `taps` (offsets from those starts), `depth`
-/// values each — one tap of `k` values for a matrix product, one tap of `k·cin` values per kernel
-/// row for a convolution read straight from its padded image — with `w` holding `taps·depth × NR` values.
+/// values each — one tap of `k` values for a matrix product, one tap of `k·cin` values per
+/// kernel row for a convolution read straight from its padded image — with `w` holding
+/// `taps·depth × NR` values.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
