@@ -224,10 +224,10 @@ const WINOGRAD_MIN_CIN: usize = 32;
 
 /// Whether a k×k convolution with prepared weights runs [`pointwise::conv`], straight from its
 /// zero-padded image: where that kernel runs, unless Winograd applies and pays. (A 1×1 stride-2
-/// convolution gathers its pixels by im2col instead; with the stride at most the kernel, the
-/// padded image fits the im2col scratch.)
+/// convolution gathers its pixels by im2col instead, as do kernels over 7×7; with the stride at
+/// most the kernel, the padded image fits the im2col scratch.)
 fn direct(g: &ConvGeom) -> bool {
-    g.kernel > 1
+    (2..=7).contains(&g.kernel)
         && g.stride <= g.kernel
         && pointwise::available()
         && (!winograd::applies(g) || g.input.c < WINOGRAD_MIN_CIN)
