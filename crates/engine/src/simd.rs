@@ -174,8 +174,9 @@ pub unsafe fn act8(
             let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
             _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
         }
+        // Operands in this order, `f32::clamp`'s semantics: NaN and −0 pass through.
         crate::act::Act::Relu6 => {
-            _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps(6.0))
+            _mm256_min_ps(_mm256_set1_ps(6.0), _mm256_max_ps(_mm256_setzero_ps(), x))
         }
     }
 }
@@ -224,6 +225,17 @@ mod tests {
                     assert_eq!(lanes[1][i].to_bits(), a.to_bits(), "{act:?}({x})");
                 }
             }
+        }
+        // ReLU6 clamps as `f32::clamp` does: NaN and −0 pass through.
+        let odd = [f32::NAN, -0.0, 0.0, 7.0, -1.0, 6.0, 3.5, f32::INFINITY];
+        let mut out = [0f32; 8];
+        // SAFETY: AVX2 and FMA detected above; a load and a store of eight floats.
+        unsafe {
+            let v = super::act8(Act::Relu6, _mm256_loadu_ps(odd.as_ptr()));
+            _mm256_storeu_ps(out.as_mut_ptr(), v);
+        }
+        for (x, y) in odd.iter().zip(out) {
+            assert_eq!(y.to_bits(), Act::Relu6.apply(*x).to_bits(), "relu6({x})");
         }
     }
 
