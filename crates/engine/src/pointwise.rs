@@ -171,8 +171,18 @@ unsafe fn block(
             unsafe {
                 let xt = x.as_ptr().add(r * k);
                 let yt = y.add(r * n + col0);
-                let (wt, e) = (wp.as_ptr(), epilogue.as_ref());
-                tile_of(tile_rows, xt, k, &[0], k, wt, yt, n, cols, e);
+                let tile = Tile {
+                    x: xt,
+                    pixel: k,
+                    taps: &[0],
+                    depth: k,
+                    w: wp.as_ptr(),
+                    y: yt,
+                    ldy: n,
+                    cols,
+                    epilogue: epilogue.as_ref(),
+                };
+                tile_of(tile_rows, &tile);
             }
             r += tile_rows;
         }
@@ -222,32 +232,37 @@ fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<P
     })
 }
 
-/// [`tile`] for `rows` (1..=MR) rows.
-///
-/// # Safety
-/// As [`tile`] with `R = rows`.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn tile_of(
-    rows: usize,
+/// One tile's operands: row `r` of the left operand starts at `x + r·pixel`; the reduction runs
+/// over `taps` (offsets from those starts), `depth` values each — one tap of `k` values for a
+/// matrix product, one tap of `k·cin` values per kernel row for a convolution read straight from
+/// its padded image — with `w` holding `taps·depth × NR` values; `cols ≤ NR` columns are stored
+/// at `y`, rows `ldy` apart.
+struct Tile<'a> {
     x: *const f32,
     pixel: usize,
-    taps: &[usize],
+    taps: &'a [usize],
     depth: usize,
     w: *const f32,
     y: *mut f32,
     ldy: usize,
     cols: usize,
-    e: Option<&PanelEpilogue>,
-) {
+    epilogue: Option<&'a PanelEpilogue>,
+}
+
+/// [`tile`] for `rows` (1..=MR) rows.
+///
+/// # Safety
+/// As [`tile`] with `R = rows`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn tile_of(rows: usize, t: &Tile) {
     match rows {
-        6 => tile::<6>(x, pixel, taps, depth, w, y, ldy, cols, e),
-        5 => tile::<5>(x, pixel, taps, depth, w, y, ldy, cols, e),
-        4 => tile::<4>(x, pixel, taps, depth, w, y, ldy, cols, e),
-        3 => tile::<3>(x, pixel, taps, depth, w, y, ldy, cols, e),
-        2 => tile::<2>(x, pixel, taps, depth, w, y, ldy, cols, e),
-        _ => tile::<1>(x, pixel, taps, depth, w, y, ldy, cols, e),
+        6 => tile::<6>(t),
+        5 => tile::<5>(t),
+        4 => tile::<4>(t),
+        3 => tile::<3>(t),
+        2 => tile::<2>(t),
+        _ => tile::<1>(t),
     }
 }
 
@@ -327,18 +342,18 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
                     unsafe {
                         let x = row0.as_ptr().add(ow * s * cin);
                         let yt = out_row.as_mut_ptr().add(ow * n + col0);
-                        tile_of(
-                            rows,
+                        let tile = Tile {
                             x,
-                            s * cin,
+                            pixel: s * cin,
                             taps,
-                            k * cin,
-                            wp.as_ptr(),
-                            yt,
-                            n,
+                            depth: k * cin,
+                            w: wp.as_ptr(),
+                            y: yt,
+                            ldy: n,
                             cols,
-                            e.as_ref(),
-                        );
+                            epilogue: e.as_ref(),
+                        };
+                        tile_of(rows, &tile);
                     }
                     ow += rows;
                 }
@@ -346,12 +361,8 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
         });
 }
 
-/// One `R × NR` tile: the full reduction in registers, then `act(v·scale + shift)` there too
-/// when an epilogue is given, then one store of `cols` columns. Row `r` of the left operand
-/// starts at `x + r·pixel`; the reduction runs over `taps` (offsets from those starts), `depth`
-/// values each — one tap of `k` values for a matrix product, one tap of `k·cin` values per
-/// kernel row for a convolution read straight from its padded image — with `w` holding
-/// `taps·depth × NR` values.
+/// One `R × NR` tile of [`Tile`]: the full reduction in registers, then `act(v·scale + shift)`
+/// there too when an epilogue is given, then one store of `cols` columns.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
@@ -359,32 +370,15 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
 /// `cols ≤ NR` at stride `ldy`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize>(
-    x: *const f32,
-    pixel: usize,
-    taps: &[usize],
-    depth: usize,
-    w: *const f32,
-    y: *mut f32,
-    ldy: usize,
-    cols: usize,
-    epilogue: Option<&([f32; NR], [f32; NR], crate::act::Act)>,
-) {
+unsafe fn tile<const R: usize>(t: &Tile) {
     use std::arch::x86_64::*;
     let mut lo = [_mm256_setzero_ps(); R];
     let mut hi = [_mm256_setzero_ps(); R];
-    for (i, &tap) in taps.iter().enumerate() {
-        reduce::<R>(
-            x.add(tap),
-            pixel,
-            depth,
-            w.add(i * depth * NR),
-            &mut lo,
-            &mut hi,
-        );
+    for (i, &tap) in t.taps.iter().enumerate() {
+        let w = t.w.add(i * t.depth * NR);
+        reduce::<R>(t.x.add(tap), t.pixel, t.depth, w, &mut lo, &mut hi);
     }
-    if let Some((scale, shift, act)) = epilogue {
+    if let Some((scale, shift, act)) = t.epilogue {
         let (s0, s1) = (
             _mm256_loadu_ps(scale.as_ptr()),
             _mm256_loadu_ps(scale.as_ptr().add(8)),
@@ -399,15 +393,15 @@ unsafe fn tile<const R: usize>(
         }
     }
     for r in 0..R {
-        let out = y.add(r * ldy);
-        if cols == NR {
+        let out = t.y.add(r * t.ldy);
+        if t.cols == NR {
             _mm256_storeu_ps(out, lo[r]);
             _mm256_storeu_ps(out.add(8), hi[r]);
         } else {
             let mut row = [0f32; NR];
             _mm256_storeu_ps(row.as_mut_ptr(), lo[r]);
             _mm256_storeu_ps(row.as_mut_ptr().add(8), hi[r]);
-            std::ptr::copy_nonoverlapping(row.as_ptr(), out, cols);
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out, t.cols);
         }
     }
 }
