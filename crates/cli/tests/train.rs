@@ -199,11 +199,17 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         config.to_str().unwrap(),
         "--batch-size",
         "32",
+        "--precise-bn-batches",
+        "2",
         "--model-dir",
         model_dir.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("batch 32 × 1 accumulated"), "{stdout}");
+    assert!(
+        stdout.contains("statistics of the raw weights averaged over 2 batches of 32"),
+        "{stdout}"
+    );
     let params = std::fs::read_to_string(model_dir.join("params.yaml")).unwrap();
     for line in [
         "arch: \"efficientnet_lite0\"",

@@ -267,3 +267,37 @@ fn a_workspace_frozen_with_other_weights_is_refused() {
         &mut Rng::new(0),
     );
 }
+
+/// Precise BN: after two batches, every running statistic is the average of what each batch
+/// alone records, and the parameters are unchanged.
+#[test]
+fn recomputed_bn_stats_average_the_batches() {
+    let net = tiny();
+    let w0 = Weights::init(&net, 4);
+    let mut rng = Rng::new(9);
+    let batches: Vec<Vec<f32>> = (0..2)
+        .map(|_| (0..3 * 9 * 9 * 3).map(|_| rng.normal() as f32).collect())
+        .collect();
+    let mut ws = net.workspace(3, 9, 9);
+    let alone: Vec<Vec<f32>> = batches
+        .iter()
+        .map(|x| {
+            let mut w = w0.clone();
+            net.recompute_bn_stats(&mut w, &mut ws, [&x[..]]);
+            w.buffers
+        })
+        .collect();
+    let mut w = w0.clone();
+    let used = net.recompute_bn_stats(&mut w, &mut ws, batches.iter().map(|x| &x[..]));
+    assert_eq!(used, 2);
+    assert_eq!(w.params, w0.params);
+    assert_ne!(alone[0], alone[1]);
+    assert_ne!(w.buffers, w0.buffers);
+    for ((got, a), b) in w.buffers.iter().zip(&alone[0]).zip(&alone[1]) {
+        let want = 0.5 * (a + b);
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+    }
+}

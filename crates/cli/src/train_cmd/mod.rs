@@ -86,6 +86,32 @@ fn evaluate(
     })
 }
 
+/// [`Network::recompute_bn_stats`] over `batches` batches of `batch` training images spread
+/// evenly over the set, through the evaluation transform (every rank uses the same images, so
+/// replicas stay equal).
+fn precise_bn(
+    t: &Trainer,
+    weights: &mut Weights,
+    data: &dyn Samples,
+    transform: &Transform,
+    batch: usize,
+    batches: usize,
+) -> usize {
+    let mut ws = t.net.workspace(batch, transform.size, transform.size);
+    let step = (data.len() / (batch * batches).max(1)).max(1);
+    let inputs = (0..batches).filter_map(|b| {
+        let indices: Vec<usize> = (0..batch)
+            .map(|i| ((b * batch + i) * step) % data.len())
+            .collect();
+        let (x, labels) = eval_batch(data, &indices, transform);
+        // A batch with unreadable samples is left out (they were reported).
+        (labels.len() == batch).then_some(x)
+    });
+    let inputs: Vec<Vec<f32>> = inputs.collect();
+    t.net
+        .recompute_bn_stats(weights, &mut ws, inputs.iter().map(|x| &x[..]))
+}
+
 /// The reference's `--mparams k=v,…` overrides, applied to (bn_momentum, dropout, drop_connect).
 fn model_overrides(args: &TrainArgs) -> Result<(f32, Option<f32>, Option<f32>), String> {
     let (mut bn, mut dropout, mut drop_connect) =
@@ -660,11 +686,25 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     // The final model: the better of the raw and the EMA weights on the evaluation split.
     let batch = args.eval_batch_size;
     let mut raw = t.evaluation_weights(false);
+    let precise = |w: &mut Weights, t: &Trainer, which: &str| {
+        let n = args.precise_bn_batches;
+        if n > 0 && data.train.len() > 0 {
+            let batch = args.batch_size;
+            let used = precise_bn(t, w, data.train.as_ref(), &eval_transform, batch, n);
+            if root {
+                println!(
+                    "batch-norm statistics of the {which} weights averaged over {used} batches of {batch} training images"
+                );
+            }
+        }
+    };
+    precise(&mut raw, &t, "raw");
     let raw_result = evaluate(&mut t, &mut raw, data.eval.as_ref(), &eval_transform, batch)?;
     let mut finals = vec![("eval using original weights", raw_result)];
     let (mut best, mut source, mut best_result) = (raw, "raw", raw_result);
     if t.ema.is_some() {
         let mut ema = t.evaluation_weights(true);
+        precise(&mut ema, &t, "EMA");
         let r = evaluate(&mut t, &mut ema, data.eval.as_ref(), &eval_transform, batch)?;
         finals.push(("eval using EMA weights", r));
         if r.top1 > raw_result.top1 {
