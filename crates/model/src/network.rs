@@ -337,15 +337,16 @@ impl Network {
     /// training mode without dropout or drop-path; the parameters are untouched. Running
     /// statistics that follow the last few batches are noisy where maps are small; this averages
     /// as many as the caller gives. Returns how many batches were used.
-    pub fn recompute_bn_stats<'a>(
+    pub fn recompute_bn_stats<B: AsRef<[f32]>>(
         &self,
         weights: &mut Weights,
         ws: &mut Workspace,
-        batches: impl IntoIterator<Item = &'a [f32]>,
+        batches: impl IntoIterator<Item = B>,
     ) -> usize {
         let mut rng = Rng::new(0);
         let mut used = 0;
         for x in batches {
+            let x = x.as_ref();
             // Momentum 1/(t + 1): the first batch replaces, each later one joins the average.
             let mode = Mode::Train {
                 bn_momentum: 1.0 / (used + 1) as f32,

@@ -88,7 +88,7 @@ fn evaluate(
 
 /// [`Network::recompute_bn_stats`] over `batches` batches of `batch` training images spread
 /// evenly over the set, through the evaluation transform (every rank uses the same images, so
-/// replicas stay equal).
+/// replicas stay equal). It plans a training workspace of its own for `batch` images.
 fn precise_bn(
     t: &Trainer,
     weights: &mut Weights,
@@ -107,9 +107,8 @@ fn precise_bn(
         // A batch with unreadable samples is left out (they were reported).
         (labels.len() == batch).then_some(x)
     });
-    let inputs: Vec<Vec<f32>> = inputs.collect();
-    t.net
-        .recompute_bn_stats(weights, &mut ws, inputs.iter().map(|x| &x[..]))
+    // Loaded one batch at a time as the passes consume them.
+    t.net.recompute_bn_stats(weights, &mut ws, inputs)
 }
 
 /// The reference's `--mparams k=v,…` overrides, applied to (bn_momentum, dropout, drop_connect).
