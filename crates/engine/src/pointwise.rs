@@ -160,31 +160,23 @@ unsafe fn block(
         let cols = NR.min(n - col0);
         let wp = &w[panel * k * NR..][..k * NR];
         let epilogue = panel_epilogue(folded, col0, cols);
-        let mut r = rows.start;
-        while r < rows.end {
-            let tile_rows = MR.min(rows.end - r);
-            // SAFETY: AVX2 and FMA checked (`available`); the tile covers rows r..r+tile_rows ≤ m
-            // of `x` (row length k) and of `y` (row length n), columns col0..col0+cols ≤ n, and
-            // `wp` holds k×NR: inside the operands by the caller's contract, and this caller's
-            // part of `y` alone.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                let xt = x.as_ptr().add(r * k);
-                let yt = y.add(r * n + col0);
-                let tile = Tile {
-                    x: xt,
-                    pixel: k,
-                    taps: &[0],
-                    depth: k,
-                    w: wp.as_ptr(),
-                    y: yt,
-                    ldy: n,
-                    cols,
-                    epilogue: epilogue.as_ref(),
-                };
-                tile_of(tile_rows, &tile);
-            }
-            r += tile_rows;
+        // SAFETY: AVX2 and FMA checked (`available`); rows `rows` ⊆ 0..m of `x` (row length k)
+        // and of `y` (row length n), columns col0..col0+cols ≤ n, and `wp` holds k×NR: inside
+        // the operands by the caller's contract, and this caller's part of `y` alone.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let first = Tile {
+                x: x.as_ptr().add(rows.start * k),
+                pixel: k,
+                taps: &[0],
+                depth: k,
+                w: wp.as_ptr(),
+                y: y.add(rows.start * n + col0),
+                ldy: n,
+                cols,
+                epilogue: epilogue.as_ref(),
+            };
+            strip(first, rows.len());
         }
     }
 }
@@ -237,6 +229,7 @@ fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<P
 /// matrix product, one tap of `k·cin` values per kernel row for a convolution read straight from
 /// its padded image — with `w` holding `taps·depth × NR` values; `cols ≤ NR` columns are stored
 /// at `y`, rows `ldy` apart.
+#[derive(Clone, Copy)]
 struct Tile<'a> {
     x: *const f32,
     pixel: usize,
@@ -263,6 +256,26 @@ unsafe fn tile_of(rows: usize, t: &Tile) {
         3 => tile::<3>(t),
         2 => tile::<2>(t),
         _ => tile::<1>(t),
+    }
+}
+
+/// `rows` consecutive rows from `first`'s, [`MR`] at a time: row `r` reads from `x + r·pixel`
+/// and writes to `y + r·ldy`.
+///
+/// # Safety
+/// As [`tile`], for every row of the strip.
+#[cfg(target_arch = "x86_64")]
+unsafe fn strip(first: Tile, rows: usize) {
+    let mut r = 0;
+    while r < rows {
+        let count = MR.min(rows - r);
+        let tile = Tile {
+            x: first.x.add(r * first.pixel),
+            y: first.y.add(r * first.ldy),
+            ..first
+        };
+        tile_of(count, &tile);
+        r += count;
     }
 }
 
@@ -330,32 +343,24 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
                 let cols = NR.min(n - col0);
                 let wp = &w[panel * depth * NR..][..depth * NR];
                 let e = panel_epilogue(folded, col0, cols);
-                let mut ow = 0;
-                while ow < d.out_w {
-                    let rows = MR.min(d.out_w - ow);
-                    // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow + r, tap
-                    // (kh, kw), channel p reads padded pixel (oh·s + kh, (ow + r)·s + kw), inside
-                    // the image by the size assertion above; `wp` holds depth × NR values; the
-                    // tile writes columns col0..col0 + cols of pixels ow..ow + rows of this task's
-                    // own output row.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        let x = row0.as_ptr().add(ow * s * cin);
-                        let yt = out_row.as_mut_ptr().add(ow * n + col0);
-                        let tile = Tile {
-                            x,
-                            pixel: s * cin,
-                            taps,
-                            depth: k * cin,
-                            w: wp.as_ptr(),
-                            y: yt,
-                            ldy: n,
-                            cols,
-                            epilogue: e.as_ref(),
-                        };
-                        tile_of(rows, &tile);
-                    }
-                    ow += rows;
+                // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow, tap (kh, kw),
+                // channel p reads padded pixel (oh·s + kh, ow·s + kw), inside the image by the
+                // size assertion above; `wp` holds depth × NR values; the strip writes columns
+                // col0..col0 + cols of this task's own output row.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let first = Tile {
+                        x: row0.as_ptr(),
+                        pixel: s * cin,
+                        taps,
+                        depth: k * cin,
+                        w: wp.as_ptr(),
+                        y: out_row.as_mut_ptr().add(col0),
+                        ldy: n,
+                        cols,
+                        epilogue: e.as_ref(),
+                    };
+                    strip(first, d.out_w);
                 }
             }
         });
