@@ -332,27 +332,29 @@ impl Network {
         }));
     }
 
-    /// "Precise BN": every batch norm's running mean and variance replaced by the plain average
-    /// of their values over `batches` (each `[n, h, w, 3]`, the workspace's size), computed in
-    /// training mode without dropout or drop-path; the parameters are untouched. Running
-    /// statistics that follow the last few batches are noisy where maps are small; this averages
-    /// as many as the caller gives. Returns how many batches were used.
+    /// "Precise BN": in each of `weight_sets`, every batch norm's running mean and variance
+    /// replaced by the plain average of their values over `batches` (each `[n, h, w, 3]`, the
+    /// workspace's size), computed in training mode without dropout or drop-path; the parameters
+    /// are untouched. Each batch is read once and passed through every set. Running statistics
+    /// that follow the last few batches are noisy where maps are small; this averages as many as
+    /// the caller gives. Returns how many batches were used.
     pub fn recompute_bn_stats<B: AsRef<[f32]>>(
         &self,
-        weights: &mut Weights,
+        weight_sets: &mut [&mut Weights],
         ws: &mut Workspace,
         batches: impl IntoIterator<Item = B>,
     ) -> usize {
         let mut rng = Rng::new(0);
         let mut used = 0;
         for x in batches {
-            let x = x.as_ref();
             // Momentum 1/(t + 1): the first batch replaces, each later one joins the average.
             let mode = Mode::Train {
                 bn_momentum: 1.0 / (used + 1) as f32,
                 stochastic: false,
             };
-            self.forward(weights, ws, x, mode, &mut rng);
+            for weights in weight_sets.iter_mut() {
+                self.forward(weights, ws, x.as_ref(), mode, &mut rng);
+            }
             used += 1;
         }
         used

@@ -269,7 +269,7 @@ fn a_workspace_frozen_with_other_weights_is_refused() {
 }
 
 /// Precise BN: after two batches, every running statistic is the average of what each batch
-/// alone records, and the parameters are unchanged.
+/// alone records, for every weight set given, and the parameters are unchanged.
 #[test]
 fn recomputed_bn_stats_average_the_batches() {
     let net = tiny();
@@ -283,13 +283,16 @@ fn recomputed_bn_stats_average_the_batches() {
         .iter()
         .map(|x| {
             let mut w = w0.clone();
-            net.recompute_bn_stats(&mut w, &mut ws, [&x[..]]);
+            net.recompute_bn_stats(&mut [&mut w], &mut ws, [&x[..]]);
             w.buffers
         })
         .collect();
-    let mut w = w0.clone();
-    let used = net.recompute_bn_stats(&mut w, &mut ws, batches.iter().map(|x| &x[..]));
+    // Two weight sets through the same batches: each ends as if it had been alone.
+    let (mut w, mut twin) = (w0.clone(), w0.clone());
+    let batch_refs = batches.iter().map(|x| &x[..]);
+    let used = net.recompute_bn_stats(&mut [&mut w, &mut twin], &mut ws, batch_refs);
     assert_eq!(used, 2);
+    assert_eq!(w.buffers, twin.buffers);
     assert_eq!(w.params, w0.params);
     assert_ne!(alone[0], alone[1]);
     assert_ne!(w.buffers, w0.buffers);

@@ -86,12 +86,12 @@ fn evaluate(
     })
 }
 
-/// [`Network::recompute_bn_stats`] over `batches` batches of `batch` training images spread
-/// evenly over the set, through the evaluation transform (every rank uses the same images, so
-/// replicas stay equal). It plans a training workspace of its own for `batch` images.
+/// [`Network::recompute_bn_stats`] for `weight_sets` over `batches` batches of `batch` training
+/// images spread evenly over the set, through the evaluation transform (every rank uses the same
+/// images, so replicas stay equal). It plans a training workspace of its own for `batch` images.
 fn precise_bn(
     t: &Trainer,
-    weights: &mut Weights,
+    weight_sets: &mut [&mut Weights],
     data: &dyn Samples,
     transform: &Transform,
     batch: usize,
@@ -108,7 +108,7 @@ fn precise_bn(
         (labels.len() == batch).then_some(x)
     });
     // Loaded one batch at a time as the passes consume them.
-    t.net.recompute_bn_stats(weights, &mut ws, inputs)
+    t.net.recompute_bn_stats(weight_sets, &mut ws, inputs)
 }
 
 /// The reference's `--mparams k=v,…` overrides, applied to (bn_momentum, dropout, drop_connect).
@@ -685,25 +685,30 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     // The final model: the better of the raw and the EMA weights on the evaluation split.
     let batch = args.eval_batch_size;
     let mut raw = t.evaluation_weights(false);
-    let precise = |w: &mut Weights, t: &Trainer, which: &str| {
-        let n = args.precise_bn_batches;
-        if n > 0 && data.train.len() > 0 {
-            let batch = args.batch_size;
-            let used = precise_bn(t, w, data.train.as_ref(), &eval_transform, batch, n);
-            if root {
-                println!(
-                    "batch-norm statistics of the {which} weights averaged over {used} batches of {batch} training images"
-                );
-            }
+    let mut ema = t.ema.is_some().then(|| t.evaluation_weights(true));
+    let n = args.precise_bn_batches;
+    if n > 0 && data.train.len() > 0 {
+        let mut sets: Vec<&mut Weights> = std::iter::once(&mut raw).chain(ema.as_mut()).collect();
+        let batch_size = args.batch_size;
+        let used = precise_bn(
+            &t,
+            &mut sets,
+            data.train.as_ref(),
+            &eval_transform,
+            batch_size,
+            n,
+        );
+        if root {
+            let which = if ema.is_some() { "raw and EMA" } else { "raw" };
+            println!(
+                "batch-norm statistics of the {which} weights averaged over {used} batches of {batch_size} training images"
+            );
         }
-    };
-    precise(&mut raw, &t, "raw");
+    }
     let raw_result = evaluate(&mut t, &mut raw, data.eval.as_ref(), &eval_transform, batch)?;
     let mut finals = vec![("eval using original weights", raw_result)];
     let (mut best, mut source, mut best_result) = (raw, "raw", raw_result);
-    if t.ema.is_some() {
-        let mut ema = t.evaluation_weights(true);
-        precise(&mut ema, &t, "EMA");
+    if let Some(mut ema) = ema {
         let r = evaluate(&mut t, &mut ema, data.eval.as_ref(), &eval_transform, batch)?;
         finals.push(("eval using EMA weights", r));
         if r.top1 > raw_result.top1 {
