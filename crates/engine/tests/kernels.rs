@@ -99,6 +99,15 @@ fn forward_weight(g: &conv::ConvGeom, torch: &[f32]) -> Vec<f32> {
     packed
 }
 
+/// A folded batch norm + SiLU over `c` channels with distinct scales and shifts.
+fn silu_fold(c: usize) -> norm::Folded {
+    norm::Folded {
+        scale: (0..c).map(|i| 0.5 + i as f32 * 0.1).collect(),
+        shift: (0..c).map(|i| i as f32 * 0.2 - 0.5).collect(),
+        act: Act::Silu,
+    }
+}
+
 const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
     // (h, w, cin, cout, k, stride)
     (7, 7, 3, 4, 3, 2),
@@ -137,11 +146,7 @@ fn prepared_weights_at_wider_channels() {
         conv::forward(&g, &x, weight, &mut y, &mut col, None);
         let case = (h, w, cin, cout, k, stride);
         assert!(max_rel(&y, &y_ref) < 1e-5, "{case:?}");
-        let folded = norm::Folded {
-            scale: (0..cout).map(|i| 0.5 + i as f32 * 0.1).collect(),
-            shift: (0..cout).map(|i| i as f32 * 0.2 - 0.5).collect(),
-            act: Act::Silu,
-        };
+        let folded = silu_fold(cout);
         let mut fused = vec![f32::NAN; y.len()];
         conv::forward(&g, &x, weight, &mut fused, &mut col, Some(&folded));
         folded.apply(&mut y);
@@ -685,11 +690,7 @@ fn depthwise_forward_sums_in_the_portable_order() {
         let mut got = vec![0f32; want.len()];
         depthwise::forward(&g, &x, &wp, &mut got, None);
         assert_eq!(got, want, "{:?}", (h, w, c, k, stride));
-        let folded = norm::Folded {
-            scale: (0..c).map(|i| 0.5 + i as f32 * 0.1).collect(),
-            shift: (0..c).map(|i| i as f32 * 0.2 - 0.5).collect(),
-            act: Act::Silu,
-        };
+        let folded = silu_fold(c);
         folded.apply(&mut want);
         depthwise::forward(&g, &x, &wp, &mut got, Some(&folded));
         assert_eq!(got, want, "with the epilogue {:?}", (h, w, c, k, stride));
@@ -700,11 +701,7 @@ fn depthwise_forward_sums_in_the_portable_order() {
 fn fused_epilogue_equals_a_separate_pass() {
     let mut rng = Rng::new(7);
     let c_out = 6;
-    let folded = norm::Folded {
-        scale: (0..c_out).map(|i| 0.5 + i as f32 * 0.1).collect(),
-        shift: (0..c_out).map(|i| i as f32 * 0.2 - 0.5).collect(),
-        act: Act::Silu,
-    };
+    let folded = silu_fold(c_out);
     for &(h, w, cin, k, stride) in &[(9, 7, 5, 1, 1), (9, 8, 3, 3, 2), (40, 40, 4, 3, 1)] {
         let s = Nhwc::new(2, h, w, cin);
         let g = conv::ConvGeom::new(s, k, stride, c_out);
