@@ -32,4 +32,70 @@ pub use act::Act;
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
+
+/// [`on_pool`] with the other workers kept awake until `f` returns: each polls the pool for
+/// work instead of going to sleep between parallel loops. A sleeping worker takes ~0.1 ms to
+/// wake on a virtual machine, as long as a small layer's work, and rayon puts idle workers to
+/// sleep sooner than the gaps between some layers; ONNX Runtime's and OpenMP's pools spin the
+/// same way. The pollers burn their cores while `f` runs serial code, so this is for passes that
+/// own the machine (inference), not for training beside a data loader.
+pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Stops the pollers when `f` returns or panics (the scope waits for them either way).
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    let others = rayon::current_num_threads().saturating_sub(1);
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        for _ in 0..others {
+            s.spawn(|_| {
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let _stop = Stop(&done);
+        f()
+    })
+}
+
 pub use shape::{same_padding, Nhwc};
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    /// The pollers take the pass's parallel work and stop when it returns, or when it panics
+    /// (the panic reaches the caller instead of the scope waiting forever).
+    #[test]
+    fn awake_pass_runs_parallel_work_and_ends_on_panic() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("a pool");
+        pool.install(|| {
+            let sum = super::on_pool_awake(|| (0..10_000u64).into_par_iter().sum::<u64>());
+            assert_eq!(sum, 49_995_000);
+            let threads = super::on_pool_awake(|| {
+                (0..64)
+                    .into_par_iter()
+                    .map(|_| {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        rayon::current_thread_index()
+                    })
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+            });
+            assert!(threads > 1, "only {threads} worker ran the loop");
+            let caught =
+                std::panic::catch_unwind(|| super::on_pool_awake(|| panic!("in the pass")));
+            assert!(caught.is_err());
+        });
+    }
+}

@@ -370,7 +370,14 @@ impl Network {
         mode: Mode,
         rng: &mut Rng,
     ) -> &'w [f32] {
-        effnet_engine::on_pool(|| self.forward_on_pool(weights, ws, input, mode, rng))
+        match mode {
+            Mode::Eval => effnet_engine::on_pool_awake(move || {
+                self.forward_on_pool(weights, ws, input, mode, rng)
+            }),
+            Mode::Train { .. } => {
+                effnet_engine::on_pool(move || self.forward_on_pool(weights, ws, input, mode, rng))
+            }
+        }
     }
 
     fn forward_on_pool<'w>(
