@@ -64,13 +64,13 @@ fn main() {
         let plain = rate(&|c| matmul(c, m, n, k, &a, Layout::Normal, &b, layout, false));
         let then = rate(&|c| matmul_then(c, m, n, k, &a, &b, layout, &|_| {}));
         let panels = pointwise::pack(k, n, &b);
-        let packed = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, None));
+        let packed = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, None, None));
         let silu = Folded {
             scale: vec![0.9; n],
             shift: vec![0.1; n],
             act: Act::Silu,
         };
-        let fused = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, Some(&silu)));
+        let fused = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, Some(&silu), None));
         println!("{m:>6} {k:>5} {n:>5}  {plain:>9.1} {then:>9.1} {packed:>9.1} {fused:>9.1}");
     }
 }

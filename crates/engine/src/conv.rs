@@ -255,8 +255,9 @@ fn pad_image(g: &ConvGeom, d: &pointwise::Direct, image: &[f32], padded: &mut [f
 /// produced, while it is in cache (or in registers).
 pub type Epilogue<'a> = Option<&'a Folded>;
 
-/// `y = conv(x, w)`, then `epilogue` over blocks of output rows; `col` is scratch of
-/// [`ConvGeom::col_len`].
+/// `y = conv(x, w)`, then `epilogue` over blocks of output rows, then `+ skip` (a residual laid
+/// out like `y`); `col` is scratch of [`ConvGeom::col_len`]. The pointwise kernels add the
+/// residual to each tile in registers; the other paths in a pass of their own.
 pub fn forward(
     g: &ConvGeom,
     x: &[f32],
@@ -264,6 +265,7 @@ pub fn forward(
     y: &mut [f32],
     col: &mut [f32],
     epilogue: Epilogue,
+    skip: Option<&[f32]>,
 ) {
     // Pointwise: [rows, cin] · [cin, cout], the torch weight [cout, cin] read transposed unless
     // prepared. Otherwise, per image: im2col [pixels, k·k·cin] · packed [k·k·cin, cout].
@@ -275,12 +277,28 @@ pub fn forward(
     // Prepared weights are the pointwise kernel's panels where that kernel runs.
     let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
     let product = |y: &mut [f32], rows: usize, a: &[f32]| match epilogue {
-        _ if panels => pointwise::forward(a, rows, k, g.cout, w, y, epilogue),
+        _ if panels => pointwise::forward(a, rows, k, g.cout, w, y, epilogue, None),
         Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, &|rows| e.apply(rows)),
         None => matmul(y, rows, g.cout, k, a, Layout::Normal, w, w_layout, false),
     };
+    let out_len = g.output().len();
+    if let Some(s) = skip {
+        assert!(
+            s.len() >= out_len,
+            "conv: residual holds {} < {out_len}",
+            s.len()
+        );
+    }
     if g.is_pointwise() {
-        product(y, g.output().rows(), x);
+        match skip {
+            Some(_) if panels => {
+                pointwise::forward(x, g.output().rows(), k, g.cout, w, y, epilogue, skip)
+            }
+            _ => {
+                product(y, g.output().rows(), x);
+                add_residual(&mut y[..out_len], skip);
+            }
+        }
         return;
     }
     let in_img = g.input.h * g.input.w * g.input.c;
@@ -296,10 +314,12 @@ pub fn forward(
             out_w: g.out_w,
             cout: g.cout,
         };
+        let out_img = out_px * g.cout;
         for b in 0..g.input.n {
             pad_image(g, &d, &x[b * in_img..][..in_img], col);
-            let y = &mut y[b * out_px * g.cout..][..out_px * g.cout];
-            pointwise::conv(&d, col, w, y, epilogue);
+            let y = &mut y[b * out_img..][..out_img];
+            let skip = skip.map(|s| &s[b * out_img..][..out_img]);
+            pointwise::conv(&d, col, w, y, epilogue, skip);
         }
         return;
     }
@@ -314,6 +334,7 @@ pub fn forward(
             }
         };
         winograd::forward(g, x, u, y, epilogue);
+        add_residual(&mut y[..out_len], skip);
         return;
     }
     for b in 0..g.input.n {
@@ -323,6 +344,21 @@ pub fn forward(
             out_px,
             col,
         );
+    }
+    add_residual(&mut y[..out_len], skip);
+}
+
+/// `y += skip` (a block's shortcut), spread over the pool; nothing without `skip`.
+pub fn add_residual(y: &mut [f32], skip: Option<&[f32]>) {
+    if let Some(s) = skip {
+        let s = &s[..y.len()];
+        y.par_chunks_mut(16_384)
+            .zip(s.par_chunks(16_384))
+            .for_each(|(y, s)| {
+                for (o, v) in y.iter_mut().zip(s) {
+                    *o += v;
+                }
+            });
     }
 }
 

@@ -57,8 +57,10 @@ fn pack_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
     panels
 }
 
-/// `y[m×n] = epilogue(x[m×k] · w)`, `w` packed by [`pack`]; without `folded`, the plain product.
-/// Only where [`available`].
+/// `y[m×n] = epilogue(x[m×k] · w) + skip`, `w` packed by [`pack`]; without `folded`, the plain
+/// product; `skip` (a residual, `m×n` like `y`) is added to each tile after the epilogue, in
+/// registers. Only where [`available`].
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     x: &[f32],
     m: usize,
@@ -67,8 +69,16 @@ pub fn forward(
     w: &[f32],
     y: &mut [f32],
     folded: Option<&Folded>,
+    skip: Option<&[f32]>,
 ) {
     check(x, m, k, n, w, y);
+    if let Some(s) = skip {
+        assert!(
+            s.len() >= m * n,
+            "pointwise: residual holds {} < {m}×{n}",
+            s.len()
+        );
+    }
     if let Some(f) = folded {
         assert!(
             f.scale.len() == n && f.shift.len() == n,
@@ -78,10 +88,20 @@ pub fn forward(
     if m == 0 || n == 0 {
         return;
     }
-    run(x, m, k, n, w, y, folded)
+    run(x, m, k, n, w, y, folded, skip)
 }
 
-fn run(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32], folded: Option<&Folded>) {
+#[allow(clippy::too_many_arguments)]
+fn run(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    y: &mut [f32],
+    folded: Option<&Folded>,
+    skip: Option<&[f32]>,
+) {
     let panels = n.div_ceil(NR);
     // Rows per block: ~128 KiB of activations, a whole number of tiles.
     let block_rows = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
@@ -100,7 +120,7 @@ fn run(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32], folded
         let panels = g * per_group..((g + 1) * per_group).min(panels);
         // SAFETY: `forward` checked the operands' sizes and the CPU; tasks own disjoint (row
         // block, panel group) ranges of `y`, which is borrowed mutably for the whole call.
-        unsafe { block(x, k, n, w, y_addr as *mut f32, rows, panels, folded) }
+        unsafe { block(x, k, n, w, y_addr as *mut f32, rows, panels, folded, skip) }
     };
     let tasks = row_blocks * groups;
     if tasks > 1 {
@@ -115,7 +135,19 @@ fn run(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32], folded
 pub fn product_serial(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32]) {
     check(x, m, k, n, w, y);
     // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call.
-    unsafe { block(x, k, n, w, y.as_mut_ptr(), 0..m, 0..n.div_ceil(NR), None) }
+    unsafe {
+        block(
+            x,
+            k,
+            n,
+            w,
+            y.as_mut_ptr(),
+            0..m,
+            0..n.div_ceil(NR),
+            None,
+            None,
+        )
+    }
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
@@ -143,7 +175,8 @@ fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
 ///
 /// # Safety
 /// [`check`] must have passed for `x`, `w` and the `m × n` output at `y`, with `rows` ⊆ 0..m and
-/// `panels` ⊆ 0..n/NR; no other thread may touch this part of `y` meanwhile.
+/// `panels` ⊆ 0..n/NR, and `skip`, if any, holding `m × n` values; no other thread may touch
+/// this part of `y` meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     x: &[f32],
@@ -154,6 +187,7 @@ unsafe fn block(
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
     folded: Option<&Folded>,
+    skip: Option<&[f32]>,
 ) {
     for panel in panels {
         let col0 = panel * NR;
@@ -172,6 +206,7 @@ unsafe fn block(
                 depth: k,
                 w: wp.as_ptr(),
                 y: y.add(rows.start * n + col0),
+                skip: skip.map(|s| s.as_ptr().add(rows.start * n + col0)),
                 ldy: n,
                 cols,
                 epilogue: epilogue.as_ref(),
@@ -228,7 +263,7 @@ fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<P
 /// over `taps` (offsets from those starts), `depth` values each — one tap of `k` values for a
 /// matrix product, one tap of `k·cin` values per kernel row for a convolution read straight from
 /// its padded image — with `w` holding `taps·depth × NR` values; `cols ≤ NR` columns are stored
-/// at `y`, rows `ldy` apart.
+/// at `y`, rows `ldy` apart, after adding the residual laid out like them at `skip`.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     x: *const f32,
@@ -237,6 +272,7 @@ struct Tile<'a> {
     depth: usize,
     w: *const f32,
     y: *mut f32,
+    skip: Option<*const f32>,
     ldy: usize,
     cols: usize,
     epilogue: Option<&'a PanelEpilogue>,
@@ -272,6 +308,7 @@ unsafe fn strip(first: Tile, rows: usize) {
         let tile = Tile {
             x: first.x.add(r * first.pixel),
             y: first.y.add(r * first.ldy),
+            skip: first.skip.map(|s| s.add(r * first.ldy)),
             ..first
         };
         tile_of(count, &tile);
@@ -296,9 +333,16 @@ pub struct Direct {
 /// `y[out_h·out_w × cout] = epilogue(conv(padded, w))` for one image, `w` packed by
 /// [`pack_rows`] from the `[k·k·cin, cout]` im2col filter (rows in `(kh, kw, cin)` order): each
 /// tile of [`MR`] neighbouring output pixels reads the padded image in place, one tap per kernel
-/// row, so no im2col matrix is written or read. Output rows are spread over the pool.
-/// Only where [`available`].
-pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option<&Folded>) {
+/// row, so no im2col matrix is written or read. `skip`, a residual laid out like `y`, is added
+/// after the epilogue. Output rows are spread over the pool. Only where [`available`].
+pub fn conv(
+    d: &Direct,
+    padded: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    folded: Option<&Folded>,
+    skip: Option<&[f32]>,
+) {
     assert!(
         available(),
         "pointwise: kernels need x86-64 with AVX2 and FMA"
@@ -313,6 +357,9 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
         "pointwise: padded image size"
     );
     assert!(y.len() >= d.out_h * d.out_w * n, "pointwise: output size");
+    if let Some(s) = skip {
+        assert!(s.len() >= d.out_h * d.out_w * n, "pointwise: residual size");
+    }
     assert!(
         w.len() >= packed_len(k * k * cin, n),
         "pointwise: weights not packed"
@@ -338,6 +385,7 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
         .enumerate()
         .for_each(|(oh, out_row)| {
             let row0 = &padded[oh * s * d.width * cin..];
+            let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
             for panel in 0..panels {
                 let col0 = panel * NR;
                 let cols = NR.min(n - col0);
@@ -346,7 +394,8 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
                 // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow, tap (kh, kw),
                 // channel p reads padded pixel (oh·s + kh, ow·s + kw), inside the image by the
                 // size assertion above; `wp` holds depth × NR values; the strip writes columns
-                // col0..col0 + cols of this task's own output row.
+                // col0..col0 + cols of this task's own output row and reads the same of the
+                // residual's.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let first = Tile {
@@ -356,6 +405,7 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
                         depth: k * cin,
                         w: wp.as_ptr(),
                         y: out_row.as_mut_ptr().add(col0),
+                        skip: skip_row.map(|r| r.as_ptr().add(col0)),
                         ldy: n,
                         cols,
                         epilogue: e.as_ref(),
@@ -371,8 +421,8 @@ pub fn conv(d: &Direct, padded: &[f32], w: &[f32], y: &mut [f32], folded: Option
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
-/// tap and `p < depth`, `w` for `taps.len()·depth × NR` values, and `y` writable for `R` rows of
-/// `cols ≤ NR` at stride `ldy`.
+/// tap and `p < depth`, `w` for `taps.len()·depth × NR` values, and `y` writable (`skip`, if
+/// any, readable) for `R` rows of `cols ≤ NR` at stride `ldy`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile<const R: usize>(t: &Tile) {
@@ -395,6 +445,14 @@ unsafe fn tile<const R: usize>(t: &Tile) {
         for r in 0..R {
             lo[r] = simd::act8(*act, _mm256_fmadd_ps(lo[r], s0, b0));
             hi[r] = simd::act8(*act, _mm256_fmadd_ps(hi[r], s1, b1));
+        }
+    }
+    if let Some(skip) = t.skip {
+        for r in 0..R {
+            let mut row = [0f32; NR];
+            std::ptr::copy_nonoverlapping(skip.add(r * t.ldy), row.as_mut_ptr(), t.cols);
+            lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(row.as_ptr()));
+            hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(row.as_ptr().add(8)));
         }
     }
     for r in 0..R {

@@ -143,12 +143,12 @@ fn prepared_weights_at_wider_channels() {
         let weight = conv::Weight::Prepared(&prepared);
         let mut col = vec![0f32; g.col_len()];
         let mut y = vec![f32::NAN; g.output().len()];
-        conv::forward(&g, &x, weight, &mut y, &mut col, None);
+        conv::forward(&g, &x, weight, &mut y, &mut col, None, None);
         let case = (h, w, cin, cout, k, stride);
         assert!(max_rel(&y, &y_ref) < 1e-5, "{case:?}");
         let folded = silu_fold(cout);
         let mut fused = vec![f32::NAN; y.len()];
-        conv::forward(&g, &x, weight, &mut fused, &mut col, Some(&folded));
+        conv::forward(&g, &x, weight, &mut fused, &mut col, Some(&folded), None);
         folded.apply(&mut y);
         assert!(
             max_rel(&fused, &f64s(&y)) < 1e-6,
@@ -168,7 +168,15 @@ fn dense_conv_forward_and_backward() {
         let wk = &forward_weight(&g, &wt);
         let mut col = vec![0f32; g.col_len()];
         let mut y = vec![0f32; g.output().len()];
-        conv::forward(&g, &x, conv::Weight::Plain(wk), &mut y, &mut col, None);
+        conv::forward(
+            &g,
+            &x,
+            conv::Weight::Plain(wk),
+            &mut y,
+            &mut col,
+            None,
+            None,
+        );
         let (xd, wd) = (f64s(&x), f64s(&wt));
         let y_ref = conv_ref(&xd, s, &wd, cout, k, stride, false);
         assert!(
@@ -180,7 +188,7 @@ fn dense_conv_forward_and_backward() {
         let prepared = conv::prepare(&g, &wt);
         let mut y_prepared = vec![f32::NAN; y.len()];
         let weight = conv::Weight::Prepared(&prepared);
-        conv::forward(&g, &x, weight, &mut y_prepared, &mut col, None);
+        conv::forward(&g, &x, weight, &mut y_prepared, &mut col, None, None);
         assert!(
             max_rel(&y_prepared, &y_ref) < 1e-5,
             "forward with prepared weights {:?}",
@@ -711,9 +719,9 @@ fn fused_epilogue_equals_a_separate_pass() {
         let mut col = vec![0f32; g.col_len()];
         let (mut plain, mut fused) = (vec![0f32; g.output().len()], vec![0f32; g.output().len()]);
         let wk = conv::Weight::Plain(wk);
-        conv::forward(&g, &x, wk, &mut plain, &mut col, None);
+        conv::forward(&g, &x, wk, &mut plain, &mut col, None, None);
         folded.apply(&mut plain);
-        conv::forward(&g, &x, wk, &mut fused, &mut col, Some(&folded));
+        conv::forward(&g, &x, wk, &mut fused, &mut col, Some(&folded), None);
         assert!(
             max_rel(&fused, &f64s(&plain)) < 1e-6,
             "conv {:?}",
@@ -729,6 +737,53 @@ fn fused_epilogue_equals_a_separate_pass() {
     folded.apply(&mut plain);
     depthwise::forward(&g, &x, &wp, &mut fused, Some(&folded));
     assert_eq!(plain, fused);
+}
+
+/// A residual given to the convolution (added in registers by the pointwise kernels, in a pass
+/// of its own elsewhere) equals adding it after: bit for bit, 1×1 and k×k, prepared and plain
+/// weights, with the folded batch norm + SiLU, partial tiles and panels.
+#[test]
+fn residual_in_the_convolution_equals_a_separate_add() {
+    let mut rng = Rng::new(12);
+    for &(h, w, cin, cout, k, stride) in &[
+        (7, 5, 24, 20, 1, 1),
+        (9, 9, 40, 33, 1, 1),
+        (8, 7, 16, 24, 3, 1),
+        (9, 11, 40, 40, 3, 1),
+        (9, 8, 5, 7, 3, 2),
+    ] {
+        let s = Nhwc::new(2, h, w, cin);
+        let g = conv::ConvGeom::new(s, k, stride, cout);
+        let x = random(&mut rng, s.len());
+        let wt = random(&mut rng, g.weight_len());
+        let skip = random(&mut rng, g.output().len());
+        let folded = silu_fold(cout);
+        let prepared = conv::prepare(&g, &wt);
+        let plain = forward_weight(&g, &wt);
+        for weight in [
+            conv::Weight::Prepared(&prepared),
+            conv::Weight::Plain(&plain),
+        ] {
+            let mut col = vec![0f32; g.col_len()];
+            let mut want = vec![f32::NAN; g.output().len()];
+            conv::forward(&g, &x, weight, &mut want, &mut col, Some(&folded), None);
+            for (o, v) in want.iter_mut().zip(&skip) {
+                *o += v;
+            }
+            let mut got = vec![f32::NAN; want.len()];
+            conv::forward(
+                &g,
+                &x,
+                weight,
+                &mut got,
+                &mut col,
+                Some(&folded),
+                Some(&skip),
+            );
+            let prepared = matches!(weight, conv::Weight::Prepared(_));
+            assert_eq!(got, want, "{:?}", (h, w, cin, cout, k, stride, prepared));
+        }
+    }
 }
 
 /// The packed 1×1 kernel against an f64 product: tiles short of 6 rows, panels short of 16
@@ -769,9 +824,9 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
         }
         let w = pointwise::pack(k, n, &torch);
         let mut y = vec![f32::NAN; m * n];
-        pointwise::forward(&x, m, k, n, &w, &mut y, None);
+        pointwise::forward(&x, m, k, n, &w, &mut y, None, None);
         assert!(max_rel(&y, &plain) < 1e-5, "product {:?}", (m, k, n));
-        pointwise::forward(&x, m, k, n, &w, &mut y, Some(&folded));
+        pointwise::forward(&x, m, k, n, &w, &mut y, Some(&folded), None);
         assert!(max_rel(&y, &fused) < 1e-5, "with epilogue {:?}", (m, k, n));
     }
 }
