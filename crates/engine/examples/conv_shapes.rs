@@ -43,12 +43,12 @@ fn main() {
         let torch: Vec<f32> = (0..g.weight_len()).map(|i| (i % 5) as f32 * 0.1).collect();
         let prepared = prepare(&g, &torch);
         let mut time = |weight: Weight| {
-            forward(&g, &x, weight, &mut y, &mut col, None);
+            forward(&g, &x, weight, &mut y, &mut col, None, None);
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let t = Instant::now();
                 for _ in 0..reps {
-                    forward(&g, &x, weight, &mut y, &mut col, None);
+                    forward(&g, &x, weight, &mut y, &mut col, None, None);
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }

@@ -41,24 +41,54 @@ fn across_replicas(mut local: Vec<f64>, rows: usize, sync: Option<&ReplicaSum>) 
 /// Rows per parallel task in the reductions: small enough that f32 partial sums stay accurate.
 const ROWS_PER_TASK: usize = 512;
 
-/// Sums `f` over row ranges in parallel. `f(rows, partial)` adds its range's contribution into
-/// `partial` (length `width`); the partials are combined in f64.
-pub fn par_row_sums(
+/// Channels per task in the per-channel passes: all of them when the row tasks alone keep every
+/// thread busy or the tensor is small; otherwise blocks of at least 16, so that few rows of many
+/// channels (the small maps late in the network: 128 rows of 1,536 channels at batch 8 and
+/// 128 px) still spread over the pool. Each channel's sum runs over the same row tasks either way.
+fn channel_block(rows: usize, width: usize) -> usize {
+    let row_tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
+    let threads = rayon::current_num_threads();
+    // Tasks of at least ~16K values: smaller ones cost more to schedule than they save.
+    let wanted = (2 * threads).min(rows * width / 16_384);
+    if threads == 1 || row_tasks >= wanted || width <= 16 {
+        return width.max(1);
+    }
+    let blocks = wanted.div_ceil(row_tasks);
+    width.div_ceil(blocks).next_multiple_of(8).clamp(16, width)
+}
+
+/// The row tasks of the per-channel reductions.
+fn row_task(t: usize, rows: usize) -> Range<usize> {
+    t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows)
+}
+
+/// Per-channel sums over row ranges, in parallel over row tasks and channel blocks.
+/// `f(rows, channels, partial)` adds its rows' contribution for `channels` into `partial`
+/// (`channels.len()` long); the row tasks' partials are combined in f64.
+fn par_row_sums(
     rows: usize,
     width: usize,
-    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+    f: impl Fn(Range<usize>, Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f64> {
     let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
-    let partials = (0..tasks).into_par_iter().map(|t| {
-        let mut partial = vec![0f32; width];
-        let range = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows);
-        simd::dispatch(
-            #[inline(always)]
-            || f(range, &mut partial),
-        );
-        partial
-    });
-    sum_partials(partials, width)
+    let block = channel_block(rows, width);
+    let mut totals = vec![0f64; width];
+    totals
+        .par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(j, total)| {
+            let channels = j * block..j * block + total.len();
+            let partials = (0..tasks).into_par_iter().map(|t| {
+                let mut partial = vec![0f32; channels.len()];
+                simd::dispatch(
+                    #[inline(always)]
+                    || f(row_task(t, rows), channels.clone(), &mut partial),
+                );
+                partial
+            });
+            total.copy_from_slice(&sum_partials(partials, channels.len()));
+        });
+    totals
 }
 
 /// Adds up f32 partial sums from parallel tasks in f64.
@@ -83,9 +113,14 @@ fn sum_partials(partials: impl ParallelIterator<Item = Vec<f32>>, width: usize) 
         )
 }
 
+/// Rows per task in elementwise passes over `[rows, c]` tensors: about 16K values.
+fn elementwise_rows(c: usize) -> usize {
+    (16_384 / c.max(1)).clamp(1, ROWS_PER_TASK)
+}
+
 /// Applies `f(row_chunk_in, row_chunk_out)` over matching row chunks of two `[rows, c]` tensors.
 fn par_rows(x: &[f32], y: &mut [f32], c: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
-    let chunk = ROWS_PER_TASK * c;
+    let chunk = elementwise_rows(c) * c;
     y.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(yc, xc)| {
@@ -114,9 +149,9 @@ pub fn train_forward(
     sync: Option<&ReplicaSum>,
 ) -> usize {
     let local_rows = x.len() / c;
-    let sums = par_row_sums(local_rows, c, |r, acc| {
+    let sums = par_row_sums(local_rows, c, |r, ch, acc| {
         for row in x[r.start * c..r.end * c].chunks_exact(c) {
-            for (a, v) in acc.iter_mut().zip(row) {
+            for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
                 *a += v;
             }
         }
@@ -127,9 +162,13 @@ pub fn train_forward(
     }
     let mean_ro: &[f32] = mean;
     // Two passes (mean, then squared deviations) keep the variance accurate for large means.
-    let sq = par_row_sums(local_rows, c, |r, acc| {
+    let sq = par_row_sums(local_rows, c, |r, ch, acc| {
         for row in x[r.start * c..r.end * c].chunks_exact(c) {
-            for ((a, v), m) in acc.iter_mut().zip(row).zip(mean_ro) {
+            for ((a, v), m) in acc
+                .iter_mut()
+                .zip(&row[ch.clone()])
+                .zip(&mean_ro[ch.clone()])
+            {
                 let d = v - m;
                 *a += d * d;
             }
@@ -288,47 +327,70 @@ fn train_backward_rows<A: Activation>(
     dbeta: &mut [f32],
     sync: Option<&ReplicaSum>,
 ) {
+    assert!(
+        dx.len() == x.len() && dy.len() == x.len(),
+        "batch norm backward: x, dy and dx differ in length"
+    );
     let rows = x.len() / c;
     let Folded { scale, shift, .. } = Folded::from_stats(gamma, beta, mean, invstd, Act::None);
     // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
-    // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂.
-    let chunk = ROWS_PER_TASK * c;
-    let partials = dx
-        .par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .zip(dy.par_chunks(chunk))
-        .map(|((dzc, xc), gc)| {
-            let mut acc = vec![0f32; 2 * c];
-            let (sum_dz, sum_dzx) = acc.split_at_mut(c);
-            simd::dispatch(
-                #[inline(always)]
-                || {
-                    for ((dzr, xr), gr) in dzc
-                        .chunks_exact_mut(c)
-                        .zip(xc.chunks_exact(c))
-                        .zip(gc.chunks_exact(c))
-                    {
-                        for (((o, xv), g), (s, b)) in
-                            dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(&shift))
-                        {
-                            *o = g * A::derivative(xv * s + b);
+    // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂, over row
+    // tasks and channel blocks.
+    let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
+    let block = channel_block(rows, c);
+    let dz_addr = dx.as_mut_ptr() as usize;
+    let (mut sum_dz, mut sum_dzx) = (vec![0f64; c], vec![0f64; c]);
+    sum_dz
+        .par_chunks_mut(block)
+        .zip(sum_dzx.par_chunks_mut(block))
+        .enumerate()
+        .for_each(|(j, (total_dz, total_dzx))| {
+            let ch = j * block..j * block + total_dz.len();
+            let width = ch.len();
+            let partials = (0..tasks).into_par_iter().map(|t| {
+                let mut acc = vec![0f32; 2 * width];
+                let (sd, sx) = acc.split_at_mut(width);
+                let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
+                let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for r in row_task(t, rows) {
+                            let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
+                            // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed
+                            // mutably for this whole call; this task alone writes row r's
+                            // channels `ch` (row tasks and channel blocks partition rows ×
+                            // channels), and pass 2 starts after every task has ended.
+                            let dzr = unsafe {
+                                let first = (dz_addr as *mut f32).add(r * c + ch.start);
+                                std::slice::from_raw_parts_mut(first, width)
+                            };
+                            for (((o, xv), g), (s, b)) in
+                                dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
+                            {
+                                *o = g * A::derivative(xv * s + b);
+                            }
+                            for ((((dz, xv), (m, is)), sd), sx) in dzr
+                                .iter()
+                                .zip(xr)
+                                .zip(mean.iter().zip(invstd))
+                                .zip(sd.iter_mut())
+                                .zip(sx.iter_mut())
+                            {
+                                *sd += dz;
+                                *sx += dz * (xv - m) * is;
+                            }
                         }
-                        for ((((dz, xv), (m, is)), sd), sx) in dzr
-                            .iter()
-                            .zip(xr)
-                            .zip(mean.iter().zip(invstd))
-                            .zip(sum_dz.iter_mut())
-                            .zip(sum_dzx.iter_mut())
-                        {
-                            *sd += dz;
-                            *sx += dz * (xv - m) * is;
-                        }
-                    }
-                },
-            );
-            acc
+                    },
+                );
+                acc
+            });
+            let both = sum_partials(partials, 2 * width);
+            total_dz.copy_from_slice(&both[..width]);
+            total_dzx.copy_from_slice(&both[width..]);
         });
-    let local = sum_partials(partials, 2 * c);
+    let mut local = sum_dz;
+    local.extend_from_slice(&sum_dzx);
     for ch in 0..c {
         dbeta[ch] += local[ch] as f32;
         dgamma[ch] += local[c + ch] as f32;
@@ -338,6 +400,7 @@ fn train_backward_rows<A: Activation>(
     let mean_dz: Vec<f32> = sums[..c].iter().map(|s| (s * inv_rows) as f32).collect();
     let mean_dzx: Vec<f32> = sums[c..].iter().map(|s| (s * inv_rows) as f32).collect();
     // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), in place over dz.
+    let chunk = elementwise_rows(c) * c;
     dx.par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk))
         .for_each(|(dxc, xc)| {

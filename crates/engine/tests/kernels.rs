@@ -364,6 +364,58 @@ fn batch_norm_train_forward_backward_and_running_stats() {
     }
 }
 
+/// Few rows of many channels (the small maps late in a network) split batch norm's per-channel
+/// passes into channel blocks across threads: the results equal one thread's bit for bit.
+#[test]
+fn batch_norm_in_channel_blocks_equals_one_thread() {
+    let mut rng = Rng::new(13);
+    let (rows, c) = (60, 700);
+    let x: Vec<f32> = random(&mut rng, rows * c).iter().map(|v| 1.0 + v).collect();
+    let gamma: Vec<f32> = (0..c).map(|_| rng.uniform_in(0.5, 1.5) as f32).collect();
+    let beta = random(&mut rng, c);
+    let dy = random(&mut rng, rows * c);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a pool");
+        pool.install(|| {
+            let (mut mean, mut var, mut invstd) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+            let mut y = vec![0f32; x.len()];
+            norm::train_forward(
+                &x,
+                c,
+                &gamma,
+                &beta,
+                1e-3,
+                Act::Silu,
+                &mut mean,
+                &mut var,
+                &mut invstd,
+                &mut y,
+                None,
+            );
+            let (mut dx, mut dg, mut db) = (vec![0f32; x.len()], vec![0f32; c], vec![0f32; c]);
+            norm::train_backward(
+                &x,
+                c,
+                &gamma,
+                &beta,
+                &mean,
+                &invstd,
+                Act::Silu,
+                &dy,
+                &mut dx,
+                &mut dg,
+                &mut db,
+                None,
+            );
+            [y, mean, var, invstd, dx, dg, db]
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
+
 /// Two replicas in two threads: each one's sum waits for the other's values (a two-rank
 /// all-reduce in memory).
 struct Exchange {
