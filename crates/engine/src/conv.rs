@@ -256,8 +256,9 @@ fn pad_image(g: &ConvGeom, d: &pointwise::Direct, image: &[f32], padded: &mut [f
 pub type Epilogue<'a> = Option<&'a Folded>;
 
 /// `y = conv(x, w)`, then `epilogue` over blocks of output rows, then `+ skip` (a residual laid
-/// out like `y`); `col` is scratch of [`ConvGeom::col_len`]. The pointwise kernels add the
-/// residual to each tile in registers; the other paths in a pass of their own.
+/// out like `y`); `col` is scratch of [`ConvGeom::col_len`]. With prepared weights on AVX2 the
+/// pointwise kernels add the residual to each tile in registers; elsewhere it is a pass of its
+/// own.
 pub fn forward(
     g: &ConvGeom,
     x: &[f32],
@@ -276,10 +277,15 @@ pub fn forward(
     };
     // Prepared weights are the pointwise kernel's panels where that kernel runs.
     let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
-    let product = |y: &mut [f32], rows: usize, a: &[f32]| match epilogue {
-        _ if panels => pointwise::forward(a, rows, k, g.cout, w, y, epilogue, None),
-        Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, &|rows| e.apply(rows)),
-        None => matmul(y, rows, g.cout, k, a, Layout::Normal, w, w_layout, false),
+    let product = |y: &mut [f32], rows: usize, a: &[f32], skip: Option<&[f32]>| {
+        match epilogue {
+            _ if panels => return pointwise::forward(a, rows, k, g.cout, w, y, epilogue, skip),
+            Some(e) => matmul_then(y, rows, g.cout, k, a, w, w_layout, &|rows| e.apply(rows)),
+            None => matmul(y, rows, g.cout, k, a, Layout::Normal, w, w_layout, false),
+        }
+        if let Some(s) = skip {
+            add_residual(y, s);
+        }
     };
     let out_len = g.output().len();
     if let Some(s) = skip {
@@ -290,15 +296,7 @@ pub fn forward(
         );
     }
     if g.is_pointwise() {
-        match skip {
-            Some(_) if panels => {
-                pointwise::forward(x, g.output().rows(), k, g.cout, w, y, epilogue, skip)
-            }
-            _ => {
-                product(y, g.output().rows(), x);
-                add_residual(&mut y[..out_len], skip);
-            }
-        }
+        product(y, g.output().rows(), x, skip);
         return;
     }
     let in_img = g.input.h * g.input.w * g.input.c;
@@ -334,32 +332,29 @@ pub fn forward(
             }
         };
         winograd::forward(g, x, u, y, epilogue);
-        add_residual(&mut y[..out_len], skip);
+        if let Some(s) = skip {
+            add_residual(&mut y[..out_len], s);
+        }
         return;
     }
+    let out_img = out_px * g.cout;
     for b in 0..g.input.n {
         im2col(g, &x[b * in_img..][..in_img], col);
-        product(
-            &mut y[b * out_px * g.cout..][..out_px * g.cout],
-            out_px,
-            col,
-        );
+        let skip = skip.map(|s| &s[b * out_img..][..out_img]);
+        product(&mut y[b * out_img..][..out_img], out_px, col, skip);
     }
-    add_residual(&mut y[..out_len], skip);
 }
 
-/// `y += skip` (a block's shortcut), spread over the pool; nothing without `skip`.
-pub fn add_residual(y: &mut [f32], skip: Option<&[f32]>) {
-    if let Some(s) = skip {
-        let s = &s[..y.len()];
-        y.par_chunks_mut(16_384)
-            .zip(s.par_chunks(16_384))
-            .for_each(|(y, s)| {
-                for (o, v) in y.iter_mut().zip(s) {
-                    *o += v;
-                }
-            });
-    }
+/// `y += skip` (a block's shortcut), spread over the pool.
+pub fn add_residual(y: &mut [f32], skip: &[f32]) {
+    let skip = &skip[..y.len()];
+    y.par_chunks_mut(16_384)
+        .zip(skip.par_chunks(16_384))
+        .for_each(|(y, s)| {
+            for (o, v) in y.iter_mut().zip(s) {
+                *o += v;
+            }
+        });
 }
 
 /// Gradients of [`forward`]: `dw` (same layout as `w`) is accumulated into; `dx`, when wanted,

@@ -37,8 +37,10 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// work instead of going to sleep between parallel loops. A sleeping worker takes ~0.1 ms to
 /// wake on a virtual machine, as long as a small layer's work, and rayon puts idle workers to
 /// sleep sooner than the gaps between some layers; ONNX Runtime's and OpenMP's pools spin the
-/// same way. The pollers burn their cores while `f` runs serial code, so this is for passes that
-/// own the machine (inference), not for training beside a data loader.
+/// same way. The pollers burn their cores while `f` runs serial code: this is for inference
+/// passes (also between training epochs, once the loader is idle), not for training steps
+/// beside a data loader. A poller may run other work queued on the pool meanwhile (another
+/// thread's pass), and `f` returns only after it has finished.
 pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};
     /// Stops the pollers when `f` returns or panics (the scope waits for them either way).
@@ -51,9 +53,15 @@ pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let others = rayon::current_num_threads().saturating_sub(1);
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
+        let (caller, stop) = (rayon::current_thread_index(), &done);
         for _ in 0..others {
-            s.spawn(|_| {
-                while !done.load(Ordering::Acquire) {
+            s.spawn(move |_| {
+                // A poller that starts on the caller's own thread means `f` is waiting there
+                // (for work elsewhere, or it has returned): polling would keep `f` from going on.
+                if rayon::current_thread_index() == caller {
+                    return;
+                }
+                while !stop.load(Ordering::Acquire) {
                     if rayon::yield_now() != Some(rayon::Yield::Executed) {
                         std::hint::spin_loop();
                     }
@@ -71,8 +79,8 @@ pub use shape::{same_padding, Nhwc};
 mod tests {
     use rayon::prelude::*;
 
-    /// The pollers take the pass's parallel work and stop when it returns, or when it panics
-    /// (the panic reaches the caller instead of the scope waiting forever).
+    /// The pollers take the pass's parallel work and stop when it returns, waits on another
+    /// pool, or panics (the panic reaches the caller instead of the scope waiting forever).
     #[test]
     fn awake_pass_runs_parallel_work_and_ends_on_panic() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -93,6 +101,12 @@ mod tests {
                     .len()
             });
             assert!(threads > 1, "only {threads} worker ran the loop");
+            // `f` waiting on another pool: its own thread may pick a poller up meanwhile.
+            let other = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .expect("a pool");
+            assert_eq!(super::on_pool_awake(|| other.install(|| 7)), 7);
             let caught =
                 std::panic::catch_unwind(|| super::on_pool_awake(|| panic!("in the pass")));
             assert!(caught.is_err());

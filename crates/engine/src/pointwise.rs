@@ -450,9 +450,13 @@ unsafe fn tile<const R: usize>(t: &Tile) {
     if let Some(skip) = t.skip {
         for r in 0..R {
             let mut row = [0f32; NR];
-            std::ptr::copy_nonoverlapping(skip.add(r * t.ldy), row.as_mut_ptr(), t.cols);
-            lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(row.as_ptr()));
-            hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(row.as_ptr().add(8)));
+            let mut src = skip.add(r * t.ldy);
+            if t.cols < NR {
+                std::ptr::copy_nonoverlapping(src, row.as_mut_ptr(), t.cols);
+                src = row.as_ptr();
+            }
+            lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(src));
+            hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(src.add(8)));
         }
     }
     for r in 0..R {

@@ -417,8 +417,9 @@ impl Network {
         ws.mode = Some(mode);
         for (i, layer) in self.layers.iter().enumerate() {
             let block_end = self.blocks.iter().position(|b| b.layers.end == i + 1);
-            // In eval mode a block's shortcut is added by its last convolution, as part of
-            // the epilogue; training adds it after batch norm, with the drop-path mask.
+            // In eval mode the shortcut of a block that ends in a dense convolution is added by
+            // that convolution, after its epilogue; training adds it after batch norm, with the
+            // drop-path mask.
             let fused_skip = match (block_end, layer) {
                 (Some(b), Layer::Conv(u))
                     if mode == Mode::Eval
@@ -471,12 +472,6 @@ impl Network {
         let x_shape = ws.shapes[i];
         let (conv_slot, out_slot) = ws.slots[i + 1];
         let in_slot = ws.slots[i].1;
-        // The residual, when it is not this layer's own input, is moved out of its slot for the
-        // call (no copy) and put back after.
-        let skip_moved = match skip_slot {
-            Some(s) if s != in_slot => Some((s, std::mem::take(&mut ws.acts[s]))),
-            _ => None,
-        };
         let (lo, hi) = ws.acts.split_at_mut(conv_slot.min(out_slot));
         let x = &lo[in_slot];
         let p = &weights.params;
@@ -521,11 +516,8 @@ impl Network {
                                 conv::Weight::Plain(&ws.packed[..g.weight_len()])
                             }
                         };
-                        let skip = match (&skip_moved, skip_slot) {
-                            (Some((_, v)), _) => Some(&v[..]),
-                            (None, Some(_)) => Some(&x[..]),
-                            (None, None) => None,
-                        };
+                        // Slots are numbered in layer order: the block's input comes before.
+                        let skip = skip_slot.map(|s| &lo[s][..]);
                         conv::forward(&g, x, w, target, &mut ws.col, folded, skip);
                         let op = if g.is_pointwise() {
                             "conv 1x1"
@@ -595,9 +587,6 @@ impl Network {
                 Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
             }
         }
-        if let Some((slot, v)) = skip_moved {
-            ws.acts[slot] = v;
-        }
     }
 
     /// Adds a block's input to its output (the branch scaled by the drop-path mask).
@@ -617,7 +606,7 @@ impl Network {
         let (lo, hi) = ws.acts.split_at_mut(out_slot);
         let (x, y) = (&lo[in_slot], &mut hi[0]);
         if mask.iter().all(|&m| m == 1.0) {
-            conv::add_residual(y, Some(x));
+            conv::add_residual(y, x);
         } else {
             // y = x + mask·branch: scale the branch in place, then add the shortcut.
             let per_image = y.len() / mask.len();
