@@ -406,7 +406,8 @@ impl Network {
             ),
             _ => {}
         }
-        ws.acts[0].copy_from_slice(input);
+        let first = ws.slots[0].1;
+        ws.acts[first][..input.len()].copy_from_slice(input);
         let stochastic = matches!(
             mode,
             Mode::Train {
@@ -469,16 +470,21 @@ impl Network {
         mode: Mode,
         skip_slot: Option<usize>,
     ) {
-        let x_shape = ws.shapes[i];
+        let (x_shape, y_len) = (ws.shapes[i], ws.shapes[i + 1].len());
         let (conv_slot, out_slot) = ws.slots[i + 1];
-        let in_slot = ws.slots[i].1;
-        let (lo, hi) = ws.acts.split_at_mut(conv_slot.min(out_slot));
-        let x = &lo[in_slot];
+        // The layer's output buffers leave the workspace for the call (moves, no copies), so the
+        // input and the residual can be read beside them wherever their slots are.
+        let mut y_buf = std::mem::take(&mut ws.acts[out_slot]);
+        let mut conv_buf = match conv_slot == out_slot {
+            true => Vec::new(),
+            false => std::mem::take(&mut ws.acts[conv_slot]),
+        };
+        let x = &ws.acts[ws.slots[i].1][..x_shape.len()];
+        let y = &mut y_buf[..y_len];
         let p = &weights.params;
         match layer {
             Layer::Conv(u) => {
-                let (conv_out, rest) = hi.split_first_mut().expect("two slots");
-                let y = &mut rest[out_slot - conv_slot - 1];
+                let conv_out = &mut conv_buf[..];
                 let (gamma, beta) = (&p[u.bn.gamma.clone()], &p[u.bn.beta.clone()]);
                 let eps = self.config.bn_eps;
                 // Eval mode folds batch norm and activation into the convolution's output
@@ -500,7 +506,7 @@ impl Network {
                         Some(&folded_now)
                     }
                 };
-                let target: &mut Vec<f32> = match folded {
+                let target: &mut [f32] = match folded {
                     Some(_) => y,
                     None => conv_out,
                 };
@@ -516,8 +522,7 @@ impl Network {
                                 conv::Weight::Plain(&ws.packed[..g.weight_len()])
                             }
                         };
-                        // Slots are numbered in layer order: the block's input comes before.
-                        let skip = skip_slot.map(|s| &lo[s][..]);
+                        let skip = skip_slot.map(|s| &ws.acts[s][..y_len]);
                         conv::forward(&g, x, w, target, &mut ws.col, folded, skip);
                         let op = if g.is_pointwise() {
                             "conv 1x1"
@@ -571,7 +576,6 @@ impl Network {
                     cr: s.cr,
                     act: s.act,
                 };
-                let y = &mut hi[out_slot - conv_slot.min(out_slot)];
                 let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
                 let t = Instant::now();
                 se::forward(
@@ -586,6 +590,10 @@ impl Network {
                 );
                 Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
             }
+        }
+        ws.acts[out_slot] = y_buf;
+        if conv_slot != out_slot {
+            ws.acts[conv_slot] = conv_buf;
         }
     }
 
@@ -603,8 +611,9 @@ impl Network {
         }
         let in_slot = ws.slots[block.layers.start].1;
         let out_slot = ws.slots[block.layers.end].1;
-        let (lo, hi) = ws.acts.split_at_mut(out_slot);
-        let (x, y) = (&lo[in_slot], &mut hi[0]);
+        let len = ws.shapes[block.layers.end].len();
+        let mut y_buf = std::mem::take(&mut ws.acts[out_slot]);
+        let (x, y) = (&ws.acts[in_slot][..len], &mut y_buf[..len]);
         if mask.iter().all(|&m| m == 1.0) {
             conv::add_residual(y, x);
         } else {
@@ -620,6 +629,7 @@ impl Network {
                 }
             }
         }
+        ws.acts[out_slot] = y_buf;
     }
 
     /// The backward pass after a training-mode [`Network::forward`] on the same workspace:
@@ -922,13 +932,47 @@ pub struct Workspace {
     pub replica_sum: Option<CrossReplica>,
 }
 
+/// Activation buffers of an inference workspace, which keeps nothing for a backward pass: layer
+/// outputs rotate through a few buffers of the largest layer's size, the most recently freed
+/// first (still in cache) rather than a fresh buffer per layer, and a block's input stays put
+/// until its residual is added. Returns the buffers and each layer's slots, as
+/// [`Workspace::slots`].
+fn rotating_buffers(net: &Network, shapes: &[Nhwc]) -> (Vec<Vec<f32>>, Vec<(usize, usize)>) {
+    let largest = shapes.iter().map(Nhwc::len).max().unwrap_or(0);
+    let mut slots = vec![(0, 0)];
+    let (mut count, mut free) = (1, Vec::<usize>::new());
+    for i in 0..net.layers.len() {
+        let input = slots[i].1;
+        let out = free.pop().unwrap_or_else(|| {
+            count += 1;
+            count - 1
+        });
+        slots.push((out, out));
+        let block = net.blocks.iter().find(|b| b.layers.contains(&i));
+        let residual = block.filter(|b| b.skip).map(|b| slots[b.layers.start].1);
+        let ends = block.is_some_and(|b| b.layers.end == i + 1);
+        let mut release = |slot: usize| {
+            if !free.contains(&slot) {
+                free.push(slot);
+            }
+        };
+        if let (true, Some(r)) = (ends, residual) {
+            release(r);
+        }
+        if ends || residual != Some(input) {
+            release(input);
+        }
+    }
+    ((0..count).map(|_| vec![0f32; largest]).collect(), slots)
+}
+
 impl Workspace {
     fn new(net: &Network, n: usize, h: usize, w: usize, training: bool) -> Workspace {
         let shapes = net.shapes(n, h, w);
         // Buffers only the training forward and the backward pass use stay empty for inference:
         // the raw convolution outputs, batch statistics and gradient scratch.
         let train_len = |len: usize| if training { len } else { 0 };
-        let mut acts = vec![vec![0f32; shapes[0].len()]];
+        let mut acts = vec![vec![0f32; train_len(shapes[0].len())]];
         let mut slots = vec![(0, 0)];
         let (mut packed, mut col, mut max_act) = (0, 0, shapes[0].len());
         let mut bn_saved = Vec::new();
@@ -939,7 +983,7 @@ impl Workspace {
             match layer {
                 Layer::Conv(u) => {
                     acts.push(vec![0f32; train_len(y.len())]);
-                    acts.push(vec![0f32; y.len()]);
+                    acts.push(vec![0f32; train_len(y.len())]);
                     slots.push((acts.len() - 2, acts.len() - 1));
                     bn_saved.push(vec![0f32; train_len(3 * u.cout)]);
                     se_saved.push(None);
@@ -958,7 +1002,7 @@ impl Workspace {
                     }
                 }
                 Layer::Se(s) => {
-                    acts.push(vec![0f32; y.len()]);
+                    acts.push(vec![0f32; train_len(y.len())]);
                     slots.push((acts.len() - 1, acts.len() - 1));
                     bn_saved.push(Vec::new());
                     se_saved.push(Some(SeSaved::new(&SeGeom {
@@ -971,6 +1015,10 @@ impl Workspace {
                 }
             }
         }
+        let (acts, slots) = match training {
+            true => (acts, slots),
+            false => rotating_buffers(net, &shapes),
+        };
         let f = net.features;
         Workspace {
             shapes,
@@ -1013,6 +1061,10 @@ impl Workspace {
     /// The output of layer `i` after the last forward pass (after its block's residual add when
     /// it ends one): what another device's pass is compared with.
     pub fn layer_output(&self, i: usize) -> &[f32] {
+        assert!(
+            self.training,
+            "an inference workspace reuses its buffers: plan with Network::workspace to keep every layer's output"
+        );
         &self.acts[self.slots[i + 1].1]
     }
 
