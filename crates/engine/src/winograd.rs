@@ -48,9 +48,10 @@ pub fn transform_filter(cin: usize, cout: usize, packed: &[f32], u: &mut [f32]) 
     }
 }
 
-/// Scratch floats [`forward`] needs per block of `tiles` tiles.
+/// Scratch floats [`forward`] needs per block of `tiles` tiles: the transformed input and
+/// products, and the transforms' own rows.
 fn block_scratch(tiles: usize, cin: usize, cout: usize) -> usize {
-    16 * tiles * (cin + cout)
+    16 * tiles * (cin + cout) + 17 * cin + 10 * cout
 }
 
 /// The transformed filter as [`forward`] takes it.
@@ -78,55 +79,70 @@ pub fn forward(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epil
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     // Blocks of whole tile rows: about 16K output floats per position (in cache), ≥ 1 row.
     let rows_per_block = (16_384 / (tw * cout).max(1)).clamp(1, th);
-    let blocks_per_image = th.div_ceil(rows_per_block);
     let img_out = h * w * cout;
     let img_in = h * w * cin;
-    // Output rows of block (b, r): pixel rows 2·r0 .. min(2·r1, h) of image b, contiguous.
-    let mut chunks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(n * blocks_per_image);
-    for (b, img) in y[..n * img_out].chunks_exact_mut(img_out).enumerate() {
-        let mut rest = img;
-        for r in 0..blocks_per_image {
-            let (r0, r1) = (r * rows_per_block, ((r + 1) * rows_per_block).min(th));
-            let px_rows = (2 * r1).min(h) - 2 * r0;
-            let (head, tail) = rest.split_at_mut(px_rows * w * cout);
-            chunks.push((b, r0, head));
-            rest = tail;
-        }
-    }
-    chunks.into_par_iter().for_each_init(
-        || vec![0f32; block_scratch(rows_per_block * tw, cin, cout)],
-        |scratch, (b, r0, out)| {
-            let r1 = (r0 + rows_per_block).min(th);
-            let tiles = (r1 - r0) * tw;
-            let (v, m) = scratch[..block_scratch(tiles, cin, cout)].split_at_mut(16 * tiles * cin);
-            let image = &x[b * img_in..][..img_in];
-            simd::dispatch(
-                #[inline(always)]
-                || input_transform(image, h, w, cin, r0, r1, tw, v),
-            );
-            for xi in 0..16 {
-                let out = &mut m[xi * tiles * cout..][..tiles * cout];
-                let vx = &v[xi * tiles * cin..][..tiles * cin];
-                match u {
-                    Filter::Rows(u) => {
-                        let ux = &u[xi * cin * cout..][..cin * cout];
-                        matmul_serial(out, tiles, cout, cin, vx, ux, Layout::Normal)
+    // Block r of an image: output pixel rows 2·r0 .. min(2·r1, h), contiguous.
+    let block_len = 2 * rows_per_block * w * cout;
+    y[..n * img_out]
+        .par_chunks_mut(img_out)
+        .enumerate()
+        .for_each(|(b, img)| {
+            img.par_chunks_mut(block_len.max(1))
+                .enumerate()
+                .for_each(|(r, out)| {
+                    let r0 = r * rows_per_block;
+                    let r1 = (r0 + rows_per_block).min(th);
+                    let tiles = (r1 - r0) * tw;
+                    // No parallel loop runs inside a block, so its thread cannot start another
+                    // block meanwhile: the borrow of the scratch is this block's alone.
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let need = block_scratch(tiles, cin, cout);
+                        if scratch.len() < need {
+                            scratch.resize(need, 0.0);
+                        }
+                        let (v, rest) = scratch[..need].split_at_mut(16 * tiles * cin);
+                        let (m, rest) = rest.split_at_mut(16 * tiles * cout);
+                        let (zero, rest) = rest.split_at_mut(cin);
+                        let (e_in, rest) = rest.split_at_mut(16 * cin);
+                        let (e_out, px) = rest.split_at_mut(8 * cout);
+                        // Other calls used this scratch for other things.
+                        zero.fill(0.0);
+                        let image = &x[b * img_in..][..img_in];
+                        simd::dispatch(
+                            #[inline(always)]
+                            || input_transform(image, h, w, cin, r0, r1, tw, v, zero, e_in),
+                        );
+                        for xi in 0..16 {
+                            let out = &mut m[xi * tiles * cout..][..tiles * cout];
+                            let vx = &v[xi * tiles * cin..][..tiles * cin];
+                            match u {
+                                Filter::Rows(u) => {
+                                    let ux = &u[xi * cin * cout..][..cin * cout];
+                                    matmul_serial(out, tiles, cout, cin, vx, ux, Layout::Normal)
+                                }
+                                Filter::Panels(u) => {
+                                    let len = pointwise::packed_len(cin, cout);
+                                    let ux = &u[xi * len..][..len];
+                                    pointwise::product_serial(vx, tiles, cin, cout, ux, out)
+                                }
+                            }
+                        }
+                        simd::dispatch(
+                            #[inline(always)]
+                            || output_transform(m, h, w, cout, r0, r1, tw, out, e_out, px),
+                        );
+                    });
+                    if let Some(e) = epilogue {
+                        e.apply(out);
                     }
-                    Filter::Panels(u) => {
-                        let len = pointwise::packed_len(cin, cout);
-                        pointwise::product_serial(vx, tiles, cin, cout, &u[xi * len..][..len], out)
-                    }
-                }
-            }
-            simd::dispatch(
-                #[inline(always)]
-                || output_transform(m, h, w, cout, r0, r1, tw, out),
-            );
-            if let Some(e) = epilogue {
-                e.apply(out);
-            }
-        },
-    );
+                });
+        });
+}
+
+thread_local! {
+    /// Each thread's block scratch for [`forward`], kept between calls: allocated (and zeroed)
+    /// once at its largest instead of on every call.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `v[16][tiles][cin]` for tile rows r0..r1: each tile's 4×4 patch (rows 2·ty − 1 .. 2·ty + 2,
@@ -143,6 +159,8 @@ fn input_transform(
     r1: usize,
     tw: usize,
     v: &mut [f32],
+    zero: &[f32],
+    e: &mut [f32],
 ) {
     let tiles = (r1 - r0) * tw;
     // Bᵀ's rows applied to four channel vectors: the same combination along either axis.
@@ -156,15 +174,16 @@ fn input_transform(
             o3[k] = d1 - d3;
         }
     }
-    let zero = vec![0f32; c];
-    let mut e = vec![0f32; 16 * c]; // Bᵀ·d, row-major 4×4 of channel vectors
-    let mut planes: Vec<&mut [f32]> = v[..16 * tiles * c].chunks_exact_mut(tiles * c).collect();
+    // `zero`: c zeros (outside the image); `e`: Bᵀ·d, row-major 4×4 of channel vectors.
+    let mut chunks = v[..16 * tiles * c].chunks_exact_mut(tiles * c);
+    let mut planes: [&mut [f32]; 16] =
+        std::array::from_fn(|_| chunks.next().expect("v holds 16 planes"));
     for ty in r0..r1 {
         for tx in 0..tw {
             let px = |i: usize, j: usize| -> &[f32] {
                 let (iy, ix) = ((2 * ty + i) as isize - 1, (2 * tx + j) as isize - 1);
                 if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
-                    &zero
+                    zero
                 } else {
                     &image[(iy as usize * w + ix as usize) * c..][..c]
                 }
@@ -217,6 +236,8 @@ fn output_transform(
     r1: usize,
     tw: usize,
     out: &mut [f32],
+    e: &mut [f32],
+    px: &mut [f32],
 ) {
     let tiles = (r1 - r0) * tw;
     // Aᵀ's rows applied to four channel vectors.
@@ -227,8 +248,7 @@ fn output_transform(
         }
     }
     let plane = |xi: usize, t: usize| &m[(xi * tiles + t) * c..][..c];
-    let mut e = vec![0f32; 8 * c]; // Aᵀ·m: 2 rows × 4 columns of channel vectors
-    let mut px = vec![0f32; 2 * c]; // one output row's two pixels
+    // `e`: Aᵀ·m, 2 rows × 4 columns of channel vectors; `px`: one output row's two pixels.
     for ty in r0..r1 {
         for tx in 0..tw {
             let t = (ty - r0) * tw + tx;
