@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::act::{sigmoid, Act};
 use crate::matmul::{matmul, Layout};
 use crate::pool::images_per_task;
-use crate::simd;
+use crate::{pointwise, simd};
 
 /// Shapes of one squeeze-excitation: `n` images of `hw` pixels and `c` channels, reduced to `cr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,30 +38,63 @@ impl SeSaved {
     }
 }
 
+/// The two 1×1 convolutions' weights as [`forward`] reads them.
+#[derive(Debug, Clone, Copy)]
+pub enum SeWeights<'a> {
+    /// PyTorch's `w1 [cr, c]` and `w2 [c, cr]`, read in place (training: they change every step).
+    Plain { w1: &'a [f32], w2: &'a [f32] },
+    /// Packed once by [`prepare`] for the pointwise kernel (inference: no per-call packing or
+    /// allocation, as the general matrix product has for more than one image).
+    Prepared { w1: &'a [f32], w2: &'a [f32] },
+}
+
+/// `w1` and `w2` packed for [`SeWeights::Prepared`], where the pointwise kernel runs (`None`
+/// elsewhere: keep [`SeWeights::Plain`]).
+pub fn prepare(g: &SeGeom, w1: &[f32], w2: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
+    pointwise::available().then(|| {
+        (
+            pointwise::pack(g.c, g.cr, w1),
+            pointwise::pack(g.cr, g.c, w2),
+        )
+    })
+}
+
+/// `out[n × cols] = a[n × k] · wᵀ`, `w` PyTorch's `[cols, k]` or packed by [`prepare`].
+fn dense(a: &[f32], n: usize, k: usize, cols: usize, w: &[f32], prepared: bool, out: &mut [f32]) {
+    if prepared {
+        pointwise::forward(a, n, k, cols, w, out, None, None);
+    } else {
+        matmul(
+            out,
+            n,
+            cols,
+            k,
+            a,
+            Layout::Normal,
+            w,
+            Layout::Transposed,
+            false,
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     g: &SeGeom,
     x: &[f32],
-    w1: &[f32],
+    weights: SeWeights,
     b1: &[f32],
-    w2: &[f32],
     b2: &[f32],
     saved: &mut SeSaved,
     y: &mut [f32],
 ) {
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
+    let (w1, w2, prepared) = match weights {
+        SeWeights::Plain { w1, w2 } => (w1, w2, false),
+        SeWeights::Prepared { w1, w2 } => (w1, w2, true),
+    };
     crate::pool::global_avg_forward(x, n, hw, c, &mut saved.pooled);
-    matmul(
-        &mut saved.pre_act,
-        n,
-        cr,
-        c,
-        &saved.pooled,
-        Layout::Normal,
-        w1,
-        Layout::Transposed,
-        false,
-    );
+    dense(&saved.pooled, n, c, cr, w1, prepared, &mut saved.pre_act);
     // The activations inside `dispatch`: compiled for AVX2+FMA, e^x's multiply-adds are
     // instructions, not calls.
     let (pre_act, hidden) = (&mut saved.pre_act, &mut saved.hidden);
@@ -79,17 +112,7 @@ pub fn forward(
             }
         },
     );
-    matmul(
-        &mut saved.gate,
-        n,
-        c,
-        cr,
-        &saved.hidden,
-        Layout::Normal,
-        w2,
-        Layout::Transposed,
-        false,
-    );
+    dense(&saved.hidden, n, cr, c, w2, prepared, &mut saved.gate);
     let gate = &mut saved.gate;
     simd::dispatch(
         #[inline(always)]

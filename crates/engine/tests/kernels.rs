@@ -563,10 +563,20 @@ fn squeeze_excitation_forward_and_backward() {
     let (w2, b2) = (random(&mut rng, g.c * g.cr), random(&mut rng, g.c));
     let mut saved = SeSaved::new(&g);
     let mut y = vec![0f32; x.len()];
-    se::forward(&g, &x, &w1, &b1, &w2, &b2, &mut saved, &mut y);
+    let plain = se::SeWeights::Plain { w1: &w1, w2: &w2 };
+    se::forward(&g, &x, plain, &b1, &b2, &mut saved, &mut y);
     let d = |v: &[f32]| f64s(v);
     let (xd, w1d, b1d, w2d, b2d) = (d(&x), d(&w1), d(&b1), d(&w2), d(&b2));
-    assert!(max_rel(&y, &se_ref(&xd, &g, &w1d, &b1d, &w2d, &b2d)) < 1e-5);
+    let want = se_ref(&xd, &g, &w1d, &b1d, &w2d, &b2d);
+    assert!(max_rel(&y, &want) < 1e-5);
+    // Weights packed for inference: the same function.
+    if let Some((p1, p2)) = se::prepare(&g, &w1, &w2) {
+        let mut prepared_saved = SeSaved::new(&g);
+        let mut yp = vec![f32::NAN; x.len()];
+        let prepared = se::SeWeights::Prepared { w1: &p1, w2: &p2 };
+        se::forward(&g, &x, prepared, &b1, &b2, &mut prepared_saved, &mut yp);
+        assert!(max_rel(&yp, &want) < 1e-5, "prepared weights");
+    }
 
     let r = f64s(&random(&mut rng, y.len()));
     let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();

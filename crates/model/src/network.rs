@@ -292,13 +292,28 @@ impl Network {
     /// training-mode pass on `ws` drops them); passes with other weights are refused.
     pub fn freeze(&self, weights: &Weights, ws: &mut Workspace) {
         let p = &weights.params;
-        let convs = self
+        let layers = self
             .layers
             .iter()
             .enumerate()
             .map(|(i, layer)| {
-                let Layer::Conv(u) = layer else {
-                    return FrozenConv::default();
+                let u = match layer {
+                    Layer::Conv(u) => u,
+                    Layer::Se(s) => {
+                        let x = ws.shapes[i];
+                        let g = SeGeom {
+                            n: x.n,
+                            hw: x.h * x.w,
+                            c: s.c,
+                            cr: s.cr,
+                            act: s.act,
+                        };
+                        let (w1, w2) = (&p[s.w1.clone()], &p[s.w2.clone()]);
+                        return match se::prepare(&g, w1, w2) {
+                            Some((w1, w2)) => FrozenLayer::Se { w1, w2 },
+                            None => FrozenLayer::Plain,
+                        };
+                    }
                 };
                 let x_shape = ws.shapes[i];
                 let torch = &p[u.weight.clone()];
@@ -323,12 +338,12 @@ impl Network {
                     self.config.bn_eps,
                     u.act,
                 );
-                FrozenConv { weight, folded }
+                FrozenLayer::Conv { weight, folded }
             })
             .collect();
         ws.frozen = Some(std::sync::Arc::new(Frozen {
             params: p.as_ptr() as usize,
-            convs,
+            layers,
         }));
     }
 
@@ -491,14 +506,16 @@ impl Network {
                 // (written straight to the layer output); training keeps the raw convolution
                 // output for the backward pass and normalizes with batch statistics after.
                 // Weights prepared once by `Network::freeze` (eval mode only).
-                let frozen = match mode {
-                    Mode::Eval => ws.frozen.as_ref().map(|f| &f.convs[i]),
-                    Mode::Train { .. } => None,
+                let frozen = match (mode, ws.frozen.as_ref().map(|f| &f.layers[i])) {
+                    (Mode::Eval, Some(FrozenLayer::Conv { weight, folded })) => {
+                        Some((&weight[..], folded))
+                    }
+                    _ => None,
                 };
                 let folded_now;
                 let folded = match (mode, frozen) {
                     (Mode::Train { .. }, _) => None,
-                    (Mode::Eval, Some(f)) => Some(&f.folded),
+                    (Mode::Eval, Some((_, f))) => Some(f),
                     (Mode::Eval, None) => {
                         let b = &weights.buffers;
                         let (mean, var) = (&b[u.bn.mean.clone()], &b[u.bn.var.clone()]);
@@ -515,7 +532,7 @@ impl Network {
                     ConvKind::Dense => {
                         let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
                         let w = match frozen {
-                            Some(f) => conv::Weight::Prepared(&f.weight),
+                            Some((w, _)) => conv::Weight::Prepared(w),
                             None if g.is_pointwise() => conv::Weight::Plain(&p[u.weight.clone()]),
                             None => {
                                 conv::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
@@ -534,7 +551,7 @@ impl Network {
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
                         let w = match frozen {
-                            Some(f) => &f.weight[..],
+                            Some((w, _)) => w,
                             None => {
                                 depthwise::pack_weight(&g, &p[u.weight.clone()], &mut ws.packed);
                                 &ws.packed[..g.weight_len()]
@@ -576,18 +593,18 @@ impl Network {
                     cr: s.cr,
                     act: s.act,
                 };
+                let weights = match (mode, ws.frozen.as_ref().map(|f| &f.layers[i])) {
+                    (Mode::Eval, Some(FrozenLayer::Se { w1, w2 })) => {
+                        se::SeWeights::Prepared { w1, w2 }
+                    }
+                    _ => se::SeWeights::Plain {
+                        w1: &p[s.w1.clone()],
+                        w2: &p[s.w2.clone()],
+                    },
+                };
                 let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
                 let t = Instant::now();
-                se::forward(
-                    &g,
-                    x,
-                    &p[s.w1.clone()],
-                    &p[s.b1.clone()],
-                    &p[s.w2.clone()],
-                    &p[s.b2.clone()],
-                    saved,
-                    y,
-                );
+                se::forward(&g, x, weights, &p[s.b1.clone()], &p[s.b2.clone()], saved, y);
                 Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
             }
         }
@@ -869,32 +886,25 @@ impl Profile {
     }
 }
 
-/// Weights that [`Network::freeze`] prepared, per layer (empty for SE layers).
+/// Weights that [`Network::freeze`] prepared, per layer.
 #[derive(Debug)]
 struct Frozen {
     /// The address of the parameters they came from: a pass with others is refused.
     params: usize,
-    convs: Vec<FrozenConv>,
+    layers: Vec<FrozenLayer>,
 }
 
 #[derive(Debug)]
-struct FrozenConv {
-    /// `conv::prepare`'s layout, or depthwise's packed one.
-    weight: Vec<f32>,
-    folded: norm::Folded,
-}
-
-impl Default for FrozenConv {
-    fn default() -> Self {
-        FrozenConv {
-            weight: Vec::new(),
-            folded: norm::Folded {
-                scale: Vec::new(),
-                shift: Vec::new(),
-                act: Act::None,
-            },
-        }
-    }
+enum FrozenLayer {
+    Conv {
+        /// `conv::prepare`'s layout, or depthwise's packed one.
+        weight: Vec<f32>,
+        folded: norm::Folded,
+    },
+    /// `se::prepare`'s packed weights.
+    Se { w1: Vec<f32>, w2: Vec<f32> },
+    /// Nothing to prepare on this CPU: the pass reads the live weights.
+    Plain,
 }
 
 /// Every buffer one forward and backward pass needs, planned once per (batch, resolution).
