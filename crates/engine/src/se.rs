@@ -41,7 +41,8 @@ impl SeSaved {
 /// The two 1×1 convolutions' weights as [`forward`] reads them.
 #[derive(Debug, Clone, Copy)]
 pub enum SeWeights<'a> {
-    /// PyTorch's `w1 [cr, c]` and `w2 [c, cr]`, read in place (training: they change every step).
+    /// PyTorch's `w1 [cr, c]` and `w2 [c, cr]`, read in place (training, where they change every
+    /// step, and passes on weights not frozen).
     Plain { w1: &'a [f32], w2: &'a [f32] },
     /// Packed once by [`prepare`] for the pointwise kernel (inference: no per-call packing or
     /// allocation, as the general matrix product has for more than one image).

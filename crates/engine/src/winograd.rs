@@ -48,6 +48,27 @@ pub fn transform_filter(cin: usize, cout: usize, packed: &[f32], u: &mut [f32]) 
     }
 }
 
+/// Tile rows per block of [`forward`]: about 16K output floats per position (in cache), ≥ 1 row.
+fn block_rows(g: &ConvGeom) -> usize {
+    let (th, tw) = (g.input.h.div_ceil(2), g.input.w.div_ceil(2));
+    (16_384 / (tw * g.cout).max(1)).clamp(1, th)
+}
+
+/// Floats of per-thread scratch [`forward`] needs for `g` (a whole block).
+pub fn scratch_len(g: &ConvGeom) -> usize {
+    block_scratch(block_rows(g) * g.input.w.div_ceil(2), g.input.c, g.cout)
+}
+
+/// Grows the calling thread's scratch to `len` floats now, so that passes later allocate
+/// nothing (run it on every worker: `rayon::broadcast`).
+pub fn reserve(len: usize) {
+    SCRATCH.with_borrow_mut(|scratch| {
+        if scratch.len() < len {
+            scratch.resize(len, 0.0);
+        }
+    });
+}
+
 /// Scratch floats [`forward`] needs per block of `tiles` tiles: the transformed input and
 /// products, and the transforms' own rows.
 fn block_scratch(tiles: usize, cin: usize, cout: usize) -> usize {
@@ -77,8 +98,7 @@ pub fn pack_filter(cin: usize, cout: usize, u: &[f32]) -> Vec<f32> {
 pub fn forward(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epilogue) {
     let (n, h, w, cin, cout) = (g.input.n, g.input.h, g.input.w, g.input.c, g.cout);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    // Blocks of whole tile rows: about 16K output floats per position (in cache), ≥ 1 row.
-    let rows_per_block = (16_384 / (tw * cout).max(1)).clamp(1, th);
+    let rows_per_block = block_rows(g);
     let img_out = h * w * cout;
     let img_in = h * w * cin;
     // Block r of an image: output pixel rows 2·r0 .. min(2·r1, h), contiguous.
@@ -140,8 +160,8 @@ pub fn forward(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epil
 }
 
 thread_local! {
-    /// Each thread's block scratch for [`forward`], kept between calls: allocated (and zeroed)
-    /// once at its largest instead of on every call.
+    /// Each thread's block scratch for [`forward`], kept between calls for the life of the thread:
+    /// allocated (and zeroed) once at its largest (a few MiB) instead of on every call.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use effnet_engine::norm::CrossReplica;
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
-use effnet_engine::{conv, depthwise, linear, norm, pool, regularize, se, Act, Nhwc};
+use effnet_engine::{conv, depthwise, linear, norm, pool, regularize, se, winograd, Act, Nhwc};
 
 use crate::family::{ArchConfig, BlockKind};
 use crate::layout::{BnRanges, Layout, ParamKind};
@@ -286,11 +286,27 @@ impl Network {
         Workspace::new(self, n, h, w, false)
     }
 
-    /// Prepares `weights` for eval-mode passes on `ws`: every convolution's weight in the layout
-    /// its kernel reads fastest and every batch norm folded, once instead of in each pass.
-    /// Later eval-mode passes on `ws` use them, so call it again after the weights change (a
-    /// training-mode pass on `ws` drops them); passes with other weights are refused.
+    /// Prepares `weights` for eval-mode passes on `ws`: every convolution's and squeeze-
+    /// excitation's weights in the layout its kernel reads fastest and every batch norm folded,
+    /// once instead of in each pass, and each worker of the current pool's Winograd scratch
+    /// grown to what these passes need (they then allocate nothing). Later eval-mode passes on
+    /// `ws` use them, so call it again after the weights change (a training-mode pass on `ws`
+    /// drops them); passes with other weights are refused.
     pub fn freeze(&self, weights: &Weights, ws: &mut Workspace) {
+        let winograd_scratch = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, layer)| match layer {
+                Layer::Conv(u) if matches!(u.conv, ConvKind::Dense) => {
+                    let g = conv::ConvGeom::new(ws.shapes[i], u.kernel, u.stride, u.cout);
+                    winograd::applies(&g).then(|| winograd::scratch_len(&g))
+                }
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        rayon::broadcast(|_| winograd::reserve(winograd_scratch));
         let p = &weights.params;
         let layers = self
             .layers
