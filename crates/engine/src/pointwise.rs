@@ -88,20 +88,6 @@ pub fn forward(
     if m == 0 || n == 0 {
         return;
     }
-    run(x, m, k, n, w, y, folded, skip)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    w: &[f32],
-    y: &mut [f32],
-    folded: Option<&Folded>,
-    skip: Option<&[f32]>,
-) {
     let panels = n.div_ceil(NR);
     // Rows per block: ~128 KiB of activations, a whole number of tiles.
     let block_rows = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);

@@ -44,6 +44,19 @@ pub struct SeUnit {
     pub b2: Range<usize>,
 }
 
+impl SeUnit {
+    /// Its shapes over input `x`.
+    pub fn geom(&self, x: Nhwc) -> SeGeom {
+        SeGeom {
+            n: x.n,
+            hw: x.h * x.w,
+            c: self.c,
+            cr: self.cr,
+            act: self.act,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Layer {
     Conv(ConvUnit),
@@ -316,14 +329,7 @@ impl Network {
                 let u = match layer {
                     Layer::Conv(u) => u,
                     Layer::Se(s) => {
-                        let x = ws.shapes[i];
-                        let g = SeGeom {
-                            n: x.n,
-                            hw: x.h * x.w,
-                            c: s.c,
-                            cr: s.cr,
-                            act: s.act,
-                        };
+                        let g = s.geom(ws.shapes[i]);
                         let (w1, w2) = (&p[s.w1.clone()], &p[s.w2.clone()]);
                         return match se::prepare(&g, w1, w2) {
                             Some((w1, w2)) => FrozenLayer::Se { w1, w2 },
@@ -602,13 +608,7 @@ impl Network {
                 }
             }
             Layer::Se(s) => {
-                let g = SeGeom {
-                    n: x_shape.n,
-                    hw: x_shape.h * x_shape.w,
-                    c: s.c,
-                    cr: s.cr,
-                    act: s.act,
-                };
+                let g = s.geom(x_shape);
                 let weights = match (mode, ws.frozen.as_ref().map(|f| &f.layers[i])) {
                     (Mode::Eval, Some(FrozenLayer::Se { w1, w2 })) => {
                         se::SeWeights::Prepared { w1, w2 }
@@ -847,13 +847,7 @@ impl Network {
                 }
             }
             Layer::Se(s) => {
-                let g = SeGeom {
-                    n: x_shape.n,
-                    hw: x_shape.h * x_shape.w,
-                    c: s.c,
-                    cr: s.cr,
-                    act: s.act,
-                };
+                let g = s.geom(x_shape);
                 let saved = ws.se_saved[i].as_ref().expect("planned for SE layers");
                 let dx = dx.expect("an SE layer is never first");
                 // The four SE tensors are consecutive: w1, b1, w2, b2.
@@ -1031,13 +1025,7 @@ impl Workspace {
                     acts.push(vec![0f32; train_len(y.len())]);
                     slots.push((acts.len() - 1, acts.len() - 1));
                     bn_saved.push(Vec::new());
-                    se_saved.push(Some(SeSaved::new(&SeGeom {
-                        n,
-                        hw: x.h * x.w,
-                        c: s.c,
-                        cr: s.cr,
-                        act: s.act,
-                    })));
+                    se_saved.push(Some(SeSaved::new(&s.geom(x))));
                 }
             }
         }
