@@ -62,32 +62,41 @@ fn row_task(t: usize, rows: usize) -> Range<usize> {
     t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows)
 }
 
-/// Per-channel sums over row ranges, in parallel over row tasks and channel blocks.
+/// `sums` per-channel sums over row ranges, in parallel over row tasks and channel blocks.
 /// `f(rows, channels, partial)` adds its rows' contribution for `channels` into `partial`
-/// (`channels.len()` long); the row tasks' partials are combined in f64.
+/// (`sums × channels.len()`, sum by sum); the row tasks' partials are combined in f64. Returns
+/// `sums × width` values, sum by sum.
 fn par_row_sums(
     rows: usize,
     width: usize,
+    sums: usize,
     f: impl Fn(Range<usize>, Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f64> {
     let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
     let block = channel_block(rows, width);
-    let mut totals = vec![0f64; width];
-    totals
-        .par_chunks_mut(block)
-        .enumerate()
-        .for_each(|(j, total)| {
-            let channels = j * block..j * block + total.len();
+    let blocks: Vec<Vec<f64>> = (0..width.div_ceil(block))
+        .into_par_iter()
+        .map(|j| {
+            let channels = j * block..((j + 1) * block).min(width);
+            let len = sums * channels.len();
             let partials = (0..tasks).into_par_iter().map(|t| {
-                let mut partial = vec![0f32; channels.len()];
+                let mut partial = vec![0f32; len];
                 simd::dispatch(
                     #[inline(always)]
                     || f(row_task(t, rows), channels.clone(), &mut partial),
                 );
                 partial
             });
-            total.copy_from_slice(&sum_partials(partials, channels.len()));
-        });
+            sum_partials(partials, len)
+        })
+        .collect();
+    let mut totals = vec![0f64; sums * width];
+    for (j, part) in blocks.iter().enumerate() {
+        let w = part.len() / sums.max(1);
+        for k in 0..sums {
+            totals[k * width + j * block..][..w].copy_from_slice(&part[k * w..][..w]);
+        }
+    }
     totals
 }
 
@@ -149,7 +158,7 @@ pub fn train_forward(
     sync: Option<&ReplicaSum>,
 ) -> usize {
     let local_rows = x.len() / c;
-    let sums = par_row_sums(local_rows, c, |r, ch, acc| {
+    let sums = par_row_sums(local_rows, c, 1, |r, ch, acc| {
         for row in x[r.start * c..r.end * c].chunks_exact(c) {
             for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
                 *a += v;
@@ -162,7 +171,7 @@ pub fn train_forward(
     }
     let mean_ro: &[f32] = mean;
     // Two passes (mean, then squared deviations) keep the variance accurate for large means.
-    let sq = par_row_sums(local_rows, c, |r, ch, acc| {
+    let sq = par_row_sums(local_rows, c, 1, |r, ch, acc| {
         for row in x[r.start * c..r.end * c].chunks_exact(c) {
             for ((a, v), m) in acc
                 .iter_mut()
@@ -336,61 +345,38 @@ fn train_backward_rows<A: Activation>(
     // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
     // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂, over row
     // tasks and channel blocks.
-    let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
-    let block = channel_block(rows, c);
     let dz_addr = dx.as_mut_ptr() as usize;
-    let (mut sum_dz, mut sum_dzx) = (vec![0f64; c], vec![0f64; c]);
-    sum_dz
-        .par_chunks_mut(block)
-        .zip(sum_dzx.par_chunks_mut(block))
-        .enumerate()
-        .for_each(|(j, (total_dz, total_dzx))| {
-            let ch = j * block..j * block + total_dz.len();
-            let width = ch.len();
-            let partials = (0..tasks).into_par_iter().map(|t| {
-                let mut acc = vec![0f32; 2 * width];
-                let (sd, sx) = acc.split_at_mut(width);
-                let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
-                let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
-                simd::dispatch(
-                    #[inline(always)]
-                    || {
-                        for r in row_task(t, rows) {
-                            let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
-                            // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed
-                            // mutably for this whole call; this task alone writes row r's
-                            // channels `ch` (row tasks and channel blocks partition rows ×
-                            // channels), and pass 2 starts after every task has ended.
-                            let dzr = unsafe {
-                                let first = (dz_addr as *mut f32).add(r * c + ch.start);
-                                std::slice::from_raw_parts_mut(first, width)
-                            };
-                            for (((o, xv), g), (s, b)) in
-                                dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
-                            {
-                                *o = g * A::derivative(xv * s + b);
-                            }
-                            for ((((dz, xv), (m, is)), sd), sx) in dzr
-                                .iter()
-                                .zip(xr)
-                                .zip(mean.iter().zip(invstd))
-                                .zip(sd.iter_mut())
-                                .zip(sx.iter_mut())
-                            {
-                                *sd += dz;
-                                *sx += dz * (xv - m) * is;
-                            }
-                        }
-                    },
-                );
-                acc
-            });
-            let both = sum_partials(partials, 2 * width);
-            total_dz.copy_from_slice(&both[..width]);
-            total_dzx.copy_from_slice(&both[width..]);
-        });
-    let mut local = sum_dz;
-    local.extend_from_slice(&sum_dzx);
+    let local = par_row_sums(rows, c, 2, |r, ch, acc| {
+        let width = ch.len();
+        let (sd, sx) = acc.split_at_mut(width);
+        let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
+        let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
+        for r in r {
+            let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
+            // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed mutably for this
+            // whole call; this task alone writes row r's channels `ch` (row tasks and channel
+            // blocks partition rows × channels), and pass 2 starts after every task has ended.
+            let dzr = unsafe {
+                let first = (dz_addr as *mut f32).add(r * c + ch.start);
+                std::slice::from_raw_parts_mut(first, width)
+            };
+            for (((o, xv), g), (s, b)) in
+                dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
+            {
+                *o = g * A::derivative(xv * s + b);
+            }
+            for ((((dz, xv), (m, is)), sd), sx) in dzr
+                .iter()
+                .zip(xr)
+                .zip(mean.iter().zip(invstd))
+                .zip(sd.iter_mut())
+                .zip(sx.iter_mut())
+            {
+                *sd += dz;
+                *sx += dz * (xv - m) * is;
+            }
+        }
+    });
     for ch in 0..c {
         dbeta[ch] += local[ch] as f32;
         dgamma[ch] += local[c + ch] as f32;
