@@ -65,7 +65,9 @@ fn row_task(t: usize, rows: usize) -> Range<usize> {
 /// `sums` per-channel sums over row ranges, in parallel over row tasks and channel blocks.
 /// `f(rows, channels, partial)` adds its rows' contribution for `channels` into `partial`
 /// (`sums × channels.len()`, sum by sum); the row tasks' partials are combined in f64. Returns
-/// `sums × width` values, sum by sum.
+/// `sums × width` values, sum by sum. Mark `f` `#[inline(always)]`: it then compiles inside
+/// `simd::dispatch`'s vector features (without, an activation's derivative ran scalar: batch
+/// norm's backward took 9× longer).
 fn par_row_sums(
     rows: usize,
     width: usize,
@@ -158,31 +160,43 @@ pub fn train_forward(
     sync: Option<&ReplicaSum>,
 ) -> usize {
     let local_rows = x.len() / c;
-    let sums = par_row_sums(local_rows, c, 1, |r, ch, acc| {
-        for row in x[r.start * c..r.end * c].chunks_exact(c) {
-            for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
-                *a += v;
+    let sums = par_row_sums(
+        local_rows,
+        c,
+        1,
+        #[inline(always)]
+        |r, ch, acc| {
+            for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
+                    *a += v;
+                }
             }
-        }
-    });
+        },
+    );
     let (sums, total) = across_replicas(sums, local_rows, sync);
     for (m, s) in mean.iter_mut().zip(&sums) {
         *m = (s / total) as f32;
     }
     let mean_ro: &[f32] = mean;
     // Two passes (mean, then squared deviations) keep the variance accurate for large means.
-    let sq = par_row_sums(local_rows, c, 1, |r, ch, acc| {
-        for row in x[r.start * c..r.end * c].chunks_exact(c) {
-            for ((a, v), m) in acc
-                .iter_mut()
-                .zip(&row[ch.clone()])
-                .zip(&mean_ro[ch.clone()])
-            {
-                let d = v - m;
-                *a += d * d;
+    let sq = par_row_sums(
+        local_rows,
+        c,
+        1,
+        #[inline(always)]
+        |r, ch, acc| {
+            for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                for ((a, v), m) in acc
+                    .iter_mut()
+                    .zip(&row[ch.clone()])
+                    .zip(&mean_ro[ch.clone()])
+                {
+                    let d = v - m;
+                    *a += d * d;
+                }
             }
-        }
-    });
+        },
+    );
     let (sq, _) = across_replicas(sq, local_rows, sync);
     for ch in 0..c {
         let v = (sq[ch] / total) as f32;
@@ -346,37 +360,43 @@ fn train_backward_rows<A: Activation>(
     // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂, over row
     // tasks and channel blocks.
     let dz_addr = dx.as_mut_ptr() as usize;
-    let local = par_row_sums(rows, c, 2, |r, ch, acc| {
-        let width = ch.len();
-        let (sd, sx) = acc.split_at_mut(width);
-        let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
-        let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
-        for r in r {
-            let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
-            // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed mutably for this
-            // whole call; this task alone writes row r's channels `ch` (row tasks and channel
-            // blocks partition rows × channels), and pass 2 starts after every task has ended.
-            let dzr = unsafe {
-                let first = (dz_addr as *mut f32).add(r * c + ch.start);
-                std::slice::from_raw_parts_mut(first, width)
-            };
-            for (((o, xv), g), (s, b)) in
-                dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
-            {
-                *o = g * A::derivative(xv * s + b);
+    let local = par_row_sums(
+        rows,
+        c,
+        2,
+        #[inline(always)]
+        |r, ch, acc| {
+            let width = ch.len();
+            let (sd, sx) = acc.split_at_mut(width);
+            let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
+            let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
+            for r in r {
+                let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
+                // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed mutably for this
+                // whole call; this task alone writes row r's channels `ch` (row tasks and channel
+                // blocks partition rows × channels), and pass 2 starts after every task has ended.
+                let dzr = unsafe {
+                    let first = (dz_addr as *mut f32).add(r * c + ch.start);
+                    std::slice::from_raw_parts_mut(first, width)
+                };
+                for (((o, xv), g), (s, b)) in
+                    dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
+                {
+                    *o = g * A::derivative(xv * s + b);
+                }
+                for ((((dz, xv), (m, is)), sd), sx) in dzr
+                    .iter()
+                    .zip(xr)
+                    .zip(mean.iter().zip(invstd))
+                    .zip(sd.iter_mut())
+                    .zip(sx.iter_mut())
+                {
+                    *sd += dz;
+                    *sx += dz * (xv - m) * is;
+                }
             }
-            for ((((dz, xv), (m, is)), sd), sx) in dzr
-                .iter()
-                .zip(xr)
-                .zip(mean.iter().zip(invstd))
-                .zip(sd.iter_mut())
-                .zip(sx.iter_mut())
-            {
-                *sd += dz;
-                *sx += dz * (xv - m) * is;
-            }
-        }
-    });
+        },
+    );
     for ch in 0..c {
         dbeta[ch] += local[ch] as f32;
         dgamma[ch] += local[c + ch] as f32;
