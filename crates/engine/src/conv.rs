@@ -61,10 +61,12 @@ impl ConvGeom {
             0
         } else {
             let im2col = self.out_h * self.out_w * self.patch_len();
-            // The transformed filter (16·cin·cout), and in the backward pass the flipped
-            // filter it is made from (9·cin·cout).
+            // The transformed filter and its panels, and in the backward pass (channels
+            // swapped) the flipped filter it is made from (9·cin·cout).
+            let (cin, cout) = (self.input.c, self.cout);
             let winograd = if winograd::applies(self) {
-                25 * self.input.c * self.cout
+                9 * cin * cout
+                    + winograd::filter_scratch(cin, cout).max(winograd::filter_scratch(cout, cin))
             } else {
                 0
             };
@@ -105,7 +107,7 @@ pub enum Weight<'a> {
 
 /// The weight (PyTorch's layout) in the layout [`forward`] reads fastest, for many passes with
 /// fixed weights. Where the [`pointwise`] kernel runs, every product's right operand packed into
-/// its panels: the 1×1 weight, each of Winograd's 16 transformed filters, or the im2col filter
+/// its panels: the 1×1 weight, each of Winograd's transformed filters, or the im2col filter
 /// that [`pointwise::conv`] reads.
 /// Elsewhere `[cin, cout]` for a 1×1 convolution (the product streams rows of the weight instead
 /// of gathering columns), Winograd's transformed filter, or [`pack_weight`]'s layout.
@@ -127,7 +129,7 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     let mut packed = vec![0f32; g.weight_len()];
     pack_weight(g, torch, &mut packed);
     if winograd::applies(g) && !direct(g) {
-        let mut u = vec![0f32; 16 * cin * cout];
+        let mut u = vec![0f32; winograd::POSITIONS * cin * cout];
         winograd::transform_filter(cin, cout, &packed, &mut u);
         if panels {
             return winograd::pack_filter(cin, cout, &u);
@@ -325,16 +327,9 @@ pub fn forward(
         let u = match weight {
             Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
             Weight::Prepared(u) => winograd::Filter::Rows(u),
-            Weight::Plain(w) => {
-                let u = &mut col[..16 * g.input.c * g.cout];
-                winograd::transform_filter(g.input.c, g.cout, w, u);
-                winograd::Filter::Rows(u)
-            }
+            Weight::Plain(w) => winograd::plain_filter(g.input.c, g.cout, w, col),
         };
-        winograd::forward(g, x, u, y, epilogue);
-        if let Some(s) = skip {
-            add_residual(&mut y[..out_len], s);
-        }
+        winograd::forward(g, x, u, y, epilogue, skip);
         return;
     }
     let out_img = out_px * g.cout;
@@ -410,7 +405,7 @@ pub fn backward(
         if let Some(dx) = dx.take() {
             // The input gradient of a 3×3 stride-1 SAME convolution is itself one: dy convolved
             // with the filter turned 180° and its channels swapped, [3·3·cout, cin].
-            let (flipped, u) = dcol[..25 * cin * cout].split_at_mut(9 * cin * cout);
+            let (flipped, scratch) = dcol.split_at_mut(9 * cin * cout);
             for t in 0..9 {
                 for co in 0..cout {
                     for ci in 0..cin {
@@ -418,9 +413,9 @@ pub fn backward(
                     }
                 }
             }
-            winograd::transform_filter(cout, cin, flipped, u);
+            let u = winograd::plain_filter(cout, cin, flipped, scratch);
             let g_t = ConvGeom::new(Nhwc::new(g.input.n, g.out_h, g.out_w, cout), 3, 1, cin);
-            winograd::forward(&g_t, dy, winograd::Filter::Rows(u), dx, None);
+            winograd::forward(&g_t, dy, u, dx, None, None);
         }
     }
     for b in 0..g.input.n {

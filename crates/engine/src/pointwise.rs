@@ -2,7 +2,7 @@
 //! shift)` with the weights packed once into panels of [`NR`] output channels, the left operand
 //! read in place (an NHWC tensor already is the row-major `[pixels, channels]` matrix of a 1×1
 //! convolution, so nothing is packed per call), and batch norm and activation applied to each
-//! tile in registers before its one store. 1×1 convolutions, Winograd's 16 transformed-domain
+//! tile in registers before its one store. 1×1 convolutions, Winograd's transformed-domain
 //! products and other k×k convolutions (read straight from their zero-padded image, [`conv`])
 //! all run here when their weights are prepared.
 //!
@@ -38,23 +38,47 @@ pub fn pack(k: usize, n: usize, torch: &[f32]) -> Vec<f32> {
 
 /// Packs a row-major `[k, n]` matrix (the right operand of `x · w`) into [`pack`]'s panels.
 pub fn pack_rows(k: usize, n: usize, w: &[f32]) -> Vec<f32> {
+    let mut panels = vec![0f32; packed_len(k, n)];
+    pack_rows_into(k, n, w, &mut panels);
+    panels
+}
+
+/// [`pack_rows`] into `panels` ([`packed_len`] long), for callers that pack on every call.
+pub fn pack_rows_into(k: usize, n: usize, w: &[f32], panels: &mut [f32]) {
     assert!(
         w.len() >= k * n,
         "pointwise: weight holds {} < {k}×{n}",
         w.len()
     );
-    pack_with(k, n, |o, p| w[p * n + o])
+    fill_panels(k, n, |o, p| w[p * n + o], panels)
 }
 
 fn pack_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
     let mut panels = vec![0f32; packed_len(k, n)];
-    for o in 0..n {
-        let panel = &mut panels[(o / NR) * k * NR..][..k * NR];
-        for p in 0..k {
-            panel[p * NR + o % NR] = at(o, p);
+    fill_panels(k, n, at, &mut panels);
+    panels
+}
+
+/// Panel `o / NR`, row `p`, lane `o % NR` ← `at(o, p)`; the last panel's lanes past `n` ← 0.
+fn fill_panels(k: usize, n: usize, at: impl Fn(usize, usize) -> f32, panels: &mut [f32]) {
+    assert!(
+        panels.len() >= packed_len(k, n),
+        "pointwise: panels too short"
+    );
+    if k == 0 {
+        return;
+    }
+    for (j, panel) in panels[..packed_len(k, n)]
+        .chunks_exact_mut(k * NR)
+        .enumerate()
+    {
+        for (p, lanes) in panel.chunks_exact_mut(NR).enumerate() {
+            for (lane, v) in lanes.iter_mut().enumerate() {
+                let o = j * NR + lane;
+                *v = if o < n { at(o, p) } else { 0.0 };
+            }
         }
     }
-    panels
 }
 
 /// `y[m×n] = epilogue(x[m×k] · w) + skip`, `w` packed by [`pack`]; without `folded`, the plain

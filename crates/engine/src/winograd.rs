@@ -1,13 +1,17 @@
-//! 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) (Lavin & Gray, 2015).
+//! 3×3 stride-1 convolutions by Winograd's F(4×4, 3×3) (Lavin & Gray, 2015).
 //!
-//! Each 2×2 block of outputs ("tile") comes from a 4×4 input patch: the patch is transformed
+//! Each 4×4 block of outputs ("tile") comes from a 6×6 input patch: the patch is transformed
 //! (Bᵀ·d·B), multiplied elementwise by the transformed filter (G·g·Gᵀ) — over channels that is
-//! 16 matrix products `[tiles, cin]·[cin, cout]`, one per position of the 4×4 transform — and
-//! transformed back (Aᵀ·m·A). That is 16 multiply-adds per tile, channel pair where im2col
-//! spends 36 (2.25× fewer), and the transformed input is 4× the image where im2col's is 9×.
+//! [`POSITIONS`] matrix products `[tiles, cin]·[cin, cout]`, one per position of the 6×6
+//! transform — and transformed back (Aᵀ·m·A). That is 36 multiply-adds per tile and channel pair
+//! where im2col spends 144: 4× fewer (F(2×2, 3×3), used before, saves 2.25×). Its transforms'
+//! coefficients reach 8, so it rounds more than F(2×2, 3×3): on EfficientNetV2-S's 3×3 layers
+//! (random data, against f64) 1.5–3e-6 of the output's RMS, at worst 9e-6 of its largest value
+//! (F(2×2): 2–5e-7 and 8e-7), well inside the parity tests' tolerances.
 //!
-//! The work is split into blocks of whole tile rows of one image, each done by one thread from
-//! input transform to output (plus the epilogue) while its scratch is in cache.
+//! The work is split into blocks of consecutive tiles (over the whole batch, evenly over the
+//! threads), each done by one thread from input transform to output, epilogue and residual while
+//! its scratch is in cache.
 
 use rayon::prelude::*;
 
@@ -16,47 +20,100 @@ use crate::matmul::{matmul_serial, Layout};
 use crate::pointwise;
 use crate::simd;
 
+/// Output pixels per tile side.
+const TILE: usize = 4;
+/// Input pixels per patch side (the tile plus the 3×3 kernel's reach).
+const PATCH: usize = TILE + 2;
+/// Positions of the transform: one matrix product each.
+pub const POSITIONS: usize = PATCH * PATCH;
+
 /// Whether [`forward`] computes this convolution: 3×3, stride 1 (SAME pads one on each side).
 pub fn applies(g: &ConvGeom) -> bool {
     g.kernel == 3 && g.stride == 1
 }
 
-/// Filter transform: the packed weight `[3·3·cin, cout]` (im2col layout) to `u[16][cin][cout]`,
-/// `u_ξ = (G·g·Gᵀ)_ξ` with G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]].
+/// G·(a, b, c) for one column (or row) of a 3×3 filter, G = [[¼, 0, 0], [−⅙, −⅙, −⅙],
+/// [−⅙, ⅙, −⅙], [1/24, 1/12, ⅙], [1/24, −1/12, ⅙], [0, 0, 1]].
+#[inline(always)]
+fn g_times(a: f32, b: f32, c: f32) -> [f32; PATCH] {
+    const SIXTH: f32 = 1.0 / 6.0;
+    let (outer, middle) = (a * (1.0 / 24.0) + c * SIXTH, b * (1.0 / 12.0));
+    [
+        a * 0.25,
+        -(a + b + c) * SIXTH,
+        -(a - b + c) * SIXTH,
+        outer + middle,
+        outer - middle,
+        c,
+    ]
+}
+
+/// Filter transform: the packed weight `[3·3·cin, cout]` (im2col layout) to
+/// `u[POSITIONS][cin][cout]`, `u_ξ = (G·g·Gᵀ)_ξ`, in vectors of output channels and in
+/// parallel over the transform's six rows (training transforms every filter on every step).
 pub fn transform_filter(cin: usize, cout: usize, packed: &[f32], u: &mut [f32]) {
+    const LANES: usize = 64;
     let plane = cin * cout;
-    let at = |t: usize, ci: usize| &packed[(t * cin + ci) * cout..][..cout];
-    for ci in 0..cin {
-        for co in 0..cout {
-            let g = |kh: usize, kw: usize| at(kh * 3 + kw, ci)[co];
-            // G·g: 4×3, column by column (kw).
-            let column = |kw: usize| {
-                let (a, b, c) = (g(0, kw), g(1, kw), g(2, kw));
-                [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
-            };
-            let cols = [column(0), column(1), column(2)];
-            let gg: [[f32; 3]; 4] = std::array::from_fn(|i| [cols[0][i], cols[1][i], cols[2][i]]);
-            // (G·g)·Gᵀ: 4×4.
-            for (i, row) in gg.iter().enumerate() {
-                let (a, b, c) = (row[0], row[1], row[2]);
-                let out = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                for (j, v) in out.into_iter().enumerate() {
-                    u[(i * 4 + j) * plane + ci * cout + co] = v;
-                }
-            }
-        }
+    assert!(
+        packed.len() >= 9 * plane && u.len() >= POSITIONS * plane,
+        "winograd: filter size"
+    );
+    if plane == 0 {
+        return;
     }
+    u[..POSITIONS * plane]
+        .par_chunks_mut(PATCH * plane)
+        .enumerate()
+        .for_each(|(i, row)| {
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    for ci in 0..cin {
+                        for c0 in (0..cout).step_by(LANES) {
+                            let n = LANES.min(cout - c0);
+                            let g = |kh: usize, kw: usize| {
+                                &packed[((kh * 3 + kw) * cin + ci) * cout + c0..][..n]
+                            };
+                            // Row i of G·g: one value per kernel column (kw).
+                            let mut gg = [[0f32; LANES]; 3];
+                            for (kw, out) in gg.iter_mut().enumerate() {
+                                let (a, b, c) = (g(0, kw), g(1, kw), g(2, kw));
+                                for l in 0..n {
+                                    out[l] = g_times(a[l], b[l], c[l])[i];
+                                }
+                            }
+                            // Times Gᵀ: positions (i, 0..6).
+                            let mut planes = row.chunks_exact_mut(plane);
+                            let mut out: [&mut [f32]; PATCH] = std::array::from_fn(|_| {
+                                let p = planes.next().expect("six positions");
+                                &mut p[ci * cout + c0..][..n]
+                            });
+                            for l in 0..n {
+                                let v = g_times(gg[0][l], gg[1][l], gg[2][l]);
+                                for (o, v) in out.iter_mut().zip(v) {
+                                    o[l] = v;
+                                }
+                            }
+                        }
+                    }
+                },
+            )
+        });
 }
 
-/// Tile rows per block of [`forward`]: about 16K output floats per position (in cache), ≥ 1 row.
-fn block_rows(g: &ConvGeom) -> usize {
-    let (th, tw) = (g.input.h.div_ceil(2), g.input.w.div_ceil(2));
-    (16_384 / (tw * g.cout).max(1)).clamp(1, th)
+/// About how many floats of scratch a block may use (its transformed input and products, in
+/// the core's L2 cache).
+const BLOCK_FLOATS: usize = 160 * 1024;
+
+/// Most tiles per block of [`forward`] (≥ 1, ≤ the batch's tiles).
+fn max_block_tiles(g: &ConvGeom) -> usize {
+    let tiles = g.input.n * g.input.h.div_ceil(TILE) * g.input.w.div_ceil(TILE);
+    (BLOCK_FLOATS / (POSITIONS * (g.input.c + g.cout)).max(1)).clamp(1, tiles.max(1))
 }
 
-/// Floats of per-thread scratch [`forward`] needs for `g` (a whole block).
+/// Floats of per-thread scratch [`forward`] needs for `g` (its largest block).
 pub fn scratch_len(g: &ConvGeom) -> usize {
-    block_scratch(block_rows(g) * g.input.w.div_ceil(2), g.input.c, g.cout)
+    block_scratch(max_block_tiles(g), g.input.c, g.cout)
 }
 
 /// Grows the calling thread's scratch to `len` floats now, so that passes later allocate
@@ -72,90 +129,145 @@ pub fn reserve(len: usize) {
 /// Scratch floats [`forward`] needs per block of `tiles` tiles: the transformed input and
 /// products, and the transforms' own rows.
 fn block_scratch(tiles: usize, cin: usize, cout: usize) -> usize {
-    16 * tiles * (cin + cout) + 17 * cin + 10 * cout
+    POSITIONS * tiles * (cin + cout) + (1 + POSITIONS) * cin + (TILE * PATCH + TILE) * cout
 }
 
 /// The transformed filter as [`forward`] takes it.
 #[derive(Debug, Clone, Copy)]
 pub enum Filter<'a> {
-    /// `u[16][cin][cout]`, as [`transform_filter`] writes it.
+    /// `u[POSITIONS][cin][cout]`, as [`transform_filter`] writes it.
     Rows(&'a [f32]),
-    /// Each of the 16 positions packed for the pointwise kernel ([`pack_filter`]).
+    /// Each position packed for the pointwise kernel ([`pack_filter`]).
     Panels(&'a [f32]),
 }
 
 /// [`transform_filter`]'s `u` packed position by position into [`pointwise::pack_rows`]'
 /// panels, for inference with fixed weights where the pointwise kernel runs.
 pub fn pack_filter(cin: usize, cout: usize, u: &[f32]) -> Vec<f32> {
-    u[..16 * cin * cout]
-        .chunks_exact((cin * cout).max(1))
-        .flat_map(|plane| pointwise::pack_rows(cin, cout, plane))
-        .collect()
+    let mut panels = vec![0f32; POSITIONS * pointwise::packed_len(cin, cout)];
+    pack_filter_into(cin, cout, u, &mut panels);
+    panels
 }
 
-/// y = conv(x) for a 3×3 stride-1 SAME convolution (see [`applies`]) with the transformed
-/// filter `u`; the epilogue runs on each block's output rows.
-pub fn forward(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epilogue) {
+fn pack_filter_into(cin: usize, cout: usize, u: &[f32], panels: &mut [f32]) {
+    let len = pointwise::packed_len(cin, cout);
+    let planes = u[..POSITIONS * cin * cout].par_chunks_exact((cin * cout).max(1));
+    planes
+        .zip(panels[..POSITIONS * len].par_chunks_exact_mut(len.max(1)))
+        .for_each(|(plane, out)| pointwise::pack_rows_into(cin, cout, plane, out));
+}
+
+/// Scratch floats [`plain_filter`] needs.
+pub fn filter_scratch(cin: usize, cout: usize) -> usize {
+    POSITIONS * (cin * cout + pointwise::packed_len(cin, cout))
+}
+
+/// The filter for [`forward`] from weights that change every step (training): the packed
+/// weight `[3·3·cin, cout]` transformed, then packed into panels where the pointwise kernel runs
+/// (once per call, instead of once per block by the general product); in `scratch`, of
+/// [`filter_scratch`] floats.
+pub fn plain_filter<'a>(
+    cin: usize,
+    cout: usize,
+    packed: &[f32],
+    scratch: &'a mut [f32],
+) -> Filter<'a> {
+    let (u, panels) = scratch[..filter_scratch(cin, cout)].split_at_mut(POSITIONS * cin * cout);
+    transform_filter(cin, cout, packed, u);
+    if pointwise::available() {
+        pack_filter_into(cin, cout, u, panels);
+        Filter::Panels(panels)
+    } else {
+        Filter::Rows(u)
+    }
+}
+
+/// Where tile `t` of the batch lies: (image, tile row, tile column).
+fn tile_at(t: usize, th: usize, tw: usize) -> (usize, usize, usize) {
+    (t / (th * tw), t / tw % th, t % tw)
+}
+
+/// `y = conv(x) + skip` for a 3×3 stride-1 SAME convolution (see [`applies`]) with the
+/// transformed filter `u`; the epilogue runs on each tile's output pixels before the residual
+/// `skip` (laid out like `y`) is added.
+pub fn forward(
+    g: &ConvGeom,
+    x: &[f32],
+    u: Filter,
+    y: &mut [f32],
+    epilogue: Epilogue,
+    skip: Option<&[f32]>,
+) {
     let (n, h, w, cin, cout) = (g.input.n, g.input.h, g.input.w, g.input.c, g.cout);
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let rows_per_block = block_rows(g);
-    let img_out = h * w * cout;
-    let img_in = h * w * cin;
-    // Block r of an image: output pixel rows 2·r0 .. min(2·r1, h), contiguous.
-    let block_len = 2 * rows_per_block * w * cout;
-    y[..n * img_out]
-        .par_chunks_mut(img_out)
-        .enumerate()
-        .for_each(|(b, img)| {
-            img.par_chunks_mut(block_len.max(1))
-                .enumerate()
-                .for_each(|(r, out)| {
-                    let r0 = r * rows_per_block;
-                    let r1 = (r0 + rows_per_block).min(th);
-                    let tiles = (r1 - r0) * tw;
-                    // No parallel loop runs inside a block, so its thread cannot start another
-                    // block meanwhile: the borrow of the scratch is this block's alone.
-                    SCRATCH.with_borrow_mut(|scratch| {
-                        let need = block_scratch(tiles, cin, cout);
-                        if scratch.len() < need {
-                            scratch.resize(need, 0.0);
+    assert!(x.len() >= n * h * w * cin, "winograd: input size");
+    assert!(y.len() >= n * h * w * cout, "winograd: output size");
+    if let Some(s) = skip {
+        assert!(s.len() >= n * h * w * cout, "winograd: residual size");
+    }
+    let (th, tw) = (h.div_ceil(TILE), w.div_ceil(TILE));
+    let total = n * th * tw;
+    if total == 0 || cout == 0 {
+        return;
+    }
+    // Blocks of at most `max_block_tiles`, as many as a multiple of the threads so that they
+    // end together, and as even as whole tiles allow.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = total.div_ceil(max_block_tiles(g)).div_ceil(threads) * threads;
+    let per_block = total.div_ceil(blocks.min(total));
+    let y_addr = y.as_mut_ptr() as usize;
+    (0..total.div_ceil(per_block))
+        .into_par_iter()
+        .for_each(|blk| {
+            let first = blk * per_block;
+            let tiles = first..(first + per_block).min(total);
+            // No parallel loop runs inside a block, so its thread cannot start another block
+            // meanwhile: the borrow of the scratch is this block's alone.
+            SCRATCH.with_borrow_mut(|scratch| {
+                let need = block_scratch(tiles.len(), cin, cout);
+                if scratch.len() < need {
+                    scratch.resize(need, 0.0);
+                }
+                let (v, rest) = scratch[..need].split_at_mut(POSITIONS * tiles.len() * cin);
+                let (m, rest) = rest.split_at_mut(POSITIONS * tiles.len() * cout);
+                let (zero, rest) = rest.split_at_mut(cin);
+                let (e_in, rest) = rest.split_at_mut(POSITIONS * cin);
+                let (e_out, px) = rest.split_at_mut(TILE * PATCH * cout);
+                // Other calls used this scratch for other things.
+                zero.fill(0.0);
+                let shape = Shape { h, w, th, tw };
+                simd::dispatch(
+                    #[inline(always)]
+                    || input_transform(x, shape, cin, tiles.clone(), v, zero, e_in),
+                );
+                let count = tiles.len();
+                for xi in 0..POSITIONS {
+                    let out = &mut m[xi * count * cout..][..count * cout];
+                    let vx = &v[xi * count * cin..][..count * cin];
+                    match u {
+                        Filter::Rows(u) => {
+                            let ux = &u[xi * cin * cout..][..cin * cout];
+                            matmul_serial(out, count, cout, cin, vx, ux, Layout::Normal)
                         }
-                        let (v, rest) = scratch[..need].split_at_mut(16 * tiles * cin);
-                        let (m, rest) = rest.split_at_mut(16 * tiles * cout);
-                        let (zero, rest) = rest.split_at_mut(cin);
-                        let (e_in, rest) = rest.split_at_mut(16 * cin);
-                        let (e_out, px) = rest.split_at_mut(8 * cout);
-                        // Other calls used this scratch for other things.
-                        zero.fill(0.0);
-                        let image = &x[b * img_in..][..img_in];
-                        simd::dispatch(
-                            #[inline(always)]
-                            || input_transform(image, h, w, cin, r0, r1, tw, v, zero, e_in),
-                        );
-                        for xi in 0..16 {
-                            let out = &mut m[xi * tiles * cout..][..tiles * cout];
-                            let vx = &v[xi * tiles * cin..][..tiles * cin];
-                            match u {
-                                Filter::Rows(u) => {
-                                    let ux = &u[xi * cin * cout..][..cin * cout];
-                                    matmul_serial(out, tiles, cout, cin, vx, ux, Layout::Normal)
-                                }
-                                Filter::Panels(u) => {
-                                    let len = pointwise::packed_len(cin, cout);
-                                    let ux = &u[xi * len..][..len];
-                                    pointwise::product_serial(vx, tiles, cin, cout, ux, out)
-                                }
-                            }
+                        Filter::Panels(u) => {
+                            let len = pointwise::packed_len(cin, cout);
+                            let ux = &u[xi * len..][..len];
+                            pointwise::product_serial(vx, count, cin, cout, ux, out)
                         }
-                        simd::dispatch(
-                            #[inline(always)]
-                            || output_transform(m, h, w, cout, r0, r1, tw, out, e_out, px),
-                        );
-                    });
-                    if let Some(e) = epilogue {
-                        e.apply(out);
                     }
-                });
+                }
+                let out = Output {
+                    y: y_addr as *mut f32,
+                    epilogue,
+                    skip,
+                };
+                // SAFETY: `y` holds the batch's n·h·w·cout outputs (asserted above) and stays
+                // borrowed mutably for this whole call; a tile's output pixels are its own, and the
+                // blocks' tile ranges are disjoint, so no other thread writes what this one does.
+                simd::dispatch(
+                    #[inline(always)]
+                    || unsafe { output_transform(m, shape, cout, tiles.clone(), &out, e_out, px) },
+                );
+            });
         });
 }
 
@@ -165,143 +277,157 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `v[16][tiles][cin]` for tile rows r0..r1: each tile's 4×4 patch (rows 2·ty − 1 .. 2·ty + 2,
-/// zero outside the image) transformed as Bᵀ·d·B, Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0],
-/// [0, −1, 1, 0], [0, 1, 0, −1]]; channels innermost, so every step is a vector operation.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn input_transform(
-    image: &[f32],
+/// An image's size in pixels and in tiles.
+#[derive(Clone, Copy)]
+struct Shape {
     h: usize,
     w: usize,
-    c: usize,
-    r0: usize,
-    r1: usize,
+    th: usize,
     tw: usize,
+}
+
+/// Bᵀ·(d0 … d5) on channel vectors, Bᵀ = [[4, 0, −5, 0, 1, 0], [0, −4, −4, 1, 1, 0],
+/// [0, 4, −4, −1, 1, 0], [0, −2, −1, 2, 1, 0], [0, 2, −1, −2, 1, 0], [0, 4, 0, −5, 0, 1]]:
+/// the same combination along either axis of a patch.
+#[inline(always)]
+fn bt(d: [&[f32]; PATCH], out: [&mut [f32]; PATCH]) {
+    // All cut to one length, so that the loop runs without bounds checks, in vectors.
+    let n = out[0].len();
+    let [o0, o1, o2, o3, o4, o5] = out.map(|o| &mut o[..n]);
+    let [d0, d1, d2, d3, d4, d5] = d.map(|r| &r[..n]);
+    for k in 0..n {
+        let (d0, d1, d2, d3, d4, d5) = (d0[k], d1[k], d2[k], d3[k], d4[k], d5[k]);
+        o0[k] = 4.0 * d0 - 5.0 * d2 + d4;
+        o1[k] = (d3 + d4) - 4.0 * (d1 + d2);
+        o2[k] = (d4 - d3) + 4.0 * (d1 - d2);
+        o3[k] = (d4 - d2) + 2.0 * (d3 - d1);
+        o4[k] = (d4 - d2) - 2.0 * (d3 - d1);
+        o5[k] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+}
+
+/// Six `c`-long rows of `e` starting at row `first`, `stride` rows apart, as [`bt`]'s or
+/// [`at`]'s outputs.
+fn rows_mut(e: &mut [f32], c: usize, first: usize, stride: usize) -> [&mut [f32]; PATCH] {
+    let mut rows = e.chunks_exact_mut(c.max(1)).skip(first).step_by(stride);
+    std::array::from_fn(|_| rows.next().expect("six rows"))
+}
+
+/// `v[POSITIONS][tiles][c]` for the batch's tiles `tiles`: each tile's 6×6 patch (rows
+/// 4·ty − 1 .. 4·ty + 5, zero outside the image) transformed as Bᵀ·d·B; channels innermost, so
+/// every step is a vector operation.
+#[inline(always)]
+fn input_transform(
+    x: &[f32],
+    s: Shape,
+    c: usize,
+    tiles: std::ops::Range<usize>,
     v: &mut [f32],
     zero: &[f32],
     e: &mut [f32],
 ) {
-    let tiles = (r1 - r0) * tw;
-    // Bᵀ's rows applied to four channel vectors: the same combination along either axis.
-    fn bt(a: &[f32], b: &[f32], cc: &[f32], d: &[f32], out: [&mut [f32]; 4]) {
-        let [o0, o1, o2, o3] = out;
-        for k in 0..a.len() {
-            let (d0, d1, d2, d3) = (a[k], b[k], cc[k], d[k]);
-            o0[k] = d0 - d2;
-            o1[k] = d1 + d2;
-            o2[k] = d2 - d1;
-            o3[k] = d1 - d3;
+    let count = tiles.len();
+    for (slot, t) in tiles.enumerate() {
+        let (b, ty, tx) = tile_at(t, s.th, s.tw);
+        let image = &x[b * s.h * s.w * c..][..s.h * s.w * c];
+        let px = |i: usize, j: usize| -> &[f32] {
+            let (iy, ix) = ((TILE * ty + i) as isize - 1, (TILE * tx + j) as isize - 1);
+            if iy < 0 || iy >= s.h as isize || ix < 0 || ix >= s.w as isize {
+                zero
+            } else {
+                &image[(iy as usize * s.w + ix as usize) * c..][..c]
+            }
+        };
+        // `e`: Bᵀ·d, row-major 6×6 of channel vectors. Along the rows (i), one column (j) at
+        // a time.
+        for j in 0..PATCH {
+            bt(std::array::from_fn(|i| px(i, j)), rows_mut(e, c, j, PATCH));
         }
-    }
-    // `zero`: c zeros (outside the image); `e`: Bᵀ·d, row-major 4×4 of channel vectors.
-    let mut chunks = v[..16 * tiles * c].chunks_exact_mut(tiles * c);
-    let mut planes: [&mut [f32]; 16] =
-        std::array::from_fn(|_| chunks.next().expect("v holds 16 planes"));
-    for ty in r0..r1 {
-        for tx in 0..tw {
-            let px = |i: usize, j: usize| -> &[f32] {
-                let (iy, ix) = ((2 * ty + i) as isize - 1, (2 * tx + j) as isize - 1);
-                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
-                    zero
-                } else {
-                    &image[(iy as usize * w + ix as usize) * c..][..c]
-                }
-            };
-            // Along the rows (i), one column (j) at a time.
-            for j in 0..4 {
-                let (e0, rest) = e.split_at_mut(4 * c);
-                let (e1, rest) = rest.split_at_mut(4 * c);
-                let (e2, e3) = rest.split_at_mut(4 * c);
-                let out = [
-                    &mut e0[j * c..][..c],
-                    &mut e1[j * c..][..c],
-                    &mut e2[j * c..][..c],
-                    &mut e3[j * c..][..c],
-                ];
-                bt(px(0, j), px(1, j), px(2, j), px(3, j), out);
-            }
-            // Along the columns (j), into v's 16 planes.
-            let at = (ty - r0) * tw + tx;
-            for i in 0..4 {
-                let row = &e[i * 4 * c..][..4 * c];
-                let (a, rest) = row.split_at(c);
-                let (b, rest) = rest.split_at(c);
-                let (cc, d) = rest.split_at(c);
-                let [p0, p1, p2, p3] = &mut planes[i * 4..i * 4 + 4] else {
-                    unreachable!("four planes")
-                };
-                let out = [
-                    &mut p0[at * c..][..c],
-                    &mut p1[at * c..][..c],
-                    &mut p2[at * c..][..c],
-                    &mut p3[at * c..][..c],
-                ];
-                bt(a, b, cc, d, out);
-            }
+        // Along the columns (j), into v's planes: position (i, j) of this tile.
+        for i in 0..PATCH {
+            let (row, _) = e[i * PATCH * c..].split_at(PATCH * c);
+            let d: [&[f32]; PATCH] = std::array::from_fn(|j| &row[j * c..][..c]);
+            let out = rows_mut(v, c, i * PATCH * count + slot, count);
+            bt(d, out);
         }
     }
 }
 
-/// The block's output rows from `m[16][tiles][cout]`: Aᵀ·m·A per tile, Aᵀ = [[1, 1, 1, 0],
-/// [0, 1, −1, −1]], writing only the pixels inside the image.
+/// Aᵀ·(m0 … m5) on channel vectors, Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0],
+/// [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn output_transform(
+fn at(m: [&[f32]; PATCH], out: [&mut [f32]; TILE]) {
+    let n = out[0].len();
+    let [o0, o1, o2, o3] = out.map(|o| &mut o[..n]);
+    let [m0, m1, m2, m3, m4, m5] = m.map(|r| &r[..n]);
+    for k in 0..n {
+        let (m0, m1, m2, m3, m4, m5) = (m0[k], m1[k], m2[k], m3[k], m4[k], m5[k]);
+        let (sum12, diff12) = (m1 + m2, m1 - m2);
+        let (sum34, diff34) = (m3 + m4, m3 - m4);
+        o0[k] = m0 + sum12 + sum34;
+        o1[k] = diff12 + 2.0 * diff34;
+        o2[k] = sum12 + 4.0 * sum34;
+        o3[k] = diff12 + 8.0 * diff34 + m5;
+    }
+}
+
+/// Where [`output_transform`] writes, and what it applies on the way.
+struct Output<'a> {
+    y: *mut f32,
+    epilogue: Epilogue<'a>,
+    skip: Option<&'a [f32]>,
+}
+
+/// The output pixels of the batch's tiles `tiles` from `m[POSITIONS][tiles][c]`: Aᵀ·m·A per
+/// tile, then the epilogue and the residual, writing only the pixels inside the image.
+///
+/// # Safety
+/// `out.y` must be writable for the batch's n·h·w·c outputs, and no other thread may touch the
+/// pixels of these tiles meanwhile.
+#[inline(always)]
+unsafe fn output_transform(
     m: &[f32],
-    h: usize,
-    w: usize,
+    s: Shape,
     c: usize,
-    r0: usize,
-    r1: usize,
-    tw: usize,
-    out: &mut [f32],
+    tiles: std::ops::Range<usize>,
+    out: &Output,
     e: &mut [f32],
     px: &mut [f32],
 ) {
-    let tiles = (r1 - r0) * tw;
-    // Aᵀ's rows applied to four channel vectors.
-    fn at2(a: &[f32], b: &[f32], cc: &[f32], d: &[f32], o0: &mut [f32], o1: &mut [f32]) {
-        for k in 0..a.len() {
-            o0[k] = a[k] + b[k] + cc[k];
-            o1[k] = b[k] - cc[k] - d[k];
+    let count = tiles.len();
+    let plane = |xi: usize, t: usize| &m[(xi * count + t) * c..][..c];
+    for (t, tile) in tiles.enumerate() {
+        let (b, ty, tx) = tile_at(tile, s.th, s.tw);
+        // `e`: Aᵀ·m, 4 rows × 6 columns of channel vectors.
+        for j in 0..PATCH {
+            let mut rows = e.chunks_exact_mut(c.max(1)).skip(j).step_by(PATCH);
+            at(
+                std::array::from_fn(|i| plane(i * PATCH + j, t)),
+                std::array::from_fn(|_| rows.next().expect("four rows")),
+            );
         }
-    }
-    let plane = |xi: usize, t: usize| &m[(xi * tiles + t) * c..][..c];
-    // `e`: Aᵀ·m, 2 rows × 4 columns of channel vectors; `px`: one output row's two pixels.
-    for ty in r0..r1 {
-        for tx in 0..tw {
-            let t = (ty - r0) * tw + tx;
-            for j in 0..4 {
-                let (e0, e1) = e.split_at_mut(4 * c);
-                at2(
-                    plane(j, t),
-                    plane(4 + j, t),
-                    plane(8 + j, t),
-                    plane(12 + j, t),
-                    &mut e0[j * c..][..c],
-                    &mut e1[j * c..][..c],
-                );
+        // Row by row: the row's four pixels into `px`, epilogue, residual, store.
+        let cols = TILE.min(s.w - TILE * tx);
+        for i in 0..TILE.min(s.h - TILE * ty) {
+            let row = &e[i * PATCH * c..][..PATCH * c];
+            let mut pixels = px.chunks_exact_mut(c.max(1));
+            at(
+                std::array::from_fn(|j| &row[j * c..][..c]),
+                std::array::from_fn(|_| pixels.next().expect("four pixels")),
+            );
+            let first = ((b * s.h + TILE * ty + i) * s.w + TILE * tx) * c;
+            let px = &mut px[..cols * c];
+            if let Some(e) = out.epilogue {
+                e.apply(px);
             }
-            for i in 0..2 {
-                let oy = 2 * ty + i;
-                if oy >= h {
-                    continue;
-                }
-                let row = &e[i * 4 * c..][..4 * c];
-                let (a, rest) = row.split_at(c);
-                let (b, rest) = rest.split_at(c);
-                let (cc, d) = rest.split_at(c);
-                let (p0, p1) = px.split_at_mut(c);
-                at2(a, b, cc, d, p0, p1);
-                for jo in 0..2 {
-                    let ox = 2 * tx + jo;
-                    if ox < w {
-                        out[((oy - 2 * r0) * w + ox) * c..][..c]
-                            .copy_from_slice(&px[jo * c..][..c]);
-                    }
+            if let Some(skip) = out.skip {
+                for (p, r) in px.iter_mut().zip(&skip[first..first + cols * c]) {
+                    *p += r;
                 }
             }
+            // SAFETY: by the caller's contract; `first + cols·c` stays inside this row of the
+            // image, since the tile's columns past the image were cut (`cols`).
+            std::ptr::copy_nonoverlapping(px.as_ptr(), out.y.add(first), cols * c);
         }
     }
 }
