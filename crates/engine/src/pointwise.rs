@@ -229,35 +229,38 @@ unsafe fn block(
     }
 }
 
-/// `depth` steps of a tile's reduction, added to `lo` and `hi`. A function of its own, not
-/// inlined, because LLVM keeps the accumulators in registers through one loop but spills them to
-/// the stack on every step when this loop sits inside [`tile`]'s loop over taps.
+/// `depth` steps of a tile's reduction into `acc` (`R` rows of `V` vectors: the panel's first
+/// `8·V` columns). A function of its own, not inlined, because LLVM keeps the accumulators in
+/// registers through one loop but spills them to the stack on every step when this loop sits
+/// inside [`tile`]'s loop over taps.
 ///
 /// # Safety
 /// As [`tile`], for one tap.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline(never)]
-unsafe fn reduce<const R: usize>(
+unsafe fn reduce<const R: usize, const V: usize>(
     x: *const f32,
     pixel: usize,
     depth: usize,
     w: *const f32,
-    lo: &mut [std::arch::x86_64::__m256; R],
-    hi: &mut [std::arch::x86_64::__m256; R],
+    acc: &mut [[std::arch::x86_64::__m256; V]; R],
 ) {
     use std::arch::x86_64::*;
-    let (mut l, mut h) = (*lo, *hi);
+    let mut a = *acc;
     for p in 0..depth {
-        let w0 = _mm256_loadu_ps(w.add(p * NR));
-        let w1 = _mm256_loadu_ps(w.add(p * NR + 8));
-        for r in 0..R {
-            let a = _mm256_broadcast_ss(&*x.add(r * pixel + p));
-            l[r] = _mm256_fmadd_ps(a, w0, l[r]);
-            h[r] = _mm256_fmadd_ps(a, w1, h[r]);
+        let mut wv = [_mm256_setzero_ps(); V];
+        for (v, lanes) in wv.iter_mut().enumerate() {
+            *lanes = _mm256_loadu_ps(w.add(p * NR + 8 * v));
+        }
+        for (r, row) in a.iter_mut().enumerate() {
+            let b = _mm256_broadcast_ss(&*x.add(r * pixel + p));
+            for (sum, lanes) in row.iter_mut().zip(&wv) {
+                *sum = _mm256_fmadd_ps(b, *lanes, *sum);
+            }
         }
     }
-    (*lo, *hi) = (l, h);
+    *acc = a;
 }
 
 /// A panel's scale and shift, zero past the last of its `cols` columns, and the activation.
@@ -291,20 +294,32 @@ struct Tile<'a> {
     epilogue: Option<&'a PanelEpilogue>,
 }
 
-/// [`tile`] for `rows` (1..=MR) rows.
+/// [`tile`] for `rows` (1..=MR) rows, on one vector of columns when the panel has no more than
+/// eight (the last panel of 24 channels, say: half the work of a padded full tile).
 ///
 /// # Safety
 /// As [`tile`] with `R = rows`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn tile_of(rows: usize, t: &Tile) {
-    match rows {
-        6 => tile::<6>(t),
-        5 => tile::<5>(t),
-        4 => tile::<4>(t),
-        3 => tile::<3>(t),
-        2 => tile::<2>(t),
-        _ => tile::<1>(t),
+    if t.cols <= 8 {
+        match rows {
+            6 => tile::<6, 1>(t),
+            5 => tile::<5, 1>(t),
+            4 => tile::<4, 1>(t),
+            3 => tile::<3, 1>(t),
+            2 => tile::<2, 1>(t),
+            _ => tile::<1, 1>(t),
+        }
+    } else {
+        match rows {
+            6 => tile::<6, 2>(t),
+            5 => tile::<5, 2>(t),
+            4 => tile::<4, 2>(t),
+            3 => tile::<3, 2>(t),
+            2 => tile::<2, 2>(t),
+            _ => tile::<1, 2>(t),
+        }
     }
 }
 
@@ -429,59 +444,58 @@ pub fn conv(
         });
 }
 
-/// One `R × NR` tile of [`Tile`]: the full reduction in registers, then `act(v·scale + shift)`
-/// there too when an epilogue is given, then one store of `cols` columns.
+/// One `R × 8V` tile of [`Tile`] (`V` = 2: a whole panel): the full reduction in registers,
+/// then `act(v·scale + shift)` there too when an epilogue is given, then the residual, then one
+/// store of `cols ≤ 8V` columns.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
 /// tap and `p < depth`, `w` for `taps.len()·depth × NR` values, and `y` writable (`skip`, if
-/// any, readable) for `R` rows of `cols ≤ NR` at stride `ldy`.
+/// any, readable) for `R` rows of `cols ≤ 8V` at stride `ldy`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile<const R: usize>(t: &Tile) {
+unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
     use std::arch::x86_64::*;
-    let mut lo = [_mm256_setzero_ps(); R];
-    let mut hi = [_mm256_setzero_ps(); R];
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
     for (i, &tap) in t.taps.iter().enumerate() {
         let w = t.w.add(i * t.depth * NR);
-        reduce::<R>(t.x.add(tap), t.pixel, t.depth, w, &mut lo, &mut hi);
+        reduce::<R, V>(t.x.add(tap), t.pixel, t.depth, w, &mut acc);
     }
     if let Some((scale, shift, act)) = t.epilogue {
-        let (s0, s1) = (
-            _mm256_loadu_ps(scale.as_ptr()),
-            _mm256_loadu_ps(scale.as_ptr().add(8)),
-        );
-        let (b0, b1) = (
-            _mm256_loadu_ps(shift.as_ptr()),
-            _mm256_loadu_ps(shift.as_ptr().add(8)),
-        );
-        for r in 0..R {
-            lo[r] = simd::act8(*act, _mm256_fmadd_ps(lo[r], s0, b0));
-            hi[r] = simd::act8(*act, _mm256_fmadd_ps(hi[r], s1, b1));
-        }
-    }
-    if let Some(skip) = t.skip {
-        for r in 0..R {
-            let mut row = [0f32; NR];
-            let mut src = skip.add(r * t.ldy);
-            if t.cols < NR {
-                std::ptr::copy_nonoverlapping(src, row.as_mut_ptr(), t.cols);
-                src = row.as_ptr();
+        for v in 0..V {
+            let s = _mm256_loadu_ps(scale.as_ptr().add(8 * v));
+            let b = _mm256_loadu_ps(shift.as_ptr().add(8 * v));
+            for row in acc.iter_mut() {
+                row[v] = simd::act8(*act, _mm256_fmadd_ps(row[v], s, b));
             }
-            lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(src));
-            hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(src.add(8)));
         }
     }
-    for r in 0..R {
+    let width = 8 * V;
+    if let Some(skip) = t.skip {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let mut lanes = [0f32; NR];
+            let mut src = skip.add(r * t.ldy);
+            if t.cols < width {
+                std::ptr::copy_nonoverlapping(src, lanes.as_mut_ptr(), t.cols);
+                src = lanes.as_ptr();
+            }
+            for (v, sum) in row.iter_mut().enumerate() {
+                *sum = _mm256_add_ps(*sum, _mm256_loadu_ps(src.add(8 * v)));
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
         let out = t.y.add(r * t.ldy);
-        if t.cols == NR {
-            _mm256_storeu_ps(out, lo[r]);
-            _mm256_storeu_ps(out.add(8), hi[r]);
+        if t.cols == width {
+            for (v, sum) in row.iter().enumerate() {
+                _mm256_storeu_ps(out.add(8 * v), *sum);
+            }
         } else {
-            let mut row = [0f32; NR];
-            _mm256_storeu_ps(row.as_mut_ptr(), lo[r]);
-            _mm256_storeu_ps(row.as_mut_ptr().add(8), hi[r]);
-            std::ptr::copy_nonoverlapping(row.as_ptr(), out, t.cols);
+            let mut lanes = [0f32; NR];
+            for (v, sum) in row.iter().enumerate() {
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), *sum);
+            }
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out, t.cols);
         }
     }
 }
