@@ -117,29 +117,39 @@ pub fn forward(
     let block_rows = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
     let row_blocks = m.div_ceil(block_rows);
     let threads = rayon::current_num_threads();
-    // Panels split over the threads for enough work, or for a large weight however few the rows:
+    // Split over the threads for enough work, or for a large weight however few the rows:
     // squeeze-excitation's products at batch 1 (one row, 256–400 KiB of weights each) wait on
     // memory, and two cores stream the weights faster than one (15–20 % less SE time).
-    let groups = if threads > 1 && (m * k * n >= 1 << 18 || k * n >= 1 << 16) {
-        (4 * threads).div_ceil(row_blocks).clamp(1, panels)
-    } else {
-        1
+    let split = threads > 1 && (m * k * n >= 1 << 18 || k * n >= 1 << 16);
+    // Work units: one panel over one row block, row block by row block. Many row blocks make a
+    // task each; fewer are cut into four tasks per thread of (nearly) equal unit counts, a task
+    // possibly ending in one row block and going on in the next, so the threads end together
+    // (3 row blocks × 16 panels made 9 tasks of 5–6 panels before: one thread did 5 of them).
+    let units = row_blocks * panels;
+    let tasks = match split {
+        false => 1,
+        true if row_blocks >= 4 * threads => row_blocks,
+        true => (4 * threads).min(units),
     };
-    let per_group = panels.div_ceil(groups);
     let y_addr = y.as_mut_ptr() as usize;
     let task = |t: usize| {
-        let (rb, g) = (t / groups, t % groups);
-        let rows = rb * block_rows..((rb + 1) * block_rows).min(m);
-        let panels = g * per_group..((g + 1) * per_group).min(panels);
-        // SAFETY: `forward` checked the operands' sizes and the CPU; tasks own disjoint (row
-        // block, panel group) ranges of `y`, which is borrowed mutably for the whole call.
-        unsafe { block(x, k, n, w, y_addr as *mut f32, rows, panels, folded, skip) }
+        let (mut unit, last) = (t * units / tasks, (t + 1) * units / tasks);
+        while unit < last {
+            let rb = unit / panels;
+            let end = last.min((rb + 1) * panels);
+            let rows = rb * block_rows..((rb + 1) * block_rows).min(m);
+            let these = unit - rb * panels..end - rb * panels;
+            // SAFETY: `forward` checked the operands' sizes and the CPU; tasks own disjoint
+            // ranges of units, (row block, panel) parts of `y`, which is borrowed mutably for
+            // the whole call.
+            unsafe { block(x, k, n, w, y_addr as *mut f32, rows, these, folded, skip) }
+            unit = end;
+        }
     };
-    let tasks = row_blocks * groups;
     if tasks > 1 {
         (0..tasks).into_par_iter().for_each(task);
     } else {
-        (0..tasks).for_each(task);
+        task(0);
     }
 }
 

@@ -865,6 +865,10 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
         (13, 40, 33),
         (50, 70, 16),
         (600, 100, 48),
+        // Split over the threads in tasks that end inside a row block and go on in the next
+        // (3 row blocks × 16 panels), and one row block of a large weight in uneven parts.
+        (49, 1536, 256),
+        (30, 40, 2000),
     ] {
         let x = random(&mut rng, m * k);
         let torch = random(&mut rng, n * k);
