@@ -313,23 +313,26 @@ struct Tile<'a> {
 #[inline]
 unsafe fn tile_of(rows: usize, t: &Tile) {
     if t.cols <= 8 {
-        match rows {
-            6 => tile::<6, 1>(t),
-            5 => tile::<5, 1>(t),
-            4 => tile::<4, 1>(t),
-            3 => tile::<3, 1>(t),
-            2 => tile::<2, 1>(t),
-            _ => tile::<1, 1>(t),
-        }
+        tile_rows::<1>(rows, t)
     } else {
-        match rows {
-            6 => tile::<6, 2>(t),
-            5 => tile::<5, 2>(t),
-            4 => tile::<4, 2>(t),
-            3 => tile::<3, 2>(t),
-            2 => tile::<2, 2>(t),
-            _ => tile::<1, 2>(t),
-        }
+        tile_rows::<2>(rows, t)
+    }
+}
+
+/// [`tile`] of `V` vectors for `rows` (1..=MR) rows.
+///
+/// # Safety
+/// As [`tile`] with `R = rows`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn tile_rows<const V: usize>(rows: usize, t: &Tile) {
+    match rows {
+        6 => tile::<6, V>(t),
+        5 => tile::<5, V>(t),
+        4 => tile::<4, V>(t),
+        3 => tile::<3, V>(t),
+        2 => tile::<2, V>(t),
+        _ => tile::<1, V>(t),
     }
 }
 
