@@ -214,8 +214,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Time per operation kind, its share of the step, and its rate against the machine's ceiling:
-/// GFLOP/s for convolutions (direct-convolution multiply-adds, so Winograd's can pass 100 %),
-/// GB/s of f32 input read for the rest.
+/// GFLOP/s for convolutions (the multiply-adds they run: Winograd's transformed products, the
+/// direct sum's elsewhere), GB/s of f32 input read for the rest.
 fn print_profile(
     profile: &effnet_model::network::Profile,
     times: &[f64],

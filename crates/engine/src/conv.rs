@@ -235,6 +235,13 @@ fn direct(g: &ConvGeom) -> bool {
         && (!winograd::applies(g) || g.input.c < WINOGRAD_MIN_CIN)
 }
 
+/// Whether [`forward`] computes `g` with these weights by Winograd's transform (else directly or
+/// through im2col): 3×3 stride 1, unless prepared weights run the direct kernel.
+pub fn runs_winograd(g: &ConvGeom, weight: Weight) -> bool {
+    let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
+    winograd::applies(g) && !(panels && direct(g))
+}
+
 /// The image zero-padded to `d`'s size for [`pointwise::conv`]: SAME padding on the top and
 /// left, and whatever the last window reaches on the bottom and right.
 fn pad_image(g: &ConvGeom, d: &pointwise::Direct, image: &[f32], padded: &mut [f32]) {
@@ -323,7 +330,7 @@ pub fn forward(
         }
         return;
     }
-    if winograd::applies(g) {
+    if runs_winograd(g, weight) {
         let u = match weight {
             Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
             Weight::Prepared(u) => winograd::Filter::Rows(u),

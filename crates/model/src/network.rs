@@ -563,12 +563,16 @@ impl Network {
                         };
                         let skip = skip_slot.map(|s| &ws.acts[s][..y_len]);
                         conv::forward(&g, x, w, target, &mut ws.col, folded, skip);
-                        let op = if g.is_pointwise() {
-                            "conv 1x1"
+                        // Winograd's layers count the products they run (a quarter of the
+                        // direct sum's), so that their rate compares with the ceiling.
+                        let (op, macs) = if g.is_pointwise() {
+                            ("conv 1x1", g.macs())
+                        } else if conv::runs_winograd(&g, w) {
+                            ("conv 3x3 winograd", winograd::product_macs(&g))
                         } else {
-                            "conv kxk"
+                            ("conv kxk", g.macs())
                         };
-                        Profile::add(&mut ws.profile, op, t, g.macs());
+                        Profile::add(&mut ws.profile, op, t, macs);
                     }
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
