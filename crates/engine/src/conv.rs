@@ -424,6 +424,9 @@ pub fn backward(
             let g_t = ConvGeom::new(Nhwc::new(g.input.n, g.out_h, g.out_w, cout), 3, 1, cin);
             winograd::forward(&g_t, dy, u, dx, None, None);
         }
+        if winograd::weight_grad(g, x, dy, col, dw) {
+            return;
+        }
     }
     for b in 0..g.input.n {
         let dy_img = &dy[b * out_px * cout..][..out_px * cout];

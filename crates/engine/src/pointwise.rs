@@ -142,7 +142,10 @@ pub fn forward(
             // SAFETY: `forward` checked the operands' sizes and the CPU; tasks own disjoint
             // ranges of units, (row block, panel) parts of `y`, which is borrowed mutably for
             // the whole call.
-            unsafe { block(x, k, n, w, y_addr as *mut f32, rows, these, folded, skip) }
+            unsafe {
+                let skip = skip.map(|s| s.as_ptr());
+                block(x, k, n, w, y_addr as *mut f32, rows, these, folded, skip)
+            }
             unit = end;
         }
     };
@@ -154,23 +157,25 @@ pub fn forward(
 }
 
 /// `y[m×n] = x[m×k] · w` on the calling thread (for callers that already split their work over
-/// the pool), `w` packed by [`pack`] or [`pack_rows`]. Only where [`available`].
-pub fn product_serial(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &mut [f32]) {
+/// the pool), `w` packed by [`pack`] or [`pack_rows`]; with `add`, `y += x · w`. Only where
+/// [`available`].
+pub fn product_serial(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    y: &mut [f32],
+    add: bool,
+) {
     check(x, m, k, n, w, y);
-    // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call.
-    unsafe {
-        block(
-            x,
-            k,
-            n,
-            w,
-            y.as_mut_ptr(),
-            0..m,
-            0..n.div_ceil(NR),
-            None,
-            None,
-        )
-    }
+    let out = y.as_mut_ptr();
+    // To add, each tile adds what `y` holds as a residual read through the same pointer it
+    // stores through (a tile reads its rows before it stores them; tiles are disjoint).
+    let skip = add.then_some(out as *const f32);
+    // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call, and
+    // `skip`, when given, is `y` itself, read only where the same tile then writes.
+    unsafe { block(x, k, n, w, out, 0..m, 0..n.div_ceil(NR), None, skip) }
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
@@ -198,8 +203,8 @@ fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
 ///
 /// # Safety
 /// [`check`] must have passed for `x`, `w` and the `m × n` output at `y`, with `rows` ⊆ 0..m and
-/// `panels` ⊆ 0..n/NR, and `skip`, if any, holding `m × n` values; no other thread may touch
-/// this part of `y` meanwhile.
+/// `panels` ⊆ 0..n/NR, and `skip`, if any, readable for `m × n` values (it may be `y` itself);
+/// no other thread may touch this part of `y` meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     x: &[f32],
@@ -210,7 +215,7 @@ unsafe fn block(
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
     folded: Option<&Folded>,
-    skip: Option<&[f32]>,
+    skip: Option<*const f32>,
 ) {
     for panel in panels {
         let col0 = panel * NR;
@@ -229,7 +234,7 @@ unsafe fn block(
                 depth: k,
                 w: wp.as_ptr(),
                 y: y.add(rows.start * n + col0),
-                skip: skip.map(|s| s.as_ptr().add(rows.start * n + col0)),
+                skip: skip.map(|s| s.add(rows.start * n + col0)),
                 ldy: n,
                 cols,
                 epilogue: epilogue.as_ref(),

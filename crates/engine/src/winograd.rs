@@ -260,7 +260,7 @@ pub fn forward(
                         Filter::Panels(u) => {
                             let len = pointwise::packed_len(cin, cout);
                             let ux = &u[xi * len..][..len];
-                            pointwise::product_serial(vx, count, cin, cout, ux, out)
+                            pointwise::product_serial(vx, count, cin, cout, ux, out, false)
                         }
                     }
                 }
@@ -437,6 +437,228 @@ unsafe fn output_transform(
             // SAFETY: by the caller's contract; `first + cols·c` stays inside this row of the
             // image, since the tile's columns past the image were cut (`cols`).
             std::ptr::copy_nonoverlapping(px.as_ptr(), out.y.add(first), cols * c);
+        }
+    }
+}
+
+/// G's entries: `G[i][a]` weighs filter row (or column) `a` into transform position `i`.
+const G: [[f32; 3]; PATCH] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// A·(d0 … d3) on channel vectors, A = (Aᵀ)ᵀ: the adjoint of [`at`], which carries an output
+/// gradient into the transformed domain.
+#[inline(always)]
+fn a_times(d: [&[f32]; TILE], out: [&mut [f32]; PATCH]) {
+    let n = out[0].len();
+    let [o0, o1, o2, o3, o4, o5] = out.map(|o| &mut o[..n]);
+    let [d0, d1, d2, d3] = d.map(|r| &r[..n]);
+    for k in 0..n {
+        let (d0, d1, d2, d3) = (d0[k], d1[k], d2[k], d3[k]);
+        let (even, odd) = (d0 + d2, d1 + d3);
+        let (even4, odd4) = (d0 + 4.0 * d2, d1 + 4.0 * d3);
+        o0[k] = d0;
+        o1[k] = even + odd;
+        o2[k] = even - odd;
+        o3[k] = even4 + 2.0 * odd4;
+        o4[k] = even4 - 2.0 * odd4;
+        o5[k] = d3;
+    }
+}
+
+/// Accumulates into `dw` (the packed `[3·3·cin, cout]` layout) the weight gradient of a 3×3
+/// stride-1 SAME convolution (see [`applies`]) by Winograd's transform: per position ξ,
+/// dU_ξ = Σ over tiles of V_ξᵀ·dM_ξ (V the input's transform as in [`forward`], dM = A·dy·Aᵀ
+/// the output gradient's), then dg = Gᵀ·dU·G — 4× fewer multiply-adds than im2col's
+/// `colᵀ·dy`. The output channels are split over the threads, each summing all tiles in order,
+/// so the result does not depend on scheduling. `du` is scratch of [`POSITIONS`]·cin·cout
+/// floats. Returns false, doing nothing, where the pointwise kernel does not run or the output
+/// channels do not split into 16-channel panels evenly over the threads.
+pub fn weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], du: &mut [f32], dw: &mut [f32]) -> bool {
+    let (n, h, w, cin, cout) = (g.input.n, g.input.h, g.input.w, g.input.c, g.cout);
+    if !applies(g) || !pointwise::available() || cin == 0 || cout == 0 || cout % pointwise::NR != 0
+    {
+        return false;
+    }
+    assert!(x.len() >= n * h * w * cin, "winograd: input size");
+    assert!(
+        dy.len() >= n * h * w * cout,
+        "winograd: output gradient size"
+    );
+    assert!(dw.len() >= 9 * cin * cout, "winograd: weight gradient size");
+    let (th, tw) = (h.div_ceil(TILE), w.div_ceil(TILE));
+    let total = n * th * tw;
+    let threads = rayon::current_num_threads().max(1);
+    // One part of the output channels per thread, each a whole number of panels; otherwise
+    // (24 channels, say) im2col's parallel product serves better than a serial one here.
+    if cout % (pointwise::NR * threads) != 0 {
+        return false;
+    }
+    let width = cout / threads;
+    let block = (BLOCK_FLOATS / (POSITIONS * (cin + width))).clamp(1, total.max(1));
+    let shape = Shape { h, w, th, tw };
+    du[..POSITIONS * cin * cout]
+        .par_chunks_mut(POSITIONS * cin * width)
+        .enumerate()
+        .for_each(|(part, du)| {
+            du.fill(0.0);
+            let channels = part * width..(part + 1) * width;
+            SCRATCH.with_borrow_mut(|scratch| {
+                let need = POSITIONS * block * (cin + width)
+                    + 2 * POSITIONS * cin
+                    + cin.max(width)
+                    + (TILE * PATCH + POSITIONS) * width;
+                if scratch.len() < need {
+                    scratch.resize(need, 0.0);
+                }
+                let (vt, rest) = scratch[..need].split_at_mut(POSITIONS * block * cin);
+                let (dm, rest) = rest.split_at_mut(POSITIONS * block * width);
+                let (v1, rest) = rest.split_at_mut(POSITIONS * cin);
+                let (e_in, rest) = rest.split_at_mut(POSITIONS * cin);
+                let (zero, rest) = rest.split_at_mut(cin.max(width));
+                let (e_dy, m1) = rest.split_at_mut(TILE * PATCH * width);
+                zero.fill(0.0);
+                for first in (0..total).step_by(block) {
+                    let count = block.min(total - first);
+                    simd::dispatch(
+                        #[inline(always)]
+                        || {
+                            for slot in 0..count {
+                                let t = first + slot;
+                                // The input's transform, stored transposed: vt[ξ][ci][slot].
+                                input_transform(x, shape, cin, t..t + 1, v1, &zero[..cin], e_in);
+                                for (xi, v) in v1.chunks_exact(cin).enumerate() {
+                                    for (ci, &value) in v.iter().enumerate() {
+                                        vt[(xi * cin + ci) * count + slot] = value;
+                                    }
+                                }
+                                // The output gradient's, in the pointwise kernel's panels:
+                                // dm[ξ][panel][slot][16].
+                                grad_transform(
+                                    dy,
+                                    shape,
+                                    cout,
+                                    &channels,
+                                    t,
+                                    &zero[..width],
+                                    e_dy,
+                                    m1,
+                                );
+                                for (xi, m) in m1.chunks_exact(width).enumerate() {
+                                    for (panel, lanes) in m.chunks_exact(pointwise::NR).enumerate()
+                                    {
+                                        let at = ((xi * (width / pointwise::NR) + panel) * count
+                                            + slot)
+                                            * pointwise::NR;
+                                        dm[at..at + pointwise::NR].copy_from_slice(lanes);
+                                    }
+                                }
+                            }
+                        },
+                    );
+                    for xi in 0..POSITIONS {
+                        let a = &vt[xi * cin * count..][..cin * count];
+                        let b = &dm[xi * width * count..][..width * count];
+                        let out = &mut du[xi * cin * width..][..cin * width];
+                        pointwise::product_serial(a, cin, count, width, b, out, true);
+                    }
+                }
+            });
+        });
+    simd::dispatch(
+        #[inline(always)]
+        || filter_grad(&du[..POSITIONS * cin * cout], cin, cout, width, dw),
+    );
+    true
+}
+
+/// A·dy·Aᵀ for tile `t`'s 4×4 output gradient (zero past the image), channels `channels`, into
+/// `out[POSITIONS][width]`; `e` holds A·dy (6 rows × 4 columns of channel vectors).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_transform(
+    dy: &[f32],
+    s: Shape,
+    cout: usize,
+    channels: &std::ops::Range<usize>,
+    t: usize,
+    zero: &[f32],
+    e: &mut [f32],
+    out: &mut [f32],
+) {
+    let width = channels.len();
+    let (b, ty, tx) = tile_at(t, s.th, s.tw);
+    let px = |k: usize, l: usize| -> &[f32] {
+        let (oy, ox) = (TILE * ty + k, TILE * tx + l);
+        if oy >= s.h || ox >= s.w {
+            zero
+        } else {
+            &dy[((b * s.h + oy) * s.w + ox) * cout + channels.start..][..width]
+        }
+    };
+    // Along the rows (k), one column (l) at a time: e[i][l].
+    for l in 0..TILE {
+        let mut rows = e.chunks_exact_mut(width).skip(l).step_by(TILE);
+        a_times(
+            std::array::from_fn(|k| px(k, l)),
+            std::array::from_fn(|_| rows.next().expect("six rows")),
+        );
+    }
+    // Along the columns (l): position (i, j).
+    for i in 0..PATCH {
+        let row = &e[i * TILE * width..][..TILE * width];
+        a_times(
+            std::array::from_fn(|l| &row[l * width..][..width]),
+            rows_mut(out, width, i * PATCH, 1),
+        );
+    }
+}
+
+/// dg = Gᵀ·dU·G per input channel and output channel, added into `dw` (`[3·3·cin, cout]`);
+/// `du` holds, part by part (`width` output channels each), `[POSITIONS][cin][width]`.
+#[inline(always)]
+fn filter_grad(du: &[f32], cin: usize, cout: usize, width: usize, dw: &mut [f32]) {
+    const LANES: usize = 64;
+    for (part, du) in du.chunks_exact(POSITIONS * cin * width).enumerate() {
+        for ci in 0..cin {
+            for c0 in (0..width).step_by(LANES) {
+                let lanes = LANES.min(width - c0);
+                let u = |xi: usize| &du[(xi * cin + ci) * width + c0..][..lanes];
+                // h[i][b] = Σ_j dU[i][j]·G[j][b]
+                let mut h = [[[0f32; LANES]; 3]; PATCH];
+                for (i, hi) in h.iter_mut().enumerate() {
+                    for (j, gj) in G.iter().enumerate() {
+                        let uij = u(i * PATCH + j);
+                        for (hib, &coef) in hi.iter_mut().zip(gj) {
+                            if coef != 0.0 {
+                                for (o, v) in hib[..lanes].iter_mut().zip(uij) {
+                                    *o += coef * v;
+                                }
+                            }
+                        }
+                    }
+                }
+                // dg[a][b] = Σ_i G[i][a]·h[i][b]
+                for a in 0..3 {
+                    for bb in 0..3 {
+                        let first = ((a * 3 + bb) * cin + ci) * cout + part * width + c0;
+                        let row = &mut dw[first..][..lanes];
+                        for (gi, hi) in G.iter().zip(&h) {
+                            let coef = gi[a];
+                            if coef != 0.0 {
+                                for (o, v) in row.iter_mut().zip(&hi[bb][..lanes]) {
+                                    *o += coef * v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
