@@ -128,7 +128,7 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     }
     let mut packed = vec![0f32; g.weight_len()];
     pack_weight(g, torch, &mut packed);
-    if winograd::applies(g) && !direct(g) {
+    if runs_winograd(g, true) {
         let mut u = vec![0f32; winograd::POSITIONS * cin * cout];
         winograd::transform_filter(cin, cout, &packed, &mut u);
         if panels {
@@ -235,11 +235,11 @@ fn direct(g: &ConvGeom) -> bool {
         && (!winograd::applies(g) || g.input.c < WINOGRAD_MIN_CIN)
 }
 
-/// Whether [`forward`] computes `g` with these weights by Winograd's transform (else directly or
-/// through im2col): 3×3 stride 1, unless prepared weights run the direct kernel.
-pub fn runs_winograd(g: &ConvGeom, weight: Weight) -> bool {
-    let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
-    winograd::applies(g) && !(panels && direct(g))
+/// Whether [`forward`] computes `g` by Winograd's transform (else directly or through im2col),
+/// with weights from [`prepare`] or not: 3×3 stride 1, unless prepared weights run the direct
+/// kernel (which needs the pointwise kernel: [`direct`]).
+pub fn runs_winograd(g: &ConvGeom, prepared: bool) -> bool {
+    winograd::applies(g) && !(prepared && direct(g))
 }
 
 /// The image zero-padded to `d`'s size for [`pointwise::conv`]: SAME padding on the top and
@@ -330,7 +330,7 @@ pub fn forward(
         }
         return;
     }
-    if runs_winograd(g, weight) {
+    if runs_winograd(g, matches!(weight, Weight::Prepared(_))) {
         let u = match weight {
             Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
             Weight::Prepared(u) => winograd::Filter::Rows(u),

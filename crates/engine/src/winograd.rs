@@ -485,7 +485,11 @@ pub fn weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], du: &mut [f32], dw: &mut
     // Small maps waste much of their 4×4 tiles and run the transforms for few products: at
     // 7×7 (EfficientNetV2-B0 at 28 px) im2col was 4–15 % faster per training step.
     let small = h.min(w) < 16;
-    if !applies(g) || !pointwise::available() || small || cin == 0 || cout % pointwise::NR != 0 {
+    // One part of the output channels per thread, each a whole number of panels; otherwise
+    // (24 channels, say) im2col's parallel product serves better than a serial one here.
+    let threads = rayon::current_num_threads().max(1);
+    let split = cout.is_multiple_of(pointwise::NR * threads);
+    if !applies(g) || !pointwise::available() || small || cin == 0 || !split {
         return false;
     }
     assert!(x.len() >= n * h * w * cin, "winograd: input size");
@@ -496,12 +500,6 @@ pub fn weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], du: &mut [f32], dw: &mut
     assert!(dw.len() >= 9 * cin * cout, "winograd: weight gradient size");
     let (th, tw) = (h.div_ceil(TILE), w.div_ceil(TILE));
     let total = n * th * tw;
-    let threads = rayon::current_num_threads().max(1);
-    // One part of the output channels per thread, each a whole number of panels; otherwise
-    // (24 channels, say) im2col's parallel product serves better than a serial one here.
-    if cout % (pointwise::NR * threads) != 0 {
-        return false;
-    }
     let width = cout / threads;
     let block = (BLOCK_FLOATS / (POSITIONS * (cin + width))).clamp(1, total.max(1));
     let shape = Shape { h, w, th, tw };

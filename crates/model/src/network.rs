@@ -567,7 +567,7 @@ impl Network {
                         // direct sum's), so that their rate compares with the ceiling.
                         let (op, macs) = if g.is_pointwise() {
                             ("conv 1x1", g.macs())
-                        } else if conv::runs_winograd(&g, w) {
+                        } else if conv::runs_winograd(&g, matches!(w, conv::Weight::Prepared(_))) {
                             ("conv 3x3 winograd", winograd::product_macs(&g))
                         } else {
                             ("conv kxk", g.macs())
