@@ -7,8 +7,9 @@
 //! all run here when their weights are prepared.
 //!
 //! Work is split into blocks of rows (about 128 KiB of the left operand, reused from L2 for
-//! every panel) and, when there are few rows, groups of panels, so small maps still use every
-//! thread.
+//! every panel) and, when there are few rows, ranges of panels, so small maps still use every
+//! thread; within a block, tiles sweep groups of panels (about 128 KiB of weights) so that
+//! each writes its rows' outputs side by side.
 
 use rayon::prelude::*;
 
@@ -199,7 +200,18 @@ fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
     );
 }
 
+/// Weights of the panels that [`block`] sweeps together, tile by tile (see there).
+const GROUP_BYTES: usize = 128 * 1024;
+/// At most this many panels in a group (the epilogues sit on the stack).
+const GROUP_PANELS: usize = 16;
+
 /// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue.
+///
+/// Panels are taken in groups of about [`GROUP_BYTES`] of weights (which stay in L2), and each
+/// tile of rows runs over the whole group before the next: its output row pieces are then
+/// written side by side rather than one 64-byte piece per row and panel across the whole row
+/// block. Expansions (k = 128–256, n = 512–1536, a 1.5–10 MB output) ran 15–30 % faster so;
+/// projections (one panel per group at k ≥ 1536) are unchanged.
 ///
 /// # Safety
 /// [`check`] must have passed for `x`, `w` and the `m × n` output at `y`, with `rows` ⊆ 0..m and
@@ -217,30 +229,43 @@ unsafe fn block(
     folded: Option<&Folded>,
     skip: Option<*const f32>,
 ) {
-    for panel in panels {
-        let col0 = panel * NR;
-        let cols = NR.min(n - col0);
-        let wp = &w[panel * k * NR..][..k * NR];
-        let epilogue = panel_epilogue(folded, col0, cols);
-        // SAFETY: AVX2 and FMA checked (`available`); rows `rows` ⊆ 0..m of `x` (row length k)
-        // and of `y` (row length n), columns col0..col0+cols ≤ n, and `wp` holds k×NR: inside
-        // the operands by the caller's contract, and this caller's part of `y` alone.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            let first = Tile {
-                x: x.as_ptr().add(rows.start * k),
-                pixel: k,
-                taps: &[0],
-                depth: k,
-                w: wp.as_ptr(),
-                y: y.add(rows.start * n + col0),
-                skip: skip.map(|s| s.add(rows.start * n + col0)),
-                ldy: n,
-                cols,
-                epilogue: epilogue.as_ref(),
-            };
-            strip(first, rows.len());
+    let group = (GROUP_BYTES / (4 * k * NR).max(1)).clamp(1, GROUP_PANELS);
+    let mut first = panels.start;
+    while first < panels.end {
+        let last = panels.end.min(first + group);
+        let mut epilogues = [None; GROUP_PANELS];
+        for (e, panel) in epilogues.iter_mut().zip(first..last) {
+            *e = panel_epilogue(folded, panel * NR, NR.min(n - panel * NR));
         }
+        let mut r = rows.start;
+        while r < rows.end {
+            let count = MR.min(rows.end - r);
+            for (e, panel) in epilogues.iter().zip(first..last) {
+                let col0 = panel * NR;
+                // SAFETY: AVX2 and FMA checked (`available`); rows r..r+count ⊆ 0..m of `x`
+                // (row length k) and of `y` (row length n), columns col0..col0+cols ≤ n, and
+                // the panel holds k×NR values of `w`: inside the operands by the caller's
+                // contract, and this caller's part of `y` alone.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let tile = Tile {
+                        x: x.as_ptr().add(r * k),
+                        pixel: k,
+                        taps: &[0],
+                        depth: k,
+                        w: w[panel * k * NR..][..k * NR].as_ptr(),
+                        y: y.add(r * n + col0),
+                        skip: skip.map(|s| s.add(r * n + col0)),
+                        ldy: n,
+                        cols: NR.min(n - col0),
+                        epilogue: e.as_ref(),
+                    };
+                    tile_of(count, &tile);
+                }
+            }
+            r += count;
+        }
+        first = last;
     }
 }
 

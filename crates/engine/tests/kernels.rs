@@ -852,7 +852,8 @@ fn residual_in_the_convolution_equals_a_separate_add() {
 }
 
 /// The packed 1×1 kernel against an f64 product: tiles short of 6 rows, panels short of 16
-/// columns, products split over threads, with and without the folded batch norm + SiLU.
+/// columns, panels in groups, products split over threads, with and without the folded batch
+/// norm + SiLU.
 #[test]
 fn pointwise_kernel_matches_the_product_and_its_epilogue() {
     if !pointwise::available() {
@@ -872,6 +873,9 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
         // (3 row blocks × 16 panels), and one row block of a large weight in uneven parts.
         (49, 1536, 256),
         (30, 40, 2000),
+        // Panels swept in groups (16 at this depth): two whole groups, then six panels, the
+        // last one 5 columns wide.
+        (20, 8, 597),
     ] {
         let x = random(&mut rng, m * k);
         let torch = random(&mut rng, n * k);
