@@ -21,8 +21,7 @@ impl Act {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Act::None => x,
-            // One division, no multiply: x·σ(x) = x / (1 + e^−x).
-            Act::Silu => x / (1.0 + crate::simd::exp(-x)),
+            Act::Silu => crate::simd::silu(x),
             Act::Relu6 => x.clamp(0.0, 6.0),
         }
     }

@@ -156,7 +156,67 @@ pub unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
 }
 
-/// [`Act::apply`](crate::act::Act::apply) on eight lanes (SiLU through [`exp8`]).
+// 2^f on [−½, ½], a degree-5 polynomial fitted for relative error (7.5e−8), highest power
+// first for Horner's rule.
+const EXP2_POLY: [f32; 6] = [
+    1.327_647_1e-3,
+    9.675_542e-3,
+    5.550_713e-2,
+    2.402_212e-1,
+    6.931_469_4e-1,
+    1.000_000_1,
+];
+
+/// SiLU, x·σ(x) = x / (1 + 2^t) with t = −x·log₂e, in pure arithmetic so that loops using it
+/// vectorize (call it inside [`dispatch`], as [`exp`]). Cheaper than through [`exp`]: no
+/// two-part range reduction (t's own rounding costs ≤ 2e−6 of the result, reached only past
+/// |x| ≈ 25, where SiLU is x or ~0), and 1 + p·2ⁿ in one multiply-add; 15 vector operations
+/// instead of 21. Relative error below 6e−7 for |x| < 10, absolute error below 2e−6 anywhere.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    // 2^±126 keeps 2ⁿ a normal float; past it SiLU is x or 0 to f32 precision anyway.
+    let t = (x * -LOG2E).clamp(-126.0, 126.0);
+    let big = t + ROUND;
+    let n = big - ROUND;
+    let f = t - n;
+    let p = EXP2_POLY[1..]
+        .iter()
+        .fold(EXP2_POLY[0], |p, &c| p.mul_add(f, c));
+    let scale = f32::from_bits(big.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
+    x / p.mul_add(scale, 1.0)
+}
+
+/// [`silu`] on eight lanes, the same operations in the same order.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn silu8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let t = _mm256_mul_ps(x, _mm256_set1_ps(-LOG2E));
+    let t = _mm256_min_ps(
+        _mm256_max_ps(t, _mm256_set1_ps(-126.0)),
+        _mm256_set1_ps(126.0),
+    );
+    let round = _mm256_set1_ps(ROUND);
+    let big = _mm256_add_ps(t, round);
+    let n = _mm256_sub_ps(big, round);
+    let f = _mm256_sub_ps(t, n);
+    let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+    for &c in &EXP2_POLY[1..] {
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+    }
+    let bits = _mm256_sub_epi32(
+        _mm256_castps_si256(big),
+        _mm256_set1_epi32((ROUND.to_bits() - 127) as i32),
+    );
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(bits));
+    _mm256_div_ps(x, _mm256_fmadd_ps(p, scale, _mm256_set1_ps(1.0)))
+}
+
+/// [`Act::apply`](crate::act::Act::apply) on eight lanes (SiLU through [`silu8`]).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA.
@@ -170,10 +230,7 @@ pub unsafe fn act8(
     use std::arch::x86_64::*;
     match act {
         crate::act::Act::None => x,
-        crate::act::Act::Silu => {
-            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
-        }
+        crate::act::Act::Silu => silu8(x),
         // Operands in this order, `f32::clamp`'s semantics: NaN and −0 pass through.
         crate::act::Act::Relu6 => {
             _mm256_min_ps(_mm256_set1_ps(6.0), _mm256_max_ps(_mm256_setzero_ps(), x))
@@ -194,6 +251,26 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst:e}");
         assert_eq!(super::exp(-200.0), super::exp(-87.0));
+    }
+
+    #[test]
+    fn fast_silu_is_accurate() {
+        let (mut worst_rel, mut worst_abs) = (0f64, 0f64);
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let exact = x as f64 / (1.0 + (-x as f64).exp());
+            let err = (super::silu(x) as f64 - exact).abs();
+            worst_abs = worst_abs.max(err);
+            if x.abs() < 10.0 {
+                worst_rel = worst_rel.max(err / exact.abs().max(1e-30));
+            }
+            x += 0.00731;
+        }
+        assert!(worst_rel < 6e-7, "worst relative error {worst_rel:e}");
+        assert!(worst_abs < 2e-6, "worst absolute error {worst_abs:e}");
+        assert_eq!(super::silu(200.0), 200.0);
+        assert!(super::silu(-200.0).abs() < 1e-30);
+        assert!(super::silu(f32::NAN).is_nan());
     }
 
     /// The eight-lane versions compute exactly what the scalar ones compute in `dispatch`.
