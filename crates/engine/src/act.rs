@@ -10,10 +10,10 @@ pub enum Act {
     Relu6,
 }
 
-/// 1/(1 + e^−x), with the vectorizable [`crate::simd::exp`].
+/// 1/(1 + e^−x), vectorizable: [`crate::simd::sigmoid`].
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + crate::simd::exp(-x))
+    crate::simd::sigmoid(x)
 }
 
 impl Act {

@@ -89,72 +89,10 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-// Constants of `exp`: Cephes' `expf` after range reduction by ln 2 (ln 2 split in two parts
-// for exactness), and 1.5·2²³, which rounds to an integer when added.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+// 1.5·2²³: added to a float of magnitude below 2²², it rounds it to an integer held in the
+// low mantissa bits.
 const ROUND: f32 = 12_582_912.0;
-const EXP_POLY: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5,
-];
-
-/// e^x for f32 in pure arithmetic, so loops using it vectorize: Cephes' `expf` polynomial after
-/// range reduction by ln 2, in fused multiply-adds (28 % less time for SiLU). Call it inside
-/// [`dispatch`]: compiled there for AVX2+FMA, a multiply-add is one instruction; anywhere else
-/// on x86-64 it is a libm `fmaf` call per operation (exact, but slow and not vectorized). Relative error below 2e-7 on [−87, 88]; inputs
-/// beyond are clamped (e^−87 ≈ 1.6e−38, still a normal f32).
-#[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = x.mul_add(LOG2E, ROUND) - ROUND;
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let p = EXP_POLY[1..]
-        .iter()
-        .fold(EXP_POLY[0], |p, &c| p.mul_add(r, c));
-    let y = (p * r).mul_add(r, r) + 1.0;
-    // 2ⁿ from the bits of `n + ROUND` (1.5·2²³ + n: n sits in the low mantissa bits), integer
-    // arithmetic that vectorizes where a saturating `as i32` cast would not.
-    let biased = (n + ROUND).to_bits().wrapping_sub(ROUND.to_bits() - 127);
-    let scale = f32::from_bits(biased << 23);
-    y * scale
-}
-
-/// [`exp`] on eight lanes, the same operations in the same order, for kernels written in AVX2
-/// intrinsics that keep their values in registers.
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
-        _mm256_set1_ps(88.0),
-    );
-    let round = _mm256_set1_ps(ROUND);
-    let n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(LOG2E), round), round);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-    let mut p = _mm256_set1_ps(EXP_POLY[0]);
-    for &c in &EXP_POLY[1..] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-    }
-    let y = _mm256_add_ps(
-        _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
-        _mm256_set1_ps(1.0),
-    );
-    let bits = _mm256_castps_si256(_mm256_add_ps(n, round));
-    let biased = _mm256_sub_epi32(bits, _mm256_set1_epi32((ROUND.to_bits() - 127) as i32));
-    _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
-}
 
 // 2^f on [−½, ½], a degree-5 polynomial fitted for relative error (7.5e−8), highest power
 // first for Horner's rule.
@@ -167,14 +105,16 @@ const EXP2_POLY: [f32; 6] = [
     1.000_000_1,
 ];
 
-/// SiLU, x·σ(x) = x / (1 + 2^t) with t = −x·log₂e, in pure arithmetic so that loops using it
-/// vectorize (call it inside [`dispatch`], as [`exp`]). Cheaper than through [`exp`]: no
-/// two-part range reduction (t's own rounding costs ≤ 2e−6 of the result, reached only past
-/// |x| ≈ 25, where SiLU is x or ~0), and 1 + p·2ⁿ in one multiply-add; 15 vector operations
-/// instead of 21. Relative error below 6e−7 for |x| < 10, absolute error below 2e−6 anywhere.
+/// 1 + e^−x = 1 + 2^t with t = −x·log₂e, in pure arithmetic so that loops using it vectorize:
+/// the denominator of the sigmoid and of SiLU. Call it inside [`dispatch`]: compiled there for
+/// AVX2+FMA, a multiply-add is one instruction; anywhere else on x86-64 it is a libm `fmaf` call
+/// per operation (exact, but slow and not vectorized). t is reduced in one step (its own
+/// rounding costs ≤ 6e−8·|x| of e^−x, which only matters where the sigmoid is ~0 or ~1), 2^f by
+/// a polynomial, and 1 + p·2ⁿ in one multiply-add: with the division, 15 vector operations
+/// per SiLU where e^x with a two-part reduction and separate steps took 21.
 #[inline(always)]
-pub fn silu(x: f32) -> f32 {
-    // 2^±126 keeps 2ⁿ a normal float; past it SiLU is x or 0 to f32 precision anyway.
+pub fn one_plus_exp_neg(x: f32) -> f32 {
+    // 2^±126 keeps 2ⁿ a normal float; past it the sigmoid is 0 or 1 to f32 precision anyway.
     let t = (x * -LOG2E).clamp(-126.0, 126.0);
     let big = t + ROUND;
     let n = big - ROUND;
@@ -182,8 +122,23 @@ pub fn silu(x: f32) -> f32 {
     let p = EXP2_POLY[1..]
         .iter()
         .fold(EXP2_POLY[0], |p, &c| p.mul_add(f, c));
+    // 2ⁿ from the bits of `n + ROUND` (n sits in the low mantissa bits), integer arithmetic
+    // that vectorizes where a saturating `as i32` cast would not.
     let scale = f32::from_bits(big.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
-    x / p.mul_add(scale, 1.0)
+    p.mul_add(scale, 1.0)
+}
+
+/// SiLU, x·σ(x) = x / (1 + e^−x) (see [`one_plus_exp_neg`]): relative error below 6e−7 for
+/// |x| < 10, absolute error below 2e−6 anywhere.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / one_plus_exp_neg(x)
+}
+
+/// The logistic sigmoid 1 / (1 + e^−x) (see [`one_plus_exp_neg`]): absolute error below 2e−7.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / one_plus_exp_neg(x)
 }
 
 /// [`silu`] on eight lanes, the same operations in the same order.
@@ -241,16 +196,17 @@ pub unsafe fn act8(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn fast_exp_is_accurate() {
+    fn fast_sigmoid_is_accurate() {
         let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let exact = (x as f64).exp();
-            worst = worst.max(((super::exp(x) as f64 - exact) / exact).abs());
-            x += 0.0137;
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let exact = 1.0 / (1.0 + (-x as f64).exp());
+            worst = worst.max((super::sigmoid(x) as f64 - exact).abs());
+            x += 0.00731;
         }
-        assert!(worst < 3e-7, "worst relative error {worst:e}");
-        assert_eq!(super::exp(-200.0), super::exp(-87.0));
+        assert!(worst < 2e-7, "worst absolute error {worst:e}");
+        assert_eq!(super::sigmoid(200.0), 1.0);
+        assert!(super::sigmoid(-200.0) < 1e-37);
     }
 
     #[test]
@@ -273,10 +229,10 @@ mod tests {
         assert!(super::silu(f32::NAN).is_nan());
     }
 
-    /// The eight-lane versions compute exactly what the scalar ones compute in `dispatch`.
+    /// The eight-lane activations compute exactly what the scalar ones compute in `dispatch`.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn eight_lane_exp_and_activations_equal_the_scalar_ones() {
+    fn eight_lane_activations_equal_the_scalar_ones() {
         use crate::act::Act;
         use std::arch::x86_64::*;
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
@@ -286,20 +242,18 @@ mod tests {
         let xs: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.047).collect();
         for act in [Act::None, Act::Silu, Act::Relu6] {
             for chunk in xs.chunks_exact(8) {
-                let mut lanes = [[0f32; 8]; 2];
-                // SAFETY: AVX2 and FMA detected above; loads and stores of eight floats.
+                let mut lanes = [0f32; 8];
+                // SAFETY: AVX2 and FMA detected above; a load and a store of eight floats.
                 unsafe {
                     let v = _mm256_loadu_ps(chunk.as_ptr());
-                    _mm256_storeu_ps(lanes[0].as_mut_ptr(), super::exp8(v));
-                    _mm256_storeu_ps(lanes[1].as_mut_ptr(), super::act8(act, v));
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), super::act8(act, v));
                 }
                 for (i, &x) in chunk.iter().enumerate() {
-                    let (e, a) = super::dispatch(
+                    let a = super::dispatch(
                         #[inline(always)]
-                        || (super::exp(x), act.apply(x)),
+                        || act.apply(x),
                     );
-                    assert_eq!(lanes[0][i].to_bits(), e.to_bits(), "exp({x})");
-                    assert_eq!(lanes[1][i].to_bits(), a.to_bits(), "{act:?}({x})");
+                    assert_eq!(lanes[i].to_bits(), a.to_bits(), "{act:?}({x})");
                 }
             }
         }
