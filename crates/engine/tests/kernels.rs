@@ -851,6 +851,40 @@ fn residual_in_the_convolution_equals_a_separate_add() {
     }
 }
 
+/// The serial product adding into its output (Winograd's weight gradient sums tiles so): `y +=
+/// x · w` against f64, over several panel groups with a short last panel and a short last tile.
+#[test]
+fn pointwise_serial_product_adds_into_its_output() {
+    if !pointwise::available() {
+        eprintln!("skipped: no AVX2+FMA on this CPU");
+        return;
+    }
+    let mut rng = Rng::new(12);
+    let (m, k, n) = (13, 8, 597);
+    let x = random(&mut rng, m * k);
+    let w = random(&mut rng, k * n);
+    let before = random(&mut rng, m * n);
+    let expected: Vec<f64> = (0..m * n)
+        .map(|i| {
+            let (r, o) = (i / n, i % n);
+            before[i] as f64
+                + (0..k)
+                    .map(|p| x[r * k + p] as f64 * w[p * n + o] as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let mut y = before.clone();
+    pointwise::product_serial(&x, m, k, n, &pointwise::pack_rows(k, n, &w), &mut y, true);
+    assert!(max_rel(&y, &expected) < 1e-5);
+    pointwise::product_serial(&x, m, k, n, &pointwise::pack_rows(k, n, &w), &mut y, false);
+    let plain: Vec<f64> = expected
+        .iter()
+        .zip(&before)
+        .map(|(e, b)| e - *b as f64)
+        .collect();
+    assert!(max_rel(&y, &plain) < 1e-4);
+}
+
 /// The packed 1×1 kernel against an f64 product: tiles short of 6 rows, panels short of 16
 /// columns, panels in groups, products split over threads, with and without the folded batch
 /// norm + SiLU.
