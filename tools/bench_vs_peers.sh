@@ -2,9 +2,9 @@
 # effnet's benchmarks and the peers' (PyTorch, ONNX Runtime) back to back, same machine, same
 # threads, then the ratios as a Markdown table (the one in docs/benchmarks.md). Usage:
 #   tools/bench_vs_peers.sh [THREADS] [CASES] [ROUNDS]   e.g. tools/bench_vs_peers.sh 2 infer:1x224,train:8x128 3
-# ROUNDS (default 1) alternates effnet and the peers that many times: on a shared machine whose
-# speed drifts between minutes, each round's ratio compares figures taken minutes apart, and the
-# table gives every round's ratio and their median.
+# ROUNDS (default 1) repeats the whole comparison: on a shared machine whose speed drifts
+# between minutes, one round's ratio can be off by ±20 %; the table gives every round's ratio and
+# their median.
 # Needs the peers' venv: ../shared/bench/setup-peers.sh (default $HOME/.cache/effnet-peers).
 # EFFNET_PEER_IMPLS picks the peers' flavours (peers.py --impls); EFFNET_ARCH the architecture.
 set -euo pipefail
@@ -19,6 +19,8 @@ impls="${EFFNET_PEER_IMPLS:-torch-fp32,torch-fp32-cl,torch-bf16-cl,ort-fp32}"
 out="$(mktemp -d)"
 cargo build --release -q
 echo "# $(date -u +%FT%TZ) $(uname -m) $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg), threads $threads, $rounds round(s)" | tee "$out/header"
+# Case by case: effnet, then the peers on the same case, so that the figures a ratio compares
+# are taken seconds apart rather than after every other case.
 for round in $(seq "$rounds"); do
   for case in ${cases//,/ }; do
     mode="${case%%:*}"; shape="${case#*:}"; batch="${shape%x*}"; res="${shape#*x}"
@@ -26,9 +28,9 @@ for round in $(seq "$rounds"); do
     steps=$([ "$mode" = infer ] && echo 15 || echo 8)
     ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
       --steps "$steps" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
+    "$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$case" --impls "$impls" \
+      2> >(grep -v -i warning >&2) | sed "s/^{/{\"round\": $round, /" | tee -a "$out/results.jsonl"
   done
-  "$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$cases" --impls "$impls" \
-    2> >(grep -v -i warning >&2) | sed "s/^{/{\"round\": $round, /" | tee -a "$out/results.jsonl"
 done
 "$venv/bin/python" - "$out/results.jsonl" <<'PY'
 import json, statistics, sys
