@@ -163,6 +163,15 @@ unsafe fn row_avx2(
     let (c, iw_len) = (g.input.c, g.input.w);
     let (kh0, ih0, nh) = g.taps(oh, g.pad_top, g.input.h);
     let wide = c / 32 * 32;
+    // The input row the next output row adds to its window, into L2 while this row computes
+    // (rows go to the threads in runs, so the next row is most likely this thread's): the
+    // expansion's output is cold by now. Batch 8, inputs cold, toggled ×30: stage 4's layer
+    // 1.08–1.19 → 0.99–1.06 ms, stage 5's 2.15–2.25 → 2.09–2.11 ms, stage 6's 3–5 % less;
+    // batch 1 unchanged.
+    let next = ih0 + nh + g.stride - 1;
+    if next < g.input.h {
+        simd::prefetch_l2(&img[next * iw_len * c..][..iw_len * c]);
+    }
     for ow in 0..g.out_w {
         let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
         let taps = Taps {

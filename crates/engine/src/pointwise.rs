@@ -247,7 +247,7 @@ unsafe fn block(
             #[cfg(target_arch = "x86_64")]
             if first == panels.start {
                 let next = r + count;
-                prefetch_l2(&x[next * k..rows.end.min(next + MR) * k]);
+                simd::prefetch_l2(&x[next * k..rows.end.min(next + MR) * k]);
             }
             for (e, panel) in epilogues.iter().zip(first..last) {
                 let col0 = panel * NR;
@@ -275,17 +275,6 @@ unsafe fn block(
             r += count;
         }
         first = last;
-    }
-}
-
-/// Asks for every cache line of `data` to be brought into L2 (a hint: no fault, no wait).
-#[cfg(target_arch = "x86_64")]
-fn prefetch_l2(data: &[f32]) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-    for line in data.chunks(16) {
-        // SAFETY: a prefetch only hints the cache about an address inside `data`; it reads
-        // nothing into the program and cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
     }
 }
 
