@@ -20,6 +20,11 @@ use crate::simd;
 pub const NR: usize = 16;
 /// Rows per tile: 6 × 16 accumulators fill 12 of AVX2's 16 vector registers.
 const MR: usize = 6;
+/// Columns of a wide tile: a whole panel and a last one of at most eight columns together (the
+/// 24-channel convolutions of EfficientNetV2's first stages), in three vectors.
+const WIDE: usize = NR + 8;
+/// Rows per wide tile: 3 × 3 accumulators, three weight vectors and the broadcast.
+const WIDE_MR: usize = 3;
 
 /// Whether this CPU runs these kernels (x86-64 with AVX2 and FMA, unless `EFFNET_SIMD=baseline`);
 /// elsewhere 1×1 convolutions keep the general matrix product and its weight layout.
@@ -294,23 +299,25 @@ unsafe fn reduce<const R: usize, const V: usize>(
     acc: &mut [[std::arch::x86_64::__m256; V]; R],
 ) {
     let mut a = *acc;
+    // A wide tile's third vector is the next panel's first.
+    let next = t.taps.len() * t.depth * NR;
     for (i, &tap) in t.taps.iter().enumerate() {
         let (x, w) = (t.x.add(tap), t.w.add(i * t.depth * NR));
         let mut p = 0;
         while p + 2 <= t.depth {
-            step(x, t.pixel, p, w, &mut a);
-            step(x, t.pixel, p + 1, w, &mut a);
+            step(x, t.pixel, p, w, next, &mut a);
+            step(x, t.pixel, p + 1, w, next, &mut a);
             p += 2;
         }
         if p < t.depth {
-            step(x, t.pixel, p, w, &mut a);
+            step(x, t.pixel, p, w, next, &mut a);
         }
     }
     *acc = a;
 }
 
 /// Step `p` of [`reduce`]: row `r`'s value `p` (at `x + r·pixel + p`) times the panel's row `p`,
-/// into row `r` of `acc`.
+/// into row `r` of `acc`; vector 2, in a wide tile, is the next panel's (`next` values on).
 ///
 /// # Safety
 /// As [`tile`], for one tap and `p < depth`.
@@ -322,12 +329,13 @@ unsafe fn step<const R: usize, const V: usize>(
     pixel: usize,
     p: usize,
     w: *const f32,
+    next: usize,
     acc: &mut [[std::arch::x86_64::__m256; V]; R],
 ) {
     use std::arch::x86_64::*;
     let mut wv = [_mm256_setzero_ps(); V];
     for (v, lanes) in wv.iter_mut().enumerate() {
-        *lanes = _mm256_loadu_ps(w.add(p * NR + 8 * v));
+        *lanes = _mm256_loadu_ps(w.add(v / 2 * next + p * NR + v % 2 * 8));
     }
     for (r, row) in acc.iter_mut().enumerate() {
         let b = _mm256_broadcast_ss(&*x.add(r * pixel + p));
@@ -337,12 +345,12 @@ unsafe fn step<const R: usize, const V: usize>(
     }
 }
 
-/// A panel's scale and shift, zero past the last of its `cols` columns, and the activation.
-type PanelEpilogue = ([f32; NR], [f32; NR], crate::act::Act);
+/// A tile's scale and shift, zero past the last of its `cols` columns, and the activation.
+type PanelEpilogue = ([f32; WIDE], [f32; WIDE], crate::act::Act);
 
 fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<PanelEpilogue> {
     folded.map(|f| {
-        let (mut scale, mut shift) = ([0f32; NR], [0f32; NR]);
+        let (mut scale, mut shift) = ([0f32; WIDE], [0f32; WIDE]);
         scale[..cols].copy_from_slice(&f.scale[col0..col0 + cols]);
         shift[..cols].copy_from_slice(&f.shift[col0..col0 + cols]);
         (scale, shift, f.act)
@@ -368,18 +376,32 @@ struct Tile<'a> {
     epilogue: Option<&'a PanelEpilogue>,
 }
 
-/// [`tile`] for `rows` (1..=MR) rows, on one vector of columns when the panel has no more than
-/// eight (the last panel of 24 channels, say: half the work of a padded full tile).
+/// [`tile`] for `rows` rows (1..=MR, or 1..=WIDE_MR for a wide tile), on one vector of
+/// columns when the panel has no more than eight, on three for a wide tile.
 ///
 /// # Safety
 /// As [`tile`] with `R = rows`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn tile_of(rows: usize, t: &Tile) {
-    if t.cols <= 8 {
-        tile_rows::<1>(rows, t)
+    match t.cols {
+        ..=8 => tile_rows::<1>(rows, t),
+        ..=NR => tile_rows::<2>(rows, t),
+        _ => match rows {
+            4.. => tile::<4, 3>(t),
+            3 => tile::<3, 3>(t),
+            2 => tile::<2, 3>(t),
+            _ => tile::<1, 3>(t),
+        },
+    }
+}
+
+/// Rows per tile of `cols` columns.
+fn tile_rows_for(cols: usize) -> usize {
+    if cols > NR {
+        WIDE_MR
     } else {
-        tile_rows::<2>(rows, t)
+        MR
     }
 }
 
@@ -407,9 +429,9 @@ unsafe fn tile_rows<const V: usize>(rows: usize, t: &Tile) {
 /// As [`tile`], for every row of the strip.
 #[cfg(target_arch = "x86_64")]
 unsafe fn strip(first: Tile, rows: usize) {
-    let mut r = 0;
+    let (mut r, per) = (0, tile_rows_for(first.cols));
     while r < rows {
-        let count = MR.min(rows - r);
+        let count = per.min(rows - r);
         let tile = Tile {
             x: first.x.add(r * first.pixel),
             y: first.y.add(r * first.ldy),
@@ -484,23 +506,20 @@ pub fn conv(
     }
     let taps = &taps[..k];
     let depth = k * k * cin;
-    let panels = n.div_ceil(NR);
     y[..d.out_h * d.out_w * n]
         .par_chunks_mut(d.out_w * n)
         .enumerate()
         .for_each(|(oh, out_row)| {
             let row0 = &padded[oh * s * d.width * cin..];
             let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
-            for panel in 0..panels {
-                let col0 = panel * NR;
-                let cols = NR.min(n - col0);
-                let wp = &w[panel * depth * NR..][..depth * NR];
+            for (col0, cols) in column_parts(n) {
+                let wp = &w[col0 * depth..][..cols.div_ceil(NR) * depth * NR];
                 let e = panel_epilogue(folded, col0, cols);
                 // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow, tap (kh, kw),
                 // channel p reads padded pixel (oh·s + kh, ow·s + kw), inside the image by the
                 // size assertion above; `wp` holds depth × NR values; the strip writes columns
                 // col0..col0 + cols of this task's own output row and reads the same of the
-                // residual's.
+                // residual's (a wide tile's third vector reads the next panel, inside `wp`).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let first = Tile {
@@ -521,14 +540,33 @@ pub fn conv(
         });
 }
 
-/// One `R × 8V` tile of [`Tile`] (`V` = 2: a whole panel): the full reduction in registers,
-/// then `act(v·scale + shift)` there too when an epilogue is given, then the residual, then one
-/// store of `cols ≤ 8V` columns.
+/// The columns that [`conv`]'s tiles take, `(first, count)`: whole panels, except that a last
+/// panel of at most eight columns joins the one before it in a wide tile. Alone it ran at half
+/// a full panel's rate (one vector per broadcast); a 24-channel 3×3 convolution took as long as
+/// a 32-channel one.
+fn column_parts(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let panels = n.div_ceil(NR);
+    let wide = panels >= 2 && (1..=8).contains(&(n % NR));
+    let parts = panels - usize::from(wide);
+    (0..parts).map(move |j| {
+        let col0 = j * NR;
+        let cols = if wide && j + 1 == parts {
+            n - col0
+        } else {
+            NR.min(n - col0)
+        };
+        (col0, cols)
+    })
+}
+
+/// One `R × 8V` tile of [`Tile`] (`V` = 2: a whole panel; 3: a wide tile): the full reduction
+/// in registers, then `act(v·scale + shift)` there too when an epilogue is given, then the
+/// residual, then one store of `cols ≤ 8V` columns.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
-/// tap and `p < depth`, `w` for `taps.len()·depth × NR` values, and `y` writable (`skip`, if
-/// any, readable) for `R` rows of `cols ≤ 8V` at stride `ldy`.
+/// tap and `p < depth`, `w` for `taps.len()·depth × NR` values (twice that for `V` = 3), and `y`
+/// writable (`skip`, if any, readable) for `R` rows of `cols ≤ 8V` at stride `ldy`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
@@ -547,7 +585,7 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
     let width = 8 * V;
     if let Some(skip) = t.skip {
         for (r, row) in acc.iter_mut().enumerate() {
-            let mut lanes = [0f32; NR];
+            let mut lanes = [0f32; WIDE];
             let mut src = skip.add(r * t.ldy);
             if t.cols < width {
                 std::ptr::copy_nonoverlapping(src, lanes.as_mut_ptr(), t.cols);
@@ -565,7 +603,7 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
                 _mm256_storeu_ps(out.add(8 * v), *sum);
             }
         } else {
-            let mut lanes = [0f32; NR];
+            let mut lanes = [0f32; WIDE];
             for (v, sum) in row.iter().enumerate() {
                 _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * v), *sum);
             }
