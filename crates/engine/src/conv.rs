@@ -225,9 +225,8 @@ fn col2im(g: &ConvGeom, col: &[f32], image: &mut [f32]) {
 const WINOGRAD_MIN_CIN: usize = 32;
 
 /// Whether a k×k convolution with prepared weights runs [`pointwise::conv`], straight from its
-/// zero-padded image: where that kernel runs, unless Winograd applies and pays. (A 1×1 stride-2
-/// convolution gathers its pixels by im2col instead, as do kernels over 7×7; with the stride at
-/// most the kernel, the padded image fits the im2col scratch.)
+/// image: where that kernel runs, unless Winograd applies and pays. (A 1×1 stride-2 convolution
+/// gathers its pixels by im2col instead, as do kernels over 7×7 and strides past the kernel.)
 fn direct(g: &ConvGeom) -> bool {
     (2..=7).contains(&g.kernel)
         && g.stride <= g.kernel
@@ -240,24 +239,6 @@ fn direct(g: &ConvGeom) -> bool {
 /// kernel (which needs the pointwise kernel: [`direct`]).
 pub fn runs_winograd(g: &ConvGeom, prepared: bool) -> bool {
     winograd::applies(g) && !(prepared && direct(g))
-}
-
-/// The image zero-padded to `d`'s size for [`pointwise::conv`]: SAME padding on the top and
-/// left, and whatever the last window reaches on the bottom and right.
-fn pad_image(g: &ConvGeom, d: &pointwise::Direct, image: &[f32], padded: &mut [f32]) {
-    let (w, cin) = (g.input.w, g.input.c);
-    padded[..d.height * d.width * cin]
-        .par_chunks_mut(d.width * cin)
-        .enumerate()
-        .for_each(|(ph, row)| {
-            row.fill(0.0);
-            let ih = ph as isize - g.pad_top as isize;
-            if (0..g.input.h as isize).contains(&ih) {
-                let src = &image[ih as usize * w * cin..][..w * cin];
-                let cols = w.min(d.width - g.pad_left);
-                row[g.pad_left * cin..][..cols * cin].copy_from_slice(&src[..cols * cin]);
-            }
-        });
 }
 
 /// Eval-mode batch norm and activation, applied to a kernel's output right after it is
@@ -312,21 +293,22 @@ pub fn forward(
     let out_px = g.out_h * g.out_w;
     if panels && direct(g) {
         let d = pointwise::Direct {
-            height: (g.out_h - 1) * g.stride + g.kernel,
-            width: (g.out_w - 1) * g.stride + g.kernel,
+            height: g.input.h,
+            width: g.input.w,
             cin: g.input.c,
             kernel: g.kernel,
             stride: g.stride,
+            pad_top: g.pad_top,
+            pad_left: g.pad_left,
             out_h: g.out_h,
             out_w: g.out_w,
             cout: g.cout,
         };
         let out_img = out_px * g.cout;
         for b in 0..g.input.n {
-            pad_image(g, &d, &x[b * in_img..][..in_img], col);
             let y = &mut y[b * out_img..][..out_img];
             let skip = skip.map(|s| &s[b * out_img..][..out_img]);
-            pointwise::conv(&d, col, w, y, epilogue, skip);
+            pointwise::conv(&d, &x[b * in_img..][..in_img], w, y, epilogue, skip);
         }
         return;
     }

@@ -3,7 +3,7 @@
 //! read in place (an NHWC tensor already is the row-major `[pixels, channels]` matrix of a 1×1
 //! convolution, so nothing is packed per call), and batch norm and activation applied to each
 //! tile in registers before its one store. 1×1 convolutions, Winograd's transformed-domain
-//! products and other k×k convolutions (read straight from their zero-padded image, [`conv`])
+//! products and other k×k convolutions (read straight from their image, [`conv`])
 //! all run here when their weights are prepared.
 //!
 //! Work is split into blocks of rows (about 128 KiB of the left operand, reused from L2 for
@@ -268,6 +268,8 @@ unsafe fn block(
                         taps: &[0],
                         depth: k,
                         w: w[panel * k * NR..][..k * NR].as_ptr(),
+                        tap_stride: k * NR,
+                        panel_stride: k * NR,
                         y: y.add(r * n + col0),
                         skip: skip.map(|s| s.add(r * n + col0)),
                         ldy: n,
@@ -298,11 +300,9 @@ unsafe fn reduce<const R: usize, const V: usize>(
     t: &Tile,
     acc: &mut [[std::arch::x86_64::__m256; V]; R],
 ) {
-    let mut a = *acc;
-    // A wide tile's third vector is the next panel's first.
-    let next = t.taps.len() * t.depth * NR;
+    let (mut a, next) = (*acc, t.panel_stride);
     for (i, &tap) in t.taps.iter().enumerate() {
-        let (x, w) = (t.x.add(tap), t.w.add(i * t.depth * NR));
+        let (x, w) = (t.x.add(tap), t.w.add(i * t.tap_stride));
         let mut p = 0;
         while p + 2 <= t.depth {
             step(x, t.pixel, p, w, next, &mut a);
@@ -359,9 +359,10 @@ fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<P
 
 /// One tile's operands: row `r` of the left operand starts at `x + r·pixel`; the reduction runs
 /// over `taps` (offsets from those starts), `depth` values each — one tap of `k` values for a
-/// matrix product, one tap of `k·cin` values per kernel row for a convolution read straight from
-/// its padded image — with `w` holding `taps·depth × NR` values; `cols ≤ NR` columns are stored
-/// at `y`, rows `ldy` apart, after adding the residual laid out like them at `skip`.
+/// matrix product, one tap of up to `k·cin` values per kernel row for a convolution read
+/// straight from its image — against `depth × NR` weights per tap, tap `i`'s from
+/// `w + i·tap_stride` (a wide tile's third vector `panel_stride` further on); `cols` columns are
+/// stored at `y`, rows `ldy` apart, after adding the residual laid out like them at `skip`.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     x: *const f32,
@@ -369,6 +370,8 @@ struct Tile<'a> {
     taps: &'a [usize],
     depth: usize,
     w: *const f32,
+    tap_stride: usize,
+    panel_stride: usize,
     y: *mut f32,
     skip: Option<*const f32>,
     ldy: usize,
@@ -384,15 +387,16 @@ struct Tile<'a> {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn tile_of(rows: usize, t: &Tile) {
-    match t.cols {
-        ..=8 => tile_rows::<1>(rows, t),
-        ..=NR => tile_rows::<2>(rows, t),
-        _ => match rows {
-            4.. => tile::<4, 3>(t),
-            3 => tile::<3, 3>(t),
+    if t.cols <= 8 {
+        tile_rows::<1>(rows, t)
+    } else if t.cols <= NR {
+        tile_rows::<2>(rows, t)
+    } else {
+        match rows {
+            3.. => tile::<3, 3>(t),
             2 => tile::<2, 3>(t),
             _ => tile::<1, 3>(t),
-        },
+        }
     }
 }
 
@@ -443,28 +447,44 @@ unsafe fn strip(first: Tile, rows: usize) {
     }
 }
 
-/// The shape of a k×k convolution that [`conv`] runs straight from a zero-padded image.
+/// The shape of a k×k convolution that [`conv`] runs straight from its image: `height × width`
+/// pixels of `cin` channels, read as if zero-padded by `pad_top` rows above and `pad_left`
+/// columns before (SAME padding), and by whatever the last window reaches after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Direct {
-    /// Padded image: `height × width` pixels of `cin` channels.
     pub height: usize,
     pub width: usize,
     pub cin: usize,
     pub kernel: usize,
     pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
     pub out_h: usize,
     pub out_w: usize,
     pub cout: usize,
 }
 
-/// `y[out_h·out_w × cout] = epilogue(conv(padded, w))` for one image, `w` packed by
+impl Direct {
+    /// The kernel offsets `lo..hi` of output index `o` whose input index (`o·stride − pad` on)
+    /// lies inside `0..size`.
+    fn inside(&self, o: usize, pad: usize, size: usize) -> (usize, usize) {
+        let start = (o * self.stride) as isize - pad as isize;
+        let hi = (size as isize - start).clamp(0, self.kernel as isize) as usize;
+        ((-start).max(0) as usize, hi)
+    }
+}
+
+/// `y[out_h·out_w × cout] = epilogue(conv(image, w))` for one image, `w` packed by
 /// [`pack_rows`] from the `[k·k·cin, cout]` im2col filter (rows in `(kh, kw, cin)` order): each
-/// tile of [`MR`] neighbouring output pixels reads the padded image in place, one tap per kernel
-/// row, so no im2col matrix is written or read. `skip`, a residual laid out like `y`, is added
-/// after the epilogue. Output rows are spread over the pool. Only where [`available`].
+/// tile of neighbouring output pixels reads the image in place, one tap per kernel row (its
+/// k pixels' channels lie side by side, in the filter's (kw, cin) order), so nothing is copied.
+/// Where a window reaches into the padding, its tap leaves out the kernel rows and columns
+/// there (with their weights): at the image's edges, tiles of one pixel. `skip`, a residual
+/// laid out like `y`, is added after the epilogue. Output rows are spread over the pool. Only
+/// where [`available`].
 pub fn conv(
     d: &Direct,
-    padded: &[f32],
+    image: &[f32],
     w: &[f32],
     y: &mut [f32],
     folded: Option<&Folded>,
@@ -475,13 +495,19 @@ pub fn conv(
         "pointwise: kernels need x86-64 with AVX2 and FMA"
     );
     let (k, s, cin, n) = (d.kernel, d.stride, d.cin, d.cout);
+    assert!(k <= 7, "pointwise: kernels up to 7×7");
     assert!(
-        (d.out_h - 1) * s + k <= d.height && (d.out_w - 1) * s + k <= d.width,
-        "pointwise: padded image too small for the convolution"
+        d.pad_top < k
+            && d.pad_left < k
+            && d.out_h > 0
+            && d.out_w > 0
+            && (d.out_h - 1) * s < d.height + d.pad_top
+            && (d.out_w - 1) * s < d.width + d.pad_left,
+        "pointwise: every window must overlap the image"
     );
     assert!(
-        padded.len() >= d.height * d.width * cin,
-        "pointwise: padded image size"
+        image.len() >= d.height * d.width * cin,
+        "pointwise: image size"
     );
     assert!(y.len() >= d.out_h * d.out_w * n, "pointwise: output size");
     if let Some(s) = skip {
@@ -497,44 +523,70 @@ pub fn conv(
             "pointwise: epilogue width"
         );
     }
-    // One tap per kernel row: its k pixels' channels lie side by side in the padded image, in
-    // the filter's (kw, cin) order.
-    assert!(k <= 7, "pointwise: kernels up to 7×7");
-    let mut taps = [0usize; 7];
-    for (kh, tap) in taps[..k].iter_mut().enumerate() {
-        *tap = kh * d.width * cin;
-    }
-    let taps = &taps[..k];
-    let depth = k * k * cin;
+    let (depth, row_len) = (k * k * cin, d.width * cin);
+    // Output columns whose windows lie wholly inside the image's columns.
+    let first_inner = d.pad_left.div_ceil(s).min(d.out_w);
+    let end_inner = ((d.width + d.pad_left).saturating_sub(k) / s + 1)
+        .min(d.out_w)
+        .max(first_inner);
     y[..d.out_h * d.out_w * n]
         .par_chunks_mut(d.out_w * n)
         .enumerate()
         .for_each(|(oh, out_row)| {
-            let row0 = &padded[oh * s * d.width * cin..];
+            let (kh0, kh1) = d.inside(oh, d.pad_top, d.height);
+            // Tap i reads kernel row kh0 + i, image row ih0 + i.
+            let ih0 = oh * s + kh0 - d.pad_top;
+            let mut taps = [0usize; 7];
+            for (i, tap) in taps[..kh1 - kh0].iter_mut().enumerate() {
+                *tap = i * row_len;
+            }
+            let taps = &taps[..kh1 - kh0];
+            let rows = &image[ih0 * row_len..];
+            // The image rows that the next two output rows add to their windows: they come
+            // from memory, and fetching them into L2 meanwhile hides that latency (one row
+            // ahead left 48 → 192 at stride 2 slower than reading a padded copy).
+            #[cfg(target_arch = "x86_64")]
+            {
+                let new = (oh * s + k).saturating_sub(d.pad_top).min(d.height);
+                let end = ((oh + 2) * s + k).saturating_sub(d.pad_top).min(d.height);
+                simd::prefetch_l2(&image[new * row_len..end * row_len]);
+            }
             let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
             for (col0, cols) in column_parts(n) {
                 let wp = &w[col0 * depth..][..cols.div_ceil(NR) * depth * NR];
                 let e = panel_epilogue(folded, col0, cols);
-                // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow, tap (kh, kw),
-                // channel p reads padded pixel (oh·s + kh, ow·s + kw), inside the image by the
-                // size assertion above; `wp` holds depth × NR values; the strip writes columns
-                // col0..col0 + cols of this task's own output row and reads the same of the
-                // residual's (a wide tile's third vector reads the next panel, inside `wp`).
+                // The tile of output pixels from `ow` on, reading kernel columns kw0..kw1.
+                let mut tile_at = |ow: usize, (kw0, kw1): (usize, usize)| Tile {
+                    x: rows[(ow * s + kw0 - d.pad_left) * cin..].as_ptr(),
+                    pixel: s * cin,
+                    taps,
+                    depth: (kw1 - kw0) * cin,
+                    w: wp[(kh0 * k + kw0) * cin * NR..].as_ptr(),
+                    tap_stride: k * cin * NR,
+                    panel_stride: depth * NR,
+                    y: out_row[ow * n + col0..].as_mut_ptr(),
+                    skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
+                    ldy: n,
+                    cols,
+                    epilogue: e.as_ref(),
+                };
+                // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow's tap i, kernel
+                // column kw0 + j, channel c reads image pixel (ih0 + i, ow·s − pad_left + kw0 +
+                // j): inside the image, as `inside` keeps to rows and columns there and the inner
+                // pixels' windows lie inside by `first_inner`/`end_inner`; its weights lie in
+                // `wp` (kernel rows kh0 + i < k, columns < k, and for a wide tile the next
+                // panel, inside `wp` by its length); the tiles write columns col0..col0 + cols
+                // of this task's own output row (pixel by pixel or in a strip of inner pixels)
+                // and read the same of the residual's.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    let first = Tile {
-                        x: row0.as_ptr(),
-                        pixel: s * cin,
-                        taps,
-                        depth: k * cin,
-                        w: wp.as_ptr(),
-                        y: out_row.as_mut_ptr().add(col0),
-                        skip: skip_row.map(|r| r.as_ptr().add(col0)),
-                        ldy: n,
-                        cols,
-                        epilogue: e.as_ref(),
-                    };
-                    strip(first, d.out_w);
+                    let full = (0, k);
+                    if first_inner < end_inner {
+                        strip(tile_at(first_inner, full), end_inner - first_inner);
+                    }
+                    for ow in (0..first_inner).chain(end_inner..d.out_w) {
+                        tile_of(1, &tile_at(ow, d.inside(ow, d.pad_left, d.width)));
+                    }
                 }
             }
         });
@@ -565,8 +617,9 @@ fn column_parts(n: usize) -> impl Iterator<Item = (usize, usize)> {
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must be readable at `r·pixel + tap + p` for `r < R`, each
-/// tap and `p < depth`, `w` for `taps.len()·depth × NR` values (twice that for `V` = 3), and `y`
-/// writable (`skip`, if any, readable) for `R` rows of `cols ≤ 8V` at stride `ldy`.
+/// tap and `p < depth`, `w` for `depth × NR` values from each tap's start (and `panel_stride` on
+/// for `V` = 3), and `y` writable (`skip`, if any, readable) for `R` rows of `cols ≤ 8V` at
+/// stride `ldy`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {

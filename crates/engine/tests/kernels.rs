@@ -127,7 +127,10 @@ const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
 
 /// Weights prepared for inference at channel counts the small cases above do not reach:
 /// Winograd's panels from 32 input channels, the direct kernel below that (and for strides
-/// other than 1), with partial tiles and panels and the fused batch norm + SiLU.
+/// other than 1), with partial tiles and panels and the fused batch norm + SiLU. The direct
+/// kernel reads the image in place, leaving out the padding at its edges: images smaller than
+/// the kernel (every pixel at an edge), 5×5 and 7×7 kernels, and even sizes at stride 2 (SAME
+/// padding only after the image).
 #[test]
 fn prepared_weights_at_wider_channels() {
     let mut rng = Rng::new(5);
@@ -136,6 +139,11 @@ fn prepared_weights_at_wider_channels() {
         (9, 11, 24, 40, 3, 2),
         (13, 8, 16, 18, 3, 1),
         (5, 9, 3, 24, 3, 2),
+        (1, 1, 8, 24, 3, 1),
+        (2, 3, 5, 20, 5, 1),
+        (11, 9, 6, 17, 5, 2),
+        (9, 12, 3, 40, 7, 2),
+        (8, 10, 24, 24, 3, 2),
     ] {
         let s = Nhwc::new(2, h, w, cin);
         let g = conv::ConvGeom::new(s, k, stride, cout);
