@@ -162,8 +162,19 @@ pub fn forward(
     }
 }
 
+/// What [`product_serial`] does with each tile of the product.
+#[derive(Clone, Copy)]
+pub enum Then<'a> {
+    /// `y = x · w`.
+    Store,
+    /// `y += x · w`.
+    Add,
+    /// `y = epilogue(x · w)`: batch norm and activation folded, as [`forward`] applies them.
+    Fold(&'a Folded),
+}
+
 /// `y[m×n] = x[m×k] · w` on the calling thread (for callers that already split their work over
-/// the pool), `w` packed by [`pack`] or [`pack_rows`]; with `add`, `y += x · w`. Only where
+/// the pool), `w` packed by [`pack`] or [`pack_rows`], then what `then` says. Only where
 /// [`available`].
 pub fn product_serial(
     x: &[f32],
@@ -172,16 +183,26 @@ pub fn product_serial(
     n: usize,
     w: &[f32],
     y: &mut [f32],
-    add: bool,
+    then: Then,
 ) {
     check(x, m, k, n, w, y);
     let out = y.as_mut_ptr();
     // To add, each tile adds what `y` holds as a residual read through the same pointer it
     // stores through (a tile reads its rows before it stores them; tiles are disjoint).
-    let skip = add.then_some(out as *const f32);
+    let (skip, folded) = match then {
+        Then::Store => (None, None),
+        Then::Add => (Some(out as *const f32), None),
+        Then::Fold(f) => {
+            assert!(
+                f.scale.len() == n && f.shift.len() == n,
+                "pointwise: epilogue width"
+            );
+            (None, Some(f))
+        }
+    };
     // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call, and
     // `skip`, when given, is `y` itself, read only where the same tile then writes.
-    unsafe { block(x, k, n, w, out, 0..m, 0..n.div_ceil(NR), None, skip) }
+    unsafe { block(x, k, n, w, out, 0..m, 0..n.div_ceil(NR), folded, skip) }
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {

@@ -120,9 +120,11 @@ pub fn product_macs(g: &ConvGeom) -> usize {
     tiles * POSITIONS * g.input.c * g.cout
 }
 
-/// Floats of per-thread scratch [`forward`] needs for `g` (its largest block).
-pub fn scratch_len(g: &ConvGeom) -> usize {
-    block_scratch(max_block_tiles(g), g.input.c, g.cout)
+/// Floats of per-thread scratch [`forward`] needs for `g` (its largest block), or
+/// [`forward_projected`] with a projection to `proj_cout` channels.
+pub fn scratch_len(g: &ConvGeom, proj_cout: Option<usize>) -> usize {
+    let projected = proj_cout.map_or(0, |c| projection_scratch(g.cout, c));
+    block_scratch(max_block_tiles(g), g.input.c, g.cout) + projected
 }
 
 /// Grows the calling thread's scratch to `len` floats now, so that passes later allocate
@@ -133,6 +135,12 @@ pub fn reserve(len: usize) {
             scratch.resize(len, 0.0);
         }
     });
+}
+
+/// Scratch floats a projected block needs beyond [`block_scratch`]: a chunk's 3×3 output of
+/// `cout` channels and its projection to `proj_cout`.
+fn projection_scratch(cout: usize, proj_cout: usize) -> usize {
+    PROJECT_TILES * TILE * TILE * (cout + proj_cout)
 }
 
 /// Scratch floats [`forward`] needs per block of `tiles` tiles: the transformed input and
@@ -207,11 +215,65 @@ pub fn forward(
     epilogue: Epilogue,
     skip: Option<&[f32]>,
 ) {
+    run(g, x, u, y, epilogue, Sink::Image(skip));
+}
+
+/// A 1×1 convolution that [`forward_projected`] runs on the 3×3 convolution's output while it is
+/// in cache: a fused-MBConv block's projection.
+pub struct Projection<'a> {
+    /// Its weights, packed by [`pointwise::pack`] from the 3×3's output channels to `cout`.
+    pub w: &'a [f32],
+    pub cout: usize,
+    pub epilogue: Epilogue<'a>,
+    /// Its residual, laid out like its output.
+    pub skip: Option<&'a [f32]>,
+}
+
+/// `y = p(epilogue(conv(x)))`: [`forward`] followed by the 1×1 convolution `p`, a few tiles at a
+/// time, so the 3×3 convolution's output (4× the block's channels) is never written to memory
+/// and read back. The same arithmetic as the two layers one after the other, bit for bit. Only
+/// where [`pointwise::available`].
+pub fn forward_projected(
+    g: &ConvGeom,
+    x: &[f32],
+    u: Filter,
+    epilogue: Epilogue,
+    p: &Projection,
+    y: &mut [f32],
+) {
+    assert!(
+        pointwise::available(),
+        "winograd: the projection needs the pointwise kernels"
+    );
+    assert!(
+        p.w.len() >= pointwise::packed_len(g.cout, p.cout),
+        "winograd: projection weights not packed"
+    );
+    run(g, x, u, y, epilogue, Sink::Projected(p));
+}
+
+/// Where [`run`]'s output goes: the image (plus a residual), or through a projection.
+#[derive(Clone, Copy)]
+enum Sink<'a> {
+    Image(Option<&'a [f32]>),
+    Projected(&'a Projection<'a>),
+}
+
+/// Tiles per step of a projected block: 192 pixels of the 3×3 output (144 KiB at 192
+/// channels) stay in L2 between the output transform and the projection.
+const PROJECT_TILES: usize = 12;
+
+/// [`forward`] or [`forward_projected`], as `sink` says.
+fn run(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epilogue, sink: Sink) {
     let (n, h, w, cin, cout) = (g.input.n, g.input.h, g.input.w, g.input.c, g.cout);
+    let (out_c, skip) = match sink {
+        Sink::Image(skip) => (cout, skip),
+        Sink::Projected(p) => (p.cout, p.skip),
+    };
     assert!(x.len() >= n * h * w * cin, "winograd: input size");
-    assert!(y.len() >= n * h * w * cout, "winograd: output size");
+    assert!(y.len() >= n * h * w * out_c, "winograd: output size");
     if let Some(s) = skip {
-        assert!(s.len() >= n * h * w * cout, "winograd: residual size");
+        assert!(s.len() >= n * h * w * out_c, "winograd: residual size");
     }
     let (th, tw) = (h.div_ceil(TILE), w.div_ceil(TILE));
     let total = n * th * tw;
@@ -232,7 +294,11 @@ pub fn forward(
             // No parallel loop runs inside a block, so its thread cannot start another block
             // meanwhile: the borrow of the scratch is this block's alone.
             SCRATCH.with_borrow_mut(|scratch| {
-                let need = block_scratch(tiles.len(), cin, cout);
+                let projected = match sink {
+                    Sink::Image(_) => 0,
+                    Sink::Projected(p) => projection_scratch(cout, p.cout),
+                };
+                let need = block_scratch(tiles.len(), cin, cout) + projected;
                 if scratch.len() < need {
                     scratch.resize(need, 0.0);
                 }
@@ -240,7 +306,8 @@ pub fn forward(
                 let (m, rest) = rest.split_at_mut(POSITIONS * tiles.len() * cout);
                 let (zero, rest) = rest.split_at_mut(cin);
                 let (e_in, rest) = rest.split_at_mut(POSITIONS * cin);
-                let (e_out, px) = rest.split_at_mut(TILE * PATCH * cout);
+                let (e_out, rest) = rest.split_at_mut(TILE * PATCH * cout);
+                let (px, rest) = rest.split_at_mut(TILE * cout);
                 // Other calls used this scratch for other things.
                 zero.fill(0.0);
                 let shape = Shape { h, w, th, tw };
@@ -260,22 +327,75 @@ pub fn forward(
                         Filter::Panels(u) => {
                             let len = pointwise::packed_len(cin, cout);
                             let ux = &u[xi * len..][..len];
-                            pointwise::product_serial(vx, count, cin, cout, ux, out, false)
+                            pointwise::product_serial(
+                                vx,
+                                count,
+                                cin,
+                                cout,
+                                ux,
+                                out,
+                                pointwise::Then::Store,
+                            )
                         }
                     }
                 }
-                let out = Output {
-                    y: y_addr as *mut f32,
-                    epilogue,
-                    skip,
+                let y = y_addr as *mut f32;
+                let p = match sink {
+                    Sink::Image(skip) => {
+                        let out = Output {
+                            y,
+                            epilogue,
+                            skip,
+                            tile_major: false,
+                        };
+                        // SAFETY: `y` holds the batch's n·h·w·cout outputs (asserted above) and
+                        // stays borrowed mutably for this whole call; a tile's output pixels are
+                        // its own, and the blocks' tile ranges are disjoint, so no other thread
+                        // writes what this one does.
+                        simd::dispatch(
+                            #[inline(always)]
+                            || unsafe {
+                                output_transform(m, shape, cout, &tiles, &tiles, &out, e_out, px)
+                            },
+                        );
+                        return;
+                    }
+                    Sink::Projected(p) => p,
                 };
-                // SAFETY: `y` holds the batch's n·h·w·cout outputs (asserted above) and stays
-                // borrowed mutably for this whole call; a tile's output pixels are its own, and the
-                // blocks' tile ranges are disjoint, so no other thread writes what this one does.
-                simd::dispatch(
-                    #[inline(always)]
-                    || unsafe { output_transform(m, shape, cout, tiles.clone(), &out, e_out, px) },
-                );
+                // A few tiles at a time: their 3×3 output, tile-major, into `z` (in L2); the
+                // projection of those rows into `o`; then to their pixels with the residual.
+                let (z, o) = rest.split_at_mut(PROJECT_TILES * TILE * TILE * cout);
+                let mut first = tiles.start;
+                while first < tiles.end {
+                    let chunk = first..tiles.end.min(first + PROJECT_TILES);
+                    let rows = chunk.len() * TILE * TILE;
+                    let out = Output {
+                        y: z.as_mut_ptr(),
+                        epilogue,
+                        skip: None,
+                        tile_major: true,
+                    };
+                    // SAFETY: `z` holds PROJECT_TILES tiles' TILE·TILE pixels of cout channels,
+                    // the most a chunk writes tile-major.
+                    simd::dispatch(
+                        #[inline(always)]
+                        || unsafe {
+                            output_transform(m, shape, cout, &tiles, &chunk, &out, e_out, px)
+                        },
+                    );
+                    // Rows of pixels past the image's edge hold whatever `z` held: projected
+                    // like the others, then left out.
+                    let (z, o) = (&z[..rows * cout], &mut o[..rows * p.cout]);
+                    let then = match p.epilogue {
+                        Some(f) => pointwise::Then::Fold(f),
+                        None => pointwise::Then::Store,
+                    };
+                    pointwise::product_serial(z, rows, cout, p.cout, p.w, o, then);
+                    // SAFETY: `y` holds the batch's n·h·w·p.cout outputs (asserted above), these
+                    // tiles' pixels this block's alone, as for the image above.
+                    unsafe { scatter(o, shape, p.cout, chunk.clone(), y, p.skip) };
+                    first = chunk.end;
+                }
             });
         });
 }
@@ -385,28 +505,34 @@ struct Output<'a> {
     y: *mut f32,
     epilogue: Epilogue<'a>,
     skip: Option<&'a [f32]>,
+    /// Whether `y` holds the tiles' pixels tile by tile (TILE·TILE rows each, row-major in the
+    /// tile), rather than the batch's image.
+    tile_major: bool,
 }
 
-/// The output pixels of the batch's tiles `tiles` from `m[POSITIONS][tiles][c]`: Aᵀ·m·A per
-/// tile, then the epilogue and the residual, writing only the pixels inside the image.
+/// The output pixels of the batch's tiles `tiles` (some of a block's, `block`) from
+/// `m[POSITIONS][block][c]`: Aᵀ·m·A per tile, then the epilogue and the residual, writing only
+/// the pixels inside the image.
 ///
 /// # Safety
-/// `out.y` must be writable for the batch's n·h·w·c outputs, and no other thread may touch the
-/// pixels of these tiles meanwhile.
+/// `out.y` must be writable for the batch's n·h·w·c outputs (or, tile-major, for `tiles`'
+/// TILE·TILE·c each), and no other thread may touch the pixels of these tiles meanwhile.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn output_transform(
     m: &[f32],
     s: Shape,
     c: usize,
-    tiles: std::ops::Range<usize>,
+    block: &std::ops::Range<usize>,
+    tiles: &std::ops::Range<usize>,
     out: &Output,
     e: &mut [f32],
     px: &mut [f32],
 ) {
-    let count = tiles.len();
-    let plane = |xi: usize, t: usize| &m[(xi * count + t) * c..][..c];
-    for (t, tile) in tiles.enumerate() {
-        let (b, ty, tx) = tile_at(tile, s.th, s.tw);
+    let count = block.len();
+    let plane = |xi: usize, t: usize| &m[(xi * count + t - block.start) * c..][..c];
+    for (slot, t) in tiles.clone().enumerate() {
+        let (b, ty, tx) = tile_at(t, s.th, s.tw);
         // `e`: Aᵀ·m, 4 rows × 6 columns of channel vectors.
         for j in 0..PATCH {
             let mut rows = e.chunks_exact_mut(c.max(1)).skip(j).step_by(PATCH);
@@ -425,6 +551,10 @@ unsafe fn output_transform(
                 std::array::from_fn(|_| pixels.next().expect("four pixels")),
             );
             let first = ((b * s.h + TILE * ty + i) * s.w + TILE * tx) * c;
+            let to = match out.tile_major {
+                true => (slot * TILE + i) * TILE * c,
+                false => first,
+            };
             let px = &mut px[..cols * c];
             if let Some(e) = out.epilogue {
                 e.apply(px);
@@ -434,9 +564,43 @@ unsafe fn output_transform(
                     *p += r;
                 }
             }
-            // SAFETY: by the caller's contract; `first + cols·c` stays inside this row of the
-            // image, since the tile's columns past the image were cut (`cols`).
-            std::ptr::copy_nonoverlapping(px.as_ptr(), out.y.add(first), cols * c);
+            // SAFETY: by the caller's contract; `to + cols·c` stays inside this row of the
+            // image (or of the tile), since the tile's columns past the image were cut (`cols`).
+            std::ptr::copy_nonoverlapping(px.as_ptr(), out.y.add(to), cols * c);
+        }
+    }
+}
+
+/// The projection's output `o` (tile-major: TILE·TILE rows per tile of `tiles`) to those tiles'
+/// pixels inside the image at `y` (`c` channels), plus the residual `skip` laid out like `y`.
+///
+/// # Safety
+/// `y` must be writable for the batch's n·h·w·c outputs, and no other thread may touch the
+/// pixels of these tiles meanwhile.
+unsafe fn scatter(
+    o: &[f32],
+    s: Shape,
+    c: usize,
+    tiles: std::ops::Range<usize>,
+    y: *mut f32,
+    skip: Option<&[f32]>,
+) {
+    for (slot, t) in tiles.enumerate() {
+        let (b, ty, tx) = tile_at(t, s.th, s.tw);
+        let cols = TILE.min(s.w - TILE * tx);
+        for i in 0..TILE.min(s.h - TILE * ty) {
+            let src = &o[(slot * TILE + i) * TILE * c..][..cols * c];
+            let first = ((b * s.h + TILE * ty + i) * s.w + TILE * tx) * c;
+            // SAFETY: by the caller's contract; the row's `cols` pixels lie inside the image.
+            let dst = std::slice::from_raw_parts_mut(y.add(first), cols * c);
+            match skip {
+                Some(r) => {
+                    for ((d, v), r) in dst.iter_mut().zip(src).zip(&r[first..][..cols * c]) {
+                        *d = v + r;
+                    }
+                }
+                None => dst.copy_from_slice(src),
+            }
         }
     }
 }
@@ -566,7 +730,15 @@ pub fn weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], du: &mut [f32], dw: &mut
                         let a = &vt[xi * cin * count..][..cin * count];
                         let b = &dm[xi * width * count..][..width * count];
                         let out = &mut du[xi * cin * width..][..cin * width];
-                        pointwise::product_serial(a, cin, count, width, b, out, true);
+                        pointwise::product_serial(
+                            a,
+                            cin,
+                            count,
+                            width,
+                            b,
+                            out,
+                            pointwise::Then::Add,
+                        );
                     }
                 }
             });

@@ -4,7 +4,8 @@
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
 use effnet_engine::{
-    conv, depthwise, linear, loss, norm, pointwise, pool, regularize, same_padding, se, Act, Nhwc,
+    conv, depthwise, linear, loss, norm, pointwise, pool, regularize, same_padding, se, winograd,
+    Act, Nhwc,
 };
 
 fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -778,6 +779,60 @@ fn depthwise_forward_sums_in_the_portable_order() {
     }
 }
 
+/// A 3×3 convolution run with its 1×1 projection a few tiles at a time (the 3×3 output never
+/// stored) equals the two layers one after the other, bit for bit: with and without the
+/// epilogues and the residual, partial tiles at the edges, blocks of several chunks and a short
+/// last chunk.
+#[test]
+fn winograd_with_its_projection_equals_the_two_layers() {
+    if !pointwise::available() {
+        return;
+    }
+    let mut rng = Rng::new(14);
+    for &(n, h, w, cin, mid, cout) in &[
+        (2, 9, 7, 32, 48, 20),
+        (3, 16, 12, 40, 64, 24),
+        (2, 13, 13, 32, 40, 16),
+    ] {
+        let g = conv::ConvGeom::new(Nhwc::new(n, h, w, cin), 3, 1, mid);
+        let g2 = conv::ConvGeom::new(g.output(), 1, 1, cout);
+        let x = random(&mut rng, g.input.len());
+        let w1 = conv::prepare(&g, &random(&mut rng, g.weight_len()));
+        let w2 = conv::prepare(&g2, &random(&mut rng, g2.weight_len()));
+        let residual = random(&mut rng, g2.output().len());
+        let (f1, f2) = (silu_fold(mid), silu_fold(cout));
+        for (e1, e2, skip) in [
+            (Some(&f1), Some(&f2), Some(&residual[..])),
+            (None, None, None),
+        ] {
+            let mut col = vec![0f32; g.col_len()];
+            let mut hidden = vec![f32::NAN; g.output().len()];
+            conv::forward(
+                &g,
+                &x,
+                conv::Weight::Prepared(&w1),
+                &mut hidden,
+                &mut col,
+                e1,
+                None,
+            );
+            let mut want = vec![f32::NAN; g2.output().len()];
+            let w2p = conv::Weight::Prepared(&w2);
+            conv::forward(&g2, &hidden, w2p, &mut want, &mut col, e2, skip);
+            let mut got = vec![f32::NAN; want.len()];
+            let p = winograd::Projection {
+                w: &w2,
+                cout,
+                epilogue: e2,
+                skip,
+            };
+            let u = winograd::Filter::Panels(&w1);
+            winograd::forward_projected(&g, &x, u, e1, &p, &mut got);
+            assert_eq!(got, want, "{:?}", (n, h, w, cin, mid, cout, skip.is_some()));
+        }
+    }
+}
+
 #[test]
 fn fused_epilogue_equals_a_separate_pass() {
     let mut rng = Rng::new(7);
@@ -882,9 +937,25 @@ fn pointwise_serial_product_adds_into_its_output() {
         })
         .collect();
     let mut y = before.clone();
-    pointwise::product_serial(&x, m, k, n, &pointwise::pack_rows(k, n, &w), &mut y, true);
+    pointwise::product_serial(
+        &x,
+        m,
+        k,
+        n,
+        &pointwise::pack_rows(k, n, &w),
+        &mut y,
+        pointwise::Then::Add,
+    );
     assert!(max_rel(&y, &expected) < 1e-5);
-    pointwise::product_serial(&x, m, k, n, &pointwise::pack_rows(k, n, &w), &mut y, false);
+    pointwise::product_serial(
+        &x,
+        m,
+        k,
+        n,
+        &pointwise::pack_rows(k, n, &w),
+        &mut y,
+        pointwise::Then::Store,
+    );
     let plain: Vec<f64> = expected
         .iter()
         .zip(&before)

@@ -7,7 +7,9 @@ use std::time::Instant;
 use effnet_engine::norm::CrossReplica;
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
-use effnet_engine::{conv, depthwise, linear, norm, pool, regularize, se, winograd, Act, Nhwc};
+use effnet_engine::{
+    conv, depthwise, linear, norm, pointwise, pool, regularize, se, winograd, Act, Nhwc,
+};
 
 use crate::family::{ArchConfig, BlockKind};
 use crate::layout::{BnRanges, Layout, ParamKind};
@@ -313,7 +315,8 @@ impl Network {
             .filter_map(|(i, layer)| match layer {
                 Layer::Conv(u) if matches!(u.conv, ConvKind::Dense) => {
                     let g = conv::ConvGeom::new(ws.shapes[i], u.kernel, u.stride, u.cout);
-                    winograd::applies(&g).then(|| winograd::scratch_len(&g))
+                    let projected = self.projection_after(i).map(|p| p.cout);
+                    winograd::applies(&g).then(|| winograd::scratch_len(&g, projected))
                 }
                 _ => None,
             })
@@ -453,7 +456,17 @@ impl Network {
             }
         );
         ws.mode = Some(mode);
+        let mut projected = None;
         for (i, layer) in self.layers.iter().enumerate() {
+            // The projection ran with the 3×3 convolution before it (and added the shortcut).
+            if projected.take() == Some(i) {
+                continue;
+            }
+            if self.runs_projected(i, mode, ws) {
+                self.projected_forward(i, ws);
+                projected = Some(i + 1);
+                continue;
+            }
             let block_end = self.blocks.iter().position(|b| b.layers.end == i + 1);
             // In eval mode the shortcut of a block that ends in a dense convolution is added by
             // that convolution, after its epilogue; training adds it after batch norm, with the
@@ -496,6 +509,93 @@ impl Network {
             &mut ws.logits,
         );
         &ws.logits
+    }
+
+    /// The 1×1 convolution after layer `i` that [`winograd::forward_projected`] can run with
+    /// it: layer `i` a dense 3×3 stride-1 convolution, the next a dense 1×1 one that ends the
+    /// same block (a fused-MBConv block's expansion and projection).
+    fn projection_after(&self, i: usize) -> Option<&ConvUnit> {
+        let (Some(Layer::Conv(a)), Some(Layer::Conv(b))) =
+            (self.layers.get(i), self.layers.get(i + 1))
+        else {
+            return None;
+        };
+        let dense = |u: &ConvUnit| matches!(u.conv, ConvKind::Dense);
+        let pair = dense(a) && a.kernel == 3 && a.stride == 1 && dense(b) && b.kernel == 1;
+        let ends = self
+            .blocks
+            .iter()
+            .any(|blk| blk.layers.contains(&i) && blk.layers.end == i + 2);
+        (pair && ends).then_some(b)
+    }
+
+    /// Whether this pass runs layers `i` and `i + 1` as one ([`Self::projected_forward`]): eval
+    /// mode with frozen weights, where the 3×3 convolution runs by Winograd's transform on the
+    /// pointwise kernels, and the pair's output is not its input's buffer (the 3×3 convolution
+    /// reads its neighbours' pixels after a tile's output is written).
+    fn runs_projected(&self, i: usize, mode: Mode, ws: &Workspace) -> bool {
+        mode == Mode::Eval
+            && self.projection_after(i).is_some()
+            && matches!(
+                ws.frozen.as_ref().map(|f| (&f.layers[i], &f.layers[i + 1])),
+                Some((FrozenLayer::Conv { .. }, FrozenLayer::Conv { .. }))
+            )
+            && pointwise::available()
+            && {
+                let Layer::Conv(u) = &self.layers[i] else {
+                    unreachable!("projection_after checked")
+                };
+                let g = conv::ConvGeom::new(ws.shapes[i], u.kernel, u.stride, u.cout);
+                conv::runs_winograd(&g, true)
+            }
+            && ws.slots[i + 2].1 != ws.slots[i].1
+    }
+
+    /// Layers `i` (3×3) and `i + 1` (1×1, the block's last) in one pass of
+    /// [`winograd::forward_projected`], with the block's shortcut; the 3×3 output is not stored.
+    fn projected_forward(&self, i: usize, ws: &mut Workspace) {
+        let (Layer::Conv(u), Some(p)) = (&self.layers[i], self.projection_after(i)) else {
+            unreachable!("runs_projected checked")
+        };
+        let frozen = ws.frozen.clone().expect("runs_projected checked");
+        let (
+            FrozenLayer::Conv {
+                weight: w1,
+                folded: f1,
+            },
+            FrozenLayer::Conv {
+                weight: w2,
+                folded: f2,
+            },
+        ) = (&frozen.layers[i], &frozen.layers[i + 1])
+        else {
+            unreachable!("runs_projected checked")
+        };
+        let g = conv::ConvGeom::new(ws.shapes[i], u.kernel, u.stride, u.cout);
+        let y_len = ws.shapes[i + 2].len();
+        let out_slot = ws.slots[i + 2].1;
+        let mut y = std::mem::take(&mut ws.acts[out_slot]);
+        let block = self
+            .blocks
+            .iter()
+            .find(|b| b.layers.end == i + 2)
+            .expect("projection_after checked");
+        let skip = block
+            .skip
+            .then(|| &ws.acts[ws.slots[block.layers.start].1][..y_len]);
+        let x = &ws.acts[ws.slots[i].1][..g.input.len()];
+        let projection = winograd::Projection {
+            w: w2,
+            cout: p.cout,
+            epilogue: Some(f2),
+            skip,
+        };
+        let t = Instant::now();
+        let u1 = winograd::Filter::Panels(w1);
+        winograd::forward_projected(&g, x, u1, Some(f1), &projection, &mut y[..y_len]);
+        let macs = winograd::product_macs(&g) + ws.shapes[i + 1].rows() * p.cout * u.cout;
+        Profile::add(&mut ws.profile, "conv 3x3 winograd + 1x1", t, macs);
+        ws.acts[out_slot] = y;
     }
 
     fn layer_forward(

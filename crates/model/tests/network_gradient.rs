@@ -304,3 +304,41 @@ fn recomputed_bn_stats_average_the_batches() {
         );
     }
 }
+
+/// With frozen weights, a fused-MBConv block's 3×3 convolution (by Winograd's transform) and
+/// its 1×1 projection run as one pass that never stores the 3×3 output; the logits match the
+/// layer-by-layer pass on the live weights. EfficientNetV2-B0 at 48 px: stages 2 and 3 have
+/// such blocks with 32 and 48 input channels.
+#[test]
+fn fused_mbconv_blocks_run_as_one_pass_with_the_same_logits() {
+    if !effnet_engine::pointwise::available() {
+        eprintln!("skipped: no AVX2+FMA on this CPU");
+        return;
+    }
+    let mut config = effnet_model::arch("efficientnetv2_b0").expect("known");
+    config.num_classes = 10;
+    let net = Network::new(config);
+    let mut w = Weights::init(&net, 3);
+    // Running statistics away from 0 and 1, so that the folded batch norms matter.
+    for (i, v) in w.buffers.iter_mut().enumerate() {
+        *v = 0.5 + (i % 7) as f32 * 0.1;
+    }
+    let (n, size) = (2, 48);
+    let x: Vec<f32> = (0..n * size * size * 3)
+        .map(|i| ((i * 13 % 29) as f32 / 10.0) - 1.4)
+        .collect();
+    let mut plain_ws = net.inference_workspace(n, size, size);
+    let mut ws = net.inference_workspace(n, size, size);
+    net.freeze(&w, &mut ws);
+    ws.profile = Some(Default::default());
+    let want = net
+        .forward(&mut w, &mut plain_ws, &x, Mode::Eval, &mut Rng::new(0))
+        .to_vec();
+    let got = net.forward(&mut w, &mut ws, &x, Mode::Eval, &mut Rng::new(0));
+    assert!(close(got, &want), "{got:?} vs {want:?}");
+    let ops = &ws.profile.as_ref().expect("set").entries;
+    assert!(
+        ops.iter().any(|e| e.0 == "conv 3x3 winograd + 1x1"),
+        "no fused pass ran: {ops:?}"
+    );
+}
