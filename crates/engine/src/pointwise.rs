@@ -545,9 +545,12 @@ pub fn conv(
         );
     }
     let (depth, row_len) = (k * k * cin, d.width * cin);
-    // Output columns whose windows lie wholly inside the image's columns.
+    // Output columns whose windows lie wholly inside the image's columns (none where the image
+    // is narrower than the kernel).
     let first_inner = d.pad_left.div_ceil(s).min(d.out_w);
-    let end_inner = ((d.width + d.pad_left).saturating_sub(k) / s + 1)
+    let end_inner = (d.width + d.pad_left)
+        .checked_sub(k)
+        .map_or(0, |room| room / s + 1)
         .min(d.out_w)
         .max(first_inner);
     y[..d.out_h * d.out_w * n]

@@ -130,8 +130,8 @@ const CONV_CASES: &[(usize, usize, usize, usize, usize, usize)] = &[
 /// Winograd's panels from 32 input channels, the direct kernel below that (and for strides
 /// other than 1), with partial tiles and panels and the fused batch norm + SiLU. The direct
 /// kernel reads the image in place, leaving out the padding at its edges: images smaller than
-/// the kernel (every pixel at an edge), 5×5 and 7×7 kernels, and even sizes at stride 2 (SAME
-/// padding only after the image).
+/// the kernel (every pixel at an edge, padded before or only after), 5×5 and 7×7 kernels, and
+/// even sizes at stride 2 (SAME padding only after the image).
 #[test]
 fn prepared_weights_at_wider_channels() {
     let mut rng = Rng::new(5);
@@ -145,6 +145,7 @@ fn prepared_weights_at_wider_channels() {
         (11, 9, 6, 17, 5, 2),
         (9, 12, 3, 40, 7, 2),
         (8, 10, 24, 24, 3, 2),
+        (2, 2, 4, 20, 3, 2),
     ] {
         let s = Nhwc::new(2, h, w, cin);
         let g = conv::ConvGeom::new(s, k, stride, cout);
