@@ -226,6 +226,13 @@ fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
     );
 }
 
+/// Steps ahead (panel rows of 64 bytes) at which the products' reductions prefetch their
+/// weights into L1: the hardware's prefetchers do not keep a large weight's stream ahead (each
+/// step reads a new line). Batch 1's 1×1 products with cold weights ran 2–4 % faster so (49 ×
+/// 1536 → 256: 0.44–0.47 → 0.42–0.45 ms, toggled in one process), batch 8's the same; 16 and
+/// 64 steps no better. The direct convolution's small weights stay in cache and do without.
+const STREAM_AHEAD: usize = 32;
+
 /// Weights of the panels that [`block`] sweeps together, tile by tile (see there).
 const GROUP_BYTES: usize = 128 * 1024;
 /// At most this many panels in a group (the epilogues sit on the stack).
@@ -291,6 +298,7 @@ unsafe fn block(
                         w: w[panel * k * NR..][..k * NR].as_ptr(),
                         tap_stride: k * NR,
                         panel_stride: k * NR,
+                        stream: true,
                         y: y.add(r * n + col0),
                         skip: skip.map(|s| s.add(r * n + col0)),
                         ldy: n,
@@ -321,10 +329,23 @@ unsafe fn reduce<const R: usize, const V: usize>(
     t: &Tile,
     acc: &mut [[std::arch::x86_64::__m256; V]; R],
 ) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let (mut a, next) = (*acc, t.panel_stride);
     for (i, &tap) in t.taps.iter().enumerate() {
         let (x, w) = (t.x.add(tap), t.w.add(i * t.tap_stride));
         let mut p = 0;
+        if t.stream {
+            while p + 2 <= t.depth {
+                // The two panel rows 32 steps on (a prefetch only hints, and never faults, so
+                // past the panel's end it costs nothing).
+                let ahead = w.wrapping_add((p + STREAM_AHEAD) * NR);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(NR) as *const i8);
+                step(x, t.pixel, p, w, next, &mut a);
+                step(x, t.pixel, p + 1, w, next, &mut a);
+                p += 2;
+            }
+        }
         while p + 2 <= t.depth {
             step(x, t.pixel, p, w, next, &mut a);
             step(x, t.pixel, p + 1, w, next, &mut a);
@@ -393,6 +414,8 @@ struct Tile<'a> {
     w: *const f32,
     tap_stride: usize,
     panel_stride: usize,
+    /// Whether the reduction prefetches the panel's rows ahead of itself (`STREAM_AHEAD`).
+    stream: bool,
     y: *mut f32,
     skip: Option<*const f32>,
     ldy: usize,
@@ -588,6 +611,7 @@ pub fn conv(
                     w: wp[(kh0 * k + kw0) * cin * NR..].as_ptr(),
                     tap_stride: k * cin * NR,
                     panel_stride: depth * NR,
+                    stream: false,
                     y: out_row[ow * n + col0..].as_mut_ptr(),
                     skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
                     ldy: n,
