@@ -241,6 +241,61 @@ pub fn runs_winograd(g: &ConvGeom, prepared: bool) -> bool {
     winograd::applies(g) && !(prepared && direct(g))
 }
 
+/// A k×k convolution's shape for [`pointwise::conv`], one image.
+fn direct_shape(g: &ConvGeom) -> pointwise::Direct {
+    pointwise::Direct {
+        height: g.input.h,
+        width: g.input.w,
+        cin: g.input.c,
+        kernel: g.kernel,
+        stride: g.stride,
+        pad_top: g.pad_top,
+        pad_left: g.pad_left,
+        out_h: g.out_h,
+        out_w: g.out_w,
+        cout: g.cout,
+    }
+}
+
+/// Whether [`forward_projected`] runs `g` (a k×k convolution with prepared weights): where
+/// its kernel runs straight from the image or by Winograd's transform, on the pointwise kernels.
+pub fn projects(g: &ConvGeom) -> bool {
+    pointwise::available() && !g.is_pointwise() && (direct(g) || winograd::applies(g))
+}
+
+/// `y = p(epilogue(conv(x, w)))` with weights from [`prepare`], where [`projects`]: the 1×1
+/// convolution `p` (a block's projection) runs on `g`'s output piece by piece while it is in
+/// cache, so that output is never stored. The same arithmetic as [`forward`] and then `p`.
+pub fn forward_projected(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    epilogue: Epilogue,
+    p: &pointwise::Projection,
+    y: &mut [f32],
+) {
+    assert!(projects(g), "conv: no projected pass for {g:?}");
+    if !direct(g) {
+        let u = winograd::Filter::Panels(w);
+        return winograd::forward_projected(g, x, u, epilogue, p, y);
+    }
+    let d = direct_shape(g);
+    let (in_img, out_img) = (
+        g.input.h * g.input.w * g.input.c,
+        g.out_h * g.out_w * p.cout,
+    );
+    assert!(x.len() >= g.input.n * in_img, "conv: input size");
+    assert!(y.len() >= g.input.n * out_img, "conv: output size");
+    for b in 0..g.input.n {
+        let projection = pointwise::Projection {
+            skip: p.skip.map(|s| &s[b * out_img..][..out_img]),
+            ..*p
+        };
+        let (x, y) = (&x[b * in_img..][..in_img], &mut y[b * out_img..][..out_img]);
+        pointwise::conv_projected(&d, x, w, epilogue, &projection, y);
+    }
+}
+
 /// Eval-mode batch norm and activation, applied to a kernel's output right after it is
 /// produced, while it is in cache (or in registers).
 pub type Epilogue<'a> = Option<&'a Folded>;
@@ -292,18 +347,7 @@ pub fn forward(
     let in_img = g.input.h * g.input.w * g.input.c;
     let out_px = g.out_h * g.out_w;
     if panels && direct(g) {
-        let d = pointwise::Direct {
-            height: g.input.h,
-            width: g.input.w,
-            cin: g.input.c,
-            kernel: g.kernel,
-            stride: g.stride,
-            pad_top: g.pad_top,
-            pad_left: g.pad_left,
-            out_h: g.out_h,
-            out_w: g.out_w,
-            cout: g.cout,
-        };
+        let d = direct_shape(g);
         let out_img = out_px * g.cout;
         for b in 0..g.input.n {
             let y = &mut y[b * out_img..][..out_img];

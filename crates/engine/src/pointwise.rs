@@ -534,6 +534,83 @@ pub fn conv(
     folded: Option<&Folded>,
     skip: Option<&[f32]>,
 ) {
+    check_direct(d, image, w, folded);
+    let (pixels, n) = (d.out_h * d.out_w, d.cout);
+    assert!(y.len() >= pixels * n, "pointwise: output size");
+    if let Some(s) = skip {
+        assert!(s.len() >= pixels * n, "pointwise: residual size");
+    }
+    y[..pixels * n]
+        .par_chunks_mut(d.out_w * n)
+        .enumerate()
+        .for_each(|(oh, out_row)| {
+            let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
+            direct_row(d, image, w, folded, oh, out_row, skip_row);
+        });
+}
+
+/// A 1×1 convolution run on another convolution's output while it is in cache (a block's
+/// projection): `y = epilogue(z · w) + skip` for each piece `z` of that output.
+#[derive(Clone, Copy)]
+pub struct Projection<'a> {
+    /// Its weights, packed by [`pack`] from the first convolution's output channels to `cout`.
+    pub w: &'a [f32],
+    pub cout: usize,
+    pub epilogue: Option<&'a Folded>,
+    /// Its residual, laid out like its output.
+    pub skip: Option<&'a [f32]>,
+}
+
+thread_local! {
+    /// Each thread's output row of [`conv_projected`], kept between calls (grown once).
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`conv`] followed by the 1×1 convolution `p`, output row by output row: the k×k output
+/// (`cout` channels) stays in a row of scratch and only `p`'s (`p.cout`) is written to `y`. The
+/// same arithmetic as the two one after the other, bit for bit. Only where [`available`].
+pub fn conv_projected(
+    d: &Direct,
+    image: &[f32],
+    w: &[f32],
+    folded: Option<&Folded>,
+    p: &Projection,
+    y: &mut [f32],
+) {
+    check_direct(d, image, w, folded);
+    let (pixels, n, out) = (d.out_h * d.out_w, d.cout, p.cout);
+    assert!(y.len() >= pixels * out, "pointwise: output size");
+    if let Some(s) = p.skip {
+        assert!(s.len() >= pixels * out, "pointwise: residual size");
+    }
+    let then = match p.epilogue {
+        Some(f) => Then::Fold(f),
+        None => Then::Store,
+    };
+    y[..pixels * out]
+        .par_chunks_mut(d.out_w * out)
+        .enumerate()
+        .for_each(|(oh, out_row)| {
+            // No parallel loop runs inside, so this thread's row is this task's alone.
+            ROW.with_borrow_mut(|row| {
+                if row.len() < d.out_w * n {
+                    row.resize(d.out_w * n, 0.0);
+                }
+                let row = &mut row[..d.out_w * n];
+                direct_row(d, image, w, folded, oh, row, None);
+                product_serial(row, d.out_w, n, out, p.w, out_row, then);
+            });
+            if let Some(s) = p.skip {
+                let s = &s[oh * d.out_w * out..][..d.out_w * out];
+                for (v, r) in out_row.iter_mut().zip(s) {
+                    *v += r;
+                }
+            }
+        });
+}
+
+/// [`conv`]'s checks of its shape, image, weights and epilogue.
+fn check_direct(d: &Direct, image: &[f32], w: &[f32], folded: Option<&Folded>) {
     assert!(
         available(),
         "pointwise: kernels need x86-64 with AVX2 and FMA"
@@ -553,10 +630,6 @@ pub fn conv(
         image.len() >= d.height * d.width * cin,
         "pointwise: image size"
     );
-    assert!(y.len() >= d.out_h * d.out_w * n, "pointwise: output size");
-    if let Some(s) = skip {
-        assert!(s.len() >= d.out_h * d.out_w * n, "pointwise: residual size");
-    }
     assert!(
         w.len() >= packed_len(k * k * cin, n),
         "pointwise: weights not packed"
@@ -567,7 +640,25 @@ pub fn conv(
             "pointwise: epilogue width"
         );
     }
+}
+
+/// Output row `oh` of [`conv`] into `out_row` (`out_w × cout`), plus `skip_row`, laid out like
+/// it. The caller has run [`check_direct`].
+fn direct_row(
+    d: &Direct,
+    image: &[f32],
+    w: &[f32],
+    folded: Option<&Folded>,
+    oh: usize,
+    out_row: &mut [f32],
+    skip_row: Option<&[f32]>,
+) {
+    let (k, s, cin, n) = (d.kernel, d.stride, d.cin, d.cout);
     let (depth, row_len) = (k * k * cin, d.width * cin);
+    assert!(out_row.len() >= d.out_w * n, "pointwise: output row size");
+    if let Some(r) = skip_row {
+        assert!(r.len() >= d.out_w * n, "pointwise: residual row size");
+    }
     // Output columns whose windows lie wholly inside the image's columns (none where the image
     // is narrower than the kernel).
     let first_inner = d.pad_left.div_ceil(s).min(d.out_w);
@@ -576,68 +667,61 @@ pub fn conv(
         .map_or(0, |room| room / s + 1)
         .min(d.out_w)
         .max(first_inner);
-    y[..d.out_h * d.out_w * n]
-        .par_chunks_mut(d.out_w * n)
-        .enumerate()
-        .for_each(|(oh, out_row)| {
-            let (kh0, kh1) = d.inside(oh, d.pad_top, d.height);
-            // Tap i reads kernel row kh0 + i, image row ih0 + i.
-            let ih0 = oh * s + kh0 - d.pad_top;
-            let mut taps = [0usize; 7];
-            for (i, tap) in taps[..kh1 - kh0].iter_mut().enumerate() {
-                *tap = i * row_len;
+    let (kh0, kh1) = d.inside(oh, d.pad_top, d.height);
+    // Tap i reads kernel row kh0 + i, image row ih0 + i.
+    let ih0 = oh * s + kh0 - d.pad_top;
+    let mut taps = [0usize; 7];
+    for (i, tap) in taps[..kh1 - kh0].iter_mut().enumerate() {
+        *tap = i * row_len;
+    }
+    let taps = &taps[..kh1 - kh0];
+    let rows = &image[ih0 * row_len..];
+    // The image rows that the next two output rows add to their windows: they come from
+    // memory, and fetching them into L2 meanwhile hides that latency (one row ahead left 48 →
+    // 192 at stride 2 slower than reading a padded copy).
+    #[cfg(target_arch = "x86_64")]
+    {
+        let new = (oh * s + k).saturating_sub(d.pad_top).min(d.height);
+        let end = ((oh + 2) * s + k).saturating_sub(d.pad_top).min(d.height);
+        simd::prefetch_l2(&image[new * row_len..end * row_len]);
+    }
+    for (col0, cols) in column_parts(n) {
+        let wp = &w[col0 * depth..][..cols.div_ceil(NR) * depth * NR];
+        let e = panel_epilogue(folded, col0, cols);
+        // The tile of output pixels from `ow` on, reading kernel columns kw0..kw1.
+        let mut tile_at = |ow: usize, (kw0, kw1): (usize, usize)| Tile {
+            x: rows[(ow * s + kw0 - d.pad_left) * cin..].as_ptr(),
+            pixel: s * cin,
+            taps,
+            depth: (kw1 - kw0) * cin,
+            w: wp[(kh0 * k + kw0) * cin * NR..].as_ptr(),
+            tap_stride: k * cin * NR,
+            panel_stride: depth * NR,
+            stream: false,
+            y: out_row[ow * n + col0..].as_mut_ptr(),
+            skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
+            ldy: n,
+            cols,
+            epilogue: e.as_ref(),
+        };
+        // SAFETY: AVX2 and FMA checked (`check_direct`). Output pixel ow's tap i, kernel column
+        // kw0 + j, channel c reads image pixel (ih0 + i, ow·s − pad_left + kw0 + j): inside the
+        // image (checked size), as `inside` keeps to rows and columns there and the inner
+        // pixels' windows lie inside by `first_inner`/`end_inner`; its weights lie in `wp`
+        // (kernel rows kh0 + i < k, columns < k, and for a wide tile the next panel, inside `wp`
+        // by its length); the tiles write columns col0..col0 + cols of `out_row` (pixel by pixel
+        // or in a strip of inner pixels), the caller's alone, and read the same of `skip_row`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let full = (0, k);
+            if first_inner < end_inner {
+                strip(tile_at(first_inner, full), end_inner - first_inner);
             }
-            let taps = &taps[..kh1 - kh0];
-            let rows = &image[ih0 * row_len..];
-            // The image rows that the next two output rows add to their windows: they come
-            // from memory, and fetching them into L2 meanwhile hides that latency (one row
-            // ahead left 48 → 192 at stride 2 slower than reading a padded copy).
-            #[cfg(target_arch = "x86_64")]
-            {
-                let new = (oh * s + k).saturating_sub(d.pad_top).min(d.height);
-                let end = ((oh + 2) * s + k).saturating_sub(d.pad_top).min(d.height);
-                simd::prefetch_l2(&image[new * row_len..end * row_len]);
+            for ow in (0..first_inner).chain(end_inner..d.out_w) {
+                tile_of(1, &tile_at(ow, d.inside(ow, d.pad_left, d.width)));
             }
-            let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
-            for (col0, cols) in column_parts(n) {
-                let wp = &w[col0 * depth..][..cols.div_ceil(NR) * depth * NR];
-                let e = panel_epilogue(folded, col0, cols);
-                // The tile of output pixels from `ow` on, reading kernel columns kw0..kw1.
-                let mut tile_at = |ow: usize, (kw0, kw1): (usize, usize)| Tile {
-                    x: rows[(ow * s + kw0 - d.pad_left) * cin..].as_ptr(),
-                    pixel: s * cin,
-                    taps,
-                    depth: (kw1 - kw0) * cin,
-                    w: wp[(kh0 * k + kw0) * cin * NR..].as_ptr(),
-                    tap_stride: k * cin * NR,
-                    panel_stride: depth * NR,
-                    stream: false,
-                    y: out_row[ow * n + col0..].as_mut_ptr(),
-                    skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
-                    ldy: n,
-                    cols,
-                    epilogue: e.as_ref(),
-                };
-                // SAFETY: AVX2 and FMA checked (`available`). Output pixel ow's tap i, kernel
-                // column kw0 + j, channel c reads image pixel (ih0 + i, ow·s − pad_left + kw0 +
-                // j): inside the image, as `inside` keeps to rows and columns there and the inner
-                // pixels' windows lie inside by `first_inner`/`end_inner`; its weights lie in
-                // `wp` (kernel rows kh0 + i < k, columns < k, and for a wide tile the next
-                // panel, inside `wp` by its length); the tiles write columns col0..col0 + cols
-                // of this task's own output row (pixel by pixel or in a strip of inner pixels)
-                // and read the same of the residual's.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    let full = (0, k);
-                    if first_inner < end_inner {
-                        strip(tile_at(first_inner, full), end_inner - first_inner);
-                    }
-                    for ow in (0..first_inner).chain(end_inner..d.out_w) {
-                        tile_of(1, &tile_at(ow, d.inside(ow, d.pad_left, d.width)));
-                    }
-                }
-            }
-        });
+        }
+    }
 }
 
 /// The columns that [`conv`]'s tiles take, `(first, count)`: whole panels, except that a last

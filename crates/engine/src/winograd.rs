@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::conv::{ConvGeom, Epilogue};
 use crate::matmul::{matmul_serial, Layout};
-use crate::pointwise;
+use crate::pointwise::{self, Projection};
 use crate::simd;
 
 /// Output pixels per tile side.
@@ -216,17 +216,6 @@ pub fn forward(
     skip: Option<&[f32]>,
 ) {
     run(g, x, u, y, epilogue, Sink::Image(skip));
-}
-
-/// A 1×1 convolution that [`forward_projected`] runs on the 3×3 convolution's output while it is
-/// in cache: a fused-MBConv block's projection.
-pub struct Projection<'a> {
-    /// Its weights, packed by [`pointwise::pack`] from the 3×3's output channels to `cout`.
-    pub w: &'a [f32],
-    pub cout: usize,
-    pub epilogue: Epilogue<'a>,
-    /// Its residual, laid out like its output.
-    pub skip: Option<&'a [f32]>,
 }
 
 /// `y = p(epilogue(conv(x)))`: [`forward`] followed by the 1×1 convolution `p`, a few tiles at a

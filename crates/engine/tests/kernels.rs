@@ -4,8 +4,7 @@
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
 use effnet_engine::{
-    conv, depthwise, linear, loss, norm, pointwise, pool, regularize, same_padding, se, winograd,
-    Act, Nhwc,
+    conv, depthwise, linear, loss, norm, pointwise, pool, regularize, same_padding, se, Act, Nhwc,
 };
 
 fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -780,22 +779,28 @@ fn depthwise_forward_sums_in_the_portable_order() {
     }
 }
 
-/// A 3×3 convolution run with its 1×1 projection a few tiles at a time (the 3×3 output never
-/// stored) equals the two layers one after the other, bit for bit: with and without the
-/// epilogues and the residual, partial tiles at the edges, blocks of several chunks and a short
-/// last chunk.
+/// A k×k convolution run with its 1×1 projection piece by piece (its output never stored)
+/// equals the two layers one after the other, bit for bit: by Winograd's transform (a few tiles
+/// at a time: partial tiles at the edges, blocks of several chunks and a short last chunk) and
+/// direct (row by row: stride 2, and a 3×3 on fewer than 32 channels), with and without the
+/// epilogues and the residual.
 #[test]
-fn winograd_with_its_projection_equals_the_two_layers() {
+fn convolution_with_its_projection_equals_the_two_layers() {
     if !pointwise::available() {
         return;
     }
     let mut rng = Rng::new(14);
-    for &(n, h, w, cin, mid, cout) in &[
-        (2, 9, 7, 32, 48, 20),
-        (3, 16, 12, 40, 64, 24),
-        (2, 13, 13, 32, 40, 16),
+    // (n, h, w, cin, mid, cout, k, stride)
+    for &(n, h, w, cin, mid, cout, k, stride) in &[
+        (2, 9, 7, 32, 48, 20, 3, 1),
+        (3, 16, 12, 40, 64, 24, 3, 1),
+        (2, 13, 13, 32, 40, 16, 3, 1),
+        (2, 9, 8, 24, 40, 20, 3, 2),
+        (1, 7, 9, 16, 24, 16, 3, 1),
+        (2, 6, 5, 3, 24, 8, 3, 2),
     ] {
-        let g = conv::ConvGeom::new(Nhwc::new(n, h, w, cin), 3, 1, mid);
+        let g = conv::ConvGeom::new(Nhwc::new(n, h, w, cin), k, stride, mid);
+        assert!(conv::projects(&g));
         let g2 = conv::ConvGeom::new(g.output(), 1, 1, cout);
         let x = random(&mut rng, g.input.len());
         let w1 = conv::prepare(&g, &random(&mut rng, g.weight_len()));
@@ -821,15 +826,15 @@ fn winograd_with_its_projection_equals_the_two_layers() {
             let w2p = conv::Weight::Prepared(&w2);
             conv::forward(&g2, &hidden, w2p, &mut want, &mut col, e2, skip);
             let mut got = vec![f32::NAN; want.len()];
-            let p = winograd::Projection {
+            let p = pointwise::Projection {
                 w: &w2,
                 cout,
                 epilogue: e2,
                 skip,
             };
-            let u = winograd::Filter::Panels(&w1);
-            winograd::forward_projected(&g, &x, u, e1, &p, &mut got);
-            assert_eq!(got, want, "{:?}", (n, h, w, cin, mid, cout, skip.is_some()));
+            conv::forward_projected(&g, &x, &w1, e1, &p, &mut got);
+            let case = (n, h, w, cin, mid, cout, k, stride, skip.is_some());
+            assert_eq!(got, want, "{case:?}");
         }
     }
 }

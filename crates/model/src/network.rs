@@ -511,9 +511,9 @@ impl Network {
         &ws.logits
     }
 
-    /// The 1×1 convolution after layer `i` that [`winograd::forward_projected`] can run with
-    /// it: layer `i` a dense 3×3 stride-1 convolution, the next a dense 1×1 one that ends the
-    /// same block (a fused-MBConv block's expansion and projection).
+    /// The 1×1 convolution after layer `i` that [`conv::forward_projected`] can run with it:
+    /// layer `i` a dense k×k convolution, the next a dense 1×1 one that ends the same block (a
+    /// fused-MBConv block's expansion and projection).
     fn projection_after(&self, i: usize) -> Option<&ConvUnit> {
         let (Some(Layer::Conv(a)), Some(Layer::Conv(b))) =
             (self.layers.get(i), self.layers.get(i + 1))
@@ -521,7 +521,7 @@ impl Network {
             return None;
         };
         let dense = |u: &ConvUnit| matches!(u.conv, ConvKind::Dense);
-        let pair = dense(a) && a.kernel == 3 && a.stride == 1 && dense(b) && b.kernel == 1;
+        let pair = dense(a) && a.kernel > 1 && dense(b) && b.kernel == 1 && b.stride == 1;
         let ends = self
             .blocks
             .iter()
@@ -530,9 +530,9 @@ impl Network {
     }
 
     /// Whether this pass runs layers `i` and `i + 1` as one ([`Self::projected_forward`]): eval
-    /// mode with frozen weights, where the 3×3 convolution runs by Winograd's transform on the
-    /// pointwise kernels, and the pair's output is not its input's buffer (the 3×3 convolution
-    /// reads its neighbours' pixels after a tile's output is written).
+    /// mode with frozen weights, where [`conv::projects`], and the pair's output is not its
+    /// input's buffer (the k×k convolution reads its neighbours' pixels after a piece's output
+    /// is written).
     fn runs_projected(&self, i: usize, mode: Mode, ws: &Workspace) -> bool {
         mode == Mode::Eval
             && self.projection_after(i).is_some()
@@ -545,14 +545,18 @@ impl Network {
                 let Layer::Conv(u) = &self.layers[i] else {
                     unreachable!("projection_after checked")
                 };
-                let g = conv::ConvGeom::new(ws.shapes[i], u.kernel, u.stride, u.cout);
-                conv::runs_winograd(&g, true)
+                conv::projects(&conv::ConvGeom::new(
+                    ws.shapes[i],
+                    u.kernel,
+                    u.stride,
+                    u.cout,
+                ))
             }
             && ws.slots[i + 2].1 != ws.slots[i].1
     }
 
-    /// Layers `i` (3×3) and `i + 1` (1×1, the block's last) in one pass of
-    /// [`winograd::forward_projected`], with the block's shortcut; the 3×3 output is not stored.
+    /// Layers `i` (k×k) and `i + 1` (1×1, the block's last) in one pass of
+    /// [`conv::forward_projected`], with the block's shortcut; the k×k output is not stored.
     fn projected_forward(&self, i: usize, ws: &mut Workspace) {
         let (Layer::Conv(u), Some(p)) = (&self.layers[i], self.projection_after(i)) else {
             unreachable!("runs_projected checked")
@@ -584,17 +588,20 @@ impl Network {
             .skip
             .then(|| &ws.acts[ws.slots[block.layers.start].1][..y_len]);
         let x = &ws.acts[ws.slots[i].1][..g.input.len()];
-        let projection = winograd::Projection {
+        let projection = pointwise::Projection {
             w: w2,
             cout: p.cout,
             epilogue: Some(f2),
             skip,
         };
         let t = Instant::now();
-        let u1 = winograd::Filter::Panels(w1);
-        winograd::forward_projected(&g, x, u1, Some(f1), &projection, &mut y[..y_len]);
-        let macs = winograd::product_macs(&g) + ws.shapes[i + 1].rows() * p.cout * u.cout;
-        Profile::add(&mut ws.profile, "conv 3x3 winograd + 1x1", t, macs);
+        conv::forward_projected(&g, x, w1, Some(f1), &projection, &mut y[..y_len]);
+        let projected = ws.shapes[i + 1].rows() * p.cout * u.cout;
+        let (op, macs) = match conv::runs_winograd(&g, true) {
+            true => ("conv 3x3 winograd + 1x1", winograd::product_macs(&g)),
+            false => ("conv kxk + 1x1", g.macs()),
+        };
+        Profile::add(&mut ws.profile, op, t, macs + projected);
         ws.acts[out_slot] = y;
     }
 
@@ -1059,12 +1066,14 @@ pub struct Workspace {
 /// Activation buffers of an inference workspace, which keeps nothing for a backward pass: layer
 /// outputs rotate through a few buffers of the largest layer's size, the most recently freed
 /// first (still in cache) rather than a fresh buffer per layer, and a block's input stays put
-/// until its residual is added. Returns the buffers and each layer's slots, as
-/// [`Workspace::slots`].
+/// until its residual is added — or, before a projection that may run with the layer before it
+/// ([`Network::projection_after`]), until the block ends, so that pass never writes its input.
+/// Returns the buffers and each layer's slots, as [`Workspace::slots`].
 fn rotating_buffers(net: &Network, shapes: &[Nhwc]) -> (Vec<Vec<f32>>, Vec<(usize, usize)>) {
     let largest = shapes.iter().map(Nhwc::len).max().unwrap_or(0);
     let mut slots = vec![(0, 0)];
     let (mut count, mut free) = (1, Vec::<usize>::new());
+    let mut kept = None;
     for i in 0..net.layers.len() {
         let input = slots[i].1;
         let out = free.pop().unwrap_or_else(|| {
@@ -1083,7 +1092,13 @@ fn rotating_buffers(net: &Network, shapes: &[Nhwc]) -> (Vec<Vec<f32>>, Vec<(usiz
         if let (true, Some(r)) = (ends, residual) {
             release(r);
         }
-        if ends || residual != Some(input) {
+        if let (true, Some(k)) = (ends, kept) {
+            release(k);
+            kept = None;
+        }
+        if net.projection_after(i).is_some() && residual != Some(input) {
+            kept = Some(input);
+        } else if ends || residual != Some(input) {
             release(input);
         }
     }
