@@ -561,6 +561,18 @@ pub struct Projection<'a> {
     pub skip: Option<&'a [f32]>,
 }
 
+impl Projection<'_> {
+    /// `out[rows × cout] = epilogue(z[rows × k] · w)` on the calling thread (the residual is
+    /// the caller's, which knows where the rows go).
+    pub fn run_serial(&self, z: &[f32], rows: usize, k: usize, out: &mut [f32]) {
+        let then = match self.epilogue {
+            Some(f) => Then::Fold(f),
+            None => Then::Store,
+        };
+        product_serial(z, rows, k, self.cout, self.w, out, then);
+    }
+}
+
 thread_local! {
     /// Each thread's output row of [`conv_projected`], kept between calls (grown once).
     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -583,10 +595,6 @@ pub fn conv_projected(
     if let Some(s) = p.skip {
         assert!(s.len() >= pixels * out, "pointwise: residual size");
     }
-    let then = match p.epilogue {
-        Some(f) => Then::Fold(f),
-        None => Then::Store,
-    };
     y[..pixels * out]
         .par_chunks_mut(d.out_w * out)
         .enumerate()
@@ -598,7 +606,7 @@ pub fn conv_projected(
                 }
                 let row = &mut row[..d.out_w * n];
                 direct_row(d, image, w, folded, oh, row, None);
-                product_serial(row, d.out_w, n, out, p.w, out_row, then);
+                p.run_serial(row, d.out_w, n, out_row);
             });
             if let Some(s) = p.skip {
                 let s = &s[oh * d.out_w * out..][..d.out_w * out];

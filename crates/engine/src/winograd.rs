@@ -374,12 +374,8 @@ fn run(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epilogue, si
                     );
                     // Rows of pixels past the image's edge hold whatever `z` held: projected
                     // like the others, then left out.
-                    let (z, o) = (&z[..rows * cout], &mut o[..rows * p.cout]);
-                    let then = match p.epilogue {
-                        Some(f) => pointwise::Then::Fold(f),
-                        None => pointwise::Then::Store,
-                    };
-                    pointwise::product_serial(z, rows, cout, p.cout, p.w, o, then);
+                    let o = &mut o[..rows * p.cout];
+                    p.run_serial(&z[..rows * cout], rows, cout, o);
                     // SAFETY: `y` holds the batch's n·h·w·p.cout outputs (asserted above), these
                     // tiles' pixels this block's alone, as for the image above.
                     unsafe { scatter(o, shape, p.cout, chunk.clone(), y, p.skip) };
