@@ -75,6 +75,28 @@ pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 pub use shape::{same_padding, Nhwc};
 
+/// `buf[..len]`, grown to that first if it is shorter (a kept buffer).
+pub(crate) fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+/// `f` with `kept`, buffers a kernel keeps between calls so that a training step allocates
+/// nothing once they have grown, or with `fresh()` ones while another call holds them: the
+/// network runs one such kernel at a time, tests run several at once.
+pub(crate) fn with_kept<T, R>(
+    kept: &std::sync::Mutex<T>,
+    fresh: impl FnOnce() -> T,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    match kept.try_lock() {
+        Ok(mut buffers) => f(&mut buffers),
+        Err(_) => f(&mut fresh()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rayon::prelude::*;

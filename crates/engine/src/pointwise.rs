@@ -39,7 +39,9 @@ pub fn packed_len(k: usize, n: usize) -> usize {
 
 /// Packs torch's `[n, k]` weight into panels `[n/NR][k][NR]`, the last one zero-padded.
 pub fn pack(k: usize, n: usize, torch: &[f32]) -> Vec<f32> {
-    pack_with(k, n, |o, p| torch[o * k + p])
+    let mut panels = vec![0f32; packed_len(k, n)];
+    pack_strided_into(k, n, torch, (1, k), &mut panels);
+    panels
 }
 
 /// Packs a row-major `[k, n]` matrix (the right operand of `x · w`) into [`pack`]'s panels.
@@ -51,37 +53,48 @@ pub fn pack_rows(k: usize, n: usize, w: &[f32]) -> Vec<f32> {
 
 /// [`pack_rows`] into `panels` ([`packed_len`] long), for callers that pack on every call.
 pub fn pack_rows_into(k: usize, n: usize, w: &[f32], panels: &mut [f32]) {
-    assert!(
-        w.len() >= k * n,
-        "pointwise: weight holds {} < {k}×{n}",
-        w.len()
-    );
-    fill_panels(k, n, |o, p| w[p * n + o], panels)
+    pack_strided_into(k, n, w, (n, 1), panels)
 }
 
-fn pack_with(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
-    let mut panels = vec![0f32; packed_len(k, n)];
-    fill_panels(k, n, at, &mut panels);
-    panels
-}
-
-/// Panel `o / NR`, row `p`, lane `o % NR` ← `at(o, p)`; the last panel's lanes past `n` ← 0.
-fn fill_panels(k: usize, n: usize, at: impl Fn(usize, usize) -> f32, panels: &mut [f32]) {
+/// Panel `o / NR`, row `p`, lane `o % NR` ← `w[p·rs + o·cs]` (the `k × n` matrix that `w` holds
+/// with row stride `rs` and column stride `cs`); the last panel's lanes past `n` ← 0.
+pub(crate) fn pack_strided_into(
+    k: usize,
+    n: usize,
+    w: &[f32],
+    (rs, cs): (usize, usize),
+    panels: &mut [f32],
+) {
     assert!(
         panels.len() >= packed_len(k, n),
         "pointwise: panels too short"
     );
-    if k == 0 {
+    if k == 0 || n == 0 {
         return;
     }
+    assert!(
+        (k - 1) * rs + (n - 1) * cs < w.len(),
+        "pointwise: weight holds {} < {k}×{n}",
+        w.len()
+    );
     for (j, panel) in panels[..packed_len(k, n)]
         .chunks_exact_mut(k * NR)
         .enumerate()
     {
-        for (p, lanes) in panel.chunks_exact_mut(NR).enumerate() {
-            for (lane, v) in lanes.iter_mut().enumerate() {
-                let o = j * NR + lane;
-                *v = if o < n { at(o, p) } else { 0.0 };
+        let (o0, cols) = (j * NR, NR.min(n - j * NR));
+        if cs == 1 {
+            // Rows of the panel are pieces of rows of `w`.
+            for (p, lanes) in panel.chunks_exact_mut(NR).enumerate() {
+                lanes[..cols].copy_from_slice(&w[p * rs + o0..][..cols]);
+                lanes[cols..].fill(0.0);
+            }
+        } else {
+            // Column by column: each reads `w` along its rows when it is stored transposed.
+            for lane in 0..NR {
+                let o = o0 + lane;
+                for (p, lanes) in panel.chunks_exact_mut(NR).enumerate() {
+                    lanes[lane] = if lane < cols { w[p * rs + o * cs] } else { 0.0 };
+                }
             }
         }
     }
@@ -150,7 +163,14 @@ pub fn forward(
             // the whole call.
             unsafe {
                 let skip = skip.map(|s| s.as_ptr());
-                block(x, k, n, w, y_addr as *mut f32, rows, these, folded, skip)
+                let operands = Operands {
+                    x,
+                    pixel: k,
+                    k,
+                    n,
+                    w,
+                };
+                block(&operands, y_addr as *mut f32, n, rows, these, folded, skip)
             }
             unit = end;
         }
@@ -185,13 +205,40 @@ pub fn product_serial(
     y: &mut [f32],
     then: Then,
 ) {
-    check(x, m, k, n, w, y);
-    let out = y.as_mut_ptr();
+    assert!(
+        y.len() >= m * n,
+        "pointwise: output holds {} < {m}×{n}",
+        y.len()
+    );
+    // SAFETY: `y` holds the m × n output (asserted) and is borrowed mutably for the whole call.
+    unsafe { product_at(x, k, m, k, n, w, y.as_mut_ptr(), n, then) }
+}
+
+/// [`product_serial`] for operands inside larger matrices: row `r` of `x` starts at
+/// `x[r·pixel]`, of the output at `y + r·ldy` (the general matrix product's blocks).
+///
+/// # Safety
+/// `y` must be valid for reads and writes at `r·ldy + j` for every `r < m`, `j < n`, and no
+/// other thread may touch those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_at(
+    x: &[f32],
+    pixel: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &[f32],
+    y: *mut f32,
+    ldy: usize,
+    then: Then,
+) {
+    check_operands(x, pixel, m, k, n, w);
+    assert!(ldy >= n, "pointwise: output rows overlap");
     // To add, each tile adds what `y` holds as a residual read through the same pointer it
     // stores through (a tile reads its rows before it stores them; tiles are disjoint).
     let (skip, folded) = match then {
         Then::Store => (None, None),
-        Then::Add => (Some(out as *const f32), None),
+        Then::Add => (Some(y as *const f32), None),
         Then::Fold(f) => {
             assert!(
                 f.scale.len() == n && f.shift.len() == n,
@@ -200,25 +247,32 @@ pub fn product_serial(
             (None, Some(f))
         }
     };
-    // SAFETY: sizes and CPU checked above; `y` is borrowed mutably for the whole call, and
+    let operands = Operands { x, pixel, k, n, w };
+    // SAFETY: sizes and CPU checked above; the output's elements are the caller's alone, and
     // `skip`, when given, is `y` itself, read only where the same tile then writes.
-    unsafe { block(x, k, n, w, out, 0..m, 0..n.div_ceil(NR), folded, skip) }
+    unsafe { block(&operands, y, ldy, 0..m, 0..n.div_ceil(NR), folded, skip) }
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
-    assert!(
-        available(),
-        "pointwise: kernels need x86-64 with AVX2 and FMA"
-    );
-    assert!(
-        x.len() >= m * k,
-        "pointwise: input holds {} < {m}×{k}",
-        x.len()
-    );
+    check_operands(x, k, m, k, n, w);
     assert!(
         y.len() >= m * n,
         "pointwise: output holds {} < {m}×{n}",
         y.len()
+    );
+}
+
+/// The CPU, and `m` rows of `k` values `pixel` apart in `x`, and the packed `k → n` weights.
+fn check_operands(x: &[f32], pixel: usize, m: usize, k: usize, n: usize, w: &[f32]) {
+    assert!(
+        available(),
+        "pointwise: kernels need x86-64 with AVX2 and FMA"
+    );
+    let reach = if m == 0 { 0 } else { (m - 1) * pixel + k };
+    assert!(
+        x.len() >= reach,
+        "pointwise: input holds {} < {m} rows of {k}, {pixel} apart",
+        x.len()
     );
     assert!(
         w.len() >= packed_len(k, n),
@@ -238,7 +292,18 @@ const GROUP_BYTES: usize = 128 * 1024;
 /// At most this many panels in a group (the epilogues sit on the stack).
 const GROUP_PANELS: usize = 16;
 
-/// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue.
+/// The operands of a product: row `r` of the left one is `x[r·pixel..][..k]`, the right one is
+/// `w`, packed `k → n`.
+struct Operands<'a> {
+    x: &'a [f32],
+    pixel: usize,
+    k: usize,
+    n: usize,
+    w: &'a [f32],
+}
+
+/// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue; output
+/// row `r` at `y + r·ldy`.
 ///
 /// Panels are taken in groups of about [`GROUP_BYTES`] of weights (which stay in L2), and each
 /// tile of rows runs over the whole group before the next: its output row pieces are then
@@ -247,21 +312,21 @@ const GROUP_PANELS: usize = 16;
 /// projections (one panel per group at k ≥ 1536) are unchanged.
 ///
 /// # Safety
-/// [`check`] must have passed for `x`, `w` and the `m × n` output at `y`, with `rows` ⊆ 0..m and
-/// `panels` ⊆ 0..n/NR, and `skip`, if any, readable for `m × n` values (it may be `y` itself);
-/// no other thread may touch this part of `y` meanwhile.
+/// [`check_operands`] must have passed for `o` and every row of `rows`, with `panels` ⊆
+/// 0..n/NR; `y` must be writable at `r·ldy + j` for `r` in `rows`, `j < n` (`ldy ≥ n`), and
+/// `skip`, if any, readable there (it may be `y` itself); no other thread may touch this part
+/// of `y` meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
-    x: &[f32],
-    k: usize,
-    n: usize,
-    w: &[f32],
+    o: &Operands,
     y: *mut f32,
+    ldy: usize,
     rows: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
     folded: Option<&Folded>,
     skip: Option<*const f32>,
 ) {
+    let Operands { x, pixel, k, n, w } = *o;
     let group = (GROUP_BYTES / (4 * k * NR).max(1)).clamp(1, GROUP_PANELS);
     let mut first = panels.start;
     while first < panels.end {
@@ -279,29 +344,35 @@ unsafe fn block(
             // later groups find the rows in L2 anyway.
             #[cfg(target_arch = "x86_64")]
             if first == panels.start {
-                let next = r + count;
-                simd::prefetch_l2(&x[next * k..rows.end.min(next + MR) * k]);
+                let next = r + count..rows.end.min(r + count + MR);
+                if pixel == k {
+                    simd::prefetch_l2(&x[next.start * k..next.end * k]);
+                } else {
+                    for row in next {
+                        simd::prefetch_l2(&x[row * pixel..][..k]);
+                    }
+                }
             }
             for (e, panel) in epilogues.iter().zip(first..last) {
                 let col0 = panel * NR;
                 // SAFETY: AVX2 and FMA checked (`available`); rows r..r+count ⊆ 0..m of `x`
-                // (row length k) and of `y` (row length n), columns col0..col0+cols ≤ n, and
+                // (`pixel` apart) and of `y` (`ldy` apart), columns col0..col0+cols ≤ n, and
                 // the panel holds k×NR values of `w`: inside the operands by the caller's
                 // contract, and this caller's part of `y` alone.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let tile = Tile {
-                        x: x.as_ptr().add(r * k),
-                        pixel: k,
+                        x: x.as_ptr().add(r * pixel),
+                        pixel,
                         taps: &[0],
                         depth: k,
                         w: w[panel * k * NR..][..k * NR].as_ptr(),
                         tap_stride: k * NR,
                         panel_stride: k * NR,
                         stream: true,
-                        y: y.add(r * n + col0),
-                        skip: skip.map(|s| s.add(r * n + col0)),
-                        ldy: n,
+                        y: y.add(r * ldy + col0),
+                        skip: skip.map(|s| s.add(r * ldy + col0)),
+                        ldy,
                         cols: NR.min(n - col0),
                         epilogue: e.as_ref(),
                     };
