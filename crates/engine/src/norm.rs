@@ -27,15 +27,45 @@ impl std::fmt::Debug for CrossReplica {
     }
 }
 
-/// `local` with the row count appended, summed over replicas when `sync` is given: the global
-/// sums and the global row count.
-fn across_replicas(mut local: Vec<f64>, rows: usize, sync: Option<&ReplicaSum>) -> (Vec<f64>, f64) {
-    local.push(rows as f64);
+/// `sums` (this replica's) summed over replicas when `sync` is given, in place, the row count
+/// travelling with them: returns the global row count.
+fn across_replicas(sums: &mut Vec<f64>, rows: usize, sync: Option<&ReplicaSum>) -> f64 {
+    sums.push(rows as f64);
     if let Some(sum) = sync {
-        sum(&mut local);
+        sum(sums);
     }
-    let total = local.pop().unwrap_or(rows as f64);
-    (local, total)
+    sums.pop().unwrap_or(rows as f64)
+}
+
+/// What batch norm's passes keep between calls, so a training step allocates nothing here once
+/// it has grown: the row tasks' partial sums, the totals, and the folded scale and shift.
+struct Scratch {
+    partials: Vec<f32>,
+    totals: Vec<f64>,
+    folded: Folded,
+    means: Vec<f32>,
+}
+
+impl Scratch {
+    const fn new() -> Scratch {
+        Scratch {
+            partials: Vec::new(),
+            totals: Vec::new(),
+            folded: Folded {
+                scale: Vec::new(),
+                shift: Vec::new(),
+                act: Act::None,
+            },
+            means: Vec::new(),
+        }
+    }
+}
+
+static SCRATCH: std::sync::Mutex<Scratch> = std::sync::Mutex::new(Scratch::new());
+
+/// `f` with the kept [`Scratch`].
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    crate::with_kept(&SCRATCH, Scratch::new, f)
 }
 
 /// Rows per parallel task in the reductions: small enough that f32 partial sums stay accurate.
@@ -64,64 +94,51 @@ fn row_task(t: usize, rows: usize) -> Range<usize> {
 
 /// `sums` per-channel sums over row ranges, in parallel over row tasks and channel blocks.
 /// `f(rows, channels, partial)` adds its rows' contribution for `channels` into `partial`
-/// (`sums × channels.len()`, sum by sum); the row tasks' partials are combined in f64. Returns
-/// `sums × width` values, sum by sum. Mark `f` `#[inline(always)]`: it then compiles inside
+/// (`sums × channels.len()`, sum by sum, zeroed first); the row tasks' partials (kept in
+/// `partials`) are then added up in f64, task by task in order, into `totals`: `sums × width`
+/// values, sum by sum. Mark `f` `#[inline(always)]`: it then compiles inside
 /// `simd::dispatch`'s vector features (without, an activation's derivative ran scalar: batch
 /// norm's backward took 9× longer).
 fn par_row_sums(
-    rows: usize,
-    width: usize,
-    sums: usize,
+    (rows, width, sums): (usize, usize, usize),
     f: impl Fn(Range<usize>, Range<usize>, &mut [f32]) + Sync,
-) -> Vec<f64> {
+    partials: &mut Vec<f32>,
+    totals: &mut Vec<f64>,
+) {
     let tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
     let block = channel_block(rows, width);
-    let blocks: Vec<Vec<f64>> = (0..width.div_ceil(block))
-        .into_par_iter()
-        .map(|j| {
-            let channels = j * block..((j + 1) * block).min(width);
-            let len = sums * channels.len();
-            let partials = (0..tasks).into_par_iter().map(|t| {
-                let mut partial = vec![0f32; len];
-                simd::dispatch(
-                    #[inline(always)]
-                    || f(row_task(t, rows), channels.clone(), &mut partial),
-                );
-                partial
-            });
-            sum_partials(partials, len)
-        })
-        .collect();
-    let mut totals = vec![0f64; sums * width];
-    for (j, part) in blocks.iter().enumerate() {
-        let w = part.len() / sums.max(1);
-        for k in 0..sums {
-            totals[k * width + j * block..][..w].copy_from_slice(&part[k * w..][..w]);
+    let blocks = width.div_ceil(block);
+    // Task (block j, row task t) owns piece j·tasks + t, sized for a whole block.
+    let piece = sums * block;
+    if partials.len() < blocks * tasks * piece {
+        partials.resize(blocks * tasks * piece, 0.0);
+    }
+    let channels = |j: usize| j * block..((j + 1) * block).min(width);
+    partials[..blocks * tasks * piece]
+        .par_chunks_mut(piece.max(1))
+        .enumerate()
+        .for_each(|(i, part)| {
+            let (j, t) = (i / tasks, i % tasks);
+            let part = &mut part[..sums * channels(j).len()];
+            part.fill(0.0);
+            simd::dispatch(
+                #[inline(always)]
+                || f(row_task(t, rows), channels(j), part),
+            );
+        });
+    totals.clear();
+    totals.resize(sums * width, 0.0);
+    for j in 0..blocks {
+        let ch = channels(j);
+        for t in 0..tasks {
+            let part = &partials[(j * tasks + t) * piece..][..sums * ch.len()];
+            for (k, values) in part.chunks_exact(ch.len().max(1)).enumerate() {
+                for (total, v) in totals[k * width + ch.start..].iter_mut().zip(values) {
+                    *total += *v as f64;
+                }
+            }
         }
     }
-    totals
-}
-
-/// Adds up f32 partial sums from parallel tasks in f64.
-fn sum_partials(partials: impl ParallelIterator<Item = Vec<f32>>, width: usize) -> Vec<f64> {
-    partials
-        .fold(
-            || vec![0f64; width],
-            |mut total, part| {
-                total
-                    .iter_mut()
-                    .zip(&part)
-                    .for_each(|(t, p)| *t += *p as f64);
-                total
-            },
-        )
-        .reduce(
-            || vec![0f64; width],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
 }
 
 /// Rows per task in elementwise passes over `[rows, c]` tensors: about 16K values.
@@ -160,51 +177,60 @@ pub fn train_forward(
     sync: Option<&ReplicaSum>,
 ) -> usize {
     let local_rows = x.len() / c;
-    let sums = par_row_sums(
-        local_rows,
-        c,
-        1,
-        #[inline(always)]
-        |r, ch, acc| {
-            for row in x[r.start * c..r.end * c].chunks_exact(c) {
-                for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
-                    *a += v;
+    with_scratch(|scratch| {
+        let Scratch {
+            partials,
+            totals,
+            folded,
+            ..
+        } = scratch;
+        par_row_sums(
+            (local_rows, c, 1),
+            #[inline(always)]
+            |r, ch, acc| {
+                for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                    for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
+                        *a += v;
+                    }
                 }
-            }
-        },
-    );
-    let (sums, total) = across_replicas(sums, local_rows, sync);
-    for (m, s) in mean.iter_mut().zip(&sums) {
-        *m = (s / total) as f32;
-    }
-    let mean_ro: &[f32] = mean;
-    // Two passes (mean, then squared deviations) keep the variance accurate for large means.
-    let sq = par_row_sums(
-        local_rows,
-        c,
-        1,
-        #[inline(always)]
-        |r, ch, acc| {
-            for row in x[r.start * c..r.end * c].chunks_exact(c) {
-                for ((a, v), m) in acc
-                    .iter_mut()
-                    .zip(&row[ch.clone()])
-                    .zip(&mean_ro[ch.clone()])
-                {
-                    let d = v - m;
-                    *a += d * d;
+            },
+            partials,
+            totals,
+        );
+        let total = across_replicas(totals, local_rows, sync);
+        for (m, s) in mean.iter_mut().zip(totals.iter()) {
+            *m = (s / total) as f32;
+        }
+        let mean_ro: &[f32] = mean;
+        // Two passes (mean, then squared deviations) keep the variance accurate for large means.
+        par_row_sums(
+            (local_rows, c, 1),
+            #[inline(always)]
+            |r, ch, acc| {
+                for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                    for ((a, v), m) in acc
+                        .iter_mut()
+                        .zip(&row[ch.clone()])
+                        .zip(&mean_ro[ch.clone()])
+                    {
+                        let d = v - m;
+                        *a += d * d;
+                    }
                 }
-            }
-        },
-    );
-    let (sq, _) = across_replicas(sq, local_rows, sync);
-    for ch in 0..c {
-        let v = (sq[ch] / total) as f32;
-        var[ch] = v;
-        invstd[ch] = 1.0 / (v + eps).sqrt();
-    }
-    Folded::from_stats(gamma, beta, mean, invstd, act).apply_copy(x, c, y);
-    total as usize
+            },
+            partials,
+            totals,
+        );
+        across_replicas(totals, local_rows, sync);
+        for ch in 0..c {
+            let v = (totals[ch] / total) as f32;
+            var[ch] = v;
+            invstd[ch] = 1.0 / (v + eps).sqrt();
+        }
+        folded.set_stats(gamma, beta, mean, invstd, act);
+        folded.apply_copy(x, c, y);
+        total as usize
+    })
 }
 
 /// Eval-mode batch norm folded into one scale and shift per channel, with its activation,
@@ -225,14 +251,29 @@ impl Folded {
         invstd: &[f32],
         act: Act,
     ) -> Folded {
-        let scale: Vec<f32> = gamma.iter().zip(invstd).map(|(g, s)| g * s).collect();
-        let shift = beta
-            .iter()
-            .zip(mean)
-            .zip(&scale)
-            .map(|((b, m), s)| b - m * s)
-            .collect();
-        Folded { scale, shift, act }
+        let mut folded = Folded {
+            scale: Vec::new(),
+            shift: Vec::new(),
+            act,
+        };
+        folded.set_stats(gamma, beta, mean, invstd, act);
+        folded
+    }
+
+    /// [`Folded::from_stats`] into this one's buffers (training's per-step statistics: no
+    /// allocation once they have grown).
+    fn set_stats(&mut self, gamma: &[f32], beta: &[f32], mean: &[f32], invstd: &[f32], act: Act) {
+        self.scale.clear();
+        self.scale
+            .extend(gamma.iter().zip(invstd).map(|(g, s)| g * s));
+        self.shift.clear();
+        self.shift.extend(
+            beta.iter()
+                .zip(mean)
+                .zip(&self.scale)
+                .map(|((b, m), s)| b - m * s),
+        );
+        self.act = act;
     }
 
     /// `γ·(x − mean)/sqrt(var + eps) + β` as `x·scale + shift`.
@@ -355,76 +396,87 @@ fn train_backward_rows<A: Activation>(
         "batch norm backward: x, dy and dx differ in length"
     );
     let rows = x.len() / c;
-    let Folded { scale, shift, .. } = Folded::from_stats(gamma, beta, mean, invstd, Act::None);
-    // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
-    // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂, over row
-    // tasks and channel blocks.
-    let dz_addr = dx.as_mut_ptr() as usize;
-    let local = par_row_sums(
-        rows,
-        c,
-        2,
-        #[inline(always)]
-        |r, ch, acc| {
-            let width = ch.len();
-            let (sd, sx) = acc.split_at_mut(width);
-            let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
-            let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
-            for r in r {
-                let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
-                // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed mutably for this
-                // whole call; this task alone writes row r's channels `ch` (row tasks and channel
-                // blocks partition rows × channels), and pass 2 starts after every task has ended.
-                let dzr = unsafe {
-                    let first = (dz_addr as *mut f32).add(r * c + ch.start);
-                    std::slice::from_raw_parts_mut(first, width)
-                };
-                for (((o, xv), g), (s, b)) in
-                    dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
-                {
-                    *o = g * A::derivative(xv * s + b);
-                }
-                for ((((dz, xv), (m, is)), sd), sx) in dzr
-                    .iter()
-                    .zip(xr)
-                    .zip(mean.iter().zip(invstd))
-                    .zip(sd.iter_mut())
-                    .zip(sx.iter_mut())
-                {
-                    *sd += dz;
-                    *sx += dz * (xv - m) * is;
-                }
-            }
-        },
-    );
-    for ch in 0..c {
-        dbeta[ch] += local[ch] as f32;
-        dgamma[ch] += local[c + ch] as f32;
-    }
-    let (sums, total) = across_replicas(local, rows, sync);
-    let inv_rows = 1.0 / total;
-    let mean_dz: Vec<f32> = sums[..c].iter().map(|s| (s * inv_rows) as f32).collect();
-    let mean_dzx: Vec<f32> = sums[c..].iter().map(|s| (s * inv_rows) as f32).collect();
-    // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), in place over dz.
-    let chunk = elementwise_rows(c) * c;
-    dx.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(dxc, xc)| {
-            simd::dispatch(
-                #[inline(always)]
-                || {
-                    for (dr, xr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                        let it = dr
-                            .iter_mut()
-                            .zip(xr)
-                            .zip(scale.iter().zip(mean.iter().zip(invstd)));
-                        for (((o, xv), (s, (m, is))), (md, mx)) in
-                            it.zip(mean_dz.iter().zip(&mean_dzx))
-                        {
-                            *o = s * (*o - md - (xv - m) * is * mx);
-                        }
+    with_scratch(|scratch| {
+        let Scratch {
+            partials,
+            totals,
+            folded,
+            means,
+        } = scratch;
+        folded.set_stats(gamma, beta, mean, invstd, Act::None);
+        let (scale, shift) = (&folded.scale[..], &folded.shift[..]);
+        // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
+        // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂, over
+        // row tasks and channel blocks.
+        let dz_addr = dx.as_mut_ptr() as usize;
+        par_row_sums(
+            (rows, c, 2),
+            #[inline(always)]
+            |r, ch, acc| {
+                let width = ch.len();
+                let (sd, sx) = acc.split_at_mut(width);
+                let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
+                let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
+                for r in r {
+                    let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
+                    // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed
+                    // mutably for this whole call; this task alone writes row r's channels
+                    // `ch` (row tasks and channel blocks partition rows × channels), and pass
+                    // 2 starts after every task has ended.
+                    let dzr = unsafe {
+                        let first = (dz_addr as *mut f32).add(r * c + ch.start);
+                        std::slice::from_raw_parts_mut(first, width)
+                    };
+                    for (((o, xv), g), (s, b)) in
+                        dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
+                    {
+                        *o = g * A::derivative(xv * s + b);
                     }
-                },
-            )
-        });
+                    for ((((dz, xv), (m, is)), sd), sx) in dzr
+                        .iter()
+                        .zip(xr)
+                        .zip(mean.iter().zip(invstd))
+                        .zip(sd.iter_mut())
+                        .zip(sx.iter_mut())
+                    {
+                        *sd += dz;
+                        *sx += dz * (xv - m) * is;
+                    }
+                }
+            },
+            partials,
+            totals,
+        );
+        for ch in 0..c {
+            dbeta[ch] += totals[ch] as f32;
+            dgamma[ch] += totals[c + ch] as f32;
+        }
+        let total = across_replicas(totals, rows, sync);
+        let inv_rows = 1.0 / total;
+        means.clear();
+        means.extend(totals[..2 * c].iter().map(|s| (s * inv_rows) as f32));
+        let (mean_dz, mean_dzx) = means.split_at(c);
+        // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), in place over dz.
+        let chunk = elementwise_rows(c) * c;
+        dx.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(dxc, xc)| {
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (dr, xr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                            let it = dr
+                                .iter_mut()
+                                .zip(xr)
+                                .zip(scale.iter().zip(mean.iter().zip(invstd)));
+                            for (((o, xv), (s, (m, is))), (md, mx)) in
+                                it.zip(mean_dz.iter().zip(mean_dzx))
+                            {
+                                *o = s * (*o - md - (xv - m) * is * mx);
+                            }
+                        }
+                    },
+                )
+            });
+    })
 }

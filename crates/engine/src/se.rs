@@ -18,6 +18,20 @@ pub struct SeGeom {
     pub act: Act,
 }
 
+/// [`backward`]'s per-image gradients, kept between calls.
+#[derive(Default)]
+struct Grads {
+    pre_gate: Vec<f32>,
+    pre_act: Vec<f32>,
+    pooled: Vec<f32>,
+}
+
+static GRADS: std::sync::Mutex<Grads> = std::sync::Mutex::new(Grads {
+    pre_gate: Vec::new(),
+    pre_act: Vec::new(),
+    pooled: Vec::new(),
+});
+
 /// What the forward pass keeps for the backward pass (small: per image, not per pixel).
 #[derive(Debug, Clone)]
 pub struct SeSaved {
@@ -162,109 +176,117 @@ pub fn backward(
 ) {
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
     // d(pre-sigmoid) = Σ_hw dy·x · gate·(1 − gate)
-    let mut d_pre_gate = vec![0f32; n * c];
-    d_pre_gate
-        .par_chunks_mut(c)
-        .enumerate()
-        .with_min_len(images_per_task(hw * c))
-        .for_each(|(b, acc)| {
-            simd::dispatch(
-                #[inline(always)]
-                || {
-                    for (xr, gr) in x[b * hw * c..][..hw * c]
-                        .chunks_exact(c)
-                        .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
-                    {
-                        for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
-                            *a += xv * gv;
+    crate::with_kept(&GRADS, Grads::default, |grads| {
+        let Grads {
+            pre_gate,
+            pre_act,
+            pooled,
+        } = grads;
+        let d_pre_gate = crate::at_least(pre_gate, n * c);
+        d_pre_gate.fill(0.0);
+        d_pre_gate
+            .par_chunks_mut(c)
+            .enumerate()
+            .with_min_len(images_per_task(hw * c))
+            .for_each(|(b, acc)| {
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (xr, gr) in x[b * hw * c..][..hw * c]
+                            .chunks_exact(c)
+                            .zip(dy[b * hw * c..][..hw * c].chunks_exact(c))
+                        {
+                            for ((a, xv), gv) in acc.iter_mut().zip(xr).zip(gr) {
+                                *a += xv * gv;
+                            }
                         }
-                    }
-                    for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
-                        *a *= s * (1.0 - s);
-                    }
-                },
-            )
-        });
-    matmul(
-        dw2,
-        c,
-        cr,
-        n,
-        &d_pre_gate,
-        Layout::Transposed,
-        &saved.hidden,
-        Layout::Normal,
-        true,
-    );
-    let mut d_pre_act = vec![0f32; n * cr];
-    matmul(
-        &mut d_pre_act,
-        n,
-        cr,
-        c,
-        &d_pre_gate,
-        Layout::Normal,
-        w2,
-        Layout::Normal,
-        false,
-    );
-    simd::dispatch(
-        #[inline(always)]
-        || {
-            for (d, p) in d_pre_act.iter_mut().zip(&saved.pre_act) {
-                *d *= g.act.derivative(*p);
+                        for (a, s) in acc.iter_mut().zip(&saved.gate[b * c..][..c]) {
+                            *a *= s * (1.0 - s);
+                        }
+                    },
+                )
+            });
+        matmul(
+            dw2,
+            c,
+            cr,
+            n,
+            d_pre_gate,
+            Layout::Transposed,
+            &saved.hidden,
+            Layout::Normal,
+            true,
+        );
+        let d_pre_act = crate::at_least(pre_act, n * cr);
+        matmul(
+            d_pre_act,
+            n,
+            cr,
+            c,
+            d_pre_gate,
+            Layout::Normal,
+            w2,
+            Layout::Normal,
+            false,
+        );
+        simd::dispatch(
+            #[inline(always)]
+            || {
+                for (d, p) in d_pre_act.iter_mut().zip(&saved.pre_act) {
+                    *d *= g.act.derivative(*p);
+                }
+            },
+        );
+        for b in 0..n {
+            for (acc, d) in db2.iter_mut().zip(&d_pre_gate[b * c..][..c]) {
+                *acc += d;
             }
-        },
-    );
-    for b in 0..n {
-        for (acc, d) in db2.iter_mut().zip(&d_pre_gate[b * c..][..c]) {
-            *acc += d;
+            for (acc, d) in db1.iter_mut().zip(&d_pre_act[b * cr..][..cr]) {
+                *acc += d;
+            }
         }
-        for (acc, d) in db1.iter_mut().zip(&d_pre_act[b * cr..][..cr]) {
-            *acc += d;
-        }
-    }
-    matmul(
-        dw1,
-        cr,
-        c,
-        n,
-        &d_pre_act,
-        Layout::Transposed,
-        &saved.pooled,
-        Layout::Normal,
-        true,
-    );
-    let mut d_pooled = vec![0f32; n * c];
-    matmul(
-        &mut d_pooled,
-        n,
-        c,
-        cr,
-        &d_pre_act,
-        Layout::Normal,
-        w1,
-        Layout::Normal,
-        false,
-    );
-    let inv_hw = 1.0 / hw as f32;
-    let gate = &saved.gate;
-    dx.par_chunks_mut(hw * c)
-        .zip(dy.par_chunks(hw * c))
-        .enumerate()
-        .with_min_len(images_per_task(hw * c))
-        .for_each(|(b, (dxi, dyi))| {
-            let gi = &gate[b * c..][..c];
-            let pi = &d_pooled[b * c..][..c];
-            simd::dispatch(
-                #[inline(always)]
-                || {
-                    for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
-                        for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
-                            *o = gv * s + p * inv_hw;
+        matmul(
+            dw1,
+            cr,
+            c,
+            n,
+            d_pre_act,
+            Layout::Transposed,
+            &saved.pooled,
+            Layout::Normal,
+            true,
+        );
+        let d_pooled = crate::at_least(pooled, n * c);
+        matmul(
+            d_pooled,
+            n,
+            c,
+            cr,
+            d_pre_act,
+            Layout::Normal,
+            w1,
+            Layout::Normal,
+            false,
+        );
+        let inv_hw = 1.0 / hw as f32;
+        let gate = &saved.gate;
+        dx.par_chunks_mut(hw * c)
+            .zip(dy.par_chunks(hw * c))
+            .enumerate()
+            .with_min_len(images_per_task(hw * c))
+            .for_each(|(b, (dxi, dyi))| {
+                let gi = &gate[b * c..][..c];
+                let pi = &d_pooled[b * c..][..c];
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (dr, gr) in dxi.chunks_exact_mut(c).zip(dyi.chunks_exact(c)) {
+                            for (((o, gv), s), p) in dr.iter_mut().zip(gr).zip(gi).zip(pi) {
+                                *o = gv * s + p * inv_hw;
+                            }
                         }
-                    }
-                },
-            )
-        });
+                    },
+                )
+            });
+    })
 }

@@ -807,7 +807,9 @@ impl Network {
         let mut g_skip = std::mem::take(&mut ws.grad_skip);
         {
             let (dw, rest) = grads.split_at_mut(self.fc_bias.start);
-            let mut d_dropped = vec![0f32; n * f];
+            // The head's two gradients sit in buffers the layers use only later (each holds
+            // the largest activation, at least n·f).
+            let d_dropped = &mut g_next[..n * f];
             linear::backward(
                 &ws.dropped,
                 n,
@@ -815,13 +817,13 @@ impl Network {
                 self.classes,
                 &p[self.fc_weight.clone()],
                 dlogits,
-                &mut d_dropped,
+                d_dropped,
                 &mut dw[self.fc_weight.clone()],
                 &mut rest[..self.classes],
             );
-            let mut d_pooled = vec![0f32; n * f];
-            regularize::apply_mask(&d_dropped, &ws.dropout_mask, &mut d_pooled);
-            pool::global_avg_backward(&d_pooled, n, hw, f, &mut g);
+            let d_pooled = &mut g_skip[..n * f];
+            regularize::apply_mask(d_dropped, &ws.dropout_mask, d_pooled);
+            pool::global_avg_backward(d_pooled, n, hw, f, &mut g);
         }
         for i in (0..self.layers.len()).rev() {
             let y_len = ws.shapes[i + 1].len();

@@ -1,0 +1,92 @@
+//! A training step (train-mode forward, loss, backward) allocates nothing once its workspace
+//! and each thread's kernel buffers have grown: activations, saved statistics, packing
+//! buffers and partial sums are all kept. What heap traffic is left is rayon's own: a job box
+//! for each worker kept awake. This test binary holds one test, so nothing else allocates
+//! while it counts.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use effnet_engine::loss;
+use effnet_engine::rng::Rng;
+use effnet_model::{arch, Mode, Network, Weights};
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged; the counters are atomics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            COUNT.fetch_add(1, Ordering::Relaxed);
+            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        }
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+#[test]
+fn a_training_step_allocates_nothing_after_the_first() {
+    // V2-B0 at 64 px, batch 2, on two threads: every kind of layer forward and backward, and
+    // the general product's paths (serial, rows split with shared panels, columns split,
+    // reduction split). Before the products had their own kernels, ~1,500 allocations a step.
+    let threads = 2;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a pool");
+    let mut config = arch("efficientnetv2_b0").expect("known");
+    config.num_classes = 10;
+    let net = Network::new(config);
+    let mut weights = Weights::init(&net, 1);
+    let (n, size) = (2, 64);
+    let mut ws = net.workspace(n, size, size);
+    let image: Vec<f32> = (0..n * size * size * 3)
+        .map(|i| (i % 17) as f32 / 17.0)
+        .collect();
+    let mut targets = vec![0f32; n * net.classes];
+    loss::smoothed_targets(&[3, 7], net.classes, 0.1, &mut targets);
+    let mut dlogits = vec![0f32; n * net.classes];
+    let mut grads = vec![0f32; weights.params.len()];
+    let mut rng = Rng::new(0);
+    let mode = Mode::Train {
+        bn_momentum: 0.1,
+        stochastic: true,
+    };
+    pool.install(|| {
+        let mut step = || {
+            let logits = net.forward(&mut weights, &mut ws, &image, mode, &mut rng);
+            loss::softmax_cross_entropy(logits, net.classes, &targets, &mut dlogits);
+            grads.fill(0.0);
+            net.backward(&weights, &mut ws, &dlogits, &mut grads);
+            grads.iter().map(|g| g.abs()).sum::<f32>()
+        };
+        step();
+        step();
+        COUNTING.store(true, Ordering::Relaxed);
+        let steps = 3;
+        let mut sums = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            sums.push(step());
+        }
+        COUNTING.store(false, Ordering::Relaxed);
+        assert!(sums.iter().all(|s| s.is_finite() && *s > 0.0), "{sums:?}");
+        let (count, largest) = (
+            COUNT.load(Ordering::Relaxed),
+            LARGEST.load(Ordering::Relaxed),
+        );
+        assert!(
+            count <= 2 * steps * threads && largest <= 64,
+            "{count} allocations in {steps} steps, the largest {largest} bytes"
+        );
+    });
+}
