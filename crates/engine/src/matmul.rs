@@ -76,6 +76,9 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
+    if a_layout == Layout::Transposed && b_layout == Layout::Normal && swap_pays(m, n, k) {
+        return swapped(c, m, n, k, a, b, accumulate);
+    }
     let (a, b) = (View::new(a, a_layout, m, k), View::new(b, b_layout, k, n));
     let threads = rayon::current_num_threads();
     let long_reduction = k >= 2048 && k >= 4 * m.max(n);
@@ -87,11 +90,45 @@ pub fn matmul(
     if parallel && m <= FEW_ROWS && n >= 64 * threads {
         return split_columns(c, m, n, k, a, b, accumulate, threads);
     }
-    if parallel {
+    // Fewer than two tiles of rows per thread: a split by rows would leave threads idle or
+    // nearly so (squeeze-excitation's products at batch 8 ran 2× slower split).
+    if parallel && m >= 12 * threads {
         return split_rows(c, m, n, k, a, b, accumulate, threads);
     }
     // SAFETY: `c` holds the m × n output (asserted) and is borrowed mutably for the call.
     unsafe { serial(c.as_mut_ptr(), n, (m, n, k), a, b, accumulate) }
+}
+
+/// Whether `c[m×n] = aᵀ·b` (a weight gradient) runs faster as `cᵀ = bᵀ·a`, transposed back:
+/// the transposed operand is the one packed, 8 × 8 at a time, so the narrower one should be;
+/// the transpose back costs `m·n`. A 3×3 convolution's gradient on 24 output channels (216
+/// patch values) ran 1.5–2× faster so.
+fn swap_pays(m: usize, n: usize, k: usize) -> bool {
+    n < m && (m - n) * k > 2 * m * n
+}
+
+/// Each thread's [`swapped`] products, kept between calls.
+static SWAPPED: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+
+/// `c (+)= aᵀ·b` as `(bᵀ·a)ᵀ` (see [`swap_pays`]): `aᵀ` is stored `[k, m]`, `b` `[k, n]`.
+#[allow(clippy::too_many_arguments)]
+fn swapped(c: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], b: &[f32], accumulate: bool) {
+    crate::with_kept(&SWAPPED, Vec::new, |buf| {
+        let ct = crate::at_least(buf, n * m);
+        matmul(ct, n, m, k, b, Layout::Transposed, a, Layout::Normal, false);
+        c[..m * n]
+            .par_chunks_mut(64 * n)
+            .enumerate()
+            .for_each(|(block, rows)| {
+                for (r, row) in rows.chunks_exact_mut(n).enumerate() {
+                    let i = block * 64 + r;
+                    for (j, o) in row.iter_mut().enumerate() {
+                        let v = ct[j * m + i];
+                        *o = if accumulate { *o + v } else { v };
+                    }
+                }
+            });
+    })
 }
 
 /// Products with at most this many rows split their output's columns across threads.
@@ -487,7 +524,7 @@ fn pack_rows(a: View, rows: usize, depth: usize, out: &mut [f32]) {
 /// for 8 at each `i·ld`, `i < 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+pub(crate) unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
     use std::arch::x86_64::*;
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ls)));
     // Pairs of rows interleaved, then quads of values per 128-bit lane, then the lanes joined.
