@@ -75,6 +75,53 @@ pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 pub use shape::{same_padding, Nhwc};
 
+/// The largest size that any worker's buffer of one kind (packing, Winograd's scratch) has
+/// been asked for. Tasks land on workers by chance, so a worker may meet a kind's largest need
+/// for the first time many passes in; growing every worker's buffer to the high-water mark
+/// ([`spread_worker_buffers`]) after a pass that raised it keeps later passes from allocating.
+pub(crate) struct HighWater(std::sync::atomic::AtomicUsize);
+
+/// Whether some [`HighWater`] rose since the last [`spread_worker_buffers`].
+static RAISED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl HighWater {
+    pub(crate) const fn new() -> HighWater {
+        HighWater(std::sync::atomic::AtomicUsize::new(0))
+    }
+
+    /// `buf[..len]`, `buf` grown first (to the high-water mark) if it is shorter.
+    pub(crate) fn grow<'a>(&self, buf: &'a mut Vec<f32>, len: usize) -> &'a mut [f32] {
+        use std::sync::atomic::Ordering;
+        let before = self.0.fetch_max(len, Ordering::Relaxed);
+        if before < len {
+            RAISED.store(true, Ordering::Relaxed);
+        }
+        if buf.len() < len {
+            buf.resize(before.max(len), 0.0);
+        }
+        &mut buf[..len]
+    }
+
+    /// `buf` grown to the high-water mark.
+    pub(crate) fn reach(&self, buf: &mut Vec<f32>) {
+        let high = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        if buf.len() < high {
+            buf.resize(high, 0.0);
+        }
+    }
+}
+
+/// Grows every worker's kept buffers to their kinds' high-water marks, if any rose since the
+/// last call (a broadcast over the pool then; otherwise nothing). Run after each pass.
+pub fn spread_worker_buffers() {
+    if RAISED.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        rayon::broadcast(|_| {
+            matmul::reach_high_water();
+            winograd::reach_high_water();
+        });
+    }
+}
+
 /// `buf[..len]`, grown to that first if it is shorter (a kept buffer).
 pub(crate) fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {

@@ -382,6 +382,18 @@ thread_local! {
     static PACKS: RefCell<Packs> = RefCell::new(Packs::default());
 }
 
+/// High-water marks of [`Packs`]' two buffers over every worker.
+static PANELS_HIGH: crate::HighWater = crate::HighWater::new();
+static ROWS_HIGH: crate::HighWater = crate::HighWater::new();
+
+/// Grows this thread's [`Packs`] to the high-water marks (see [`crate::spread_worker_buffers`]).
+pub(crate) fn reach_high_water() {
+    PACKS.with_borrow_mut(|packs| {
+        PANELS_HIGH.reach(&mut packs.panels);
+        ROWS_HIGH.reach(&mut packs.rows);
+    });
+}
+
 /// `c = (accumulate ? c : 0) + a·b` for `(m, n, k)` on the calling thread, output row `i` at
 /// `c + i·ldc`. The reduction goes block by block: the right operand's block is packed into
 /// panels, then [`against_panels`]; every block after the first adds to what the ones before
@@ -419,7 +431,7 @@ unsafe fn serial(
         let mut panels = std::mem::take(&mut packs.panels);
         for k0 in (0..k).step_by(depth) {
             let kc = depth.min(k - k0);
-            let block = crate::at_least(&mut panels, pointwise::packed_len(kc, n));
+            let block = PANELS_HIGH.grow(&mut panels, pointwise::packed_len(kc, n));
             pointwise::pack_strided_into(kc, n, b.from(k0, 0).data, (b.rs, b.cs), block);
             let add = accumulate || k0 > 0;
             // SAFETY: the caller's contract, for all m rows.
@@ -454,7 +466,7 @@ unsafe fn against_panels(
         let (x, pixel) = if in_place(a) {
             (a.data, a.rs)
         } else {
-            let out = crate::at_least(&mut packs.rows, count * kc);
+            let out = ROWS_HIGH.grow(&mut packs.rows, count * kc);
             pack_rows(a, count, kc, out);
             (&*out, kc)
         };

@@ -131,9 +131,7 @@ pub fn scratch_len(g: &ConvGeom, proj_cout: Option<usize>) -> usize {
 /// nothing (run it on every worker: `rayon::broadcast`).
 pub fn reserve(len: usize) {
     SCRATCH.with_borrow_mut(|scratch| {
-        if scratch.len() < len {
-            scratch.resize(len, 0.0);
-        }
+        SCRATCH_HIGH.grow(scratch, len);
     });
 }
 
@@ -288,9 +286,7 @@ fn run(g: &ConvGeom, x: &[f32], u: Filter, y: &mut [f32], epilogue: Epilogue, si
                     Sink::Projected(p) => projection_scratch(cout, p.cout),
                 };
                 let need = block_scratch(tiles.len(), cin, cout) + projected;
-                if scratch.len() < need {
-                    scratch.resize(need, 0.0);
-                }
+                SCRATCH_HIGH.grow(scratch, need);
                 let (v, rest) = scratch[..need].split_at_mut(POSITIONS * tiles.len() * cin);
                 let (m, rest) = rest.split_at_mut(POSITIONS * tiles.len() * cout);
                 let (zero, rest) = rest.split_at_mut(cin);
@@ -389,6 +385,15 @@ thread_local! {
     /// Each thread's block scratch for [`forward`], kept between calls for the life of the thread:
     /// allocated (and zeroed) once at its largest (a few MiB) instead of on every call.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`SCRATCH`]'s high-water mark over every worker.
+static SCRATCH_HIGH: crate::HighWater = crate::HighWater::new();
+
+/// Grows this thread's [`SCRATCH`] to the high-water mark (see
+/// [`crate::spread_worker_buffers`]).
+pub(crate) fn reach_high_water() {
+    SCRATCH.with_borrow_mut(|scratch| SCRATCH_HIGH.reach(scratch));
 }
 
 /// An image's size in pixels and in tiles.
@@ -663,9 +668,7 @@ pub fn weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], du: &mut [f32], dw: &mut
                     + 2 * POSITIONS * cin
                     + cin.max(width)
                     + (TILE * PATCH + POSITIONS) * width;
-                if scratch.len() < need {
-                    scratch.resize(need, 0.0);
-                }
+                SCRATCH_HIGH.grow(scratch, need);
                 let (vt, rest) = scratch[..need].split_at_mut(POSITIONS * block * cin);
                 let (dm, rest) = rest.split_at_mut(POSITIONS * block * width);
                 let (v1, rest) = rest.split_at_mut(POSITIONS * cin);

@@ -508,6 +508,9 @@ impl Network {
             &p[self.fc_bias.clone()],
             &mut ws.logits,
         );
+        // Every worker's kept buffers grown to the largest need any met, so that later passes
+        // allocate nothing wherever their tasks land.
+        effnet_engine::spread_worker_buffers();
         &ws.logits
     }
 
@@ -785,7 +788,11 @@ impl Network {
         dlogits: &[f32],
         grads: &mut [f32],
     ) {
-        effnet_engine::on_pool(|| self.backward_on_pool(weights, ws, dlogits, grads))
+        effnet_engine::on_pool(|| {
+            self.backward_on_pool(weights, ws, dlogits, grads);
+            // As after the forward pass.
+            effnet_engine::spread_worker_buffers();
+        })
     }
 
     fn backward_on_pool(

@@ -4,43 +4,13 @@
 //! times a little queue bookkeeping. This test binary holds one test, so nothing else allocates
 //! while it counts.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use effnet_engine::rng::Rng;
 use effnet_model::{arch, Mode, Network, Weights};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static COUNT: AtomicUsize = AtomicUsize::new(0);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counters are atomics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            COUNT.fetch_add(1, Ordering::Relaxed);
-            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        }
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+mod counting;
 
 #[test]
 fn an_inference_pass_allocates_nothing_after_the_first() {
-    if !effnet_engine::pointwise::available() {
-        // Without the pointwise kernel, squeeze-excitation's products keep the general matrix
-        // product, which packs (and allocates) per call.
-        eprintln!("skipped: no AVX2+FMA on this CPU");
-        return;
-    }
     let threads = 2;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -68,20 +38,12 @@ fn an_inference_pass_allocates_nothing_after_the_first() {
         };
         let first = pass();
         pass();
-        COUNTING.store(true, Ordering::Relaxed);
-        let passes = 3;
-        let mut sums = Vec::with_capacity(passes);
-        for _ in 0..passes {
-            sums.push(pass());
-        }
-        COUNTING.store(false, Ordering::Relaxed);
+        let passes = 3; // the array below
+        let (sums, count, largest) =
+            counting::counted(|| std::array::from_fn::<_, 3, _>(|_| pass()));
         assert!(
             sums.iter().all(|&s| s == first),
             "passes differ: {first} vs {sums:?}"
-        );
-        let (count, largest) = (
-            COUNT.load(Ordering::Relaxed),
-            LARGEST.load(Ordering::Relaxed),
         );
         assert!(
             count <= 2 * passes * threads && largest <= 64,

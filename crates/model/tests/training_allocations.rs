@@ -4,35 +4,11 @@
 //! for each worker kept awake. This test binary holds one test, so nothing else allocates
 //! while it counts.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
 use effnet_model::{arch, Mode, Network, Weights};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static COUNT: AtomicUsize = AtomicUsize::new(0);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counters are atomics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            COUNT.fetch_add(1, Ordering::Relaxed);
-            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        }
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+mod counting;
 
 #[test]
 fn a_training_step_allocates_nothing_after_the_first() {
@@ -72,18 +48,10 @@ fn a_training_step_allocates_nothing_after_the_first() {
         };
         step();
         step();
-        COUNTING.store(true, Ordering::Relaxed);
-        let steps = 3;
-        let mut sums = Vec::with_capacity(steps);
-        for _ in 0..steps {
-            sums.push(step());
-        }
-        COUNTING.store(false, Ordering::Relaxed);
+        let steps = 3; // the array below
+        let (sums, count, largest) =
+            counting::counted(|| std::array::from_fn::<_, 3, _>(|_| step()));
         assert!(sums.iter().all(|s| s.is_finite() && *s > 0.0), "{sums:?}");
-        let (count, largest) = (
-            COUNT.load(Ordering::Relaxed),
-            LARGEST.load(Ordering::Relaxed),
-        );
         assert!(
             count <= 2 * steps * threads && largest <= 64,
             "{count} allocations in {steps} steps, the largest {largest} bytes"
