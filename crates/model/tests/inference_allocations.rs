@@ -5,28 +5,22 @@
 //! while it counts.
 
 use effnet_engine::rng::Rng;
-use effnet_model::{arch, Mode, Network, Weights};
+use effnet_model::Mode;
 
 mod counting;
 
 #[test]
 fn an_inference_pass_allocates_nothing_after_the_first() {
-    let threads = 2;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("a pool");
-    let mut config = arch("efficientnetv2_b0").expect("known");
-    config.num_classes = 10;
-    let net = Network::new(config);
-    let mut weights = Weights::init(&net, 1);
-    // 64 px: Winograd (3×3, stride 1, ≥ 32 input channels), direct and 1×1 convolutions,
-    // depthwise, squeeze-excitation and residuals all run.
-    let (n, size) = (2, 64);
+    let counting::Case {
+        pool,
+        net,
+        mut weights,
+        image,
+        n,
+        size,
+    } = counting::b0_case();
+    let threads = counting::THREADS;
     let mut ws = net.inference_workspace(n, size, size);
-    let image: Vec<f32> = (0..n * size * size * 3)
-        .map(|i| (i % 17) as f32 / 17.0)
-        .collect();
     let mut rng = Rng::new(0);
     pool.install(|| {
         // In the pool that runs the passes: it also grows each worker's Winograd scratch.

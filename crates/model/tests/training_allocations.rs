@@ -6,7 +6,7 @@
 
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
-use effnet_model::{arch, Mode, Network, Weights};
+use effnet_model::Mode;
 
 mod counting;
 
@@ -15,20 +15,16 @@ fn a_training_step_allocates_nothing_after_the_first() {
     // V2-B0 at 64 px, batch 2, on two threads: every kind of layer forward and backward, and
     // the general product's paths (serial, rows split with shared panels, columns split,
     // reduction split). Before the products had their own kernels, ~1,500 allocations a step.
-    let threads = 2;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("a pool");
-    let mut config = arch("efficientnetv2_b0").expect("known");
-    config.num_classes = 10;
-    let net = Network::new(config);
-    let mut weights = Weights::init(&net, 1);
-    let (n, size) = (2, 64);
+    let counting::Case {
+        pool,
+        net,
+        mut weights,
+        image,
+        n,
+        size,
+    } = counting::b0_case();
+    let threads = counting::THREADS;
     let mut ws = net.workspace(n, size, size);
-    let image: Vec<f32> = (0..n * size * size * 3)
-        .map(|i| (i % 17) as f32 / 17.0)
-        .collect();
     let mut targets = vec![0f32; n * net.classes];
     loss::smoothed_targets(&[3, 7], net.classes, 0.1, &mut targets);
     let mut dlogits = vec![0f32; n * net.classes];

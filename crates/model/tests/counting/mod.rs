@@ -1,5 +1,6 @@
-//! A global allocator that counts, for the tests that check a pass allocates nothing: each
-//! such test binary holds one test, so nothing else allocates while it counts.
+//! A global allocator that counts, and the network the tests that check a pass allocates
+//! nothing run (each such test binary holds one test, so nothing else allocates while it
+//! counts).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,4 +41,41 @@ pub fn counted<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
         COUNT.load(Ordering::Relaxed),
         LARGEST.load(Ordering::Relaxed),
     )
+}
+
+/// What both allocation tests run: EfficientNetV2-B0 with 10 classes and random weights, a
+/// pool of `THREADS` workers, and a batch of 2 images at 64 px (Winograd, direct and 1×1
+/// convolutions, depthwise, squeeze-excitation and residuals all run at that size).
+pub struct Case {
+    pub pool: rayon::ThreadPool,
+    pub net: effnet_model::Network,
+    pub weights: effnet_model::Weights,
+    pub image: Vec<f32>,
+    pub n: usize,
+    pub size: usize,
+}
+
+pub const THREADS: usize = 2;
+
+pub fn b0_case() -> Case {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(THREADS)
+        .build()
+        .expect("a pool");
+    let mut config = effnet_model::arch("efficientnetv2_b0").expect("known");
+    config.num_classes = 10;
+    let net = effnet_model::Network::new(config);
+    let weights = effnet_model::Weights::init(&net, 1);
+    let (n, size) = (2, 64);
+    let image = (0..n * size * size * 3)
+        .map(|i| (i % 17) as f32 / 17.0)
+        .collect();
+    Case {
+        pool,
+        net,
+        weights,
+        image,
+        n,
+        size,
+    }
 }
