@@ -107,11 +107,10 @@ fn swap_pays(m: usize, n: usize, k: usize) -> bool {
     n < m && (m - n) * k > 2 * m * n
 }
 
-/// Each thread's [`swapped`] products, kept between calls.
+/// [`swapped`]'s transposed product, kept between calls.
 static SWAPPED: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
 
 /// `c (+)= aᵀ·b` as `(bᵀ·a)ᵀ` (see [`swap_pays`]): `aᵀ` is stored `[k, m]`, `b` `[k, n]`.
-#[allow(clippy::too_many_arguments)]
 fn swapped(c: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], b: &[f32], accumulate: bool) {
     crate::with_kept(&SWAPPED, Vec::new, |buf| {
         let ct = crate::at_least(buf, n * m);
