@@ -1,5 +1,6 @@
 //! GFLOP/s of `matmul` on the shapes of EfficientNetV2-S at 224 px (rows = pixels × batch,
-//! k = patch or input channels, n = output channels):
+//! k = patch or input channels, n = output channels), then of a training step's three products
+//! per 1×1 convolution at 128 px (forward on torch's weight, weight gradient, input gradient):
 //! `cargo run --release -p effnet-engine --example matmul_shapes [THREADS] [BATCH]`.
 
 use effnet_engine::matmul::{matmul, matmul_then, Layout};
@@ -72,5 +73,66 @@ fn main() {
         };
         let fused = rate(&|c| pointwise::forward(&a, m, k, n, &panels, c, Some(&silu), None));
         println!("{m:>6} {k:>5} {n:>5}  {plain:>9.1} {then:>9.1} {packed:>9.1} {fused:>9.1}");
+    }
+    training(batch);
+}
+
+/// A training step's products for V2-S's 1×1 convolutions at 128 px, in the pool as the
+/// network runs them: `y = x·wᵀ` (torch's `[cout, cin]` weight), `dw += dyᵀ·x`, `dx = dy·w`.
+fn training(batch: usize) {
+    // (pixels per image, cin, cout): stages 1–5's projections and expansions, and the head.
+    let shapes = [
+        (1024, 96, 48),
+        (256, 192, 64),
+        (256, 256, 64),
+        (64, 64, 256),
+        (64, 256, 128),
+        (64, 128, 512),
+        (64, 512, 128),
+        (64, 128, 768),
+        (64, 768, 160),
+        (64, 160, 960),
+        (64, 960, 160),
+        (16, 160, 960),
+        (16, 960, 256),
+        (16, 256, 1536),
+        (16, 1536, 256),
+        (16, 256, 1280),
+    ];
+    println!(
+        "\ntraining at 128 px, GFLOP/s\n{:>6} {:>5} {:>5}  {:>9} {:>9} {:>9}",
+        "rows", "cin", "cout", "forward", "dW", "dx"
+    );
+    for (pixels, cin, cout) in shapes {
+        let m = pixels * batch;
+        let x: Vec<f32> = (0..m * cin).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..cin * cout).map(|i| (i % 5) as f32 * 0.1).collect();
+        let dy: Vec<f32> = (0..m * cout).map(|i| (i % 3) as f32 * 0.1).collect();
+        let flops = 2.0 * (m * cin * cout) as f64;
+        let reps = ((2e9 / flops) as usize).clamp(3, 2000);
+        let rate = |len: usize, run: &(dyn Fn(&mut [f32]) + Sync)| {
+            let mut c = vec![0f32; len];
+            // Inside the pool, as the network's passes run (a loop started outside it pays a
+            // wake-up per call).
+            rayon::scope(|_| {
+                run(&mut c);
+                let t = Instant::now();
+                for _ in 0..reps {
+                    run(&mut c);
+                }
+                flops / (t.elapsed().as_secs_f64() / reps as f64) / 1e9
+            })
+        };
+        let (normal, t) = (Layout::Normal, Layout::Transposed);
+        let forward = rate(m * cout, &|y| {
+            matmul(y, m, cout, cin, &x, normal, &w, t, false)
+        });
+        let dw = rate(cin * cout, &|g| {
+            matmul(g, cout, cin, m, &dy, t, &x, normal, true)
+        });
+        let dx = rate(m * cin, &|g| {
+            matmul(g, m, cin, cout, &dy, normal, &w, normal, false)
+        });
+        println!("{m:>6} {cin:>5} {cout:>5}  {forward:>9.1} {dw:>9.1} {dx:>9.1}");
     }
 }
