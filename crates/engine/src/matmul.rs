@@ -9,7 +9,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::pointwise::{self, Then, NR};
+use crate::pointwise::{self, Then, MR, NR};
+use crate::simd;
 
 /// How a matrix operand is stored: `Normal` is row-major `[rows, cols]`; `Transposed` means the
 /// slice holds the row-major transpose (`[cols, rows]`), read with swapped strides, no copy.
@@ -84,16 +85,16 @@ pub fn matmul(
     let long_reduction = k >= 2048 && k >= 4 * m.max(n);
     if threads > 1 && a_layout == Layout::Transposed && b_layout == Layout::Normal && long_reduction
     {
-        return split_k(c, m, n, k, a, b, accumulate, threads);
+        return split_k(c, (m, n, k), a, b, accumulate, threads);
     }
     let parallel = threads > 1 && m * n * k >= PARALLEL_MIN_MACS;
     if parallel && m <= FEW_ROWS && n >= 64 * threads {
-        return split_columns(c, m, n, k, a, b, accumulate, threads);
+        return split_columns(c, (m, n, k), a, b, accumulate, threads);
     }
     // Fewer than two tiles of rows per thread: a split by rows would leave threads idle or
     // nearly so (squeeze-excitation's products at batch 8 ran 2× slower split).
-    if parallel && m >= 12 * threads {
-        return split_rows(c, m, n, k, a, b, accumulate, threads);
+    if parallel && m >= 2 * MR * threads {
+        return split_rows(c, (m, n, k), a, b, accumulate, threads);
     }
     // SAFETY: `c` holds the m × n output (asserted) and is borrowed mutably for the call.
     unsafe { serial(c.as_mut_ptr(), n, (m, n, k), a, b, accumulate) }
@@ -135,12 +136,9 @@ const FEW_ROWS: usize = 256;
 
 /// A product with few rows and many columns (1×1 convolutions on 7×7 and 14×14 maps at batch
 /// 1): each thread computes a block of whole columns on its own.
-#[allow(clippy::too_many_arguments)]
 fn split_columns(
     c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: View,
     b: View,
     accumulate: bool,
@@ -168,12 +166,9 @@ const TASK_ROWS: usize = 96;
 /// by others still end together). The right operand is packed once per block of the reduction,
 /// by every thread together, into panels that the tasks then share (a weight gradient's right
 /// operand is a whole activation: packing it per task cost more than the product).
-#[allow(clippy::too_many_arguments)]
 fn split_rows(
     c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: View,
     b: View,
     accumulate: bool,
@@ -184,8 +179,8 @@ fn split_rows(
         // At most one packed block of rows per task.
         tasks = tasks.max(m.div_ceil(PACKED_ROWS).div_ceil(threads) * threads);
     }
-    // Whole tiles of six rows per task.
-    let per = m.div_ceil(tasks).div_ceil(6) * 6;
+    // Whole tiles of rows per task.
+    let per = m.div_ceil(tasks).div_ceil(MR) * MR;
     let c_addr = c.as_mut_ptr() as usize;
     let depth = depth_for(a);
     crate::with_kept(&SHARED_PANELS, Vec::new, |panels| {
@@ -300,12 +295,9 @@ static SPLIT_K_PARTIALS: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec:
 /// `aᵀ·b` with a long reduction and a small output (weight gradients: Σ over every pixel):
 /// the reduction is split across threads. The first slice goes straight into `c`, the others
 /// into partials (overwritten, so never zeroed) that are then added to it.
-#[allow(clippy::too_many_arguments)]
 fn split_k(
     c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     a: View,
     b: View,
     accumulate: bool,
@@ -510,7 +502,7 @@ fn pack_rows(a: View, rows: usize, depth: usize, out: &mut [f32]) {
                 // i..i+8, inside `a` (asserted above), and writes rows i..i+8, steps p..p+8 of
                 // `out` (rows·depth long, asserted).
                 unsafe {
-                    transpose8(
+                    simd::transpose8(
                         a.data.as_ptr().add(p * a.cs + i),
                         a.cs,
                         out.as_mut_ptr().add(i * depth + p),
@@ -525,45 +517,6 @@ fn pack_rows(a: View, rows: usize, depth: usize, out: &mut [f32]) {
         for (i, &v) in step[..rows].iter().enumerate().skip(rows_left) {
             out[i * depth + p] = v;
         }
-    }
-}
-
-/// The 8 × 8 block at `src` (rows `ls` apart) transposed into `dst` (rows `ld` apart).
-///
-/// # Safety
-/// The CPU must have AVX; `src` must be readable for 8 values at each `i·ls`, `dst` writable
-/// for 8 at each `i·ld`, `i < 8`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-pub(crate) unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
-    use std::arch::x86_64::*;
-    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ls)));
-    // Pairs of rows interleaved, then quads of values per 128-bit lane, then the lanes joined.
-    let t: [__m256; 8] = std::array::from_fn(|i| {
-        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-        if i % 2 == 0 {
-            _mm256_unpacklo_ps(x, y)
-        } else {
-            _mm256_unpackhi_ps(x, y)
-        }
-    });
-    // s[j] (j < 4) holds columns j and j + 4 of rows 0–3, s[4 + j] those of rows 4–7.
-    let s: [__m256; 8] = std::array::from_fn(|j| {
-        let (base, col) = (j / 4 * 4, j % 4);
-        let (x, y) = (t[base + col / 2], t[base + 2 + col / 2]);
-        if col % 2 == 0 {
-            _mm256_shuffle_ps::<0x44>(x, y)
-        } else {
-            _mm256_shuffle_ps::<0xEE>(x, y)
-        }
-    });
-    for col in 0..4 {
-        let (lo, hi) = (s[col], s[4 + col]);
-        _mm256_storeu_ps(dst.add(col * ld), _mm256_permute2f128_ps::<0x20>(lo, hi));
-        _mm256_storeu_ps(
-            dst.add((col + 4) * ld),
-            _mm256_permute2f128_ps::<0x31>(lo, hi),
-        );
     }
 }
 

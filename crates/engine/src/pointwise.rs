@@ -19,7 +19,7 @@ use crate::simd;
 /// Output channels per panel: two AVX2 vectors.
 pub const NR: usize = 16;
 /// Rows per tile: 6 × 16 accumulators fill 12 of AVX2's 16 vector registers.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Columns of a wide tile: a whole panel and a last one of at most eight columns together (the
 /// 24-channel convolutions of EfficientNetV2's first stages), in three vectors.
 const WIDE: usize = NR + 8;
@@ -105,7 +105,7 @@ pub(crate) fn pack_strided_into(
                     // writes rows p..p+8, lanes 8·half.. of this panel (k × NR values).
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        crate::matmul::transpose8(
+                        simd::transpose8(
                             w.as_ptr().add(o * cs + p),
                             cs,
                             panel.as_mut_ptr().add(p * NR + 8 * half),

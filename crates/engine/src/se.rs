@@ -19,18 +19,23 @@ pub struct SeGeom {
 }
 
 /// [`backward`]'s per-image gradients, kept between calls.
-#[derive(Default)]
 struct Grads {
     pre_gate: Vec<f32>,
     pre_act: Vec<f32>,
     pooled: Vec<f32>,
 }
 
-static GRADS: std::sync::Mutex<Grads> = std::sync::Mutex::new(Grads {
-    pre_gate: Vec::new(),
-    pre_act: Vec::new(),
-    pooled: Vec::new(),
-});
+impl Grads {
+    const fn new() -> Grads {
+        Grads {
+            pre_gate: Vec::new(),
+            pre_act: Vec::new(),
+            pooled: Vec::new(),
+        }
+    }
+}
+
+static GRADS: std::sync::Mutex<Grads> = std::sync::Mutex::new(Grads::new());
 
 /// What the forward pass keeps for the backward pass (small: per image, not per pixel).
 #[derive(Debug, Clone)]
@@ -176,7 +181,7 @@ pub fn backward(
 ) {
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
     // d(pre-sigmoid) = Σ_hw dy·x · gate·(1 − gate)
-    crate::with_kept(&GRADS, Grads::default, |grads| {
+    crate::with_kept(&GRADS, Grads::new, |grads| {
         let Grads {
             pre_gate,
             pre_act,

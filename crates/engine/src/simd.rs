@@ -89,6 +89,45 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The 8 × 8 block at `src` (rows `ls` apart) transposed into `dst` (rows `ld` apart).
+///
+/// # Safety
+/// The CPU must have AVX; `src` must be readable for 8 values at each `i·ls`, `dst` writable
+/// for 8 at each `i·ld`, `i < 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ls)));
+    // Pairs of rows interleaved, then quads of values per 128-bit lane, then the lanes joined.
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(x, y)
+        } else {
+            _mm256_unpackhi_ps(x, y)
+        }
+    });
+    // s[j] (j < 4) holds columns j and j + 4 of rows 0–3, s[4 + j] those of rows 4–7.
+    let s: [__m256; 8] = std::array::from_fn(|j| {
+        let (base, col) = (j / 4 * 4, j % 4);
+        let (x, y) = (t[base + col / 2], t[base + 2 + col / 2]);
+        if col % 2 == 0 {
+            _mm256_shuffle_ps::<0x44>(x, y)
+        } else {
+            _mm256_shuffle_ps::<0xEE>(x, y)
+        }
+    });
+    for col in 0..4 {
+        let (lo, hi) = (s[col], s[4 + col]);
+        _mm256_storeu_ps(dst.add(col * ld), _mm256_permute2f128_ps::<0x20>(lo, hi));
+        _mm256_storeu_ps(
+            dst.add((col + 4) * ld),
+            _mm256_permute2f128_ps::<0x31>(lo, hi),
+        );
+    }
+}
+
 /// Asks for every cache line of `data` to be brought into L2 (a hint: no fault, no wait), for
 /// kernels that will read it soon and would otherwise wait on memory then.
 #[cfg(target_arch = "x86_64")]
