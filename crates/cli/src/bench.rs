@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use clap::Args;
-use effnet_engine::loss;
 use effnet_engine::rng::Rng;
+use effnet_engine::{loss, Precision};
 use effnet_model::{arch, Mode, Network, Weights};
 
 #[derive(Args)]
@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// GPU math: `tf32` (tensor cores for f32, the reference's default) or `f32`.
     #[arg(long, default_value = "tf32")]
     pub(crate) math: String,
+    /// CPU inference: the 1×1 convolutions in `f32`, or `bf16` (operands rounded to bf16, sums
+    /// in f32; needs AVX512_BF16). Training runs in f32.
+    #[arg(long, default_value = "f32")]
+    pub(crate) precision: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,10 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
         crate::Device::Cuda => return crate::cuda_cmd::bench(args, kind == Kind::Training),
     }
     let config = arch(&args.arch)?;
+    let precision = crate::precision(&args.precision)?;
+    if kind == Kind::Training && precision != Precision::F32 {
+        return Err("training runs in f32 only (--precision bf16 is for inference)".into());
+    }
     if args.steps == 0 || args.img_size < 8 || args.batch_sizes.contains(&0) {
         return Err("--steps, --batch-size must be at least 1 and --img-size at least 8".into());
     }
@@ -86,11 +94,12 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     };
     if !args.json {
         println!(
-            "{} {} at {}×{}, f32, {} threads, {:.2} GMACs/image",
+            "{} {} at {}×{}, {}, {} threads, {:.2} GMACs/image",
             net.config.name,
             mode_name,
             args.img_size,
             args.img_size,
+            precision.name(),
             threads,
             net.macs(args.img_size, args.img_size) as f64 / 1e9
         );
@@ -110,7 +119,7 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
             Kind::Inference => {
                 // As a deployment runs: weights fixed and prepared once (`predict` does this).
                 let mut ws = net.inference_workspace(n, s, s);
-                net.freeze(&weights, &mut ws);
+                net.freeze_in(&weights, &mut ws, precision);
                 ws
             }
             Kind::Training => net.workspace(n, s, s),
@@ -165,7 +174,10 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
         let peak = peak_rss_mib();
         if args.json {
             let line = serde_json::json!({
-                "impl": format!("effnet-{}-fp32", env!("CARGO_PKG_VERSION")),
+                "impl": format!("effnet-{}-{}", env!("CARGO_PKG_VERSION"), match precision {
+                    Precision::F32 => "fp32",
+                    Precision::Bf16 => "bf16",
+                }),
                 "arch": format!("tf_{}", net.config.name),
                 "mode": mode_name,
                 "batch": n,

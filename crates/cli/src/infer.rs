@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use effnet_data::{files, labels, npy, Crop, Image, Interpolation, Normalize, Transform};
-use effnet_engine::loss;
 use effnet_engine::rng::Rng;
+use effnet_engine::{loss, Precision};
 use effnet_model::{weights, Mode, Network, Weights, Workspace};
 
 use crate::bench::percentile;
@@ -59,15 +59,17 @@ pub fn transform_for(net: &Network, args: &PreprocessArgs) -> Result<Transform, 
 struct Runner {
     net: Network,
     weights: Weights,
+    precision: Precision,
     workspaces: Vec<((usize, usize), Workspace)>,
     rng: Rng,
 }
 
 impl Runner {
-    fn new(net: Network, weights: Weights) -> Runner {
+    fn new(net: Network, weights: Weights, precision: Precision) -> Runner {
         Runner {
             net,
             weights,
+            precision,
             workspaces: Vec::new(),
             rng: Rng::new(0),
         }
@@ -83,7 +85,7 @@ impl Runner {
                 let mut ws = self.net.inference_workspace(n, size, size);
                 match self.workspaces.first() {
                     Some((_, first)) => ws.share_frozen(first),
-                    None => self.net.freeze(&self.weights, &mut ws),
+                    None => self.net.freeze_in(&self.weights, &mut ws, self.precision),
                 }
                 self.workspaces.push((key, ws));
                 self.workspaces.len() - 1
@@ -129,6 +131,10 @@ pub struct PredictArgs {
     /// Write the raw logits of every image read, `[N, classes]` float32.
     #[arg(long = "logits-out")]
     logits_out: Option<PathBuf>,
+    /// Arithmetic of the 1×1 convolutions: `f32`, or `bf16` (operands rounded to bf16, sums in
+    /// f32; needs AVX512_BF16).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     #[command(flatten)]
     preprocess: PreprocessArgs,
 }
@@ -222,7 +228,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
     let k = args.top_k.clamp(1, net.classes);
     let batch_size = args.batch_size.max(1);
     let classes = net.classes;
-    let mut runner = Runner::new(net, w);
+    let mut runner = Runner::new(net, w, crate::precision(&args.precision)?);
     let mut all_logits = Vec::new();
     if args.format == Format::Csv {
         println!("file,rank,class,label,prob");
@@ -337,6 +343,10 @@ pub struct EvalArgs {
     /// Also append the DLLogger lines to this file.
     #[arg(long = "log-file", alias = "log_filename")]
     log_file: Option<PathBuf>,
+    /// Arithmetic of the 1×1 convolutions: `f32`, or `bf16` (operands rounded to bf16, sums in
+    /// f32; needs AVX512_BF16).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     #[command(flatten)]
     preprocess: PreprocessArgs,
 }
@@ -355,7 +365,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     let t = transform_for(&net, &args.preprocess)?;
     eprintln!("preprocess: {}", t.describe());
     let classes = net.classes;
-    let mut runner = Runner::new(net, w);
+    let mut runner = Runner::new(net, w, crate::precision(&args.precision)?);
     let (mut seen, mut top1, mut top5, mut loss_sum, mut failed) =
         (0usize, 0usize, 0usize, 0f64, 0usize);
     let mut batch_ms = Vec::new();

@@ -89,6 +89,17 @@ impl Device {
     }
 }
 
+/// `--precision`: `f32`, or `bf16` where this CPU multiplies bf16 (AVX512_BF16).
+pub fn precision(s: &str) -> Result<effnet_engine::Precision, String> {
+    let p = effnet_engine::Precision::parse(s)?;
+    if !p.available() {
+        return Err(format!(
+            "--precision {s} needs a CPU with AVX-512 and AVX512_BF16 (and EFFNET_SIMD not capping below avx512); use f32"
+        ));
+    }
+    Ok(p)
+}
+
 fn main() -> ExitCode {
     let argv = match train_cmd::with_config_file(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,

@@ -119,6 +119,62 @@ fn lite0_on_pytorch_preprocessed_photos_matches_pytorch() {
     );
 }
 
+/// The accuracy guard of `--precision bf16`: on the real photos with the real weights, every
+/// image's logits within 1e-2 (relative to its largest) of f32's and the same top-1 class.
+#[test]
+fn bf16_inference_keeps_the_logits_and_the_answers_of_f32() {
+    let weights = lite0_weights();
+    let npy = fixtures().join("lite0/inputs.npy");
+    let dir = std::env::temp_dir().join(format!("effnet-bf16-guard-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut logits = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let out = dir.join(format!("{precision}.npy"));
+        let (ok, _, stderr) = effnet(&[
+            "predict",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--arch",
+            "efficientnet_lite0",
+            "--input-npy",
+            npy.to_str().unwrap(),
+            "--precision",
+            precision,
+            "--logits-out",
+            out.to_str().unwrap(),
+        ]);
+        if !ok && stderr.contains("AVX512_BF16") {
+            eprintln!("skipped: no AVX512_BF16 on this CPU ({stderr})");
+            return;
+        }
+        assert!(ok, "{precision}: {stderr}");
+        logits.push(effnet_data::npy::read_f32(&out).unwrap());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    let ((shape, f32s), (shape_bf16, bf16s)) = (&logits[0], &logits[1]);
+    assert_eq!(shape, shape_bf16);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap()
+    };
+    let mut worst = 0f32;
+    for (a, b) in f32s
+        .chunks_exact(shape[1])
+        .zip(bf16s.chunks_exact(shape[1]))
+    {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(err / scale);
+        assert_eq!(argmax(a), argmax(b), "top-1 class in bf16");
+    }
+    assert!(worst < 1e-2, "bf16 logits {worst} (relative) from f32's");
+    // Not the f32 path under another name: bf16 rounding shows.
+    assert!(worst > 1e-5, "bf16 logits equal f32's ({worst})");
+}
+
 #[test]
 fn lite0_on_the_image_files_agrees_with_pytorch_through_our_own_preprocessing() {
     let weights = lite0_weights();

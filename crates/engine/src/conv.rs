@@ -103,6 +103,8 @@ pub enum Weight<'a> {
     Plain(&'a [f32]),
     /// [`prepare`]'s layout, made once for weights that stay fixed (inference).
     Prepared(&'a [f32]),
+    /// A 1×1 convolution's weight packed by [`pointwise::pack_bf16`] (inference in bf16).
+    Bf16(&'a [u32]),
 }
 
 /// The weight (PyTorch's layout) in the layout [`forward`] reads fastest, for many passes with
@@ -318,7 +320,13 @@ pub fn forward(
     let (w, k, w_layout) = match (g.is_pointwise(), weight) {
         (true, Weight::Plain(w)) => (w, g.input.c, Layout::Transposed),
         (true, Weight::Prepared(w)) => (w, g.input.c, Layout::Normal),
+        (true, Weight::Bf16(w)) => {
+            let (rows, k) = (g.output().rows(), g.input.c);
+            let w = pointwise::Panels::Bf16(w);
+            return pointwise::forward_panels(x, rows, k, g.cout, w, y, epilogue, skip);
+        }
         (false, Weight::Plain(w) | Weight::Prepared(w)) => (w, g.patch_len(), Layout::Normal),
+        (false, Weight::Bf16(_)) => panic!("conv: bf16 weights for a 1×1 convolution only"),
     };
     // Prepared weights are the pointwise kernel's panels where that kernel runs.
     let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
@@ -361,6 +369,7 @@ pub fn forward(
             Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
             Weight::Prepared(u) => winograd::Filter::Rows(u),
             Weight::Plain(w) => winograd::plain_filter(g.input.c, g.cout, w, col),
+            Weight::Bf16(_) => unreachable!("refused above"),
         };
         winograd::forward(g, x, u, y, epilogue, skip);
         return;

@@ -24,6 +24,39 @@ pub mod winograd;
 
 pub use act::Act;
 
+/// The arithmetic of inference's matrix products with prepared weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout: the reference results.
+    F32,
+    /// 1×1 convolutions on bf16 operands (weights and activations rounded to bf16, sums in
+    /// f32; [`pointwise::Panels::Bf16`]), everything else f32. Needs AVX512_BF16.
+    Bf16,
+}
+
+impl Precision {
+    /// `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Precision, String> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision {s:?} (f32 or bf16)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether this CPU runs it (bf16 products need AVX-512 with AVX512_BF16).
+    pub fn available(self) -> bool {
+        self == Precision::F32 || pointwise::bf16_available()
+    }
+}
+
 /// Runs `f` on a worker of the thread pool (in place when already on one). A parallel loop
 /// started from a thread outside the pool wakes a worker and puts the caller to sleep, about as
 /// long as a small layer's work; started on a worker it splits onto the others directly. Wrap
@@ -123,9 +156,9 @@ pub fn spread_worker_buffers() {
 }
 
 /// `buf[..len]`, grown to that first if it is shorter (a kept buffer).
-pub(crate) fn at_least(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub(crate) fn at_least<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
     if buf.len() < len {
-        buf.resize(len, 0.0);
+        buf.resize(len, T::default());
     }
     &mut buf[..len]
 }

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::pointwise::{self, Then, MR, NR};
+use crate::pointwise::{self, Then, NR};
 use crate::simd;
 
 /// How a matrix operand is stored: `Normal` is row-major `[rows, cols]`; `Transposed` means the
@@ -93,7 +93,7 @@ pub fn matmul(
     }
     // Fewer than two tiles of rows per thread: a split by rows would leave threads idle or
     // nearly so (squeeze-excitation's products at batch 8 ran 2× slower split).
-    if parallel && m >= 2 * MR * threads {
+    if parallel && m >= 2 * pointwise::rows_per_tile() * threads {
         return split_rows(c, (m, n, k), a, b, accumulate, threads);
     }
     // SAFETY: `c` holds the m × n output (asserted) and is borrowed mutably for the call.
@@ -180,7 +180,8 @@ fn split_rows(
         tasks = tasks.max(m.div_ceil(PACKED_ROWS).div_ceil(threads) * threads);
     }
     // Whole tiles of rows per task.
-    let per = m.div_ceil(tasks).div_ceil(MR) * MR;
+    let tile = pointwise::rows_per_tile();
+    let per = m.div_ceil(tasks).div_ceil(tile) * tile;
     let c_addr = c.as_mut_ptr() as usize;
     let depth = depth_for(a);
     crate::with_kept(&SHARED_PANELS, Vec::new, |panels| {
@@ -466,7 +467,10 @@ unsafe fn against_panels(
         if pointwise::available() {
             let then = if add { Then::Add } else { Then::Store };
             // SAFETY: as above; the kernel checks `x` and `panels` again.
-            unsafe { pointwise::product_at(x, pixel, count, kc, n, panels, y, ldc, then) }
+            unsafe {
+                let panels = pointwise::Panels::F32(panels);
+                pointwise::product_at(x, pixel, count, kc, n, panels, y, ldc, then)
+            }
         } else {
             // SAFETY: as above.
             unsafe { portable(x, pixel, (count, kc, n), panels, y, ldc, add) }

@@ -25,6 +25,27 @@ pub(crate) const MR: usize = 6;
 const WIDE: usize = NR + 8;
 /// Rows per wide tile: 3 × 3 accumulators, three weight vectors and the broadcast.
 const WIDE_MR: usize = 3;
+/// Rows per tile with AVX-512: 8 × 2 accumulators (two panels, one vector each) in 16 of its
+/// 32 vector registers. 12 rows ran slower (LLVM spilled accumulators to the stack): V2-S's 1×1
+/// products at 8 rows 10–40 % faster in `matmul_shapes`.
+pub(crate) const MR512: usize = 8;
+/// Columns of a tile's epilogue: two panels (AVX-512), or a wide tile (AVX2).
+const TILE_COLS: usize = 2 * NR;
+
+/// Whether tiles run on AVX-512: two panels side by side, sixteen lanes a vector.
+#[inline]
+fn avx512() -> bool {
+    cfg!(target_arch = "x86_64") && simd::level() == simd::Level::Avx512
+}
+
+/// Rows per tile of whole panels on this CPU.
+pub(crate) fn rows_per_tile() -> usize {
+    if avx512() {
+        MR512
+    } else {
+        MR
+    }
+}
 
 /// Whether this CPU runs these kernels (x86-64 with AVX2 and FMA, unless `EFFNET_SIMD=baseline`);
 /// elsewhere 1×1 convolutions keep the general matrix product and its weight layout.
@@ -131,6 +152,127 @@ pub(crate) fn pack_strided_into(
     }
 }
 
+/// Whether this CPU runs [`Panels::Bf16`] products (AVX-512 with AVX512_BF16, unless
+/// `EFFNET_SIMD` caps the kernels below AVX-512).
+pub fn bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512() && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A product's right operand, packed for this module's kernels.
+#[derive(Debug, Clone, Copy)]
+pub enum Panels<'a> {
+    /// [`pack`]'s f32 panels.
+    F32(&'a [f32]),
+    /// [`pack_bf16`]'s: bf16 values, two reduction steps to a 32-bit slot. The left operand is
+    /// rounded to bf16 as the product reads it, and the sums are f32.
+    Bf16(&'a [u32]),
+}
+
+impl Panels<'_> {
+    /// Whether these are long enough for a `k → n` product.
+    pub fn holds(&self, k: usize, n: usize) -> bool {
+        match self {
+            Panels::F32(w) => w.len() >= packed_len(k, n),
+            Panels::Bf16(w) => w.len() >= packed_len_bf16(k, n),
+        }
+    }
+}
+
+/// Length of [`pack_bf16`]'s panels for a `k → n` 1×1 convolution.
+pub fn packed_len_bf16(k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * NR * k.div_ceil(2)
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its 16 bits; NaN stays NaN.
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// Packs torch's `[n, k]` weight into bf16 panels `[n/NR][k/2][NR]` of 32-bit slots: slot
+/// (panel `j`, pair `q`, lane `l`) holds output `j·NR + l`'s weights of steps `2q` (low half) and
+/// `2q + 1` (high half), the last panel's lanes past `n` and a last odd step's partner zero.
+pub fn pack_bf16(k: usize, n: usize, torch: &[f32]) -> Vec<u32> {
+    assert!(
+        torch.len() >= k * n,
+        "pointwise: weight holds {} < {k}×{n}",
+        torch.len()
+    );
+    let pairs = k.div_ceil(2);
+    let mut panels = vec![0u32; packed_len_bf16(k, n)];
+    if pairs == 0 {
+        return panels;
+    }
+    for (j, panel) in panels.chunks_exact_mut(pairs * NR).enumerate() {
+        for (q, lanes) in panel.chunks_exact_mut(NR).enumerate() {
+            for (l, slot) in lanes.iter_mut().enumerate() {
+                let o = j * NR + l;
+                if o >= n {
+                    break;
+                }
+                let step = |p: usize| {
+                    if p < k {
+                        to_bf16(torch[o * k + p]) as u32
+                    } else {
+                        0
+                    }
+                };
+                *slot = step(2 * q) | step(2 * q + 1) << 16;
+            }
+        }
+    }
+    panels
+}
+
+thread_local! {
+    /// Each thread's rows of a bf16 product's left operand, rounded (kept between calls).
+    static BF16_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows `rows` of `x` (`k` values each, `pixel` apart) rounded to bf16 into `out`, pairs of
+/// steps to a slot as [`pack_bf16`] pairs them, `k.div_ceil(2)` slots a row.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX512_BF16; `x` must hold every row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn rows_to_bf16(
+    x: &[f32],
+    pixel: usize,
+    k: usize,
+    rows: std::ops::Range<usize>,
+    out: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    let pairs = k.div_ceil(2);
+    if pairs == 0 {
+        return;
+    }
+    for (row, dst) in rows.zip(out.chunks_exact_mut(pairs)) {
+        let src = &x[row * pixel..][..k];
+        let mut c = 0;
+        while c + 32 <= k {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(c));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(c + 16));
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(c / 2) as *mut __m512i, both);
+            c += 32;
+        }
+        for (q, slot) in dst.iter_mut().enumerate().skip(c / 2) {
+            let step = |p: usize| if p < k { to_bf16(src[p]) as u32 } else { 0 };
+            *slot = step(2 * q) | step(2 * q + 1) << 16;
+        }
+    }
+}
+
 /// `y[m×n] = epilogue(x[m×k] · w) + skip`, `w` packed by [`pack`]; without `folded`, the plain
 /// product; `skip` (a residual, `m×n` like `y`) is added to each tile after the epilogue, in
 /// registers. Only where [`available`].
@@ -141,6 +283,21 @@ pub fn forward(
     k: usize,
     n: usize,
     w: &[f32],
+    y: &mut [f32],
+    folded: Option<&Folded>,
+    skip: Option<&[f32]>,
+) {
+    forward_panels(x, m, k, n, Panels::F32(w), y, folded, skip)
+}
+
+/// [`forward`] with weights packed either way.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_panels(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    w: Panels,
     y: &mut [f32],
     folded: Option<&Folded>,
     skip: Option<&[f32]>,
@@ -164,7 +321,7 @@ pub fn forward(
     }
     let panels = n.div_ceil(NR);
     // Rows per block: ~128 KiB of activations, a whole number of tiles.
-    let block_rows = ((32768 / k.max(1)) / MR * MR).clamp(MR, 516);
+    let block_rows = block_rows(k);
     let row_blocks = m.div_ceil(block_rows);
     let threads = rayon::current_num_threads();
     // Split over the threads for enough work, or for a large weight however few the rows:
@@ -213,6 +370,26 @@ pub fn forward(
     }
 }
 
+/// Rows per block of [`forward`]: ~128 KiB of activations, a whole number of tiles.
+fn block_rows(k: usize) -> usize {
+    let tile = rows_per_tile();
+    ((32768 / k.max(1)) / tile * tile).clamp(tile, 516 / tile * tile)
+}
+
+/// The rounded rows that a [`Panels::Bf16`] [`forward`] on `k` input channels keeps, in slots.
+pub fn bf16_rows_len(k: usize) -> usize {
+    block_rows(k) * k.div_ceil(2)
+}
+
+/// Grows the calling thread's kept buffers for later calls: [`conv_projected`]'s row to
+/// `projected_row` floats, a bf16 [`forward`]'s rounded rows to `bf16_rows` slots
+/// ([`bf16_rows_len`]). `Network::freeze` runs it on every worker, so that inference passes
+/// allocate nothing.
+pub fn reserve(projected_row: usize, bf16_rows: usize) {
+    ROW.with_borrow_mut(|row| crate::at_least(row, projected_row).len());
+    BF16_ROWS.with_borrow_mut(|rows| crate::at_least(rows, bf16_rows).len());
+}
+
 /// What [`product_serial`] does with each tile of the product.
 #[derive(Clone, Copy)]
 pub enum Then<'a> {
@@ -242,7 +419,7 @@ pub fn product_serial(
         y.len()
     );
     // SAFETY: `y` holds the m × n output (asserted) and is borrowed mutably for the whole call.
-    unsafe { product_at(x, k, m, k, n, w, y.as_mut_ptr(), n, then) }
+    unsafe { product_at(x, k, m, k, n, Panels::F32(w), y.as_mut_ptr(), n, then) }
 }
 
 /// [`product_serial`] for operands inside larger matrices: row `r` of `x` starts at
@@ -258,7 +435,7 @@ pub(crate) unsafe fn product_at(
     m: usize,
     k: usize,
     n: usize,
-    w: &[f32],
+    w: Panels,
     y: *mut f32,
     ldy: usize,
     then: Then,
@@ -284,7 +461,7 @@ pub(crate) unsafe fn product_at(
     unsafe { block(&operands, y, ldy, 0..m, 0..n.div_ceil(NR), folded, skip) }
 }
 
-fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
+fn check(x: &[f32], m: usize, k: usize, n: usize, w: Panels, y: &[f32]) {
     check_operands(x, k, m, k, n, w);
     assert!(
         y.len() >= m * n,
@@ -294,7 +471,7 @@ fn check(x: &[f32], m: usize, k: usize, n: usize, w: &[f32], y: &[f32]) {
 }
 
 /// The CPU, and `m` rows of `k` values `pixel` apart in `x`, and the packed `k → n` weights.
-fn check_operands(x: &[f32], pixel: usize, m: usize, k: usize, n: usize, w: &[f32]) {
+fn check_operands(x: &[f32], pixel: usize, m: usize, k: usize, n: usize, w: Panels) {
     assert!(
         available(),
         "pointwise: kernels need x86-64 with AVX2 and FMA"
@@ -305,10 +482,13 @@ fn check_operands(x: &[f32], pixel: usize, m: usize, k: usize, n: usize, w: &[f3
         "pointwise: input holds {} < {m} rows of {k}, {pixel} apart",
         x.len()
     );
-    assert!(
-        w.len() >= packed_len(k, n),
-        "pointwise: weights not packed for {k}→{n}"
-    );
+    if let Panels::Bf16(_) = w {
+        assert!(
+            bf16_available(),
+            "pointwise: bf16 products need AVX512_BF16"
+        );
+    }
+    assert!(w.holds(k, n), "pointwise: weights not packed for {k}→{n}");
 }
 
 /// Steps ahead (panel rows of 64 bytes) at which the products' reductions prefetch their
@@ -330,7 +510,7 @@ struct Operands<'a> {
     pixel: usize,
     k: usize,
     n: usize,
-    w: &'a [f32],
+    w: Panels<'a>,
 }
 
 /// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue; output
@@ -358,53 +538,133 @@ unsafe fn block(
     skip: Option<*const f32>,
 ) {
     let Operands { x, pixel, k, n, w } = *o;
-    let group = (GROUP_BYTES / (4 * k * NR).max(1)).clamp(1, GROUP_PANELS);
+    match w {
+        Panels::F32(w) => {
+            let left = Left {
+                x: x.as_ptr(),
+                pixel,
+                depth: k,
+                in_cache: false,
+                bf16: false,
+            };
+            sweep(&left, x, w.as_ptr(), n, y, ldy, rows, panels, folded, skip)
+        }
+        Panels::Bf16(w) => BF16_ROWS.with_borrow_mut(|scratch| {
+            // Rounded once per call, then read from cache by every panel.
+            let pairs = k.div_ceil(2);
+            let scratch = crate::at_least(scratch, rows.len() * pairs);
+            #[cfg(target_arch = "x86_64")]
+            rows_to_bf16(x, pixel, k, rows.clone(), scratch);
+            let left = Left {
+                // Row r at `x + r·pixel`, for r in `rows` (wrapping: only those are read).
+                x: (scratch.as_ptr() as *const f32).wrapping_sub(rows.start * pairs),
+                pixel: pairs,
+                depth: pairs,
+                in_cache: true,
+                bf16: true,
+            };
+            sweep(
+                &left,
+                x,
+                w.as_ptr() as *const f32,
+                n,
+                y,
+                ldy,
+                rows,
+                panels,
+                folded,
+                skip,
+            )
+        }),
+    }
+}
+
+/// The left operand as [`sweep`]'s tiles read it: row `r` at `x + r·pixel`, `depth` steps (of
+/// one f32, or of a bf16 pair).
+struct Left {
+    x: *const f32,
+    pixel: usize,
+    depth: usize,
+    /// Whether the rows are in cache already (no prefetching them).
+    in_cache: bool,
+    bf16: bool,
+}
+
+/// [`block`]'s tiles: `w` is the panels' start, each `left.depth × NR` values; `x` the f32 rows
+/// (`left.pixel` apart where they are what the tiles read) for prefetching.
+///
+/// # Safety
+/// As [`block`], `left` holding the rows `rows` and `w` the panels of that product.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sweep(
+    left: &Left,
+    x: &[f32],
+    w: *const f32,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+    rows: std::ops::Range<usize>,
+    panels: std::ops::Range<usize>,
+    folded: Option<&Folded>,
+    skip: Option<*const f32>,
+) {
+    let (depth, pixel) = (left.depth, left.pixel);
+    // Panels per tile (a span), rows per tile.
+    let (span, per) = (if avx512() { 2 } else { 1 }, rows_per_tile());
+    let group = (GROUP_BYTES / (4 * depth * NR).max(1)).clamp(span, GROUP_PANELS) / span * span;
     let mut first = panels.start;
     while first < panels.end {
         let last = panels.end.min(first + group);
+        // The group's spans: first panel, columns.
+        let spans = (first..last).step_by(span).map(|p| {
+            let col0 = p * NR;
+            (p, (NR * span.min(last - p)).min(n - col0))
+        });
         let mut epilogues = [None; GROUP_PANELS];
-        for (e, panel) in epilogues.iter_mut().zip(first..last) {
-            *e = panel_epilogue(folded, panel * NR, NR.min(n - panel * NR));
+        for (e, (p, cols)) in epilogues.iter_mut().zip(spans.clone()) {
+            *e = panel_epilogue(folded, p * NR, cols);
         }
         let mut r = rows.start;
         while r < rows.end {
-            let count = MR.min(rows.end - r);
+            let count = per.min(rows.end - r);
             // The first group reads the rows from memory (a large map's rows are not in any
             // cache yet); fetching the next tile's into L2 meanwhile hides that latency:
             // stage 2's projection (25088 × 192 → 48) at batch 8 ran 10–18 % faster so, the
             // later groups find the rows in L2 anyway.
             #[cfg(target_arch = "x86_64")]
-            if first == panels.start {
-                let next = r + count..rows.end.min(r + count + MR);
-                if pixel == k {
-                    simd::prefetch_l2(&x[next.start * k..next.end * k]);
+            if first == panels.start && !left.in_cache {
+                let next = r + count..rows.end.min(r + count + per);
+                if pixel == depth {
+                    simd::prefetch_l2(&x[next.start * depth..next.end * depth]);
                 } else {
                     for row in next {
-                        simd::prefetch_l2(&x[row * pixel..][..k]);
+                        simd::prefetch_l2(&x[row * pixel..][..depth]);
                     }
                 }
             }
-            for (e, panel) in epilogues.iter().zip(first..last) {
+            for (e, (panel, cols)) in epilogues.iter().zip(spans.clone()) {
                 let col0 = panel * NR;
-                // SAFETY: AVX2 and FMA checked (`available`); rows r..r+count ⊆ 0..m of `x`
-                // (`pixel` apart) and of `y` (`ldy` apart), columns col0..col0+cols ≤ n, and
-                // the panel holds k×NR values of `w`: inside the operands by the caller's
-                // contract, and this caller's part of `y` alone.
+                // SAFETY: AVX2 and FMA checked (`available`), AVX512_BF16 for bf16 panels
+                // (`check_operands`); rows r..r+count ⊆ `rows` of the left operand and of `y`
+                // (`ldy` apart), columns col0..col0+cols ≤ n, and the span's panels hold
+                // depth×NR values each: inside the operands by the caller's contract, and this
+                // caller's part of `y` alone.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     let tile = Tile {
-                        x: x.as_ptr().add(r * pixel),
+                        x: left.x.wrapping_add(r * pixel),
                         pixel,
                         taps: &[0],
-                        depth: k,
-                        w: w[panel * k * NR..][..k * NR].as_ptr(),
-                        tap_stride: k * NR,
-                        panel_stride: k * NR,
+                        depth,
+                        w: w.add(panel * depth * NR),
+                        tap_stride: depth * NR,
+                        panel_stride: depth * NR,
                         stream: true,
+                        bf16: left.bf16,
                         y: y.add(r * ldy + col0),
                         skip: skip.map(|s| s.add(r * ldy + col0)),
                         ldy,
-                        cols: NR.min(n - col0),
+                        cols,
                         epilogue: e.as_ref(),
                     };
                     tile_of(count, &tile);
@@ -490,11 +750,11 @@ unsafe fn step<const R: usize, const V: usize>(
 }
 
 /// A tile's scale and shift, zero past the last of its `cols` columns, and the activation.
-type PanelEpilogue = ([f32; WIDE], [f32; WIDE], crate::act::Act);
+type PanelEpilogue = ([f32; TILE_COLS], [f32; TILE_COLS], crate::act::Act);
 
 fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<PanelEpilogue> {
     folded.map(|f| {
-        let (mut scale, mut shift) = ([0f32; WIDE], [0f32; WIDE]);
+        let (mut scale, mut shift) = ([0f32; TILE_COLS], [0f32; TILE_COLS]);
         scale[..cols].copy_from_slice(&f.scale[col0..col0 + cols]);
         shift[..cols].copy_from_slice(&f.shift[col0..col0 + cols]);
         (scale, shift, f.act)
@@ -505,7 +765,8 @@ fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<P
 /// over `taps` (offsets from those starts), `depth` values each — one tap of `k` values for a
 /// matrix product, one tap of up to `k·cin` values per kernel row for a convolution read
 /// straight from its image — against `depth × NR` weights per tap, tap `i`'s from
-/// `w + i·tap_stride` (a wide tile's third vector `panel_stride` further on); `cols` columns are
+/// `w + i·tap_stride` (the next panel's, for a tile wider than one, `panel_stride` further on);
+/// `cols` columns are
 /// stored at `y`, rows `ldy` apart, after adding the residual laid out like them at `skip`.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
@@ -518,6 +779,8 @@ struct Tile<'a> {
     panel_stride: usize,
     /// Whether the reduction prefetches the panel's rows ahead of itself (`STREAM_AHEAD`).
     stream: bool,
+    /// Whether a step is a pair of bf16 values in each operand ([`Panels::Bf16`]; AVX-512 only).
+    bf16: bool,
     y: *mut f32,
     skip: Option<*const f32>,
     ldy: usize,
@@ -526,14 +789,22 @@ struct Tile<'a> {
 }
 
 /// [`tile`] for `rows` rows (1..=MR, or 1..=WIDE_MR for a wide tile), on one vector of
-/// columns when the panel has no more than eight, on three for a wide tile.
+/// columns when the panel has no more than eight, on three for a wide tile; with AVX-512,
+/// [`tile512`] for 1..=MR512 rows on one or two panels.
 ///
 /// # Safety
 /// As [`tile`] with `R = rows`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn tile_of(rows: usize, t: &Tile) {
-    if t.cols <= 8 {
+    if avx512() {
+        match (t.cols <= NR, t.bf16) {
+            (true, false) => tile512_rows::<1, false>(rows, t),
+            (false, false) => tile512_rows::<2, false>(rows, t),
+            (true, true) => tile512_rows::<1, true>(rows, t),
+            (false, true) => tile512_rows::<2, true>(rows, t),
+        }
+    } else if t.cols <= 8 {
         tile_rows::<1>(rows, t)
     } else if t.cols <= NR {
         tile_rows::<2>(rows, t)
@@ -548,7 +819,9 @@ unsafe fn tile_of(rows: usize, t: &Tile) {
 
 /// Rows per tile of `cols` columns.
 fn tile_rows_for(cols: usize) -> usize {
-    if cols > NR {
+    if avx512() {
+        MR512
+    } else if cols > NR {
         WIDE_MR
     } else {
         MR
@@ -655,8 +928,9 @@ pub fn conv(
 /// projection): `y = epilogue(z · w) + skip` for each piece `z` of that output.
 #[derive(Clone, Copy)]
 pub struct Projection<'a> {
-    /// Its weights, packed by [`pack`] from the first convolution's output channels to `cout`.
-    pub w: &'a [f32],
+    /// Its weights, packed by [`pack`] (or [`pack_bf16`]) from the first convolution's output
+    /// channels to `cout`.
+    pub w: Panels<'a>,
     pub cout: usize,
     pub epilogue: Option<&'a Folded>,
     /// Its residual, laid out like its output.
@@ -671,7 +945,14 @@ impl Projection<'_> {
             Some(f) => Then::Fold(f),
             None => Then::Store,
         };
-        product_serial(z, rows, k, self.cout, self.w, out, then);
+        let n = self.cout;
+        assert!(
+            out.len() >= rows * n,
+            "pointwise: output holds {} < {rows}×{n}",
+            out.len()
+        );
+        // SAFETY: `out` holds the rows × n output (asserted), borrowed mutably for the call.
+        unsafe { product_at(z, k, rows, k, n, self.w, out.as_mut_ptr(), n, then) }
     }
 }
 
@@ -808,6 +1089,7 @@ fn direct_row(
             tap_stride: k * cin * NR,
             panel_stride: depth * NR,
             stream: false,
+            bf16: false,
             y: out_row[ow * n + col0..].as_mut_ptr(),
             skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
             ldy: n,
@@ -834,20 +1116,21 @@ fn direct_row(
     }
 }
 
-/// The columns that [`conv`]'s tiles take, `(first, count)`: whole panels, except that a last
-/// panel of at most eight columns joins the one before it in a wide tile. Alone it ran at half
-/// a full panel's rate (one vector per broadcast); a 24-channel 3×3 convolution took as long as
-/// a 32-channel one.
+/// The columns that [`conv`]'s tiles take, `(first, count)`: with AVX-512 two panels at a time;
+/// else whole panels, except that a last panel of at most eight columns joins the one before
+/// it in a wide tile. Alone it ran at half a full panel's rate (one vector per broadcast); a
+/// 24-channel 3×3 convolution took as long as a 32-channel one.
 fn column_parts(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    let panels = n.div_ceil(NR);
-    let wide = panels >= 2 && (1..=8).contains(&(n % NR));
-    let parts = panels - usize::from(wide);
+    let step = if avx512() { 2 * NR } else { NR };
+    let spans = n.div_ceil(step);
+    let wide = step == NR && spans >= 2 && (1..=8).contains(&(n % NR));
+    let parts = spans - usize::from(wide);
     (0..parts).map(move |j| {
-        let col0 = j * NR;
+        let col0 = j * step;
         let cols = if wide && j + 1 == parts {
             n - col0
         } else {
-            NR.min(n - col0)
+            step.min(n - col0)
         };
         (col0, cols)
     })
@@ -906,3 +1189,150 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
         }
     }
 }
+
+/// [`tile512`] of `V` panels for `rows` (1..=MR512) rows.
+///
+/// # Safety
+/// As [`tile512`] with `R = rows`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn tile512_rows<const V: usize, const BF16: bool>(rows: usize, t: &Tile) {
+    match rows {
+        12.. => tile512::<12, V, BF16>(t),
+        11 => tile512::<11, V, BF16>(t),
+        10 => tile512::<10, V, BF16>(t),
+        9 => tile512::<9, V, BF16>(t),
+        8 => tile512::<8, V, BF16>(t),
+        7 => tile512::<7, V, BF16>(t),
+        6 => tile512::<6, V, BF16>(t),
+        5 => tile512::<5, V, BF16>(t),
+        4 => tile512::<4, V, BF16>(t),
+        3 => tile512::<3, V, BF16>(t),
+        2 => tile512::<2, V, BF16>(t),
+        _ => tile512::<1, V, BF16>(t),
+    }
+}
+
+/// [`tile`] with AVX-512: `R` rows × `V` panels (one sixteen-lane vector each). In f32 the
+/// same operations in the same order for each output value as [`tile`], so the same results
+/// bit for bit; with `BF16`, steps of bf16 pairs ([`Panels::Bf16`]). Columns past `cols` are
+/// masked off rather than copied through a buffer.
+///
+/// # Safety
+/// The CPU must have AVX-512F (and AVX512_BF16 with `BF16`); otherwise as [`tile`], with `w`
+/// (and `panel_stride` on, for `V` = 2) holding `depth × NR` slots from each tap's start, and
+/// `cols ≤ 16·V`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tile512<const R: usize, const V: usize, const BF16: bool>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    if BF16 {
+        reduce_bf16::<R, V>(t, &mut acc);
+    } else {
+        reduce512::<R, V>(t, &mut acc);
+    }
+    if let Some((scale, shift, act)) = t.epilogue {
+        for v in 0..V {
+            let s = _mm512_loadu_ps(scale.as_ptr().add(NR * v));
+            let b = _mm512_loadu_ps(shift.as_ptr().add(NR * v));
+            for row in acc.iter_mut() {
+                row[v] = simd::act16(*act, _mm512_fmadd_ps(row[v], s, b));
+            }
+        }
+    }
+    // Lanes of each vector inside the tile's columns.
+    let mut masks = [0 as __mmask16; V];
+    for (v, mask) in masks.iter_mut().enumerate() {
+        let lanes = t.cols.saturating_sub(NR * v).min(NR);
+        *mask = ((1u32 << lanes) - 1) as __mmask16;
+    }
+    if let Some(skip) = t.skip {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let src = skip.add(r * t.ldy);
+            for (v, sum) in row.iter_mut().enumerate() {
+                let lanes = _mm512_maskz_loadu_ps(masks[v], src.add(NR * v));
+                *sum = _mm512_add_ps(*sum, lanes);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let out = t.y.add(r * t.ldy);
+        for (v, sum) in row.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(NR * v), masks[v], *sum);
+        }
+    }
+}
+
+/// An AVX-512 tile's whole reduction ([`reduce`]'s loop, vector `v` being panel `v`'s row,
+/// `panel_stride` slots apart): `$name` compiled for `$features`, each step's broadcast `$b`
+/// of the left operand's slot and panel row `$w` added into `$sum` by `$op`.
+macro_rules! reduce_avx512 {
+    ($(#[$doc:meta])* $name:ident, $features:literal, |$b:ident, $w:ident, $sum:ident| $op:expr) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As [`tile512`].
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[inline(never)]
+        unsafe fn $name<const R: usize, const V: usize>(
+            t: &Tile,
+            acc: &mut [[std::arch::x86_64::__m512; V]; R],
+        ) {
+            use std::arch::x86_64::*;
+            let (mut a, next) = (*acc, t.panel_stride);
+            let step = |x: *const f32, p: usize, w: *const f32, a: &mut [[__m512; V]; R]| {
+                let mut wv = [_mm512_setzero_ps(); V];
+                for (v, lanes) in wv.iter_mut().enumerate() {
+                    *lanes = _mm512_loadu_ps(w.add(v * next + p * NR));
+                }
+                for (r, row) in a.iter_mut().enumerate() {
+                    // A slot's bits, whatever they hold (an f32, or a pair of bf16).
+                    let $b = _mm512_set1_ps(*x.add(r * t.pixel + p));
+                    for ($sum, $w) in row.iter_mut().zip(&wv) {
+                        let $w = *$w;
+                        *$sum = $op;
+                    }
+                }
+            };
+            for (i, &tap) in t.taps.iter().enumerate() {
+                let (x, w) = (t.x.add(tap), t.w.add(i * t.tap_stride));
+                let mut p = 0;
+                if t.stream {
+                    while p + 2 <= t.depth {
+                        // As `reduce`: each panel's two rows 32 steps on (a hint, never a fault).
+                        for v in 0..V {
+                            let ahead = w.wrapping_add(v * next + (p + STREAM_AHEAD) * NR);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(NR) as *const i8);
+                        }
+                        step(x, p, w, &mut a);
+                        step(x, p + 1, w, &mut a);
+                        p += 2;
+                    }
+                }
+                while p + 2 <= t.depth {
+                    step(x, p, w, &mut a);
+                    step(x, p + 1, w, &mut a);
+                    p += 2;
+                }
+                if p < t.depth {
+                    step(x, p, w, &mut a);
+                }
+            }
+            *acc = a;
+        }
+    };
+}
+
+reduce_avx512!(
+    /// [`reduce`] with AVX-512, in f32.
+    reduce512, "avx512f,avx2,fma", |b, w, sum| _mm512_fmadd_ps(b, w, *sum)
+);
+
+reduce_avx512!(
+    /// [`reduce`] with AVX-512 on bf16 pairs: each step adds both products of a pair.
+    reduce_bf16, "avx512f,avx512bf16,avx2,fma",
+    |b, w, sum| _mm512_dpbf16_ps(*sum, std::mem::transmute::<__m512, __m512bh>(b), std::mem::transmute::<__m512, __m512bh>(w))
+);

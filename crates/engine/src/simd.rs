@@ -244,6 +244,58 @@ pub unsafe fn act8(
     }
 }
 
+/// [`silu`] on sixteen lanes, the same operations in the same order as [`silu8`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn silu16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let t = _mm512_mul_ps(x, _mm512_set1_ps(-LOG2E));
+    let t = _mm512_min_ps(
+        _mm512_max_ps(t, _mm512_set1_ps(-126.0)),
+        _mm512_set1_ps(126.0),
+    );
+    let round = _mm512_set1_ps(ROUND);
+    let big = _mm512_add_ps(t, round);
+    let n = _mm512_sub_ps(big, round);
+    let f = _mm512_sub_ps(t, n);
+    let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+    for &c in &EXP2_POLY[1..] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    let bits = _mm512_sub_epi32(
+        _mm512_castps_si512(big),
+        _mm512_set1_epi32((ROUND.to_bits() - 127) as i32),
+    );
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(bits));
+    _mm512_div_ps(x, _mm512_fmadd_ps(p, scale, _mm512_set1_ps(1.0)))
+}
+
+/// [`act8`] on sixteen lanes.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn act16(
+    act: crate::act::Act,
+    x: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    match act {
+        crate::act::Act::None => x,
+        crate::act::Act::Silu => silu16(x),
+        // As `act8`: `f32::clamp`'s semantics.
+        crate::act::Act::Relu6 => {
+            _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(_mm512_setzero_ps(), x))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -280,10 +332,11 @@ mod tests {
         assert!(super::silu(f32::NAN).is_nan());
     }
 
-    /// The eight-lane activations compute exactly what the scalar ones compute in `dispatch`.
+    /// The eight- and sixteen-lane activations compute exactly what the scalar ones compute in
+    /// `dispatch`.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn eight_lane_activations_equal_the_scalar_ones() {
+    fn vector_activations_equal_the_scalar_ones() {
         use crate::act::Act;
         use std::arch::x86_64::*;
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
@@ -305,6 +358,28 @@ mod tests {
                         || act.apply(x),
                     );
                     assert_eq!(lanes[i].to_bits(), a.to_bits(), "{act:?}({x})");
+                }
+            }
+        }
+        if is_x86_feature_detected!("avx512f") {
+            for act in [Act::None, Act::Silu, Act::Relu6] {
+                for chunk in xs.chunks_exact(16) {
+                    let (mut wide, mut narrow) = ([0f32; 16], [0f32; 16]);
+                    // SAFETY: AVX-512F, AVX2 and FMA detected; loads and stores of 16 floats.
+                    unsafe {
+                        let v = _mm512_loadu_ps(chunk.as_ptr());
+                        _mm512_storeu_ps(wide.as_mut_ptr(), super::act16(act, v));
+                        for half in 0..2 {
+                            let v = _mm256_loadu_ps(chunk.as_ptr().add(8 * half));
+                            _mm256_storeu_ps(
+                                narrow.as_mut_ptr().add(8 * half),
+                                super::act8(act, v),
+                            );
+                        }
+                    }
+                    for (w, n) in wide.iter().zip(narrow) {
+                        assert_eq!(w.to_bits(), n.to_bits(), "{act:?}");
+                    }
                 }
             }
         }

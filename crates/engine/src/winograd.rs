@@ -233,7 +233,7 @@ pub fn forward_projected(
         "winograd: the projection needs the pointwise kernels"
     );
     assert!(
-        p.w.len() >= pointwise::packed_len(g.cout, p.cout),
+        p.w.holds(g.cout, p.cout),
         "winograd: projection weights not packed"
     );
     run(g, x, u, y, epilogue, Sink::Projected(p));

@@ -827,7 +827,7 @@ fn convolution_with_its_projection_equals_the_two_layers() {
             conv::forward(&g2, &hidden, w2p, &mut want, &mut col, e2, skip);
             let mut got = vec![f32::NAN; want.len()];
             let p = pointwise::Projection {
-                w: &w2,
+                w: pointwise::Panels::F32(&w2),
                 cout,
                 epilogue: e2,
                 skip,
@@ -1020,5 +1020,42 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
         assert!(max_rel(&y, &plain) < 1e-5, "product {:?}", (m, k, n));
         pointwise::forward(&x, m, k, n, &w, &mut y, Some(&folded), None);
         assert!(max_rel(&y, &fused) < 1e-5, "with epilogue {:?}", (m, k, n));
+        if pointwise::bf16_available() {
+            // bf16 products: exact products of the rounded operands, summed in f32.
+            let round = |v: &[f32]| -> Vec<f64> {
+                v.iter()
+                    .map(|&a| f32::from_bits((pointwise::to_bf16(a) as u32) << 16) as f64)
+                    .collect()
+            };
+            let (xr, tr) = (round(&x), round(&torch));
+            let rounded: Vec<f64> = (0..m * n)
+                .map(|i| (0..k).map(|p| xr[i / n * k + p] * tr[i % n * k + p]).sum())
+                .collect();
+            let w = pointwise::pack_bf16(k, n, &torch);
+            let w = pointwise::Panels::Bf16(&w);
+            y.fill(f32::NAN);
+            pointwise::forward_panels(&x, m, k, n, w, &mut y, None, None);
+            assert!(max_rel(&y, &rounded) < 1e-5, "bf16 product {:?}", (m, k, n));
+            assert!(
+                max_rel(&y, &plain) < 2e-2,
+                "bf16 against f32 {:?}",
+                (m, k, n)
+            );
+        }
     }
+}
+
+/// bf16 rounding: to nearest, ties to even, NaN kept.
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    let bf = |x: f32| pointwise::to_bf16(x);
+    assert_eq!(bf(1.0), 0x3f80);
+    // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: to the even one, 1.
+    assert_eq!(bf(1.0 + 1.0 / 256.0), 0x3f80);
+    // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: up, to the even one.
+    assert_eq!(bf(1.0 + 3.0 / 256.0), 0x3f82);
+    assert_eq!(bf(1.0 + 1.0 / 256.0 + 1.0 / 65536.0), 0x3f81);
+    assert_eq!(bf(-2.0), 0xc000);
+    assert!(f32::from_bits((bf(f32::NAN) as u32) << 16).is_nan());
+    assert_eq!(bf(f32::INFINITY), 0x7f80);
 }
