@@ -6,7 +6,9 @@
 # between minutes, one round's ratio can be off by ±20 %; the table gives every round's ratio and
 # their median.
 # Needs the peers' venv: ../shared/bench/setup-peers.sh (default $HOME/.cache/effnet-peers).
-# EFFNET_PEER_IMPLS picks the peers' flavours (peers.py --impls); EFFNET_ARCH the architecture.
+# EFFNET_PEER_IMPLS picks the peers' flavours (peers.py --impls); EFFNET_ARCH the architecture;
+# EFFNET_PRECISIONS effnet's inference precisions, comma separated (default f32; bf16 needs
+# AVX512_BF16; training cases run in f32 only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
@@ -16,6 +18,7 @@ venv="${EFFNET_PEERS_VENV:-$HOME/.cache/effnet-peers}"
 peers="${EFFNET_PEERS_PY:-../shared/bench/peers.py}"
 arch="${EFFNET_ARCH:-efficientnetv2_s}"
 impls="${EFFNET_PEER_IMPLS:-torch-fp32,torch-fp32-cl,torch-bf16-cl,ort-fp32}"
+precisions="${EFFNET_PRECISIONS:-f32}"
 out="$(mktemp -d)"
 cargo build --release -q
 echo "# $(date -u +%FT%TZ) $(uname -m) $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg), threads $threads, $rounds round(s)" | tee "$out/header"
@@ -26,8 +29,11 @@ for round in $(seq "$rounds"); do
     mode="${case%%:*}"; shape="${case#*:}"; batch="${shape%x*}"; res="${shape#*x}"
     sub=$([ "$mode" = infer ] && echo inference_benchmark || echo training_benchmark)
     steps=$([ "$mode" = infer ] && echo 15 || echo 8)
-    ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
-      --steps "$steps" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
+    for precision in ${precisions//,/ }; do
+      [ "$mode" = train ] && [ "$precision" != f32 ] && continue
+      ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
+        --steps "$steps" --precision "$precision" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
+    done
     "$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$case" --impls "$impls" \
       2> >(grep -v -i warning >&2) | sed "s/^{/{\"round\": $round, /" | tee -a "$out/results.jsonl"
   done
@@ -37,12 +43,15 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 key = lambda r: (r["mode"], r["batch"], r["res"])
 cases = list(dict.fromkeys(key(r) for r in rows if r["impl"].startswith("effnet")))
+ours_impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("effnet")))
 peers = list(dict.fromkeys(r["impl"] for r in rows if not r["impl"].startswith("effnet")))
 rate = lambda impl, case: {r["round"]: r["img_per_s"] for r in rows if r["impl"] == impl and key(r) == case}
-print("\n| case | effnet img/s | " + " | ".join(f"{p} img/s | ratio" for p in peers) + " |")
-print("|---|---|" + "---|---|" * len(peers))
-for case in cases:
-    ours = rate(next(r["impl"] for r in rows if r["impl"].startswith("effnet")), case)
+print("\n| case | effnet | img/s | " + " | ".join(f"{p} img/s | ratio" for p in peers) + " |")
+print("|---|---|---|" + "---|---|" * len(peers))
+for case, impl in ((c, i) for c in cases for i in ours_impls):
+    ours = rate(impl, case)
+    if not ours:
+        continue
     cells = [" / ".join(f"{v:.1f}" for v in ours.values())]
     for p in peers:
         theirs = rate(p, case)
@@ -53,5 +62,5 @@ for case in cases:
         per_round = " / ".join(f"{x:.2f}" for x in ratios)
         median = f" (median **{statistics.median(ratios):.2f}×**)" if len(ratios) > 1 else "×"
         cells += [" / ".join(f"{v:.1f}" for v in theirs.values()), per_round + median]
-    print(f"| {case[0]} bs{case[1]}@{case[2]} | " + " | ".join(cells) + " |")
+    print(f"| {case[0]} bs{case[1]}@{case[2]} | {impl.rsplit('-', 1)[-1]} | " + " | ".join(cells) + " |")
 PY
