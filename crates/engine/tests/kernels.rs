@@ -737,6 +737,9 @@ fn depthwise_forward_sums_in_the_portable_order() {
         (11, 12, 32, 5, 2),
         (2, 3, 8, 5, 1),
         (1, 1, 8, 3, 1),
+        // Blocks of 32 channels and a tail of 16 (AVX-512), inner and edge pixels.
+        (9, 8, 48, 3, 1),
+        (10, 9, 80, 5, 2),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
