@@ -7,8 +7,8 @@
 # their median.
 # Needs the peers' venv: ../shared/bench/setup-peers.sh (default $HOME/.cache/effnet-peers).
 # EFFNET_PEER_IMPLS picks the peers' flavours (peers.py --impls); EFFNET_ARCH the architecture;
-# EFFNET_PRECISIONS effnet's inference precisions, comma separated (default f32; bf16 needs
-# AVX512_BF16; training cases run in f32 only).
+# EFFNET_PRECISIONS effnet's precisions, comma separated (default f32; bf16 needs AVX512_BF16:
+# inference's 1×1 expansions, or training's every product as `train --use-amp` runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
@@ -30,7 +30,6 @@ for round in $(seq "$rounds"); do
     sub=$([ "$mode" = infer ] && echo inference_benchmark || echo training_benchmark)
     steps=$([ "$mode" = infer ] && echo 15 || echo 8)
     for precision in ${precisions//,/ }; do
-      [ "$mode" = train ] && [ "$precision" != f32 ] && continue
       ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
         --steps "$steps" --precision "$precision" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
     done

@@ -43,8 +43,8 @@ pub struct BenchArgs {
     /// GPU math: `tf32` (tensor cores for f32, the reference's default) or `f32`.
     #[arg(long, default_value = "tf32")]
     pub(crate) math: String,
-    /// CPU inference: the 1×1 convolutions in `f32`, or `bf16` (operands rounded to bf16, sums
-    /// in f32; needs AVX512_BF16). Training runs in f32.
+    /// CPU: `f32`, or `bf16` (needs AVX512_BF16): inference's 1×1 expansions on bf16 operands,
+    /// training's every product (as `train --use-amp`); sums in f32.
     #[arg(long, default_value = "f32")]
     pub(crate) precision: String,
 }
@@ -70,8 +70,9 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     }
     let config = arch(&args.arch)?;
     let precision = crate::precision(&args.precision)?;
-    if kind == Kind::Training && precision != Precision::F32 {
-        return Err("training runs in f32 only (--precision bf16 is for inference)".into());
+    if kind == Kind::Training {
+        // Mixed precision, as `train --use-amp` runs it.
+        effnet_engine::matmul::set_bf16(precision == Precision::Bf16)?;
     }
     if args.steps == 0 || args.img_size < 8 || args.batch_sizes.contains(&0) {
         return Err("--steps, --batch-size must be at least 1 and --img-size at least 8".into());

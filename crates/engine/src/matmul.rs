@@ -51,6 +51,25 @@ impl<'a> View<'a> {
     }
 }
 
+/// Whether the products run on bf16 operands ([`set_bf16`]).
+static BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs every later product of this module on bf16 operands with f32 sums (both operands
+/// rounded to bf16 as they are packed: training's mixed precision, as PyTorch's bf16 autocast
+/// runs convolutions and matrix products), or in f32 again. For the whole process: a training
+/// run sets it once, before its first step. Errors where the CPU lacks AVX512_BF16.
+pub fn set_bf16(on: bool) -> Result<(), String> {
+    if on && !pointwise::bf16_available() {
+        return Err("bf16 products need a CPU with AVX-512 and AVX512_BF16".into());
+    }
+    BF16.store(on, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+fn bf16() -> bool {
+    BF16.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Below this many multiply-adds a product runs on the calling thread: splitting costs more.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
@@ -184,12 +203,16 @@ fn split_rows(
     let per = m.div_ceil(tasks).div_ceil(tile) * tile;
     let c_addr = c.as_mut_ptr() as usize;
     let depth = depth_for(a);
-    crate::with_kept(&SHARED_PANELS, Vec::new, |panels| {
+    crate::with_kept(&SHARED_PANELS, Default::default, |(panels, rounded)| {
         for k0 in (0..k).step_by(depth) {
             let kc = depth.min(k - k0);
             let panels = crate::at_least(panels, pointwise::packed_len(kc, n));
-            pack_panels_parallel(kc, n, b.from(k0, 0), panels, threads);
-            let (a, panels, add) = (a.from(0, k0), &*panels, accumulate || k0 > 0);
+            let rounded = match bf16() {
+                true => Some(crate::at_least(rounded, pointwise::packed_len_bf16(kc, n))),
+                false => None,
+            };
+            let panels = pack_panels_parallel(kc, n, b.from(k0, 0), panels, rounded, threads);
+            let (a, add) = (a.from(0, k0), accumulate || k0 > 0);
             (0..m.div_ceil(per)).into_par_iter().for_each(|t| {
                 let rows = t * per..((t + 1) * per).min(m);
                 // SAFETY: `matmul` checked that `c` holds the m × n output; this task's rows
@@ -202,21 +225,50 @@ fn split_rows(
     })
 }
 
-/// Panels of [`split_rows`], kept between calls.
-static SHARED_PANELS: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+/// Panels of [`split_rows`] (f32, and rounded to bf16 in bf16 mode), kept between calls.
+#[allow(clippy::type_complexity)]
+static SHARED_PANELS: std::sync::Mutex<(Vec<f32>, Vec<u32>)> =
+    std::sync::Mutex::new((Vec::new(), Vec::new()));
 
-/// [`pointwise::pack_strided_into`] for `b`'s `k × n`, groups of panels spread over the pool.
-fn pack_panels_parallel(k: usize, n: usize, b: View, panels: &mut [f32], threads: usize) {
+/// [`pointwise::pack_strided_into`] for `b`'s `k × n`, groups of panels spread over the pool,
+/// each group then rounded into `rounded` where given ([`pointwise::panels_to_bf16`]).
+fn pack_panels_parallel<'a>(
+    k: usize,
+    n: usize,
+    b: View,
+    panels: &'a mut [f32],
+    rounded: Option<&'a mut [u32]>,
+    threads: usize,
+) -> pointwise::Panels<'a> {
     let count = n.div_ceil(NR);
     let group = count.div_ceil(2 * threads).max(1);
-    panels[..pointwise::packed_len(k, n)]
-        .par_chunks_mut((group * k * NR).max(1))
-        .enumerate()
-        .for_each(|(g, out)| {
-            let j0 = g * group * NR;
-            let cols = (group * NR).min(n - j0);
-            pointwise::pack_strided_into(k, cols, b.from(0, j0).data, (b.rs, b.cs), out)
-        });
+    let pack = |g: usize, out: &mut [f32]| {
+        let j0 = g * group * NR;
+        let cols = (group * NR).min(n - j0);
+        pointwise::pack_strided_into(k, cols, b.from(0, j0).data, (b.rs, b.cs), out);
+        cols
+    };
+    let groups = panels[..pointwise::packed_len(k, n)].par_chunks_mut((group * k * NR).max(1));
+    match rounded {
+        None => {
+            groups.enumerate().for_each(|(g, out)| {
+                pack(g, out);
+            });
+            pointwise::Panels::F32(panels)
+        }
+        Some(rounded) => {
+            let len = pointwise::packed_len_bf16(k, n);
+            let rounded_groups = rounded[..len].par_chunks_mut((group * k.div_ceil(2) * NR).max(1));
+            groups
+                .zip(rounded_groups)
+                .enumerate()
+                .for_each(|(g, (out, r))| {
+                    let cols = pack(g, out);
+                    pointwise::panels_to_bf16(k, cols, out, r)
+                });
+            pointwise::Panels::Bf16(rounded)
+        }
+    }
 }
 
 /// `c[m×n] = a[m×k] · b[k×n]` on the calling thread alone (for callers that already split
@@ -366,6 +418,8 @@ fn depth_for(a: View) -> usize {
 struct Packs {
     /// The right operand's block, in the pointwise kernel's panels.
     panels: Vec<f32>,
+    /// Those panels rounded to bf16 (in bf16 mode).
+    rounded: Vec<u32>,
     /// The left operand's block, row-major.
     rows: Vec<f32>,
 }
@@ -421,15 +475,25 @@ unsafe fn serial(
     let depth = depth_for(a);
     PACKS.with_borrow_mut(|packs| {
         let mut panels = std::mem::take(&mut packs.panels);
+        let mut rounded = std::mem::take(&mut packs.rounded);
         for k0 in (0..k).step_by(depth) {
             let kc = depth.min(k - k0);
             let block = PANELS_HIGH.grow(&mut panels, pointwise::packed_len(kc, n));
             pointwise::pack_strided_into(kc, n, b.from(k0, 0).data, (b.rs, b.cs), block);
+            let block = match bf16() {
+                true => {
+                    let out = crate::at_least(&mut rounded, pointwise::packed_len_bf16(kc, n));
+                    pointwise::panels_to_bf16(kc, n, block, out);
+                    pointwise::Panels::Bf16(out)
+                }
+                false => pointwise::Panels::F32(block),
+            };
             let add = accumulate || k0 > 0;
             // SAFETY: the caller's contract, for all m rows.
             unsafe { against_panels(c, ldc, 0..m, (kc, n), a.from(0, k0), block, add, packs) };
         }
         packs.panels = panels;
+        packs.rounded = rounded;
     });
 }
 
@@ -446,7 +510,7 @@ unsafe fn against_panels(
     rows: std::ops::Range<usize>,
     (kc, n): (usize, usize),
     a: View,
-    panels: &[f32],
+    panels: pointwise::Panels,
     add: bool,
     packs: &mut Packs,
 ) {
@@ -464,16 +528,17 @@ unsafe fn against_panels(
         };
         // SAFETY: rows r0..r0+count of the output are the caller's (the contract).
         let y = unsafe { c.add(r0 * ldc) };
-        if pointwise::available() {
-            let then = if add { Then::Add } else { Then::Store };
-            // SAFETY: as above; the kernel checks `x` and `panels` again.
-            unsafe {
-                let panels = pointwise::Panels::F32(panels);
-                pointwise::product_at(x, pixel, count, kc, n, panels, y, ldc, then)
+        match panels {
+            _ if pointwise::available() => {
+                let then = if add { Then::Add } else { Then::Store };
+                // SAFETY: as above; the kernel checks `x` and `panels` again.
+                unsafe { pointwise::product_at(x, pixel, count, kc, n, panels, y, ldc, then) }
             }
-        } else {
             // SAFETY: as above.
-            unsafe { portable(x, pixel, (count, kc, n), panels, y, ldc, add) }
+            pointwise::Panels::F32(panels) => unsafe {
+                portable(x, pixel, (count, kc, n), panels, y, ldc, add)
+            },
+            pointwise::Panels::Bf16(_) => unreachable!("bf16 panels only where AVX-512 runs"),
         }
     }
 }

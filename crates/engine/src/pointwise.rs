@@ -232,6 +232,60 @@ pub fn pack_bf16(k: usize, n: usize, torch: &[f32]) -> Vec<u32> {
     panels
 }
 
+/// [`pack`]'s f32 panels of a `k → n` product (`panels`, [`packed_len`]) rounded into
+/// [`pack_bf16`]'s layout (`out`, [`packed_len_bf16`]): the same values as packing the matrix
+/// with [`pack_bf16`], for products whose right operand changes every call (training in bf16).
+/// Only where [`bf16_available`].
+pub fn panels_to_bf16(k: usize, n: usize, panels: &[f32], out: &mut [u32]) {
+    assert!(bf16_available(), "pointwise: bf16 panels need AVX512_BF16");
+    assert!(
+        panels.len() >= packed_len(k, n) && out.len() >= packed_len_bf16(k, n),
+        "pointwise: panels too short for {k}→{n}"
+    );
+    let pairs = k.div_ceil(2);
+    if pairs == 0 {
+        return;
+    }
+    let count = n.div_ceil(NR);
+    for (src, dst) in panels[..count * k * NR]
+        .chunks_exact(k * NR)
+        .zip(out.chunks_exact_mut(pairs * NR))
+    {
+        // SAFETY: AVX-512F and AVX512_BF16 asserted; `src` holds k rows of NR values and
+        // `dst` `pairs` rows of NR slots, which is what `panel_to_bf16` reads and writes.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            panel_to_bf16(k, src, dst)
+        }
+    }
+}
+
+/// One panel of [`panels_to_bf16`]: rows `2q` and `2q + 1` (zero past `k`) into slots row `q`.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX512_BF16; `src` must hold `k·NR` values, `dst`
+/// `k.div_ceil(2)·NR` slots.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn panel_to_bf16(k: usize, src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    for (q, slots) in dst.chunks_exact_mut(NR).enumerate() {
+        let lo = _mm512_loadu_ps(src.as_ptr().add(2 * q * NR));
+        let hi = match 2 * q + 1 < k {
+            true => _mm512_loadu_ps(src.as_ptr().add((2 * q + 1) * NR)),
+            false => _mm512_setzero_ps(),
+        };
+        // Each row rounded to 16 bf16, widened to 32-bit lanes, the odd row in the high halves.
+        let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(lo));
+        let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(hi));
+        let pairs = _mm512_or_si512(
+            _mm512_cvtepu16_epi32(lo),
+            _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+        );
+        _mm512_storeu_si512(slots.as_mut_ptr() as *mut __m512i, pairs);
+    }
+}
+
 thread_local! {
     /// Each thread's rows of a bf16 product's left operand, rounded (kept between calls).
     static BF16_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -550,31 +604,25 @@ unsafe fn block(
             sweep(&left, x, w.as_ptr(), n, y, ldy, rows, panels, folded, skip)
         }
         Panels::Bf16(w) => BF16_ROWS.with_borrow_mut(|scratch| {
-            // Rounded once per call, then read from cache by every panel.
+            // A block of rows rounded at a time, then read from cache by every panel.
             let pairs = k.div_ceil(2);
-            let scratch = crate::at_least(scratch, rows.len() * pairs);
-            #[cfg(target_arch = "x86_64")]
-            rows_to_bf16(x, pixel, k, rows.clone(), scratch);
-            let left = Left {
-                // Row r at `x + r·pixel`, for r in `rows` (wrapping: only those are read).
-                x: (scratch.as_ptr() as *const f32).wrapping_sub(rows.start * pairs),
-                pixel: pairs,
-                depth: pairs,
-                in_cache: true,
-                bf16: true,
-            };
-            sweep(
-                &left,
-                x,
-                w.as_ptr() as *const f32,
-                n,
-                y,
-                ldy,
-                rows,
-                panels,
-                folded,
-                skip,
-            )
+            let chunk = block_rows(k);
+            let scratch = crate::at_least(scratch, chunk.min(rows.len()) * pairs);
+            for start in rows.clone().step_by(chunk) {
+                let part = start..rows.end.min(start + chunk);
+                #[cfg(target_arch = "x86_64")]
+                rows_to_bf16(x, pixel, k, part.clone(), scratch);
+                let left = Left {
+                    // Row r at `x + r·pixel`, for r in `part` (wrapping: only those are read).
+                    x: (scratch.as_ptr() as *const f32).wrapping_sub(part.start * pairs),
+                    pixel: pairs,
+                    depth: pairs,
+                    in_cache: true,
+                    bf16: true,
+                };
+                let w = w.as_ptr() as *const f32;
+                sweep(&left, x, w, n, y, ldy, part, panels.clone(), folded, skip)
+            }
         }),
     }
 }

@@ -390,8 +390,9 @@ pub struct TrainArgs {
     pub eval_batch_size: usize,
 
     // --- Precision
-    /// Mixed precision: bf16 matrix products where the CPU has AVX512_BF16 (see the note printed
-    /// at start); f32 elsewhere.
+    /// Mixed precision: the convolutions' and matrix products' operands rounded to bf16 (sums,
+    /// weights, optimizer and batch norm in f32) where the CPU has AVX512_BF16; f32 elsewhere
+    /// (a note at start says which).
     #[arg(long = "use-amp", alias = "use_amp", help_heading = "Precision")]
     pub use_amp: bool,
     /// Compiled, fused kernels: effnet's engine always fuses (accepted for the reference's scripts).

@@ -196,15 +196,21 @@ fn schedule(args: &TrainArgs, steps_per_epoch: u64, global_batch: usize) -> Sche
     }
 }
 
-/// Says what `--use-amp` and `--use-xla` do on this device.
-fn precision_notes(args: &TrainArgs) {
+/// Sets up what `--use-amp` asks for (bf16 matrix products where the CPU has AVX512_BF16) and,
+/// on the root rank (`say`), says what it and `--use-xla` do here.
+fn apply_precision(args: &TrainArgs, say: bool) {
     if args.use_amp {
-        eprintln!(
-            "effnet: --use-amp: the CPU engine computes in f32 (its bf16 matrix products are not \
-             written yet); results are those of f32 training"
-        );
+        let note = match effnet_engine::matmul::set_bf16(true) {
+            Ok(()) => "the CPU engine's convolutions and matrix products take bf16 operands \
+                       (f32 sums, f32 weights, optimizer, batch norm and activations)"
+                .to_string(),
+            Err(e) => format!("{e}: this run computes in f32"),
+        };
+        if say {
+            eprintln!("effnet: --use-amp: {note}");
+        }
     }
-    if args.use_xla {
+    if say && args.use_xla {
         eprintln!("effnet: --use-xla: effnet's kernels are always fused; nothing changes");
     }
 }
@@ -255,9 +261,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     if args.crop_area_range.is_some() && !args.random_crop {
         return Err("--crop-area-range shapes the random crop: add --random-crop".into());
     }
-    if root {
-        precision_notes(args);
-    }
+    apply_precision(args, root);
     let (bn_momentum, dropout, drop_connect) = model_overrides(args)?;
     let data = Data::open(&args.data_dir, args.max_train_images, args.max_eval_images)?;
     let eval_size = args.eval_img_size.unwrap_or(args.img_size);
