@@ -371,8 +371,7 @@ fn mixed_precision_training_converges_like_f32() {
         let last = log
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(&l[5..]).unwrap())
-            .filter(|r| r["step"] == serde_json::json!([3]))
-            .next_back()
+            .rfind(|r| r["step"] == serde_json::json!([3]))
             .expect("an epoch-3 record");
         let number = |key: &str| last["data"][key].as_f64().unwrap();
         finals.push((number("eval_accuracy_top_1"), number("training_loss")));
