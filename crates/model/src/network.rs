@@ -389,9 +389,24 @@ impl Network {
                 FrozenLayer::Conv { weight, folded }
             })
             .collect();
+        // The classifier in the pointwise kernel's panels, its bias as the epilogue's shift.
+        let classifier = pointwise::available().then(|| {
+            let f = ws.shapes.last().expect("has layers").c;
+            let bias = p[self.fc_bias.clone()].to_vec();
+            let epilogue = norm::Folded {
+                scale: vec![1.0; bias.len()],
+                shift: bias,
+                act: Act::None,
+            };
+            (
+                pointwise::pack(f, self.classes, &p[self.fc_weight.clone()]),
+                epilogue,
+            )
+        });
         ws.frozen = Some(std::sync::Arc::new(Frozen {
             params: p.as_ptr() as usize,
             layers,
+            classifier,
         }));
     }
 
@@ -538,15 +553,22 @@ impl Network {
         }
         regularize::apply_mask(&ws.pooled, &ws.dropout_mask, &mut ws.dropped);
         let p = &weights.params;
-        linear::forward(
-            &ws.dropped,
-            n,
-            f,
-            self.classes,
-            &p[self.fc_weight.clone()],
-            &p[self.fc_bias.clone()],
-            &mut ws.logits,
-        );
+        let frozen = ws.frozen.as_ref().filter(|_| mode == Mode::Eval);
+        match frozen.and_then(|f| f.classifier.as_ref()) {
+            Some((w, bias)) => {
+                let (x, y) = (&ws.dropped, &mut ws.logits);
+                pointwise::forward(x, n, f, self.classes, w, y, Some(bias), None)
+            }
+            None => linear::forward(
+                &ws.dropped,
+                n,
+                f,
+                self.classes,
+                &p[self.fc_weight.clone()],
+                &p[self.fc_bias.clone()],
+                &mut ws.logits,
+            ),
+        }
         // Every worker's kept buffers grown to the largest need any met, so that later passes
         // allocate nothing wherever their tasks land.
         effnet_engine::spread_worker_buffers();
@@ -1065,6 +1087,9 @@ struct Frozen {
     /// The address of the parameters they came from: a pass with others is refused.
     params: usize,
     layers: Vec<FrozenLayer>,
+    /// The classifier's weight packed for `pointwise::forward`, and its bias as an epilogue
+    /// (`v·1 + b`: the same sum as adding it), where that kernel runs.
+    classifier: Option<(Vec<f32>, norm::Folded)>,
 }
 
 /// A convolution's prepared weight.
