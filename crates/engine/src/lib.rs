@@ -123,23 +123,27 @@ impl HighWater {
     }
 
     /// `buf[..len]`, `buf` grown first (to the high-water mark) if it is shorter.
-    pub(crate) fn grow<'a>(&self, buf: &'a mut Vec<f32>, len: usize) -> &'a mut [f32] {
+    pub(crate) fn grow<'a, T: Copy + Default>(
+        &self,
+        buf: &'a mut Vec<T>,
+        len: usize,
+    ) -> &'a mut [T] {
         use std::sync::atomic::Ordering;
         let before = self.0.fetch_max(len, Ordering::Relaxed);
         if before < len {
             RAISED.store(true, Ordering::Relaxed);
         }
         if buf.len() < len {
-            buf.resize(before.max(len), 0.0);
+            buf.resize(before.max(len), T::default());
         }
         &mut buf[..len]
     }
 
     /// `buf` grown to the high-water mark.
-    pub(crate) fn reach(&self, buf: &mut Vec<f32>) {
+    pub(crate) fn reach<T: Copy + Default>(&self, buf: &mut Vec<T>) {
         let high = self.0.load(std::sync::atomic::Ordering::Relaxed);
         if buf.len() < high {
-            buf.resize(high, 0.0);
+            buf.resize(high, T::default());
         }
     }
 }
@@ -151,6 +155,7 @@ pub fn spread_worker_buffers() {
         rayon::broadcast(|_| {
             matmul::reach_high_water();
             winograd::reach_high_water();
+            pointwise::reach_high_water();
         });
     }
 }

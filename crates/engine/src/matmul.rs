@@ -430,12 +430,14 @@ thread_local! {
 
 /// High-water marks of [`Packs`]' two buffers over every worker.
 static PANELS_HIGH: crate::HighWater = crate::HighWater::new();
+static ROUNDED_HIGH: crate::HighWater = crate::HighWater::new();
 static ROWS_HIGH: crate::HighWater = crate::HighWater::new();
 
 /// Grows this thread's [`Packs`] to the high-water marks (see [`crate::spread_worker_buffers`]).
 pub(crate) fn reach_high_water() {
     PACKS.with_borrow_mut(|packs| {
         PANELS_HIGH.reach(&mut packs.panels);
+        ROUNDED_HIGH.reach(&mut packs.rounded);
         ROWS_HIGH.reach(&mut packs.rows);
     });
 }
@@ -482,7 +484,7 @@ unsafe fn serial(
             pointwise::pack_strided_into(kc, n, b.from(k0, 0).data, (b.rs, b.cs), block);
             let block = match bf16() {
                 true => {
-                    let out = crate::at_least(&mut rounded, pointwise::packed_len_bf16(kc, n));
+                    let out = ROUNDED_HIGH.grow(&mut rounded, pointwise::packed_len_bf16(kc, n));
                     pointwise::panels_to_bf16(kc, n, block, out);
                     pointwise::Panels::Bf16(out)
                 }

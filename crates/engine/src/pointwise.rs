@@ -291,6 +291,14 @@ thread_local! {
     static BF16_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// High-water mark of every worker's [`BF16_ROWS`].
+static BF16_ROWS_HIGH: crate::HighWater = crate::HighWater::new();
+
+/// Grows this thread's [`BF16_ROWS`] to the high-water mark ([`crate::spread_worker_buffers`]).
+pub(crate) fn reach_high_water() {
+    BF16_ROWS.with_borrow_mut(|rows| BF16_ROWS_HIGH.reach(rows));
+}
+
 /// Rows `rows` of `x` (`k` values each, `pixel` apart) rounded to bf16 into `out`, pairs of
 /// steps to a slot as [`pack_bf16`] pairs them, `k.div_ceil(2)` slots a row.
 ///
@@ -441,7 +449,7 @@ pub fn bf16_rows_len(k: usize) -> usize {
 /// allocate nothing.
 pub fn reserve(projected_row: usize, bf16_rows: usize) {
     ROW.with_borrow_mut(|row| crate::at_least(row, projected_row).len());
-    BF16_ROWS.with_borrow_mut(|rows| crate::at_least(rows, bf16_rows).len());
+    BF16_ROWS.with_borrow_mut(|rows| BF16_ROWS_HIGH.grow(rows, bf16_rows).len());
 }
 
 /// What [`product_serial`] does with each tile of the product.
@@ -607,7 +615,7 @@ unsafe fn block(
             // A block of rows rounded at a time, then read from cache by every panel.
             let pairs = k.div_ceil(2);
             let chunk = block_rows(k);
-            let scratch = crate::at_least(scratch, chunk.min(rows.len()) * pairs);
+            let scratch = BF16_ROWS_HIGH.grow(scratch, chunk.min(rows.len()) * pairs);
             for start in rows.clone().step_by(chunk) {
                 let part = start..rows.end.min(start + chunk);
                 #[cfg(target_arch = "x86_64")]
