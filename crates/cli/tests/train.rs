@@ -324,70 +324,68 @@ fn trains_on_image_folders_and_on_tfrecords_made_from_them() {
 }
 
 /// `--use-amp` (bf16 products) trains like f32: the same short Fashion-MNIST run both ways ends
-/// with accuracies and losses close together, both well above chance.
+/// with accuracies and losses close together, both well above chance — for a V2 network
+/// (fused blocks: im2col products) and a Lite one (depthwise blocks).
 #[test]
 fn mixed_precision_training_converges_like_f32() {
     let dir = std::env::temp_dir().join(format!("effnet-amp-{}", std::process::id()));
-    let mut finals = Vec::new();
-    for amp in [false, true] {
-        let d = dir.join(if amp { "amp" } else { "f32" });
-        let mut args = vec![
-            "train_and_eval",
-            "--arch",
-            "efficientnet_lite0",
-            "--img-size",
-            "32",
-            "--max-train-images",
-            "2560",
-            "--max-eval-images",
-            "500",
-            "--batch-size",
-            "32",
-            "--bn-momentum",
-            "0.9",
-            "--model-dir",
-            d.to_str().unwrap(),
-            "--augmenter-name",
-            "none",
-            "--lr-init",
-            "0.005",
-            "--lr-decay",
-            "cosine",
-            "--lr-warmup-epochs",
-            "0.2",
-            "--epochs",
-            "3",
-        ];
-        if amp {
-            args.push("--use-amp");
+    for arch in ["efficientnetv2_b0", "efficientnet_lite0"] {
+        let mut finals = Vec::new();
+        for amp in [false, true] {
+            let d = dir.join(format!("{arch}-{}", if amp { "amp" } else { "f32" }));
+            let mut args = vec![
+                "train_and_eval",
+                "--arch",
+                arch,
+                "--img-size",
+                "32",
+                "--max-train-images",
+                "2560",
+                "--max-eval-images",
+                "500",
+                "--batch-size",
+                "32",
+                "--bn-momentum",
+                "0.9",
+                "--model-dir",
+                d.to_str().unwrap(),
+                "--augmenter-name",
+                "none",
+                "--lr-init",
+                "0.005",
+                "--lr-decay",
+                "cosine",
+                "--lr-warmup-epochs",
+                "0.2",
+                "--epochs",
+                "3",
+            ];
+            if amp {
+                args.push("--use-amp");
+            }
+            let (ok, _, stderr) = effnet(&args);
+            assert!(ok, "{stderr}");
+            if amp && !stderr.contains("take bf16 operands") {
+                eprintln!("skipped: no AVX512_BF16 on this CPU ({stderr})");
+                return;
+            }
+            let log = std::fs::read_to_string(d.join("log.json")).unwrap();
+            let last = log
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(&l[5..]).unwrap())
+                .rfind(|r| r["step"] == serde_json::json!([3]))
+                .expect("an epoch-3 record");
+            let number = |key: &str| last["data"][key].as_f64().unwrap();
+            finals.push((number("eval_accuracy_top_1"), number("training_loss")));
         }
-        let (ok, _, stderr) = effnet(&args);
-        assert!(ok, "{stderr}");
-        if amp && !stderr.contains("take bf16 operands") {
-            eprintln!("skipped: no AVX512_BF16 on this CPU ({stderr})");
-            return;
-        }
-        let log = std::fs::read_to_string(d.join("log.json")).unwrap();
-        let last = log
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(&l[5..]).unwrap())
-            .rfind(|r| r["step"] == serde_json::json!([3]))
-            .expect("an epoch-3 record");
-        let number = |key: &str| last["data"][key].as_f64().unwrap();
-        finals.push((number("eval_accuracy_top_1"), number("training_loss")));
+        let ((acc, loss), (acc_amp, loss_amp)) = (finals[0], finals[1]);
+        let said = format!("{arch}: accuracies {acc} (f32), {acc_amp} (bf16)");
+        assert!(acc > 0.5 && acc_amp > 0.5, "{said}");
+        assert!((acc - acc_amp).abs() < 0.08, "{said}");
+        assert!(
+            (loss - loss_amp).abs() < 0.1 * loss,
+            "{arch}: training losses {loss} (f32), {loss_amp} (bf16)"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
-    let ((acc, loss), (acc_amp, loss_amp)) = (finals[0], finals[1]);
-    assert!(
-        acc > 0.5 && acc_amp > 0.5,
-        "accuracies {acc} (f32), {acc_amp} (bf16)"
-    );
-    assert!(
-        (acc - acc_amp).abs() < 0.08,
-        "accuracies {acc} (f32), {acc_amp} (bf16)"
-    );
-    assert!(
-        (loss - loss_amp).abs() < 0.1 * loss,
-        "training losses {loss} (f32), {loss_amp} (bf16)"
-    );
 }
