@@ -131,8 +131,8 @@ pub struct PredictArgs {
     /// Write the raw logits of every image read, `[N, classes]` float32.
     #[arg(long = "logits-out")]
     logits_out: Option<PathBuf>,
-    /// Arithmetic of the 1×1 convolutions: `f32`, or `bf16` (operands rounded to bf16, sums in
-    /// f32; needs AVX512_BF16).
+    /// `f32`, or `bf16`: the blocks' 1×1 expansions on bf16 operands with f32 sums (needs
+    /// AVX512_BF16; logits within 1 % of f32's).
     #[arg(long, default_value = "f32")]
     precision: String,
     #[command(flatten)]
@@ -343,8 +343,8 @@ pub struct EvalArgs {
     /// Also append the DLLogger lines to this file.
     #[arg(long = "log-file", alias = "log_filename")]
     log_file: Option<PathBuf>,
-    /// Arithmetic of the 1×1 convolutions: `f32`, or `bf16` (operands rounded to bf16, sums in
-    /// f32; needs AVX512_BF16).
+    /// `f32`, or `bf16`: the blocks' 1×1 expansions on bf16 operands with f32 sums (needs
+    /// AVX512_BF16; logits within 1 % of f32's).
     #[arg(long, default_value = "f32")]
     precision: String,
     #[command(flatten)]

@@ -24,13 +24,14 @@ pub mod winograd;
 
 pub use act::Act;
 
-/// The arithmetic of inference's matrix products with prepared weights.
+/// The precision mode a user picks for the CPU's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// f32 throughout: the reference results.
     F32,
-    /// 1×1 convolutions on bf16 operands (weights and activations rounded to bf16, sums in
-    /// f32; [`pointwise::Panels::Bf16`]), everything else f32. Needs AVX512_BF16.
+    /// Products on bf16 operands with f32 sums, where the CPU has AVX512_BF16: in inference
+    /// the blocks' 1×1 expansions (`Network::freeze_in`, [`pointwise::Panels::Bf16`]), in
+    /// training every general product ([`matmul::set_bf16`]); everything else f32.
     Bf16,
 }
 

@@ -618,6 +618,7 @@ unsafe fn block(
             let scratch = BF16_ROWS_HIGH.grow(scratch, chunk.min(rows.len()) * pairs);
             for start in rows.clone().step_by(chunk) {
                 let part = start..rows.end.min(start + chunk);
+                // SAFETY: AVX512_BF16 checked (`check_operands`); the caller's rows of `x`.
                 #[cfg(target_arch = "x86_64")]
                 rows_to_bf16(x, pixel, k, part.clone(), scratch);
                 let left = Left {
@@ -822,8 +823,8 @@ fn panel_epilogue(folded: Option<&Folded>, col0: usize, cols: usize) -> Option<P
 /// matrix product, one tap of up to `k·cin` values per kernel row for a convolution read
 /// straight from its image — against `depth × NR` weights per tap, tap `i`'s from
 /// `w + i·tap_stride` (the next panel's, for a tile wider than one, `panel_stride` further on);
-/// `cols` columns are
-/// stored at `y`, rows `ldy` apart, after adding the residual laid out like them at `skip`.
+/// `cols` columns are stored at `y`, rows `ldy` apart, after adding the residual laid out like
+/// them at `skip`.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     x: *const f32,
@@ -1253,12 +1254,9 @@ unsafe fn tile<const R: usize, const V: usize>(t: &Tile) {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn tile512_rows<const V: usize, const BF16: bool>(rows: usize, t: &Tile) {
+    const { assert!(MR512 == 8) };
     match rows {
-        12.. => tile512::<12, V, BF16>(t),
-        11 => tile512::<11, V, BF16>(t),
-        10 => tile512::<10, V, BF16>(t),
-        9 => tile512::<9, V, BF16>(t),
-        8 => tile512::<8, V, BF16>(t),
+        8.. => tile512::<8, V, BF16>(t),
         7 => tile512::<7, V, BF16>(t),
         6 => tile512::<6, V, BF16>(t),
         5 => tile512::<5, V, BF16>(t),

@@ -311,9 +311,9 @@ impl Network {
         self.freeze_in(weights, ws, Precision::F32)
     }
 
-    /// [`Network::freeze`] for passes in `precision`: with [`Precision::Bf16`], the 1×1
-    /// convolutions' weights packed for bf16 products. Panics where the CPU lacks it
-    /// ([`Precision::available`]).
+    /// [`Network::freeze`] for passes in `precision`: with [`Precision::Bf16`], the blocks'
+    /// expansions' weights packed for bf16 products (`runs_bf16`). Panics where the CPU lacks
+    /// it ([`Precision::available`]).
     pub fn freeze_in(&self, weights: &Weights, ws: &mut Workspace, precision: Precision) {
         assert!(
             precision.available(),

@@ -390,9 +390,9 @@ pub struct TrainArgs {
     pub eval_batch_size: usize,
 
     // --- Precision
-    /// Mixed precision: the convolutions' and matrix products' operands rounded to bf16 (sums,
-    /// weights, optimizer and batch norm in f32) where the CPU has AVX512_BF16; f32 elsewhere
-    /// (a note at start says which).
+    /// Mixed precision: the matrix products' operands (1×1 and im2col convolutions, SE,
+    /// classifier) rounded to bf16, sums in f32 — Winograd's products, weights, optimizer and batch
+    /// norm stay f32 — where the CPU has AVX512_BF16; f32 elsewhere (a note at start says which).
     #[arg(long = "use-amp", alias = "use_amp", help_heading = "Precision")]
     pub use_amp: bool,
     /// Compiled, fused kernels: effnet's engine always fuses (accepted for the reference's scripts).

@@ -201,8 +201,9 @@ fn schedule(args: &TrainArgs, steps_per_epoch: u64, global_batch: usize) -> Sche
 fn apply_precision(args: &TrainArgs, say: bool) {
     if args.use_amp {
         let note = match effnet_engine::matmul::set_bf16(true) {
-            Ok(()) => "the CPU engine's convolutions and matrix products take bf16 operands \
-                       (f32 sums, f32 weights, optimizer, batch norm and activations)"
+            Ok(()) => "the CPU engine's matrix products (1×1 and im2col convolutions, SE, \
+                       classifier) take bf16 operands with f32 sums; Winograd's 3×3 products, \
+                       weights, optimizer, batch norm and activations stay f32"
                 .to_string(),
             Err(e) => format!("{e}: this run computes in f32"),
         };
