@@ -82,11 +82,19 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     let threads = rayon::current_num_threads();
     let ceilings = args.profile.then(|| {
         let c = effnet_engine::ceiling::measure();
+        let bf16 = c
+            .bf16_gflops
+            .map_or(String::new(), |g| format!(", {g:.1} GFLOP/s bf16 pair products"));
         println!(
-            "ceilings (measured now, {threads} threads): {:.1} GFLOP/s f32 multiply-add, {:.1} GB/s memory read",
+            "ceilings (measured now, {threads} threads): {:.1} GFLOP/s f32 multiply-add{bf16}, {:.1} GB/s memory read",
             c.gflops, c.read_gb_per_s,
         );
-        c
+        // In bf16, the products are held against bf16's ceiling (f32 ones then show how far
+        // bf16 could take them).
+        match (precision, c.bf16_gflops) {
+            (Precision::Bf16, Some(g)) => effnet_engine::ceiling::Ceilings { gflops: g, ..c },
+            _ => c,
+        }
     });
     let mode_name = if kind == Kind::Inference {
         "infer"

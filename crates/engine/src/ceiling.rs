@@ -15,14 +15,57 @@ pub struct Ceilings {
     pub gflops: f64,
     /// Bytes read per second from a buffer larger than the last-level cache, in GB/s.
     pub read_gb_per_s: f64,
+    /// bf16 multiply-adds (AVX512_BF16's pair products, f32 sums) per second over every pool
+    /// thread, in GFLOP/s, where the CPU has them: the yardstick of bf16 products.
+    pub bf16_gflops: Option<f64>,
 }
 
-/// Both ceilings, best of three tries each (about 0.2 s).
+/// Every ceiling, best of three tries each (about 0.3 s).
 pub fn measure() -> Ceilings {
     Ceilings {
         gflops: multiply_add_gflops(),
         read_gb_per_s: read_gb_per_s(),
+        bf16_gflops: crate::pointwise::bf16_available().then(bf16_gflops),
     }
+}
+
+/// Independent `vdpbf16ps` chains per thread, as many as [`LANES_AVX512`]'s f32 ones.
+const BF16_CHAINS: usize = LANES_AVX512 / 16;
+
+fn bf16_gflops() -> f64 {
+    const ITERATIONS: usize = 5_000_000;
+    let threads = rayon::current_num_threads();
+    // Each instruction: 16 lanes × 2 multiply-adds × 2 flops.
+    let flops = (threads * ITERATIONS * BF16_CHAINS * 64) as f64;
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            // SAFETY: only called where `bf16_available` said the CPU has AVX512_BF16.
+            #[cfg(target_arch = "x86_64")]
+            black_box(rayon::broadcast(|_| unsafe { bf16_chains(ITERATIONS) }));
+            flops / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// `acc ← acc + a·b` pair products on [`BF16_CHAINS`] vectors, `iterations` times.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_chains(iterations: usize) -> f32 {
+    use std::arch::x86_64::*;
+    // bf16 pairs of small values (1/256 and 1/512), so the sums stay finite.
+    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(black_box(0x3b80_3b00)));
+    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(black_box(0x3b80_3b00)));
+    let mut acc = [_mm512_setzero_ps(); BF16_CHAINS];
+    for _ in 0..iterations {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, b);
+        }
+    }
+    acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
 }
 
 /// Independent multiply-add chains per thread: 12 vector registers' worth, enough to cover the
@@ -147,5 +190,21 @@ mod tests {
         }
         let got = super::chains::<{ super::LANES }>(3) / super::LANES as f32;
         assert!((got - a).abs() < 1e-6, "{got} vs {a}");
+    }
+
+    #[test]
+    fn the_bf16_chains_compute_what_they_claim() {
+        if !crate::pointwise::bf16_available() {
+            eprintln!("skipped: no AVX512_BF16 on this CPU");
+            return;
+        }
+        // Each step adds 2⁻⁹·2⁻⁹ + 2⁻⁸·2⁻⁸ on every lane of every chain.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let per_lane = 3.0 * (2f32.powi(-18) + 2f32.powi(-16));
+            // SAFETY: AVX512_BF16 checked above.
+            let got = unsafe { super::bf16_chains(3) };
+            assert_eq!(got, per_lane * (16 * super::BF16_CHAINS) as f32);
+        }
     }
 }
