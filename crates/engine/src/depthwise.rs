@@ -244,14 +244,117 @@ unsafe fn row_avx512(
             c,
         }
     };
+    // Output columns whose 3×3 window lies wholly inside the image (its rows too): those run
+    // four at a time with the window's weights held in registers.
+    let full = |ow: usize| {
+        let (kw0, _, nw) = g.taps(ow, g.pad_left, iw_len);
+        g.kernel == 3 && kh0 == 0 && nh == 3 && kw0 == 0 && nw == 3
+    };
+    let first = (0..g.out_w).find(|&ow| full(ow)).unwrap_or(g.out_w);
+    let end = (first..g.out_w).find(|&ow| !full(ow)).unwrap_or(g.out_w);
+    let fours = first..first + (end - first) / 4 * 4;
     for cb in (0..wide).step_by(32) {
-        for ow in 0..g.out_w {
-            channels512::<2>(&pixel(ow), cb, y.add(ow * c), epilogue);
-        }
+        block512::<2>(
+            g.out_w,
+            &pixel,
+            fours.clone(),
+            g.stride * c,
+            cb,
+            y,
+            c,
+            epilogue,
+        );
     }
     if wide < c {
-        for ow in 0..g.out_w {
-            channels512::<1>(&pixel(ow), wide, y.add(ow * c), epilogue);
+        block512::<1>(g.out_w, &pixel, fours, g.stride * c, wide, y, c, epilogue);
+    }
+}
+
+/// Channels `cb..cb + 16V` of a whole output row (`out_w` pixels, `c` apart from `y` on):
+/// the pixels `fours` (a multiple of four, full 3×3 windows `step` input values apart)
+/// through [`window3`], the others one by one.
+///
+/// # Safety
+/// As [`row_avx512`]; `pixel(ow)` describes output pixel `ow`'s taps.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block512<const V: usize>(
+    out_w: usize,
+    pixel: &impl Fn(usize) -> Taps,
+    fours: std::ops::Range<usize>,
+    step: usize,
+    cb: usize,
+    y: *mut f32,
+    c: usize,
+    epilogue: crate::conv::Epilogue,
+) {
+    let mut ow = 0;
+    while ow < out_w {
+        if ow == fours.start && !fours.is_empty() {
+            window3::<V>(
+                &pixel(ow),
+                step,
+                fours.len() / 4,
+                cb,
+                y.add(ow * c),
+                epilogue,
+            );
+            ow = fours.end;
+        } else {
+            channels512::<V>(&pixel(ow), cb, y.add(ow * c), epilogue);
+            ow += 1;
+        }
+    }
+}
+
+/// [`channels512`] for `4·quads` consecutive output pixels with full 3×3 windows (`taps` the
+/// first one's, the next ones `step` input values on, outputs `taps.c` apart): the window's
+/// weights loaded into registers once, four pixels' sums side by side (four independent
+/// chains hide the adds' latency), each in [`channels512`]'s order, so the same results.
+///
+/// # Safety
+/// As [`channels512`], for every one of the pixels.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn window3<const V: usize>(
+    taps: &Taps,
+    step: usize,
+    quads: usize,
+    cb: usize,
+    y: *mut f32,
+    epilogue: crate::conv::Epilogue,
+) {
+    use std::arch::x86_64::*;
+    let mut w = [[_mm512_setzero_ps(); V]; 9];
+    for (t, lanes) in w.iter_mut().enumerate() {
+        let wp = taps.w.add((t / 3) * taps.w_row + (t % 3) * taps.c + cb);
+        for (v, l) in lanes.iter_mut().enumerate() {
+            *l = _mm512_loadu_ps(wp.add(16 * v));
+        }
+    }
+    for q in 0..quads {
+        let mut acc = [[_mm512_setzero_ps(); V]; 4];
+        for (t, lanes) in w.iter().enumerate() {
+            let tap = (t / 3) * taps.x_row + (t % 3) * taps.c + cb;
+            for (p, sums) in acc.iter_mut().enumerate() {
+                let xp = taps.x.add((4 * q + p) * step + tap);
+                for (v, a) in sums.iter_mut().enumerate() {
+                    *a =
+                        _mm512_add_ps(*a, _mm512_mul_ps(_mm512_loadu_ps(xp.add(16 * v)), lanes[v]));
+                }
+            }
+        }
+        for (p, sums) in acc.iter_mut().enumerate() {
+            let out = y.add((4 * q + p) * taps.c);
+            for (v, a) in sums.iter_mut().enumerate() {
+                if let Some(f) = epilogue {
+                    let scale = _mm512_loadu_ps(f.scale.as_ptr().add(cb + 16 * v));
+                    let shift = _mm512_loadu_ps(f.shift.as_ptr().add(cb + 16 * v));
+                    *a = simd::act16(f.act, _mm512_add_ps(_mm512_mul_ps(*a, scale), shift));
+                }
+                _mm512_storeu_ps(out.add(cb + 16 * v), *a);
+            }
         }
     }
 }

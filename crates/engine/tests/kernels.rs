@@ -737,9 +737,12 @@ fn depthwise_forward_sums_in_the_portable_order() {
         (11, 12, 32, 5, 2),
         (2, 3, 8, 5, 1),
         (1, 1, 8, 3, 1),
-        // Blocks of 32 channels and a tail of 16 (AVX-512), inner and edge pixels.
+        // Blocks of 32 channels and a tail of 16 (AVX-512), inner and edge pixels; rows with
+        // full 3×3 windows four pixels at a time and some left over, stride 1 and 2.
         (9, 8, 48, 3, 1),
         (10, 9, 80, 5, 2),
+        (6, 15, 64, 3, 1),
+        (7, 21, 48, 3, 2),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
