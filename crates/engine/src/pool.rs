@@ -13,26 +13,41 @@ pub fn images_per_task(len: usize) -> usize {
 /// `out[b, c] = mean over hw of x[b, hw, c]`.
 pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32]) {
     let inv = 1.0 / hw as f32;
+    let width = split_width(n, hw, c);
     out[..n * c]
         .par_chunks_mut(c)
         .enumerate()
         .with_min_len(images_per_task(hw * c))
         .for_each(|(b, o)| {
-            simd::dispatch(
-                #[inline(always)]
-                || {
-                    o.fill(0.0);
-                    for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
-                        for (a, v) in o.iter_mut().zip(row) {
-                            *a += v;
+            o.par_chunks_mut(width).enumerate().for_each(|(j, o)| {
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        o.fill(0.0);
+                        for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
+                            for (a, v) in o.iter_mut().zip(&row[j * width..]) {
+                                *a += v;
+                            }
                         }
-                    }
-                    for a in o.iter_mut() {
-                        *a *= inv;
-                    }
-                },
-            )
+                        for a in o.iter_mut() {
+                            *a *= inv;
+                        }
+                    },
+                )
+            })
         });
+}
+
+/// Channels per task of a per-image pass over `[n, hw, c]`: all of them, or with fewer images
+/// than threads (batch 1) and enough values, a block per thread — each channel still summed
+/// over the pixels in order, so the same sums (batch 1's squeeze-excitation pooling ran on one
+/// thread).
+pub fn split_width(n: usize, hw: usize, c: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if n >= threads || hw * c < 2 * 16_384 {
+        return c.max(1);
+    }
+    c.div_ceil(threads).next_multiple_of(16).min(c).max(1)
 }
 
 /// `dx[b, hw, c] = dy[b, c] / hw`.

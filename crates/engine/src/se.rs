@@ -145,22 +145,30 @@ pub fn forward(
         },
     );
     let gate = &saved.gate;
+    // With fewer images than threads, each image's rows in parts, one per thread.
+    let rows = match crate::pool::split_width(n, hw, c) == c {
+        true => hw,
+        false => hw.div_ceil(rayon::current_num_threads()),
+    };
     y.par_chunks_mut(hw * c)
         .zip(x.par_chunks(hw * c))
         .enumerate()
         .with_min_len(images_per_task(hw * c))
         .for_each(|(b, (yi, xi))| {
             let gi = &gate[b * c..][..c];
-            simd::dispatch(
-                #[inline(always)]
-                || {
-                    for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                        for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
-                            *o = v * s;
+            let parts = yi.par_chunks_mut(rows * c).zip(xi.par_chunks(rows * c));
+            parts.for_each(|(yi, xi)| {
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                            for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
+                                *o = v * s;
+                            }
                         }
-                    }
-                },
-            )
+                    },
+                )
+            })
         });
 }
 

@@ -612,6 +612,42 @@ fn squeeze_excitation_forward_and_backward() {
     assert!(max_rel(&gb2, &numeric_grad(&b2d, |p| f(&xd, &w1d, &b1d, &w2d, p))) < 1e-4);
 }
 
+/// A single image's squeeze-excitation (its pooling and its scaling) split over the threads:
+/// the same values, bit for bit, as on one thread, and the reference's.
+#[test]
+fn one_image_squeeze_excitation_split_over_threads_equals_one_thread() {
+    let mut rng = Rng::new(14);
+    let g = SeGeom {
+        n: 1,
+        hw: 49,
+        c: 1000,
+        cr: 40,
+        act: Act::Silu,
+    };
+    let x = random(&mut rng, g.n * g.hw * g.c);
+    let (w1, b1) = (random(&mut rng, g.cr * g.c), random(&mut rng, g.cr));
+    let (w2, b2) = (random(&mut rng, g.c * g.cr), random(&mut rng, g.c));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut saved = SeSaved::new(&g);
+        let (mut y, mut pooled) = (vec![f32::NAN; x.len()], vec![f32::NAN; g.c]);
+        let plain = se::SeWeights::Plain { w1: &w1, w2: &w2 };
+        pool.install(|| {
+            se::forward(&g, &x, plain, &b1, &b2, &mut saved, &mut y);
+            pool::global_avg_forward(&x, 1, g.hw, g.c, &mut pooled);
+        });
+        (pooled, y)
+    };
+    let (pooled, y) = run(1);
+    assert_eq!(run(3), (pooled, y.clone()));
+    let d = |v: &[f32]| f64s(v);
+    let want = se_ref(&d(&x), &g, &d(&w1), &d(&b1), &d(&w2), &d(&b2));
+    assert!(max_rel(&y, &want) < 1e-5);
+}
+
 #[test]
 fn pooling_linear_and_loss() {
     let mut rng = Rng::new(5);
