@@ -66,6 +66,11 @@ struct Runner {
 
 impl Runner {
     fn new(net: Network, weights: Weights, precision: Precision) -> Runner {
+        if precision == Precision::Bf16 {
+            eprintln!(
+                "precision: the blocks' 1×1 expansions on bf16 operands (f32 sums), the rest f32"
+            );
+        }
         Runner {
             net,
             weights,
