@@ -345,16 +345,8 @@ unsafe fn window3<const V: usize>(
                 }
             }
         }
-        for (p, sums) in acc.iter_mut().enumerate() {
-            let out = y.add((4 * q + p) * taps.c);
-            for (v, a) in sums.iter_mut().enumerate() {
-                if let Some(f) = epilogue {
-                    let scale = _mm512_loadu_ps(f.scale.as_ptr().add(cb + 16 * v));
-                    let shift = _mm512_loadu_ps(f.shift.as_ptr().add(cb + 16 * v));
-                    *a = simd::act16(f.act, _mm512_add_ps(_mm512_mul_ps(*a, scale), shift));
-                }
-                _mm512_storeu_ps(out.add(cb + 16 * v), *a);
-            }
+        for (p, sums) in acc.into_iter().enumerate() {
+            store512(sums, cb, y.add((4 * q + p) * taps.c), epilogue);
         }
     }
 }
@@ -389,14 +381,29 @@ unsafe fn channels512<const V: usize>(
             }
         }
     }
-    if let Some(f) = epilogue {
-        for (v, a) in acc.iter_mut().enumerate() {
+    store512(acc, cb, y, epilogue);
+}
+
+/// One output pixel's channels `cb..cb + 16V` from their sums: the epilogue (a multiply and an
+/// add, as the portable pass applies it), then the store.
+///
+/// # Safety
+/// As [`channels512`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store512<const V: usize>(
+    mut acc: [std::arch::x86_64::__m512; V],
+    cb: usize,
+    y: *mut f32,
+    epilogue: crate::conv::Epilogue,
+) {
+    use std::arch::x86_64::*;
+    for (v, a) in acc.iter_mut().enumerate() {
+        if let Some(f) = epilogue {
             let scale = _mm512_loadu_ps(f.scale.as_ptr().add(cb + 16 * v));
             let shift = _mm512_loadu_ps(f.shift.as_ptr().add(cb + 16 * v));
             *a = simd::act16(f.act, _mm512_add_ps(_mm512_mul_ps(*a, scale), shift));
         }
-    }
-    for (v, a) in acc.iter().enumerate() {
         _mm512_storeu_ps(y.add(cb + 16 * v), *a);
     }
 }

@@ -199,36 +199,11 @@ pub fn to_bf16(x: f32) -> u16 {
 
 /// Packs torch's `[n, k]` weight into bf16 panels `[n/NR][k/2][NR]` of 32-bit slots: slot
 /// (panel `j`, pair `q`, lane `l`) holds output `j·NR + l`'s weights of steps `2q` (low half) and
-/// `2q + 1` (high half), the last panel's lanes past `n` and a last odd step's partner zero.
+/// `2q + 1` (high half), the last panel's lanes past `n` and a last odd step's partner zero:
+/// [`pack`]'s panels through [`panels_to_bf16`]. Only where [`bf16_available`].
 pub fn pack_bf16(k: usize, n: usize, torch: &[f32]) -> Vec<u32> {
-    assert!(
-        torch.len() >= k * n,
-        "pointwise: weight holds {} < {k}×{n}",
-        torch.len()
-    );
-    let pairs = k.div_ceil(2);
     let mut panels = vec![0u32; packed_len_bf16(k, n)];
-    if pairs == 0 {
-        return panels;
-    }
-    for (j, panel) in panels.chunks_exact_mut(pairs * NR).enumerate() {
-        for (q, lanes) in panel.chunks_exact_mut(NR).enumerate() {
-            for (l, slot) in lanes.iter_mut().enumerate() {
-                let o = j * NR + l;
-                if o >= n {
-                    break;
-                }
-                let step = |p: usize| {
-                    if p < k {
-                        to_bf16(torch[o * k + p]) as u32
-                    } else {
-                        0
-                    }
-                };
-                *slot = step(2 * q) | step(2 * q + 1) << 16;
-            }
-        }
-    }
+    panels_to_bf16(k, n, &pack(k, n, torch), &mut panels);
     panels
 }
 
@@ -876,12 +851,10 @@ unsafe fn tile_of(rows: usize, t: &Tile) {
 
 /// Rows per tile of `cols` columns.
 fn tile_rows_for(cols: usize) -> usize {
-    if avx512() {
-        MR512
-    } else if cols > NR {
+    if !avx512() && cols > NR {
         WIDE_MR
     } else {
-        MR
+        rows_per_tile()
     }
 }
 

@@ -13,7 +13,12 @@ pub fn images_per_task(len: usize) -> usize {
 /// `out[b, c] = mean over hw of x[b, hw, c]`.
 pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32]) {
     let inv = 1.0 / hw as f32;
-    let width = split_width(n, hw, c);
+    // Each image's channels in `parts` blocks of whole vectors.
+    let width = c
+        .div_ceil(parts_per_image(n, hw, c))
+        .next_multiple_of(16)
+        .min(c)
+        .max(1);
     out[..n * c]
         .par_chunks_mut(c)
         .enumerate()
@@ -38,16 +43,17 @@ pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f
         });
 }
 
-/// Channels per task of a per-image pass over `[n, hw, c]`: all of them, or with fewer images
-/// than threads (batch 1) and enough values, a block per thread — each channel still summed
-/// over the pixels in order, so the same sums (batch 1's squeeze-excitation pooling ran on one
-/// thread).
-pub fn split_width(n: usize, hw: usize, c: usize) -> usize {
+/// Tasks per image of a per-image pass over `[n, hw, c]`: one, or with fewer images than
+/// threads (batch 1) and enough values, one per thread (batch 1's squeeze-excitation pooling
+/// and scaling ran on one thread). The pooling splits channels, so each is still summed over
+/// the pixels in order: the same sums.
+pub fn parts_per_image(n: usize, hw: usize, c: usize) -> usize {
     let threads = rayon::current_num_threads();
     if n >= threads || hw * c < 2 * 16_384 {
-        return c.max(1);
+        1
+    } else {
+        threads
     }
-    c.div_ceil(threads).next_multiple_of(16).min(c).max(1)
 }
 
 /// `dx[b, hw, c] = dy[b, c] / hw`.

@@ -145,11 +145,8 @@ pub fn forward(
         },
     );
     let gate = &saved.gate;
-    // With fewer images than threads, each image's rows in parts, one per thread.
-    let rows = match crate::pool::split_width(n, hw, c) == c {
-        true => hw,
-        false => hw.div_ceil(rayon::current_num_threads()),
-    };
+    // Each image's rows in parts (one per thread with fewer images than threads).
+    let rows = hw.div_ceil(crate::pool::parts_per_image(n, hw, c)).max(1);
     y.par_chunks_mut(hw * c)
         .zip(x.par_chunks(hw * c))
         .enumerate()
