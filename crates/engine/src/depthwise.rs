@@ -137,8 +137,8 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
                         let acc = &mut out_row[ow * c..][..c];
                         acc.fill(0.0);
                         let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
-                        for dh in 0..nh {
-                            for dw in 0..nw {
+                        for dw in 0..nw {
+                            for dh in 0..nh {
                                 let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
                                 let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
                                 for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
@@ -232,6 +232,26 @@ unsafe fn row_avx512(
         simd::prefetch_l2(&img[next * iw_len * c..][..iw_len * c]);
     }
     let y = out.as_mut_ptr();
+    if g.kernel == 3 && g.stride == 1 {
+        // SAME padding of a 3×3 stride-1 window: one pixel on every side.
+        let rows = [0, 1, 2].map(|dh| {
+            (oh + dh)
+                .checked_sub(1)
+                .filter(|&ih| ih < g.input.h)
+                .map(|ih| img.as_ptr().add(ih * iw_len * c))
+        });
+        let w3 = Weights3 {
+            w: w.as_ptr(),
+            flip: false,
+        };
+        for cb in (0..wide).step_by(32) {
+            rolling3::<2>(rows, w3, c, iw_len, cb, y, epilogue);
+        }
+        if wide < c {
+            rolling3::<1>(rows, w3, c, iw_len, wide, y, epilogue);
+        }
+        return;
+    }
     let pixel = |ow: usize| {
         let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
         Taps {
@@ -268,6 +288,74 @@ unsafe fn row_avx512(
     if wide < c {
         block512::<1>(g.out_w, &pixel, fours, g.stride * c, wide, y, c, epilogue);
     }
+}
+
+/// A 3×3 filter packed `[kh][kw][c]`, read as it is or rotated by 180° (`flip`: the stride-1
+/// input gradient is the forward pass of the output gradient through the rotated filter).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Weights3 {
+    w: *const f32,
+    flip: bool,
+}
+
+/// Channels `cb..cb + 16V` of one output row of a 3×3 stride-1 convolution, `width` pixels
+/// (`c` apart from `y` on), from the input rows above, at and below it (`None` outside the
+/// image). The input is walked column by column: each column's three vectors are loaded once
+/// and meet the filter's three columns, adding to the three output pixels they reach, so every
+/// pixel's sum is complete one column later. Each pixel still sums its taps in the portable
+/// loop's order (columns, then rows, from zero), so the results are the same bits.
+///
+/// # Safety
+/// As [`row_avx512`]: each row in `rows` holds `width · c` values, the filter `9 · c`, `y` the
+/// output row, `cb + 16V <= c`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rolling3<const V: usize>(
+    rows: [Option<*const f32>; 3],
+    filter: Weights3,
+    c: usize,
+    width: usize,
+    cb: usize,
+    y: *mut f32,
+    epilogue: crate::conv::Epilogue,
+) {
+    use std::arch::x86_64::*;
+    let zero = [_mm512_setzero_ps(); V];
+    // w[dh][dw]: the weight that input row dh, column dw of a window meets.
+    let mut w = [[zero; 3]; 3];
+    for (dh, row) in w.iter_mut().enumerate() {
+        for (dw, lanes) in row.iter_mut().enumerate() {
+            let t = match filter.flip {
+                false => dh * 3 + dw,
+                true => 8 - (dh * 3 + dw),
+            };
+            for (v, l) in lanes.iter_mut().enumerate() {
+                *l = _mm512_loadu_ps(filter.w.add(t * c + cb + 16 * v));
+            }
+        }
+    }
+    // The sums of the pixels left of, at and right of input column j.
+    let (mut left, mut at) = (zero, zero);
+    for j in 0..width {
+        let mut right = zero;
+        for (dh, row) in rows.iter().enumerate() {
+            let Some(row) = row else { continue };
+            let xp = row.add(j * c + cb);
+            for v in 0..V {
+                let x = _mm512_loadu_ps(xp.add(16 * v));
+                right[v] = _mm512_add_ps(right[v], _mm512_mul_ps(x, w[dh][0][v]));
+                at[v] = _mm512_add_ps(at[v], _mm512_mul_ps(x, w[dh][1][v]));
+                left[v] = _mm512_add_ps(left[v], _mm512_mul_ps(x, w[dh][2][v]));
+            }
+        }
+        if j > 0 {
+            store512(left, cb, y.add((j - 1) * c), epilogue);
+        }
+        (left, at) = (at, right);
+    }
+    // The last pixel's window has no column to its right.
+    store512(left, cb, y.add((width - 1) * c), epilogue);
 }
 
 /// Channels `cb..cb + 16V` of a whole output row (`out_w` pixels, `c` apart from `y` on):
@@ -327,8 +415,9 @@ unsafe fn window3<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut w = [[_mm512_setzero_ps(); V]; 9];
+    // Tap t is column t / 3, row t % 3: the portable loop's order.
     for (t, lanes) in w.iter_mut().enumerate() {
-        let wp = taps.w.add((t / 3) * taps.w_row + (t % 3) * taps.c + cb);
+        let wp = taps.w.add((t % 3) * taps.w_row + (t / 3) * taps.c + cb);
         for (v, l) in lanes.iter_mut().enumerate() {
             *l = _mm512_loadu_ps(wp.add(16 * v));
         }
@@ -336,7 +425,7 @@ unsafe fn window3<const V: usize>(
     for q in 0..quads {
         let mut acc = [[_mm512_setzero_ps(); V]; 4];
         for (t, lanes) in w.iter().enumerate() {
-            let tap = (t / 3) * taps.x_row + (t % 3) * taps.c + cb;
+            let tap = (t % 3) * taps.x_row + (t / 3) * taps.c + cb;
             for (p, sums) in acc.iter_mut().enumerate() {
                 let xp = taps.x.add((4 * q + p) * step + tap);
                 for (v, a) in sums.iter_mut().enumerate() {
@@ -365,13 +454,10 @@ unsafe fn channels512<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); V];
-    for dh in 0..taps.nh {
-        let (xr, wr) = (
-            taps.x.add(dh * taps.x_row + cb),
-            taps.w.add(dh * taps.w_row + cb),
-        );
-        for dw in 0..taps.nw {
-            let (xp, wp) = (xr.add(dw * taps.c), wr.add(dw * taps.c));
+    for dw in 0..taps.nw {
+        let (xr, wr) = (taps.x.add(dw * taps.c + cb), taps.w.add(dw * taps.c + cb));
+        for dh in 0..taps.nh {
+            let (xp, wp) = (xr.add(dh * taps.x_row), wr.add(dh * taps.w_row));
             for (v, a) in acc.iter_mut().enumerate() {
                 let prod = _mm512_mul_ps(
                     _mm512_loadu_ps(xp.add(16 * v)),
@@ -435,13 +521,10 @@ unsafe fn channels<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); V];
-    for dh in 0..taps.nh {
-        let (xr, wr) = (
-            taps.x.add(dh * taps.x_row + cb),
-            taps.w.add(dh * taps.w_row + cb),
-        );
-        for dw in 0..taps.nw {
-            let (xp, wp) = (xr.add(dw * taps.c), wr.add(dw * taps.c));
+    for dw in 0..taps.nw {
+        let (xr, wr) = (taps.x.add(dw * taps.c + cb), taps.w.add(dw * taps.c + cb));
+        for dh in 0..taps.nh {
+            let (xp, wp) = (xr.add(dh * taps.x_row), wr.add(dh * taps.w_row));
             for (v, a) in acc.iter_mut().enumerate() {
                 let prod = _mm256_mul_ps(
                     _mm256_loadu_ps(xp.add(8 * v)),
@@ -479,11 +562,38 @@ pub fn backward(
     let in_img = ih_len * iw_len * c;
     let out_img = g.out_h * g.out_w * c;
     let wl = g.weight_len();
+    assert!(
+        x.len() >= g.input.len()
+            && dx.len() >= g.input.len()
+            && dy.len() >= g.output().len()
+            && w.len() >= wl
+            && dw.len() >= wl
+            && scratch.len() >= g.input.n * wl,
+        "depthwise backward: operand sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    let rolling = simd::level() == simd::Level::Avx512
+        && g.kernel == 3
+        && g.stride == 1
+        && c.is_multiple_of(16);
+    #[cfg(not(target_arch = "x86_64"))]
+    let rolling = false;
     // One image per task: its dx region and its weight-gradient partial are private to it.
     dx.par_chunks_mut(in_img)
         .zip(scratch[..g.input.n * wl].par_chunks_mut(wl))
         .enumerate()
         .for_each(|(b, (dx_img, dw_part))| {
+            #[cfg(target_arch = "x86_64")]
+            if rolling {
+                let img = &x[b * in_img..][..in_img];
+                let dy_img = &dy[b * out_img..][..out_img];
+                // SAFETY: AVX-512F is present (`simd::level`), the map is 3×3 stride 1 with
+                // `c % 16 == 0`; `img`, `dy_img` and `dx_img` are one whole image each (the
+                // output of a stride-1 SAME convolution has the input's size), `w` and
+                // `dw_part` 9·c values (asserted above).
+                unsafe { backward3_avx512(g, img, w, dy_img, dx_img, dw_part) };
+                return;
+            }
             simd::dispatch(
                 #[inline(always)]
                 || {
@@ -520,6 +630,116 @@ pub fn backward(
     for part in scratch[..g.input.n * wl].chunks(wl) {
         for (d, p) in dw.iter_mut().zip(part) {
             *d += p;
+        }
+    }
+}
+
+/// One image's gradients of a 3×3 stride-1 depthwise convolution: `dx` (overwritten) is the
+/// forward pass of `dy` through the filter rotated by 180° ([`rolling3`]); `dw` (overwritten)
+/// sums, per tap, `dy` times the input it met ([`filter_grad3`]).
+///
+/// # Safety
+/// AVX-512F must be present; `g` is 3×3 stride 1 with `c % 16 == 0`; `x`, `dy` and `dx` hold one
+/// image each, `w` and `dw` `9·c` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn backward3_avx512(
+    g: &DwGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
+    let (h, width, c) = (g.input.h, g.input.w, g.input.c);
+    let row_len = width * c;
+    let wide = c / 32 * 32;
+    let filter = Weights3 {
+        w: w.as_ptr(),
+        flip: true,
+    };
+    for (i, dx_row) in dx.chunks_exact_mut(row_len).take(h).enumerate() {
+        let rows = [0, 1, 2].map(|dh| {
+            (i + dh)
+                .checked_sub(1)
+                .filter(|&oh| oh < h)
+                .map(|oh| dy.as_ptr().add(oh * row_len))
+        });
+        let y = dx_row.as_mut_ptr();
+        for cb in (0..wide).step_by(32) {
+            rolling3::<2>(rows, filter, c, width, cb, y, None);
+        }
+        if wide < c {
+            rolling3::<1>(rows, filter, c, width, wide, y, None);
+        }
+    }
+    for cb in (0..wide).step_by(32) {
+        filter_grad3::<2>(g, x, dy, cb, dw);
+    }
+    if wide < c {
+        filter_grad3::<1>(g, x, dy, wide, dw);
+    }
+}
+
+/// Channels `cb..cb + 16V` of a 3×3 stride-1 filter's gradient over one image, written to `dw`
+/// (`[kh][kw][c]`): each tap's sum stays in a register while the output pixels go by, row by
+/// row (each tap's terms in the order of the portable loop).
+///
+/// # Safety
+/// As [`backward3_avx512`], with `cb + 16V <= c`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn filter_grad3<const V: usize>(
+    g: &DwGeom,
+    x: &[f32],
+    dy: &[f32],
+    cb: usize,
+    dw: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (h, width, c) = (g.input.h, g.input.w, g.input.c);
+    let zero = [_mm512_setzero_ps(); V];
+    let mut acc = [[zero; 3]; 3];
+    // Pixel `ow`'s terms for one input row's taps (`sums`, one per window column), the window
+    // columns `cols` (those inside the image); `xr` is the input row, `dyr` the output row.
+    let add = |sums: &mut [[__m512; V]; 3],
+               xr: *const f32,
+               dyr: *const f32,
+               ow: usize,
+               cols: std::ops::Range<usize>| {
+        let d: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(dyr.add(ow * c + 16 * v)));
+        for dwi in cols {
+            // Window column dwi of pixel ow is input column ow + dwi − 1.
+            let xp = xr.add((ow + dwi - 1) * c);
+            for v in 0..V {
+                let xv = _mm512_loadu_ps(xp.add(16 * v));
+                sums[dwi][v] = _mm512_add_ps(sums[dwi][v], _mm512_mul_ps(d[v], xv));
+            }
+        }
+    };
+    for oh in 0..h {
+        let dyr = dy.as_ptr().add(oh * width * c + cb);
+        for (dh, sums) in acc.iter_mut().enumerate() {
+            let Some(ih) = (oh + dh).checked_sub(1).filter(|&ih| ih < h) else {
+                continue;
+            };
+            let xr = x.as_ptr().add(ih * width * c + cb);
+            if width == 1 {
+                add(sums, xr, dyr, 0, 1..2);
+                continue;
+            }
+            add(sums, xr, dyr, 0, 1..3);
+            for ow in 1..width - 1 {
+                add(sums, xr, dyr, ow, 0..3);
+            }
+            add(sums, xr, dyr, width - 1, 0..2);
+        }
+    }
+    for (dh, row) in acc.iter().enumerate() {
+        for (dwi, lanes) in row.iter().enumerate() {
+            for (v, l) in lanes.iter().enumerate() {
+                _mm512_storeu_ps(dw.as_mut_ptr().add((dh * 3 + dwi) * c + cb + 16 * v), *l);
+            }
         }
     }
 }

@@ -247,6 +247,12 @@ fn depthwise_conv_forward_and_backward() {
         // Whole 32-channel register blocks, and one with a tail.
         (4, 5, 64, 3, 1),
         (5, 4, 40, 5, 2),
+        // AVX-512's 3×3 stride-1 gradients: 32-channel blocks and a 16-channel tail, maps one
+        // pixel wide or high.
+        (6, 7, 48, 3, 1),
+        (1, 4, 32, 3, 1),
+        (3, 1, 16, 3, 1),
+        (1, 1, 48, 3, 1),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
@@ -759,7 +765,7 @@ fn dropout_and_drop_path_keep_the_expectation() {
     assert_eq!(y, vec![0.0, 2.5, 3.75]);
 }
 
-/// The depthwise forward sums each pixel's taps in one fixed order (rows, then columns, as
+/// The depthwise forward sums each pixel's taps in one fixed order (columns, then rows, as
 /// separate multiplies and adds) whatever kernel runs it, so the AVX2 kernel and this scalar
 /// loop agree to the bit, with and without the folded batch norm + SiLU; image borders, stride
 /// 2, 5×5 kernels and maps narrower than the kernel included.
@@ -779,6 +785,10 @@ fn depthwise_forward_sums_in_the_portable_order() {
         (10, 9, 80, 5, 2),
         (6, 15, 64, 3, 1),
         (7, 21, 48, 3, 2),
+        // 3×3 stride 1 column by column (AVX-512): one pixel wide, high, or both.
+        (1, 6, 48, 3, 1),
+        (5, 1, 16, 3, 1),
+        (1, 1, 32, 3, 1),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
@@ -794,8 +804,8 @@ fn depthwise_forward_sums_in_the_portable_order() {
                 for xo in 0..ow {
                     for ch in 0..c {
                         let mut acc = 0f32;
-                        for i in 0..k as isize {
-                            for j in 0..k as isize {
+                        for j in 0..k as isize {
+                            for i in 0..k as isize {
                                 let (iy, ix) = (
                                     y as isize * stride as isize - pt + i,
                                     xo as isize * stride as isize - pl + j,
