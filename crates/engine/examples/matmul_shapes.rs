@@ -1,7 +1,8 @@
 //! GFLOP/s of `matmul` on the shapes of EfficientNetV2-S at 224 px (rows = pixels × batch,
 //! k = patch or input channels, n = output channels), then of a training step's three products
 //! per 1×1 convolution at 128 px (forward on torch's weight, weight gradient, input gradient):
-//! `cargo run --release -p effnet-engine --example matmul_shapes [THREADS] [BATCH]`.
+//! `cargo run --release -p effnet-engine --example matmul_shapes [THREADS] [BATCH] [bf16]`
+//! (`bf16`: the training products on bf16 operands, as `train --use-amp` runs them).
 
 use effnet_engine::matmul::{matmul, matmul_then, Layout};
 use effnet_engine::norm::Folded;
@@ -21,6 +22,9 @@ fn main() {
         .num_threads(threads)
         .build_global()
         .expect("thread pool");
+    if std::env::args().nth(3).as_deref() == Some("bf16") {
+        effnet_engine::matmul::set_bf16(true).expect("AVX512_BF16");
+    }
     // (rows, k, n, weight layout): the stem and stage 0-2 k×k convolutions (packed weights),
     // then the 1×1 convolutions that carry most multiply-adds: stage 2's and 3's projections,
     // stage 5's and 6's expansions and projections, the head (prepared weights, `[cin, cout]`),

@@ -184,48 +184,89 @@ pub fn train_forward(
             folded,
             ..
         } = scratch;
-        par_row_sums(
-            (local_rows, c, 1),
-            #[inline(always)]
-            |r, ch, acc| {
-                for row in x[r.start * c..r.end * c].chunks_exact(c) {
-                    for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
-                        *a += v;
+        // One pass sums each channel's deviations from its first value and their squares
+        // (the shifted-data variance: without a shift near the mean, a large mean would cancel
+        // the variance away). Cross-replica sums need one shift for every replica, so they
+        // take two passes (mean, then squared deviations from it), as do the squares again when
+        // some channel's first value lay far from its mean.
+        let shifted = sync.is_none() && local_rows > 0;
+        let mut total = local_rows as f64;
+        let mut again = !shifted;
+        if shifted {
+            let first = &x[..c];
+            par_row_sums(
+                (local_rows, c, 2),
+                #[inline(always)]
+                |r, ch, acc| {
+                    let (s1, s2) = acc.split_at_mut(ch.len());
+                    let k = &first[ch.clone()];
+                    for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                        let it = s1.iter_mut().zip(s2.iter_mut());
+                        for ((a, b), (v, k)) in it.zip(row[ch.clone()].iter().zip(k)) {
+                            let d = v - k;
+                            *a += d;
+                            *b += d * d;
+                        }
                     }
-                }
-            },
-            partials,
-            totals,
-        );
-        let total = across_replicas(totals, local_rows, sync);
-        for (m, s) in mean.iter_mut().zip(totals.iter()) {
-            *m = (s / total) as f32;
+                },
+                partials,
+                totals,
+            );
+            for ch in 0..c {
+                let (d, sq) = (totals[ch] / total, totals[c + ch] / total);
+                let v = (sq - d * d).max(0.0);
+                // Past 8 standard deviations between shift and mean, the subtraction loses
+                // more than 6 of f32's bits.
+                again |= d * d > 64.0 * v;
+                mean[ch] = (first[ch] as f64 + d) as f32;
+                var[ch] = v as f32;
+            }
+        } else {
+            par_row_sums(
+                (local_rows, c, 1),
+                #[inline(always)]
+                |r, ch, acc| {
+                    for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                        for (a, v) in acc.iter_mut().zip(&row[ch.clone()]) {
+                            *a += v;
+                        }
+                    }
+                },
+                partials,
+                totals,
+            );
+            total = across_replicas(totals, local_rows, sync);
+            for (m, s) in mean.iter_mut().zip(totals.iter()) {
+                *m = (s / total) as f32;
+            }
         }
-        let mean_ro: &[f32] = mean;
-        // Two passes (mean, then squared deviations) keep the variance accurate for large means.
-        par_row_sums(
-            (local_rows, c, 1),
-            #[inline(always)]
-            |r, ch, acc| {
-                for row in x[r.start * c..r.end * c].chunks_exact(c) {
-                    for ((a, v), m) in acc
-                        .iter_mut()
-                        .zip(&row[ch.clone()])
-                        .zip(&mean_ro[ch.clone()])
-                    {
-                        let d = v - m;
-                        *a += d * d;
+        if again {
+            let mean_ro: &[f32] = mean;
+            par_row_sums(
+                (local_rows, c, 1),
+                #[inline(always)]
+                |r, ch, acc| {
+                    for row in x[r.start * c..r.end * c].chunks_exact(c) {
+                        for ((a, v), m) in acc
+                            .iter_mut()
+                            .zip(&row[ch.clone()])
+                            .zip(&mean_ro[ch.clone()])
+                        {
+                            let d = v - m;
+                            *a += d * d;
+                        }
                     }
-                }
-            },
-            partials,
-            totals,
-        );
-        across_replicas(totals, local_rows, sync);
+                },
+                partials,
+                totals,
+            );
+            across_replicas(totals, local_rows, sync);
+            for (v, s) in var.iter_mut().zip(totals.iter()) {
+                *v = (s / total) as f32;
+            }
+        }
         for ch in 0..c {
-            let v = (totals[ch] / total) as f32;
-            var[ch] = v;
-            invstd[ch] = 1.0 / (v + eps).sqrt();
+            invstd[ch] = 1.0 / (var[ch] + eps).sqrt();
         }
         folded.set_stats(gamma, beta, mean, invstd, act);
         folded.apply_copy(x, c, y);
@@ -405,40 +446,26 @@ fn train_backward_rows<A: Activation>(
         } = scratch;
         folded.set_stats(gamma, beta, mean, invstd, Act::None);
         let (scale, shift) = (&folded.scale[..], &folded.shift[..]);
-        // Pass 1: dz = dy·act'(z) with z = x·scale + shift, stored in dx (the activation's
-        // derivative is the costly part: computed once), and per channel Σdz and Σdz·x̂, over
-        // row tasks and channel blocks.
-        let dz_addr = dx.as_mut_ptr() as usize;
+        // Pass 1: per channel Σdz and Σdz·x̂, with dz = dy·act'(z) and z = x·scale + shift,
+        // over row tasks and channel blocks. dz is not stored: pass 2 computes it again, which
+        // costs less than writing and reading it back (these passes wait on memory).
         par_row_sums(
             (rows, c, 2),
             #[inline(always)]
             |r, ch, acc| {
-                let width = ch.len();
-                let (sd, sx) = acc.split_at_mut(width);
+                let (sd, sx) = acc.split_at_mut(ch.len());
                 let (scale, shift) = (&scale[ch.clone()], &shift[ch.clone()]);
                 let (mean, invstd) = (&mean[ch.clone()], &invstd[ch.clone()]);
                 for r in r {
                     let (xr, gr) = (&x[r * c..][ch.clone()], &dy[r * c..][ch.clone()]);
-                    // SAFETY: `dx` holds rows·c values (asserted above) and is borrowed
-                    // mutably for this whole call; this task alone writes row r's channels
-                    // `ch` (row tasks and channel blocks partition rows × channels), and pass
-                    // 2 starts after every task has ended.
-                    let dzr = unsafe {
-                        let first = (dz_addr as *mut f32).add(r * c + ch.start);
-                        std::slice::from_raw_parts_mut(first, width)
-                    };
-                    for (((o, xv), g), (s, b)) in
-                        dzr.iter_mut().zip(xr).zip(gr).zip(scale.iter().zip(shift))
-                    {
-                        *o = g * A::derivative(xv * s + b);
-                    }
-                    for ((((dz, xv), (m, is)), sd), sx) in dzr
+                    for ((((xv, g), (s, b)), (m, is)), (sd, sx)) in xr
                         .iter()
-                        .zip(xr)
+                        .zip(gr)
+                        .zip(scale.iter().zip(shift))
                         .zip(mean.iter().zip(invstd))
-                        .zip(sd.iter_mut())
-                        .zip(sx.iter_mut())
+                        .zip(sd.iter_mut().zip(sx.iter_mut()))
                     {
+                        let dz = g * A::derivative(xv * s + b);
                         *sd += dz;
                         *sx += dz * (xv - m) * is;
                     }
@@ -456,23 +483,28 @@ fn train_backward_rows<A: Activation>(
         means.clear();
         means.extend(totals[..2 * c].iter().map(|s| (s * inv_rows) as f32));
         let (mean_dz, mean_dzx) = means.split_at(c);
-        // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)), in place over dz.
+        // Pass 2: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)).
         let chunk = elementwise_rows(c) * c;
         dx.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(dxc, xc)| {
+            .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+            .for_each(|(dxc, (xc, dyc))| {
                 simd::dispatch(
                     #[inline(always)]
                     || {
-                        for (dr, xr) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                        let rows = dxc
+                            .chunks_exact_mut(c)
+                            .zip(xc.chunks_exact(c).zip(dyc.chunks_exact(c)));
+                        for (dr, (xr, gr)) in rows {
                             let it = dr
                                 .iter_mut()
-                                .zip(xr)
-                                .zip(scale.iter().zip(mean.iter().zip(invstd)));
-                            for (((o, xv), (s, (m, is))), (md, mx)) in
+                                .zip(xr.iter().zip(gr))
+                                .zip(scale.iter().zip(shift))
+                                .zip(mean.iter().zip(invstd));
+                            for ((((o, (xv, g)), (s, b)), (m, is)), (md, mx)) in
                                 it.zip(mean_dz.iter().zip(mean_dzx))
                             {
-                                *o = s * (*o - md - (xv - m) * is * mx);
+                                let dz = g * A::derivative(xv * s + b);
+                                *o = s * (dz - md - (xv - m) * is * mx);
                             }
                         }
                     },

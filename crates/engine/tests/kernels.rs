@@ -382,6 +382,49 @@ fn batch_norm_train_forward_backward_and_running_stats() {
     }
 }
 
+/// Batch statistics in one pass sum deviations from each channel's first value; a channel whose
+/// first value lies far from its mean (here 0 among values near 10⁴: the subtraction would
+/// cost the variance ~3 % in f32's sums) is summed again from its mean. Both kinds of channel
+/// side by side, against f64.
+#[test]
+fn batch_norm_statistics_survive_a_first_row_far_from_the_mean() {
+    let mut rng = Rng::new(17);
+    let (rows, c) = (1024, 2);
+    let mut x: Vec<f32> = random(&mut rng, rows * c)
+        .iter()
+        .map(|v| 1.0e4 + v)
+        .collect();
+    x[0] = 0.0;
+    let (gamma, beta) = (vec![1f32; c], vec![0f32; c]);
+    let (mut mean, mut var, mut invstd) = (vec![0f32; c], vec![0f32; c], vec![0f32; c]);
+    let mut y = vec![0f32; x.len()];
+    norm::train_forward(
+        &x,
+        c,
+        &gamma,
+        &beta,
+        1e-3,
+        Act::None,
+        &mut mean,
+        &mut var,
+        &mut invstd,
+        &mut y,
+        None,
+    );
+    let xd = f64s(&x);
+    for ch in 0..c {
+        let m = (0..rows).map(|r| xd[r * c + ch]).sum::<f64>() / rows as f64;
+        let v = (0..rows).map(|r| (xd[r * c + ch] - m).powi(2)).sum::<f64>() / rows as f64;
+        assert!(((mean[ch] as f64 - m) / m).abs() < 1e-6, "mean {ch}");
+        assert!(
+            ((var[ch] as f64 - v) / v).abs() < 1e-4,
+            "var {ch}: {} vs {v}",
+            var[ch]
+        );
+    }
+    assert!(max_rel(&y, &bn_ref(&xd, c, &[1.0; 2], &[0.0; 2], 1e-3, Act::None)) < 1e-4);
+}
+
 /// Few rows of many channels (the small maps late in a network) split batch norm's per-channel
 /// passes into channel blocks across threads: the results equal one thread's bit for bit.
 #[test]
