@@ -266,21 +266,12 @@ thread_local! {
     static BF16_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-thread_local! {
-    /// Each thread's rows of a gated product's left operand, scaled (kept between calls).
-    static GATED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// High-water mark of every worker's [`BF16_ROWS`].
 static BF16_ROWS_HIGH: crate::HighWater = crate::HighWater::new();
-/// High-water mark of every worker's [`GATED_ROWS`].
-static GATED_ROWS_HIGH: crate::HighWater = crate::HighWater::new();
 
-/// Grows this thread's [`BF16_ROWS`] and [`GATED_ROWS`] to their high-water marks
-/// ([`crate::spread_worker_buffers`]).
+/// Grows this thread's [`BF16_ROWS`] to the high-water mark ([`crate::spread_worker_buffers`]).
 pub(crate) fn reach_high_water() {
     BF16_ROWS.with_borrow_mut(|rows| BF16_ROWS_HIGH.reach(rows));
-    GATED_ROWS.with_borrow_mut(|rows| GATED_ROWS_HIGH.reach(rows));
 }
 
 /// Rows `rows` of `x` (`k` values each, `pixel` apart) rounded to bf16 into `out`, pairs of
@@ -295,7 +286,6 @@ unsafe fn rows_to_bf16(
     pixel: usize,
     k: usize,
     rows: std::ops::Range<usize>,
-    gate: Option<Gate>,
     out: &mut [u32],
 ) {
     use std::arch::x86_64::*;
@@ -305,49 +295,19 @@ unsafe fn rows_to_bf16(
     }
     for (row, dst) in rows.zip(out.chunks_exact_mut(pairs)) {
         let src = &x[row * pixel..][..k];
-        let scale = gate.map(|g| &g.values[row / g.rows_per_image * k..][..k]);
-        let at = |c: usize| {
-            let v = _mm512_loadu_ps(src.as_ptr().add(c));
-            match scale {
-                Some(s) => _mm512_mul_ps(v, _mm512_loadu_ps(s.as_ptr().add(c))),
-                None => v,
-            }
-        };
         let mut c = 0;
         while c + 32 <= k {
-            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(at(c + 16), at(c)));
+            let lo = _mm512_loadu_ps(src.as_ptr().add(c));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(c + 16));
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             _mm512_storeu_si512(dst.as_mut_ptr().add(c / 2) as *mut __m512i, both);
             c += 32;
         }
-        let value = |p: usize| scale.map_or(src[p], |s| src[p] * s[p]);
         for (q, slot) in dst.iter_mut().enumerate().skip(c / 2) {
-            let step = |p: usize| if p < k { to_bf16(value(p)) as u32 } else { 0 };
+            let step = |p: usize| if p < k { to_bf16(src[p]) as u32 } else { 0 };
             *slot = step(2 * q) | step(2 * q + 1) << 16;
         }
     }
-}
-
-/// Rows `rows` of `x` (`k` values each, `pixel` apart) scaled by `gate` into `out`, `k` apart.
-fn gated_rows(
-    x: &[f32],
-    pixel: usize,
-    k: usize,
-    rows: std::ops::Range<usize>,
-    gate: Option<Gate>,
-    out: &mut [f32],
-) {
-    let Some(g) = gate else { return };
-    simd::dispatch(
-        #[inline(always)]
-        || {
-            for (row, dst) in rows.clone().zip(out.chunks_exact_mut(k.max(1))) {
-                let scale = &g.values[row / g.rows_per_image * k..][..k];
-                for ((d, v), s) in dst.iter_mut().zip(&x[row * pixel..][..k]).zip(scale) {
-                    *d = v * s;
-                }
-            }
-        },
-    )
 }
 
 /// `y[m×n] = epilogue(x[m×k] · w) + skip`, `w` packed by [`pack`]; without `folded`, the plain
@@ -379,31 +339,7 @@ pub fn forward_panels(
     folded: Option<&Folded>,
     skip: Option<&[f32]>,
 ) {
-    forward_gated(x, m, k, n, w, y, folded, skip, None)
-}
-
-/// [`forward_panels`] on the left operand scaled by `gate`.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_gated(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    w: Panels,
-    y: &mut [f32],
-    folded: Option<&Folded>,
-    skip: Option<&[f32]>,
-    gate: Option<Gate>,
-) {
     check(x, m, k, n, w, y);
-    if let Some(g) = gate {
-        assert!(
-            g.rows_per_image > 0 && g.values.len() >= m.div_ceil(g.rows_per_image) * k,
-            "pointwise: gate holds {} < {} images × {k}",
-            g.values.len(),
-            m.div_ceil(g.rows_per_image.max(1))
-        );
-    }
     if let Some(s) = skip {
         assert!(
             s.len() >= m * n,
@@ -458,7 +394,6 @@ pub fn forward_gated(
                     k,
                     n,
                     w,
-                    gate,
                 };
                 block(&operands, y_addr as *mut f32, n, rows, these, folded, skip)
             }
@@ -483,19 +418,13 @@ pub fn bf16_rows_len(k: usize) -> usize {
     block_rows(k) * k.div_ceil(2)
 }
 
-/// The scaled rows that an f32 [`forward_gated`] on `k` input channels keeps, in floats.
-pub fn gated_rows_len(k: usize) -> usize {
-    block_rows(k) * k
-}
-
 /// Grows the calling thread's kept buffers for later calls: [`conv_projected`]'s row to
 /// `projected_row` floats, a bf16 [`forward`]'s rounded rows to `bf16_rows` slots
-/// ([`bf16_rows_len`]), a gated one's scaled rows to `gated_rows` floats ([`gated_rows_len`]).
-/// `Network::freeze` runs it on every worker, so that inference passes allocate nothing.
-pub fn reserve(projected_row: usize, bf16_rows: usize, gated_rows: usize) {
+/// ([`bf16_rows_len`]). `Network::freeze` runs it on every worker, so that inference passes
+/// allocate nothing.
+pub fn reserve(projected_row: usize, bf16_rows: usize) {
     ROW.with_borrow_mut(|row| crate::at_least(row, projected_row).len());
     BF16_ROWS.with_borrow_mut(|rows| BF16_ROWS_HIGH.grow(rows, bf16_rows).len());
-    GATED_ROWS.with_borrow_mut(|rows| GATED_ROWS_HIGH.grow(rows, gated_rows).len());
 }
 
 /// What [`product_serial`] does with each tile of the product.
@@ -563,14 +492,7 @@ pub(crate) unsafe fn product_at(
             (None, Some(f))
         }
     };
-    let operands = Operands {
-        x,
-        pixel,
-        k,
-        n,
-        w,
-        gate: None,
-    };
+    let operands = Operands { x, pixel, k, n, w };
     // SAFETY: sizes and CPU checked above; the output's elements are the caller's alone, and
     // `skip`, when given, is `y` itself, read only where the same tile then writes.
     unsafe { block(&operands, y, ldy, 0..m, 0..n.div_ceil(NR), folded, skip) }
@@ -626,17 +548,6 @@ struct Operands<'a> {
     k: usize,
     n: usize,
     w: Panels<'a>,
-    gate: Option<Gate<'a>>,
-}
-
-/// Per-image scales of a product's left operand, column by column: row `r` is read as
-/// `x[r] ⊙ values[r / rows_per_image]` (`k` values per image). Squeeze-excitation's gate, so
-/// that the projection after it reads the block's unscaled map and the scaled one is never
-/// written: the same products as scaling first (each value is the same f32 product).
-#[derive(Debug, Clone, Copy)]
-pub struct Gate<'a> {
-    pub values: &'a [f32],
-    pub rows_per_image: usize,
 }
 
 /// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue; output
@@ -663,34 +574,8 @@ unsafe fn block(
     folded: Option<&Folded>,
     skip: Option<*const f32>,
 ) {
-    let Operands {
-        x,
-        pixel,
-        k,
-        n,
-        w,
-        gate,
-    } = *o;
+    let Operands { x, pixel, k, n, w } = *o;
     match w {
-        Panels::F32(w) if gate.is_some() => GATED_ROWS.with_borrow_mut(|scratch| {
-            // A block of rows scaled at a time, then read from cache by every panel.
-            let chunk = block_rows(k);
-            let scratch = GATED_ROWS_HIGH.grow(scratch, chunk.min(rows.len()) * k);
-            for start in rows.clone().step_by(chunk) {
-                let part = start..rows.end.min(start + chunk);
-                gated_rows(x, pixel, k, part.clone(), gate, scratch);
-                let left = Left {
-                    // Row r at `x + r·k`, for r in `part` (wrapping: only those are read).
-                    x: scratch.as_ptr().wrapping_sub(part.start * k),
-                    pixel: k,
-                    depth: k,
-                    in_cache: true,
-                    bf16: false,
-                };
-                let w = w.as_ptr();
-                sweep(&left, x, w, n, y, ldy, part, panels.clone(), folded, skip)
-            }
-        }),
         Panels::F32(w) => {
             let left = Left {
                 x: x.as_ptr(),
@@ -710,7 +595,7 @@ unsafe fn block(
                 let part = start..rows.end.min(start + chunk);
                 // SAFETY: AVX512_BF16 checked (`check_operands`); the caller's rows of `x`.
                 #[cfg(target_arch = "x86_64")]
-                rows_to_bf16(x, pixel, k, part.clone(), gate, scratch);
+                rows_to_bf16(x, pixel, k, part.clone(), scratch);
                 let left = Left {
                     // Row r at `x + r·pixel`, for r in `part` (wrapping: only those are read).
                     x: (scratch.as_ptr() as *const f32).wrapping_sub(part.start * pairs),

@@ -47,11 +47,6 @@ pub struct SeSaved {
 }
 
 impl SeSaved {
-    /// The gate of the last pass ([`gate`]).
-    pub fn gate(&self) -> &[f32] {
-        &self.gate
-    }
-
     pub fn new(g: &SeGeom) -> Self {
         SeSaved {
             pooled: vec![0.0; g.n * g.c],
@@ -113,43 +108,6 @@ pub fn forward(
     saved: &mut SeSaved,
     y: &mut [f32],
 ) {
-    gate(g, x, weights, b1, b2, saved);
-    let (gate, hw, c) = (&saved.gate, g.hw, g.c);
-    // Each image's rows in parts (one per thread with fewer images than threads).
-    let rows = hw.div_ceil(crate::pool::parts_per_image(g.n, hw, c)).max(1);
-    y.par_chunks_mut(hw * c)
-        .zip(x.par_chunks(hw * c))
-        .enumerate()
-        .with_min_len(images_per_task(hw * c))
-        .for_each(|(b, (yi, xi))| {
-            let gi = &gate[b * c..][..c];
-            let parts = yi.par_chunks_mut(rows * c).zip(xi.par_chunks(rows * c));
-            parts.for_each(|(yi, xi)| {
-                simd::dispatch(
-                    #[inline(always)]
-                    || {
-                        for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                            for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
-                                *o = v * s;
-                            }
-                        }
-                    },
-                )
-            })
-        });
-}
-
-/// The first half of [`forward`]: each image's gate (`[n, c]`, what `y = x ⊙ gate` scales its
-/// rows by), kept in `saved` ([`SeSaved::gate`]). Inference hands it to the 1×1 convolution
-/// after (`pointwise::forward_gated`) instead of writing the scaled map.
-pub fn gate(
-    g: &SeGeom,
-    x: &[f32],
-    weights: SeWeights,
-    b1: &[f32],
-    b2: &[f32],
-    saved: &mut SeSaved,
-) {
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
     let (w1, w2, prepared) = match weights {
         SeWeights::Plain { w1, w2 } => (w1, w2, false),
@@ -186,6 +144,29 @@ pub fn gate(
             }
         },
     );
+    let gate = &saved.gate;
+    // Each image's rows in parts (one per thread with fewer images than threads).
+    let rows = hw.div_ceil(crate::pool::parts_per_image(n, hw, c)).max(1);
+    y.par_chunks_mut(hw * c)
+        .zip(x.par_chunks(hw * c))
+        .enumerate()
+        .with_min_len(images_per_task(hw * c))
+        .for_each(|(b, (yi, xi))| {
+            let gi = &gate[b * c..][..c];
+            let parts = yi.par_chunks_mut(rows * c).zip(xi.par_chunks(rows * c));
+            parts.for_each(|(yi, xi)| {
+                simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for (yr, xr) in yi.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                            for ((o, v), s) in yr.iter_mut().zip(xr).zip(gi) {
+                                *o = v * s;
+                            }
+                        }
+                    },
+                )
+            })
+        });
 }
 
 /// Backward of [`forward`]: `dx` is overwritten; weight and bias gradients are accumulated into.

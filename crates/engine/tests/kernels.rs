@@ -1140,51 +1140,6 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
     }
 }
 
-/// A product through squeeze-excitation's gate (`forward_gated`) equals the product of the
-/// scaled rows, bit for bit, in f32 and bf16, with the epilogue and a residual: images whose rows
-/// end inside a tile and inside a block of rows, odd depths (a bf16 pair's lone last step).
-#[test]
-fn a_gated_product_equals_the_product_of_the_scaled_rows() {
-    if !pointwise::available() {
-        eprintln!("skipped: no AVX2+FMA on this CPU");
-        return;
-    }
-    let mut rng = Rng::new(23);
-    for &(images, hw, k, n) in &[(3, 7, 40, 24), (2, 196, 160, 48), (4, 49, 33, 70)] {
-        let m = images * hw;
-        let x = random(&mut rng, m * k);
-        let values: Vec<f32> = (0..images * k)
-            .map(|_| rng.uniform_in(0.0, 1.0) as f32)
-            .collect();
-        let scaled: Vec<f32> = (0..m * k)
-            .map(|i| x[i] * values[i / (hw * k) * k + i % k])
-            .collect();
-        let torch = random(&mut rng, n * k);
-        let skip = random(&mut rng, m * n);
-        let folded = silu_fold(n);
-        let gate = pointwise::Gate {
-            values: &values,
-            rows_per_image: hw,
-        };
-        let (f32_panels, bf16_panels);
-        let mut kinds = vec![{
-            f32_panels = pointwise::pack(k, n, &torch);
-            pointwise::Panels::F32(&f32_panels)
-        }];
-        if pointwise::bf16_available() {
-            bf16_panels = pointwise::pack_bf16(k, n, &torch);
-            kinds.push(pointwise::Panels::Bf16(&bf16_panels));
-        }
-        for w in kinds {
-            let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
-            let (f, r) = (Some(&folded), Some(&skip[..]));
-            pointwise::forward_panels(&scaled, m, k, n, w, &mut want, f, r);
-            pointwise::forward_gated(&x, m, k, n, w, &mut got, f, r, Some(gate));
-            assert_eq!(got, want, "{:?}", (images, hw, k, n, w));
-        }
-    }
-}
-
 /// bf16 rounding: to nearest, ties to even, NaN kept.
 #[test]
 fn bf16_rounds_to_nearest_even() {

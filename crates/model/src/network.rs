@@ -322,13 +322,8 @@ impl Network {
         );
         // Each worker's scratch grown to what these passes need (they then allocate nothing).
         let (mut winograd_scratch, mut projected_row, mut bf16_rows) = (0, 0, 0);
-        let mut gated_rows = 0;
         for (i, layer) in self.layers.iter().enumerate() {
-            let Layer::Conv(u) = layer else {
-                // Where squeeze-excitation's gate goes into the projection after it.
-                gated_rows = gated_rows.max(pointwise::gated_rows_len(ws.shapes[i].c));
-                continue;
-            };
+            let Layer::Conv(u) = layer else { continue };
             if !matches!(u.conv, ConvKind::Dense) {
                 continue;
             }
@@ -346,7 +341,7 @@ impl Network {
         }
         rayon::broadcast(|_| {
             winograd::reserve(winograd_scratch);
-            pointwise::reserve(projected_row, bf16_rows, gated_rows);
+            pointwise::reserve(projected_row, bf16_rows);
         });
         let p = &weights.params;
         let layers = self
@@ -515,20 +510,15 @@ impl Network {
             }
         );
         ws.mode = Some(mode);
-        let mut ran_with_previous = None;
+        let mut projected = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            // The projection ran with the layer before it (and added the shortcut).
-            if ran_with_previous.take() == Some(i) {
+            // The projection ran with the 3×3 convolution before it (and added the shortcut).
+            if projected.take() == Some(i) {
                 continue;
             }
             if self.runs_projected(i, mode, ws) {
                 self.projected_forward(i, ws);
-                ran_with_previous = Some(i + 1);
-                continue;
-            }
-            if self.runs_gated(i, mode, ws) {
-                self.gated_forward(i, weights, ws);
-                ran_with_previous = Some(i + 1);
+                projected = Some(i + 1);
                 continue;
             }
             let block_end = self.blocks.iter().position(|b| b.layers.end == i + 1);
@@ -679,84 +669,6 @@ impl Network {
             false => ("conv kxk + 1x1", g.macs()),
         };
         Profile::add(&mut ws.profile, op, t, macs + projected);
-        ws.acts[out_slot] = y;
-    }
-
-    /// Whether this pass runs squeeze-excitation `i` and the 1×1 convolution after it (the
-    /// block's projection) as one ([`Self::gated_forward`]): eval mode with frozen weights where
-    /// the pointwise kernels run, and the projection's output is not the buffer it reads.
-    fn runs_gated(&self, i: usize, mode: Mode, ws: &Workspace) -> bool {
-        let pointwise_next = matches!(
-            self.layers.get(i + 1),
-            Some(Layer::Conv(u)) if matches!(u.conv, ConvKind::Dense) && u.kernel == 1 && u.stride == 1
-        );
-        mode == Mode::Eval
-            && matches!(self.layers[i], Layer::Se(_))
-            && pointwise_next
-            && matches!(
-                ws.frozen.as_ref().map(|f| &f.layers[i + 1]),
-                Some(FrozenLayer::Conv { .. })
-            )
-            && pointwise::available()
-            && ws.slots[i + 2].1 != ws.slots[i].1
-    }
-
-    /// Squeeze-excitation `i` computes its gate only, and the 1×1 convolution `i + 1` reads the
-    /// unscaled map through it (`pointwise::forward_gated`), with its epilogue and the block's
-    /// shortcut: the same values as the two layers one after the other, without writing the
-    /// scaled map and reading it back.
-    fn gated_forward(&self, i: usize, weights: &Weights, ws: &mut Workspace) {
-        let (Layer::Se(s), Some(Layer::Conv(u))) = (&self.layers[i], self.layers.get(i + 1)) else {
-            unreachable!("runs_gated checked")
-        };
-        let frozen = ws.frozen.clone().expect("runs_gated checked");
-        let (FrozenLayer::Conv { weight, folded }, se_weights) =
-            (&frozen.layers[i + 1], &frozen.layers[i])
-        else {
-            unreachable!("runs_gated checked")
-        };
-        let p = &weights.params;
-        let x_shape = ws.shapes[i];
-        let g = s.geom(x_shape);
-        let se_w = match se_weights {
-            FrozenLayer::Se { w1, w2 } => se::SeWeights::Prepared { w1, w2 },
-            _ => se::SeWeights::Plain {
-                w1: &p[s.w1.clone()],
-                w2: &p[s.w2.clone()],
-            },
-        };
-        let x = &ws.acts[ws.slots[i].1][..x_shape.len()];
-        let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
-        let t = Instant::now();
-        se::gate(&g, x, se_w, &p[s.b1.clone()], &p[s.b2.clone()], saved);
-        Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
-        let y_len = ws.shapes[i + 2].len();
-        let out_slot = ws.slots[i + 2].1;
-        let mut y = std::mem::take(&mut ws.acts[out_slot]);
-        let skip = self
-            .blocks
-            .iter()
-            .find(|b| b.skip && b.layers.end == i + 2)
-            .map(|b| &ws.acts[ws.slots[b.layers.start].1][..y_len]);
-        let x = &ws.acts[ws.slots[i].1][..x_shape.len()];
-        let gate = ws.se_saved[i].as_ref().expect("planned").gate();
-        let (rows, k) = (x_shape.rows(), x_shape.c);
-        let t = Instant::now();
-        pointwise::forward_gated(
-            x,
-            rows,
-            k,
-            u.cout,
-            weight.panels(),
-            &mut y[..y_len],
-            Some(folded),
-            skip,
-            Some(pointwise::Gate {
-                values: gate,
-                rows_per_image: x_shape.h * x_shape.w,
-            }),
-        );
-        Profile::add(&mut ws.profile, "conv 1x1", t, rows * k * u.cout);
         ws.acts[out_slot] = y;
     }
 
