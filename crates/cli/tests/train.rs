@@ -380,10 +380,14 @@ fn mixed_precision_training_converges_like_f32() {
         }
         let ((acc, loss), (acc_amp, loss_amp)) = (finals[0], finals[1]);
         let said = format!("{arch}: accuracies {acc} (f32), {acc_amp} (bf16)");
+        // This short run's trajectory swings with any change in f32 rounding: Lite0 in f32
+        // ended at 63.8–71.0 % and a training loss of 1.53–1.73 across engine versions that
+        // differ only in the order of their sums (2026-12-07), bf16 at 67.0–72.4 % and
+        // 1.44–1.76. A broken bf16 path ends far outside that (chance is 10 %, loss 2.3).
         assert!(acc > 0.5 && acc_amp > 0.5, "{said}");
-        assert!((acc - acc_amp).abs() < 0.08, "{said}");
+        assert!((acc - acc_amp).abs() < 0.1, "{said}");
         assert!(
-            (loss - loss_amp).abs() < 0.1 * loss,
+            (loss - loss_amp).abs() < 0.2 * loss,
             "{arch}: training losses {loss} (f32), {loss_amp} (bf16)"
         );
     }

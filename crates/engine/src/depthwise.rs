@@ -232,23 +232,25 @@ unsafe fn row_avx512(
         simd::prefetch_l2(&img[next * iw_len * c..][..iw_len * c]);
     }
     let y = out.as_mut_ptr();
-    if g.kernel == 3 && g.stride == 1 {
-        // SAME padding of a 3×3 stride-1 window: one pixel on every side.
-        let rows = [0, 1, 2].map(|dh| {
-            (oh + dh)
-                .checked_sub(1)
-                .filter(|&ih| ih < g.input.h)
-                .map(|ih| img.as_ptr().add(ih * iw_len * c))
-        });
-        let w3 = Weights3 {
-            w: w.as_ptr(),
-            flip: false,
-        };
+    let filter = Filter {
+        w: w.as_ptr(),
+        flip: false,
+    };
+    if g.stride == 1 && g.kernel == 3 {
+        let rows = window_rows::<3>(img.as_ptr(), g.input.h, iw_len * c, oh);
         for cb in (0..wide).step_by(32) {
-            rolling3::<2>(rows, w3, c, iw_len, cb, y, epilogue);
+            rolling::<3, 2>(rows, filter, c, iw_len, cb, y, epilogue);
         }
         if wide < c {
-            rolling3::<1>(rows, w3, c, iw_len, wide, y, epilogue);
+            rolling::<3, 1>(rows, filter, c, iw_len, wide, y, epilogue);
+        }
+        return;
+    }
+    if g.stride == 1 && g.kernel == 5 {
+        // Sixteen channels at a time: 25 weight vectors fill the registers already.
+        let rows = window_rows::<5>(img.as_ptr(), g.input.h, iw_len * c, oh);
+        for cb in (0..c).step_by(16) {
+            rolling::<5, 1>(rows, filter, c, iw_len, cb, y, epilogue);
         }
         return;
     }
@@ -290,30 +292,47 @@ unsafe fn row_avx512(
     }
 }
 
-/// A 3×3 filter packed `[kh][kw][c]`, read as it is or rotated by 180° (`flip`: the stride-1
+/// A K×K filter packed `[kh][kw][c]`, read as it is or rotated by 180° (`flip`: the stride-1
 /// input gradient is the forward pass of the output gradient through the rotated filter).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
-struct Weights3 {
+struct Filter {
     w: *const f32,
     flip: bool,
 }
 
-/// Channels `cb..cb + 16V` of one output row of a 3×3 stride-1 convolution, `width` pixels
-/// (`c` apart from `y` on), from the input rows above, at and below it (`None` outside the
-/// image). The input is walked column by column: each column's three vectors are loaded once
-/// and meet the filter's three columns, adding to the three output pixels they reach, so every
-/// pixel's sum is complete one column later. Each pixel still sums its taps in the portable
-/// loop's order (columns, then rows, from zero), so the results are the same bits.
+/// The K input rows (`row` values apart from `img` on) of output row `oh`'s stride-1 SAME
+/// window, `None` outside the image's `h` rows.
+#[cfg(target_arch = "x86_64")]
+fn window_rows<const K: usize>(
+    img: *const f32,
+    h: usize,
+    row: usize,
+    oh: usize,
+) -> [Option<*const f32>; K] {
+    std::array::from_fn(|dh| {
+        (oh + dh)
+            .checked_sub(K / 2)
+            .filter(|&ih| ih < h)
+            .map(|ih| img.wrapping_add(ih * row))
+    })
+}
+
+/// Channels `cb..cb + 16V` of one output row of a K×K stride-1 convolution (odd K, SAME),
+/// `width` pixels (`c` apart from `y` on), from the K input rows of its window (`None` outside
+/// the image). The input is walked column by column: each column's K vectors are loaded once
+/// and meet the filter's K columns, adding to the K output pixels they reach, so a pixel's sum
+/// is complete K/2 columns after its own. Each pixel still sums its taps in the portable loop's
+/// order (columns, then rows, from zero), so the results are the same bits.
 ///
 /// # Safety
-/// As [`row_avx512`]: each row in `rows` holds `width · c` values, the filter `9 · c`, `y` the
+/// As [`row_avx512`]: each row in `rows` holds `width · c` values, the filter `K·K·c`, `y` the
 /// output row, `cb + 16V <= c`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rolling3<const V: usize>(
-    rows: [Option<*const f32>; 3],
-    filter: Weights3,
+unsafe fn rolling<const K: usize, const V: usize>(
+    rows: [Option<*const f32>; K],
+    filter: Filter,
     c: usize,
     width: usize,
     cb: usize,
@@ -323,39 +342,47 @@ unsafe fn rolling3<const V: usize>(
     use std::arch::x86_64::*;
     let zero = [_mm512_setzero_ps(); V];
     // w[dh][dw]: the weight that input row dh, column dw of a window meets.
-    let mut w = [[zero; 3]; 3];
+    let mut w = [[zero; K]; K];
     for (dh, row) in w.iter_mut().enumerate() {
         for (dw, lanes) in row.iter_mut().enumerate() {
             let t = match filter.flip {
-                false => dh * 3 + dw,
-                true => 8 - (dh * 3 + dw),
+                false => dh * K + dw,
+                true => K * K - 1 - (dh * K + dw),
             };
             for (v, l) in lanes.iter_mut().enumerate() {
                 *l = _mm512_loadu_ps(filter.w.add(t * c + cb + 16 * v));
             }
         }
     }
-    // The sums of the pixels left of, at and right of input column j.
-    let (mut left, mut at) = (zero, zero);
+    let half = K / 2;
+    // sums[i]: pixel j − K/2 + i, which meets input column j through the window's column
+    // K − 1 − i; sums[0] is complete after column j.
+    let mut sums = [zero; K];
     for j in 0..width {
-        let mut right = zero;
         for (dh, row) in rows.iter().enumerate() {
             let Some(row) = row else { continue };
             let xp = row.add(j * c + cb);
             for v in 0..V {
                 let x = _mm512_loadu_ps(xp.add(16 * v));
-                right[v] = _mm512_add_ps(right[v], _mm512_mul_ps(x, w[dh][0][v]));
-                at[v] = _mm512_add_ps(at[v], _mm512_mul_ps(x, w[dh][1][v]));
-                left[v] = _mm512_add_ps(left[v], _mm512_mul_ps(x, w[dh][2][v]));
+                for (i, s) in sums.iter_mut().enumerate() {
+                    s[v] = _mm512_add_ps(s[v], _mm512_mul_ps(x, w[dh][K - 1 - i][v]));
+                }
             }
         }
-        if j > 0 {
-            store512(left, cb, y.add((j - 1) * c), epilogue);
+        if j >= half {
+            store512(sums[0], cb, y.add((j - half) * c), epilogue);
         }
-        (left, at) = (at, right);
+        for i in 1..K {
+            sums[i - 1] = sums[i];
+        }
+        sums[K - 1] = zero;
     }
-    // The last pixel's window has no column to its right.
-    store512(left, cb, y.add((width - 1) * c), epilogue);
+    // The last pixels, whose windows reach past the last column.
+    for (i, s) in sums.iter().take(half).enumerate() {
+        if let Some(pixel) = (width + i).checked_sub(half) {
+            store512(*s, cb, y.add(pixel * c), epilogue);
+        }
+    }
 }
 
 /// Channels `cb..cb + 16V` of a whole output row (`out_w` pixels, `c` apart from `y` on):
@@ -573,7 +600,7 @@ pub fn backward(
     );
     #[cfg(target_arch = "x86_64")]
     let rolling = simd::level() == simd::Level::Avx512
-        && g.kernel == 3
+        && matches!(g.kernel, 3 | 5)
         && g.stride == 1
         && c.is_multiple_of(16);
     #[cfg(not(target_arch = "x86_64"))]
@@ -587,11 +614,11 @@ pub fn backward(
             if rolling {
                 let img = &x[b * in_img..][..in_img];
                 let dy_img = &dy[b * out_img..][..out_img];
-                // SAFETY: AVX-512F is present (`simd::level`), the map is 3×3 stride 1 with
-                // `c % 16 == 0`; `img`, `dy_img` and `dx_img` are one whole image each (the
+                // SAFETY: AVX-512F is present (`simd::level`), the map is 3×3 or 5×5 stride 1
+                // with `c % 16 == 0`; `img`, `dy_img` and `dx_img` are one whole image each (the
                 // output of a stride-1 SAME convolution has the input's size), `w` and
-                // `dw_part` 9·c values (asserted above).
-                unsafe { backward3_avx512(g, img, w, dy_img, dx_img, dw_part) };
+                // `dw_part` k·k·c values (asserted above).
+                unsafe { backward_avx512(g, img, w, dy_img, dx_img, dw_part) };
                 return;
             }
             simd::dispatch(
@@ -634,16 +661,16 @@ pub fn backward(
     }
 }
 
-/// One image's gradients of a 3×3 stride-1 depthwise convolution: `dx` (overwritten) is the
-/// forward pass of `dy` through the filter rotated by 180° ([`rolling3`]); `dw` (overwritten)
-/// sums, per tap, `dy` times the input it met ([`filter_grad3`]).
+/// One image's gradients of a K×K stride-1 depthwise convolution (K = 3 or 5): `dx`
+/// (overwritten) is the forward pass of `dy` through the filter rotated by 180° ([`rolling`]);
+/// `dw` (overwritten) sums, per tap, `dy` times the input it met ([`filter_grad`]).
 ///
 /// # Safety
-/// AVX-512F must be present; `g` is 3×3 stride 1 with `c % 16 == 0`; `x`, `dy` and `dx` hold one
-/// image each, `w` and `dw` `9·c` values.
+/// AVX-512F must be present; `g` is K×K stride 1 with `c % 16 == 0`; `x`, `dy` and `dx` hold one
+/// image each, `w` and `dw` `K·K·c` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn backward3_avx512(
+unsafe fn backward_avx512(
     g: &DwGeom,
     x: &[f32],
     w: &[f32],
@@ -654,42 +681,50 @@ unsafe fn backward3_avx512(
     let (h, width, c) = (g.input.h, g.input.w, g.input.c);
     let row_len = width * c;
     let wide = c / 32 * 32;
-    let filter = Weights3 {
+    let filter = Filter {
         w: w.as_ptr(),
         flip: true,
     };
     for (i, dx_row) in dx.chunks_exact_mut(row_len).take(h).enumerate() {
-        let rows = [0, 1, 2].map(|dh| {
-            (i + dh)
-                .checked_sub(1)
-                .filter(|&oh| oh < h)
-                .map(|oh| dy.as_ptr().add(oh * row_len))
-        });
         let y = dx_row.as_mut_ptr();
+        if g.kernel == 3 {
+            let rows = window_rows::<3>(dy.as_ptr(), h, row_len, i);
+            for cb in (0..wide).step_by(32) {
+                rolling::<3, 2>(rows, filter, c, width, cb, y, None);
+            }
+            if wide < c {
+                rolling::<3, 1>(rows, filter, c, width, wide, y, None);
+            }
+        } else {
+            let rows = window_rows::<5>(dy.as_ptr(), h, row_len, i);
+            for cb in (0..c).step_by(16) {
+                rolling::<5, 1>(rows, filter, c, width, cb, y, None);
+            }
+        }
+    }
+    if g.kernel == 3 {
         for cb in (0..wide).step_by(32) {
-            rolling3::<2>(rows, filter, c, width, cb, y, None);
+            filter_grad::<3, 2>(g, x, dy, cb, dw);
         }
         if wide < c {
-            rolling3::<1>(rows, filter, c, width, wide, y, None);
+            filter_grad::<3, 1>(g, x, dy, wide, dw);
         }
-    }
-    for cb in (0..wide).step_by(32) {
-        filter_grad3::<2>(g, x, dy, cb, dw);
-    }
-    if wide < c {
-        filter_grad3::<1>(g, x, dy, wide, dw);
+    } else {
+        for cb in (0..c).step_by(16) {
+            filter_grad::<5, 1>(g, x, dy, cb, dw);
+        }
     }
 }
 
-/// Channels `cb..cb + 16V` of a 3×3 stride-1 filter's gradient over one image, written to `dw`
+/// Channels `cb..cb + 16V` of a K×K stride-1 filter's gradient over one image, written to `dw`
 /// (`[kh][kw][c]`): each tap's sum stays in a register while the output pixels go by, row by
-/// row (each tap's terms in the order of the portable loop).
+/// row (each tap's terms in the order of the portable loop; taps outside the image add nothing).
 ///
 /// # Safety
-/// As [`backward3_avx512`], with `cb + 16V <= c`.
+/// As [`backward_avx512`], with `cb + 16V <= c`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn filter_grad3<const V: usize>(
+unsafe fn filter_grad<const K: usize, const V: usize>(
     g: &DwGeom,
     x: &[f32],
     dy: &[f32],
@@ -698,47 +733,41 @@ unsafe fn filter_grad3<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     let (h, width, c) = (g.input.h, g.input.w, g.input.c);
+    let half = K / 2;
     let zero = [_mm512_setzero_ps(); V];
-    let mut acc = [[zero; 3]; 3];
-    // Pixel `ow`'s terms for one input row's taps (`sums`, one per window column), the window
-    // columns `cols` (those inside the image); `xr` is the input row, `dyr` the output row.
-    let add = |sums: &mut [[__m512; V]; 3],
-               xr: *const f32,
-               dyr: *const f32,
-               ow: usize,
-               cols: std::ops::Range<usize>| {
-        let d: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(dyr.add(ow * c + 16 * v)));
-        for dwi in cols {
-            // Window column dwi of pixel ow is input column ow + dwi − 1.
-            let xp = xr.add((ow + dwi - 1) * c);
-            for v in 0..V {
-                let xv = _mm512_loadu_ps(xp.add(16 * v));
-                sums[dwi][v] = _mm512_add_ps(sums[dwi][v], _mm512_mul_ps(d[v], xv));
-            }
-        }
-    };
+    let mut acc = [[zero; K]; K];
     for oh in 0..h {
         let dyr = dy.as_ptr().add(oh * width * c + cb);
         for (dh, sums) in acc.iter_mut().enumerate() {
-            let Some(ih) = (oh + dh).checked_sub(1).filter(|&ih| ih < h) else {
+            let Some(ih) = (oh + dh).checked_sub(half).filter(|&ih| ih < h) else {
                 continue;
             };
             let xr = x.as_ptr().add(ih * width * c + cb);
-            if width == 1 {
-                add(sums, xr, dyr, 0, 1..2);
-                continue;
+            for ow in 0..width {
+                let inside = ow >= half && ow + half < width;
+                let d: [__m512; V] =
+                    std::array::from_fn(|v| _mm512_loadu_ps(dyr.add(ow * c + 16 * v)));
+                for (dwi, sum) in sums.iter_mut().enumerate() {
+                    // Window column dwi of pixel ow is input column ow + dwi − K/2.
+                    let Some(col) = (ow + dwi)
+                        .checked_sub(half)
+                        .filter(|&col| inside || col < width)
+                    else {
+                        continue;
+                    };
+                    let xp = xr.add(col * c);
+                    for v in 0..V {
+                        let xv = _mm512_loadu_ps(xp.add(16 * v));
+                        sum[v] = _mm512_add_ps(sum[v], _mm512_mul_ps(d[v], xv));
+                    }
+                }
             }
-            add(sums, xr, dyr, 0, 1..3);
-            for ow in 1..width - 1 {
-                add(sums, xr, dyr, ow, 0..3);
-            }
-            add(sums, xr, dyr, width - 1, 0..2);
         }
     }
     for (dh, row) in acc.iter().enumerate() {
         for (dwi, lanes) in row.iter().enumerate() {
             for (v, l) in lanes.iter().enumerate() {
-                _mm512_storeu_ps(dw.as_mut_ptr().add((dh * 3 + dwi) * c + cb + 16 * v), *l);
+                _mm512_storeu_ps(dw.as_mut_ptr().add((dh * K + dwi) * c + cb + 16 * v), *l);
             }
         }
     }

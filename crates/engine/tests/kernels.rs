@@ -247,12 +247,17 @@ fn depthwise_conv_forward_and_backward() {
         // Whole 32-channel register blocks, and one with a tail.
         (4, 5, 64, 3, 1),
         (5, 4, 40, 5, 2),
-        // AVX-512's 3×3 stride-1 gradients: 32-channel blocks and a 16-channel tail, maps one
-        // pixel wide or high.
+        // AVX-512's 3×3 and 5×5 stride-1 gradients: 32-channel blocks and a 16-channel tail,
+        // maps narrower than the window, one pixel wide or high.
+        (6, 7, 16, 5, 1),
+        (2, 3, 32, 5, 1),
+        (1, 1, 16, 5, 1),
         (6, 7, 48, 3, 1),
         (1, 4, 32, 3, 1),
         (3, 1, 16, 3, 1),
         (1, 1, 48, 3, 1),
+        (2, 2, 48, 3, 1),
+        (2, 3, 16, 3, 1),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
@@ -828,10 +833,15 @@ fn depthwise_forward_sums_in_the_portable_order() {
         (10, 9, 80, 5, 2),
         (6, 15, 64, 3, 1),
         (7, 21, 48, 3, 2),
-        // 3×3 stride 1 column by column (AVX-512): one pixel wide, high, or both.
+        // 3×3 and 5×5 stride 1 column by column (AVX-512): maps narrower than the window,
+        // one pixel wide, high, or both.
         (1, 6, 48, 3, 1),
         (5, 1, 16, 3, 1),
         (1, 1, 32, 3, 1),
+        (9, 10, 48, 5, 1),
+        (3, 2, 16, 5, 1),
+        (2, 6, 32, 5, 1),
+        (1, 1, 16, 5, 1),
     ] {
         let s = Nhwc::new(2, h, w, c);
         let g = depthwise::DwGeom::new(s, k, stride);
