@@ -210,6 +210,7 @@ unsafe fn row_avx2(
 /// channels (a tail of 16) at a time across the whole row, so that the block's weights and the
 /// window's input rows stay in L1 while the pixels move along (all channels of one pixel at a
 /// time read k·k·c weights and inputs per pixel: 34 KB each at 960 channels, L1's size).
+/// 3×3 and 5×5 stride 1 go column by column ([`rolling`]), the others pixel by pixel.
 ///
 /// # Safety
 /// As [`row_avx2`], with AVX-512F and `c % 16 == 0`.
@@ -599,19 +600,17 @@ pub fn backward(
         "depthwise backward: operand sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    let rolling = simd::level() == simd::Level::Avx512
+    let by_columns = simd::level() == simd::Level::Avx512
         && matches!(g.kernel, 3 | 5)
         && g.stride == 1
         && c.is_multiple_of(16);
-    #[cfg(not(target_arch = "x86_64"))]
-    let rolling = false;
     // One image per task: its dx region and its weight-gradient partial are private to it.
     dx.par_chunks_mut(in_img)
         .zip(scratch[..g.input.n * wl].par_chunks_mut(wl))
         .enumerate()
         .for_each(|(b, (dx_img, dw_part))| {
             #[cfg(target_arch = "x86_64")]
-            if rolling {
+            if by_columns {
                 let img = &x[b * in_img..][..in_img];
                 let dy_img = &dy[b * out_img..][..out_img];
                 // SAFETY: AVX-512F is present (`simd::level`), the map is 3×3 or 5×5 stride 1
