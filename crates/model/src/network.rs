@@ -900,30 +900,38 @@ impl Network {
         for i in (0..self.layers.len()).rev() {
             let y_len = ws.shapes[i + 1].len();
             let x_len = ws.shapes[i].len();
+            let mut dy_in_skip = false;
             if let Some(b) = self
                 .blocks
                 .iter()
                 .position(|b| b.skip && b.layers.end == i + 1)
             {
-                // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
-                g_skip[..y_len].copy_from_slice(&g[..y_len]);
+                // The block's output gradient moves to g_skip (a swap, not a copy), where the
+                // shortcut takes it at the block's start; the branch reads it there too, or a
+                // copy scaled by the drop-path mask where some image's scale is not 1.
+                std::mem::swap(&mut g, &mut g_skip);
                 let mask = &ws.drop_masks[b];
-                let per_image = y_len / mask.len();
-                for (gi, m) in g[..y_len].chunks_exact_mut(per_image).zip(mask) {
-                    if *m != 1.0 {
-                        gi.iter_mut().for_each(|v| *v *= m);
+                if mask.iter().all(|&m| m == 1.0) {
+                    dy_in_skip = true;
+                } else {
+                    let per_image = y_len / mask.len();
+                    let images = g[..y_len]
+                        .chunks_exact_mut(per_image)
+                        .zip(g_skip[..y_len].chunks_exact(per_image));
+                    for ((gi, si), &m) in images.zip(mask) {
+                        match m == 1.0 {
+                            true => gi.copy_from_slice(si),
+                            false => gi.iter_mut().zip(si).for_each(|(v, s)| *v = s * m),
+                        }
                     }
                 }
             }
             let want_dx = i > 0;
-            self.layer_backward(
-                i,
-                p,
-                ws,
-                &mut g[..y_len],
-                want_dx.then_some(&mut g_next[..x_len]),
-                grads,
-            );
+            let dy = match dy_in_skip {
+                true => &g_skip[..y_len],
+                false => &g[..y_len],
+            };
+            self.layer_backward(i, p, ws, dy, want_dx.then_some(&mut g_next[..x_len]), grads);
             std::mem::swap(&mut g, &mut g_next);
             if let Some(_b) = self
                 .blocks
@@ -945,7 +953,7 @@ impl Network {
         i: usize,
         p: &[f32],
         ws: &mut Workspace,
-        dy: &mut [f32],
+        dy: &[f32],
         dx: Option<&mut [f32]>,
         grads: &mut [f32],
     ) {
