@@ -233,26 +233,7 @@ unsafe fn row_avx512(
         simd::prefetch_l2(&img[next * iw_len * c..][..iw_len * c]);
     }
     let y = out.as_mut_ptr();
-    let filter = Filter {
-        w: w.as_ptr(),
-        flip: false,
-    };
-    if g.stride == 1 && g.kernel == 3 {
-        let rows = window_rows::<3>(img.as_ptr(), g.input.h, iw_len * c, oh);
-        for cb in (0..wide).step_by(32) {
-            rolling::<3, 2>(rows, filter, c, iw_len, cb, y, epilogue);
-        }
-        if wide < c {
-            rolling::<3, 1>(rows, filter, c, iw_len, wide, y, epilogue);
-        }
-        return;
-    }
-    if g.stride == 1 && g.kernel == 5 {
-        // Sixteen channels at a time: 25 weight vectors fill the registers already.
-        let rows = window_rows::<5>(img.as_ptr(), g.input.h, iw_len * c, oh);
-        for cb in (0..c).step_by(16) {
-            rolling::<5, 1>(rows, filter, c, iw_len, cb, y, epilogue);
-        }
+    if by_columns::<std::arch::x86_64::__m512, 2>(g, img, w, oh, out, epilogue) {
         return;
     }
     let pixel = |ow: usize| {
@@ -293,6 +274,53 @@ unsafe fn row_avx512(
     }
 }
 
+/// Output row `oh` of a 3×3 or 5×5 stride-1 convolution column by column ([`rolling`]), `L`'s
+/// lanes at a time (`V3` registers of them for 3×3, one for 5×5, whose 25 weight vectors fill
+/// the registers already); false, doing nothing, for other kernels and strides. (AVX2 keeps
+/// its pixel-by-pixel forward: on its 16 registers this ran no faster, 0.69–0.71 against
+/// 0.63–0.69 ms on 8×14×14×960, though its backward gains.)
+///
+/// # Safety
+/// As [`row_avx512`], `L`'s instructions present and `c % L::N == 0`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn by_columns<L: Lanes, const V3: usize>(
+    g: &DwGeom,
+    img: &[f32],
+    w: &[f32],
+    oh: usize,
+    out: &mut [f32],
+    epilogue: crate::conv::Epilogue,
+) -> bool {
+    let (c, row) = (g.input.c, g.input.w * g.input.c);
+    let (img, y) = (img.as_ptr(), out.as_mut_ptr());
+    let filter = Filter {
+        w: w.as_ptr(),
+        flip: false,
+    };
+    match (g.stride, g.kernel) {
+        (1, 3) => {
+            let rows = window_rows::<3>(img, g.input.h, row, oh);
+            let wide = c / (V3 * L::N) * (V3 * L::N);
+            for cb in (0..wide).step_by(V3 * L::N) {
+                rolling::<L, 3, V3>(rows, filter, c, g.input.w, cb, y, epilogue);
+            }
+            for cb in (wide..c).step_by(L::N) {
+                rolling::<L, 3, 1>(rows, filter, c, g.input.w, cb, y, epilogue);
+            }
+            true
+        }
+        (1, 5) => {
+            let rows = window_rows::<5>(img, g.input.h, row, oh);
+            for cb in (0..c).step_by(L::N) {
+                rolling::<L, 5, 1>(rows, filter, c, g.input.w, cb, y, epilogue);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
 /// A K×K filter packed `[kh][kw][c]`, read as it is or rotated by 180° (`flip`: the stride-1
 /// input gradient is the forward pass of the output gradient through the rotated filter).
 #[cfg(target_arch = "x86_64")]
@@ -319,7 +347,7 @@ fn window_rows<const K: usize>(
     })
 }
 
-/// Channels `cb..cb + 16V` of one output row of a K×K stride-1 convolution (odd K, SAME),
+/// Channels `cb..cb + N·V` of one output row of a K×K stride-1 convolution (odd K, SAME),
 /// `width` pixels (`c` apart from `y` on), from the K input rows of its window (`None` outside
 /// the image). The input is walked column by column: each column's K vectors are loaded once
 /// and meet the filter's K columns, adding to the K output pixels they reach, so a pixel's sum
@@ -327,11 +355,11 @@ fn window_rows<const K: usize>(
 /// order (columns, then rows, from zero), so the results are the same bits.
 ///
 /// # Safety
-/// As [`row_avx512`]: each row in `rows` holds `width · c` values, the filter `K·K·c`, `y` the
-/// output row, `cb + 16V <= c`.
+/// `L`'s instructions present (the caller's target features); each row in `rows` holds
+/// `width · c` values, the filter `K·K·c`, `y` the output row, `cb + N·V <= c`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn rolling<const K: usize, const V: usize>(
+unsafe fn rolling<L: Lanes, const K: usize, const V: usize>(
     rows: [Option<*const f32>; K],
     filter: Filter,
     c: usize,
@@ -340,8 +368,7 @@ unsafe fn rolling<const K: usize, const V: usize>(
     y: *mut f32,
     epilogue: crate::conv::Epilogue,
 ) {
-    use std::arch::x86_64::*;
-    let zero = [_mm512_setzero_ps(); V];
+    let zero = [L::zero(); V];
     // w[dh][dw]: the weight that input row dh, column dw of a window meets.
     let mut w = [[zero; K]; K];
     for (dh, row) in w.iter_mut().enumerate() {
@@ -351,7 +378,7 @@ unsafe fn rolling<const K: usize, const V: usize>(
                 true => K * K - 1 - (dh * K + dw),
             };
             for (v, l) in lanes.iter_mut().enumerate() {
-                *l = _mm512_loadu_ps(filter.w.add(t * c + cb + 16 * v));
+                *l = L::load(filter.w.add(t * c + cb + L::N * v));
             }
         }
     }
@@ -364,14 +391,14 @@ unsafe fn rolling<const K: usize, const V: usize>(
             let Some(row) = row else { continue };
             let xp = row.add(j * c + cb);
             for v in 0..V {
-                let x = _mm512_loadu_ps(xp.add(16 * v));
+                let x = L::load(xp.add(L::N * v));
                 for (i, s) in sums.iter_mut().enumerate() {
-                    s[v] = _mm512_add_ps(s[v], _mm512_mul_ps(x, w[dh][K - 1 - i][v]));
+                    s[v] = s[v].add(x.mul(w[dh][K - 1 - i][v]));
                 }
             }
         }
         if j >= half {
-            store512(sums[0], cb, y.add((j - half) * c), epilogue);
+            store_lanes(sums[0], cb, y.add((j - half) * c), epilogue);
         }
         for i in 1..K {
             sums[i - 1] = sums[i];
@@ -381,7 +408,7 @@ unsafe fn rolling<const K: usize, const V: usize>(
     // The last pixels, whose windows reach past the last column.
     for (i, s) in sums.iter().take(half).enumerate() {
         if let Some(pixel) = (width + i).checked_sub(half) {
-            store512(*s, cb, y.add(pixel * c), epilogue);
+            store_lanes(*s, cb, y.add(pixel * c), epilogue);
         }
     }
 }
@@ -463,7 +490,7 @@ unsafe fn window3<const V: usize>(
             }
         }
         for (p, sums) in acc.into_iter().enumerate() {
-            store512(sums, cb, y.add((4 * q + p) * taps.c), epilogue);
+            store_lanes(sums, cb, y.add((4 * q + p) * taps.c), epilogue);
         }
     }
 }
@@ -495,30 +522,111 @@ unsafe fn channels512<const V: usize>(
             }
         }
     }
-    store512(acc, cb, y, epilogue);
+    store_lanes(acc, cb, y, epilogue);
 }
 
-/// One output pixel's channels `cb..cb + 16V` from their sums: the epilogue (a multiply and an
-/// add, as the portable pass applies it), then the store.
+/// One register of f32 lanes as the column-by-column kernels use it: AVX2's eight, AVX-512's
+/// sixteen. Its methods compile into the calling kernel's vector features (each kernel is a
+/// `#[target_feature]` function that inlines them).
+#[cfg(target_arch = "x86_64")]
+trait Lanes: Copy {
+    const N: usize;
+    /// # Safety
+    /// The CPU must have this register's instructions (as for every method).
+    unsafe fn zero() -> Self;
+    /// # Safety
+    /// `p` must be readable for `N` values.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// `p` must be writable for `N` values.
+    unsafe fn store(self, p: *mut f32);
+    unsafe fn add(self, other: Self) -> Self;
+    unsafe fn mul(self, other: Self) -> Self;
+    unsafe fn act(self, act: crate::act::Act) -> Self;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m256 {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::arch::x86_64::_mm256_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        std::arch::x86_64::_mm256_add_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn mul(self, other: Self) -> Self {
+        std::arch::x86_64::_mm256_mul_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn act(self, act: crate::act::Act) -> Self {
+        simd::act8(act, self)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for std::arch::x86_64::__m512 {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        std::arch::x86_64::_mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::arch::x86_64::_mm512_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        std::arch::x86_64::_mm512_add_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn mul(self, other: Self) -> Self {
+        std::arch::x86_64::_mm512_mul_ps(self, other)
+    }
+    #[inline(always)]
+    unsafe fn act(self, act: crate::act::Act) -> Self {
+        simd::act16(act, self)
+    }
+}
+
+/// One output pixel's channels `cb..cb + N·V` from their sums: the epilogue (a multiply and an
+/// add, as the portable pass applies it, then the activation), then the store.
 ///
 /// # Safety
-/// As [`channels512`].
+/// As the kernel that calls it: `y` is the output pixel, `epilogue` (if any) holds its scales
+/// and shifts, `cb + N·V` within its channels.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store512<const V: usize>(
-    mut acc: [std::arch::x86_64::__m512; V],
+unsafe fn store_lanes<L: Lanes, const V: usize>(
+    mut acc: [L; V],
     cb: usize,
     y: *mut f32,
     epilogue: crate::conv::Epilogue,
 ) {
-    use std::arch::x86_64::*;
     for (v, a) in acc.iter_mut().enumerate() {
+        let at = cb + L::N * v;
         if let Some(f) = epilogue {
-            let scale = _mm512_loadu_ps(f.scale.as_ptr().add(cb + 16 * v));
-            let shift = _mm512_loadu_ps(f.shift.as_ptr().add(cb + 16 * v));
-            *a = simd::act16(f.act, _mm512_add_ps(_mm512_mul_ps(*a, scale), shift));
+            let (scale, shift) = (
+                L::load(f.scale.as_ptr().add(at)),
+                L::load(f.shift.as_ptr().add(at)),
+            );
+            *a = a.mul(scale).add(shift).act(f.act);
         }
-        _mm512_storeu_ps(y.add(cb + 16 * v), *a);
+        a.store(y.add(at));
     }
 }
 
@@ -562,16 +670,7 @@ unsafe fn channels<const V: usize>(
             }
         }
     }
-    if let Some(f) = epilogue {
-        for (v, a) in acc.iter_mut().enumerate() {
-            let scale = _mm256_loadu_ps(f.scale.as_ptr().add(cb + 8 * v));
-            let shift = _mm256_loadu_ps(f.shift.as_ptr().add(cb + 8 * v));
-            *a = simd::act8(f.act, _mm256_add_ps(_mm256_mul_ps(*a, scale), shift));
-        }
-    }
-    for (v, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(y.add(cb + 8 * v), *a);
-    }
+    store_lanes(acc, cb, y, epilogue);
 }
 
 /// Gradients of [`forward`]: `dx` is overwritten, `dw` (packed) accumulated into.
@@ -600,24 +699,31 @@ pub fn backward(
         "depthwise backward: operand sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    let by_columns = simd::level() == simd::Level::Avx512
-        && matches!(g.kernel, 3 | 5)
-        && g.stride == 1
-        && c.is_multiple_of(16);
+    let columns = match simd::level() {
+        _ if !matches!(g.kernel, 3 | 5) || g.stride != 1 => None,
+        simd::Level::Avx512 if c.is_multiple_of(16) => Some(simd::Level::Avx512),
+        simd::Level::Avx512 | simd::Level::Avx2 if c.is_multiple_of(8) => Some(simd::Level::Avx2),
+        _ => None,
+    };
     // One image per task: its dx region and its weight-gradient partial are private to it.
     dx.par_chunks_mut(in_img)
         .zip(scratch[..g.input.n * wl].par_chunks_mut(wl))
         .enumerate()
         .for_each(|(b, (dx_img, dw_part))| {
             #[cfg(target_arch = "x86_64")]
-            if by_columns {
+            if let Some(level) = columns {
                 let img = &x[b * in_img..][..in_img];
                 let dy_img = &dy[b * out_img..][..out_img];
-                // SAFETY: AVX-512F is present (`simd::level`), the map is 3×3 or 5×5 stride 1
-                // with `c % 16 == 0`; `img`, `dy_img` and `dx_img` are one whole image each (the
-                // output of a stride-1 SAME convolution has the input's size), `w` and
-                // `dw_part` k·k·c values (asserted above).
-                unsafe { backward_avx512(g, img, w, dy_img, dx_img, dw_part) };
+                // SAFETY: the level's instructions are present (`simd::level`) and `c` a
+                // multiple of its lanes; the map is 3×3 or 5×5 stride 1; `img`, `dy_img` and
+                // `dx_img` are one whole image each (the output of a stride-1 SAME convolution
+                // has the input's size), `w` and `dw_part` k·k·c values (asserted above).
+                unsafe {
+                    match level {
+                        simd::Level::Avx512 => backward_avx512(g, img, w, dy_img, dx_img, dw_part),
+                        _ => backward_avx2(g, img, w, dy_img, dx_img, dw_part),
+                    }
+                };
                 return;
             }
             simd::dispatch(
@@ -662,11 +768,65 @@ pub fn backward(
 
 /// One image's gradients of a K×K stride-1 depthwise convolution (K = 3 or 5): `dx`
 /// (overwritten) is the forward pass of `dy` through the filter rotated by 180° ([`rolling`]);
-/// `dw` (overwritten) sums, per tap, `dy` times the input it met ([`filter_grad`]).
+/// `dw` (overwritten) sums, per tap, `dy` times the input it met ([`filter_grad`]). `L`'s
+/// lanes at a time, `V3` registers of them for 3×3 (as [`by_columns`]).
 ///
 /// # Safety
-/// AVX-512F must be present; `g` is K×K stride 1 with `c % 16 == 0`; `x`, `dy` and `dx` hold one
-/// image each, `w` and `dw` `K·K·c` values.
+/// `L`'s instructions must be present; `g` is K×K stride 1 with `c % L::N == 0`; `x`, `dy` and
+/// `dx` hold one image each, `w` and `dw` `K·K·c` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn backward_by_columns<L: Lanes, const V3: usize>(
+    g: &DwGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
+    let (h, width, c) = (g.input.h, g.input.w, g.input.c);
+    let row_len = width * c;
+    let filter = Filter {
+        w: w.as_ptr(),
+        flip: true,
+    };
+    // 3×3's channels in blocks of V3 registers, then one at a time.
+    let wide = c / (V3 * L::N) * (V3 * L::N);
+    for (i, dx_row) in dx.chunks_exact_mut(row_len).take(h).enumerate() {
+        let y = dx_row.as_mut_ptr();
+        if g.kernel == 3 {
+            let rows = window_rows::<3>(dy.as_ptr(), h, row_len, i);
+            for cb in (0..wide).step_by(V3 * L::N) {
+                rolling::<L, 3, V3>(rows, filter, c, width, cb, y, None);
+            }
+            for cb in (wide..c).step_by(L::N) {
+                rolling::<L, 3, 1>(rows, filter, c, width, cb, y, None);
+            }
+        } else {
+            let rows = window_rows::<5>(dy.as_ptr(), h, row_len, i);
+            for cb in (0..c).step_by(L::N) {
+                rolling::<L, 5, 1>(rows, filter, c, width, cb, y, None);
+            }
+        }
+    }
+    if g.kernel == 3 {
+        for cb in (0..wide).step_by(V3 * L::N) {
+            filter_grad::<L, 3, V3>(g, x, dy, cb, dw);
+        }
+        for cb in (wide..c).step_by(L::N) {
+            filter_grad::<L, 3, 1>(g, x, dy, cb, dw);
+        }
+    } else {
+        for cb in (0..c).step_by(L::N) {
+            filter_grad::<L, 5, 1>(g, x, dy, cb, dw);
+        }
+    }
+}
+
+/// [`backward_by_columns`] on AVX-512.
+///
+/// # Safety
+/// As there, with AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn backward_avx512(
@@ -677,63 +837,44 @@ unsafe fn backward_avx512(
     dx: &mut [f32],
     dw: &mut [f32],
 ) {
-    let (h, width, c) = (g.input.h, g.input.w, g.input.c);
-    let row_len = width * c;
-    let wide = c / 32 * 32;
-    let filter = Filter {
-        w: w.as_ptr(),
-        flip: true,
-    };
-    for (i, dx_row) in dx.chunks_exact_mut(row_len).take(h).enumerate() {
-        let y = dx_row.as_mut_ptr();
-        if g.kernel == 3 {
-            let rows = window_rows::<3>(dy.as_ptr(), h, row_len, i);
-            for cb in (0..wide).step_by(32) {
-                rolling::<3, 2>(rows, filter, c, width, cb, y, None);
-            }
-            if wide < c {
-                rolling::<3, 1>(rows, filter, c, width, wide, y, None);
-            }
-        } else {
-            let rows = window_rows::<5>(dy.as_ptr(), h, row_len, i);
-            for cb in (0..c).step_by(16) {
-                rolling::<5, 1>(rows, filter, c, width, cb, y, None);
-            }
-        }
-    }
-    if g.kernel == 3 {
-        for cb in (0..wide).step_by(32) {
-            filter_grad::<3, 2>(g, x, dy, cb, dw);
-        }
-        if wide < c {
-            filter_grad::<3, 1>(g, x, dy, wide, dw);
-        }
-    } else {
-        for cb in (0..c).step_by(16) {
-            filter_grad::<5, 1>(g, x, dy, cb, dw);
-        }
-    }
+    backward_by_columns::<std::arch::x86_64::__m512, 2>(g, x, w, dy, dx, dw)
 }
 
-/// Channels `cb..cb + 16V` of a K×K stride-1 filter's gradient over one image, written to `dw`
+/// [`backward_by_columns`] on AVX2.
+///
+/// # Safety
+/// As there, with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_avx2(
+    g: &DwGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+) {
+    backward_by_columns::<std::arch::x86_64::__m256, 1>(g, x, w, dy, dx, dw)
+}
+
+/// Channels `cb..cb + N·V` of a K×K stride-1 filter's gradient over one image, written to `dw`
 /// (`[kh][kw][c]`): each tap's sum stays in a register while the output pixels go by, row by
 /// row (each tap's terms in the order of the portable loop; taps outside the image add nothing).
 ///
 /// # Safety
-/// As [`backward_avx512`], with `cb + 16V <= c`.
+/// As [`backward_by_columns`], with `cb + N·V <= c`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn filter_grad<const K: usize, const V: usize>(
+unsafe fn filter_grad<L: Lanes, const K: usize, const V: usize>(
     g: &DwGeom,
     x: &[f32],
     dy: &[f32],
     cb: usize,
     dw: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
     let (h, width, c) = (g.input.h, g.input.w, g.input.c);
     let half = K / 2;
-    let zero = [_mm512_setzero_ps(); V];
+    let zero = [L::zero(); V];
     let mut acc = [[zero; K]; K];
     for oh in 0..h {
         let dyr = dy.as_ptr().add(oh * width * c + cb);
@@ -744,8 +885,7 @@ unsafe fn filter_grad<const K: usize, const V: usize>(
             let xr = x.as_ptr().add(ih * width * c + cb);
             for ow in 0..width {
                 let inside = ow >= half && ow + half < width;
-                let d: [__m512; V] =
-                    std::array::from_fn(|v| _mm512_loadu_ps(dyr.add(ow * c + 16 * v)));
+                let d: [L; V] = std::array::from_fn(|v| L::load(dyr.add(ow * c + L::N * v)));
                 for (dwi, sum) in sums.iter_mut().enumerate() {
                     // Window column dwi of pixel ow is input column ow + dwi − K/2.
                     let Some(col) = (ow + dwi)
@@ -756,8 +896,8 @@ unsafe fn filter_grad<const K: usize, const V: usize>(
                     };
                     let xp = xr.add(col * c);
                     for v in 0..V {
-                        let xv = _mm512_loadu_ps(xp.add(16 * v));
-                        sum[v] = _mm512_add_ps(sum[v], _mm512_mul_ps(d[v], xv));
+                        let xv = L::load(xp.add(L::N * v));
+                        sum[v] = sum[v].add(d[v].mul(xv));
                     }
                 }
             }
@@ -766,7 +906,7 @@ unsafe fn filter_grad<const K: usize, const V: usize>(
     for (dh, row) in acc.iter().enumerate() {
         for (dwi, lanes) in row.iter().enumerate() {
             for (v, l) in lanes.iter().enumerate() {
-                _mm512_storeu_ps(dw.as_mut_ptr().add((dh * K + dwi) * c + cb + 16 * v), *l);
+                l.store(dw.as_mut_ptr().add((dh * K + dwi) * c + cb + L::N * v));
             }
         }
     }
