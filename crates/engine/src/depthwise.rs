@@ -198,10 +198,10 @@ unsafe fn row_avx2(
         };
         let y = out.as_mut_ptr().add(ow * c);
         for cb in (0..wide).step_by(32) {
-            channels::<4>(&taps, cb, y, epilogue);
+            channels::<std::arch::x86_64::__m256, 4>(&taps, cb, y, epilogue);
         }
         for cb in (wide..c).step_by(8) {
-            channels::<1>(&taps, cb, y, epilogue);
+            channels::<std::arch::x86_64::__m256, 1>(&taps, cb, y, epilogue);
         }
     }
 }
@@ -445,19 +445,19 @@ unsafe fn block512<const V: usize>(
             );
             ow = fours.end;
         } else {
-            channels512::<V>(&pixel(ow), cb, y.add(ow * c), epilogue);
+            channels::<std::arch::x86_64::__m512, V>(&pixel(ow), cb, y.add(ow * c), epilogue);
             ow += 1;
         }
     }
 }
 
-/// [`channels512`] for `4·quads` consecutive output pixels with full 3×3 windows (`taps` the
+/// [`channels`] for `4·quads` consecutive output pixels with full 3×3 windows (`taps` the
 /// first one's, the next ones `step` input values on, outputs `taps.c` apart): the window's
 /// weights loaded into registers once, four pixels' sums side by side (four independent
-/// chains hide the adds' latency), each in [`channels512`]'s order, so the same results.
+/// chains hide the adds' latency), each in [`channels`]'s order, so the same results.
 ///
 /// # Safety
-/// As [`channels512`], for every one of the pixels.
+/// As [`channels`], for every one of the pixels.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn window3<const V: usize>(
@@ -493,36 +493,6 @@ unsafe fn window3<const V: usize>(
             store_lanes(sums, cb, y.add((4 * q + p) * taps.c), epilogue);
         }
     }
-}
-
-/// [`channels`] on `V` sixteen-lane vectors.
-///
-/// # Safety
-/// As [`row_avx512`], whose pixel `taps` describes and whose output pixel starts at `y`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn channels512<const V: usize>(
-    taps: &Taps,
-    cb: usize,
-    y: *mut f32,
-    epilogue: crate::conv::Epilogue,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); V];
-    for dw in 0..taps.nw {
-        let (xr, wr) = (taps.x.add(dw * taps.c + cb), taps.w.add(dw * taps.c + cb));
-        for dh in 0..taps.nh {
-            let (xp, wp) = (xr.add(dh * taps.x_row), wr.add(dh * taps.w_row));
-            for (v, a) in acc.iter_mut().enumerate() {
-                let prod = _mm512_mul_ps(
-                    _mm512_loadu_ps(xp.add(16 * v)),
-                    _mm512_loadu_ps(wp.add(16 * v)),
-                );
-                *a = _mm512_add_ps(*a, prod);
-            }
-        }
-    }
-    store_lanes(acc, cb, y, epilogue);
 }
 
 /// One register of f32 lanes as the column-by-column kernels use it: AVX2's eight, AVX-512's
@@ -643,30 +613,27 @@ struct Taps {
     c: usize,
 }
 
-/// Channels `cb..cb + 8V` of one output pixel: the sum over its taps, the epilogue, the store.
+/// Channels `cb..cb + N·V` of one output pixel: the sum over its taps, the epilogue, the store.
 ///
 /// # Safety
-/// As [`row_avx2`], whose pixel `taps` describes and whose output pixel starts at `y`.
+/// As [`row_avx2`] or [`row_avx512`] (`L`'s instructions), whose pixel `taps` describes and
+/// whose output pixel starts at `y`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn channels<const V: usize>(
+unsafe fn channels<L: Lanes, const V: usize>(
     taps: &Taps,
     cb: usize,
     y: *mut f32,
     epilogue: crate::conv::Epilogue,
 ) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); V];
+    let mut acc = [L::zero(); V];
     for dw in 0..taps.nw {
         let (xr, wr) = (taps.x.add(dw * taps.c + cb), taps.w.add(dw * taps.c + cb));
         for dh in 0..taps.nh {
             let (xp, wp) = (xr.add(dh * taps.x_row), wr.add(dh * taps.w_row));
             for (v, a) in acc.iter_mut().enumerate() {
-                let prod = _mm256_mul_ps(
-                    _mm256_loadu_ps(xp.add(8 * v)),
-                    _mm256_loadu_ps(wp.add(8 * v)),
-                );
-                *a = _mm256_add_ps(*a, prod);
+                let at = L::N * v;
+                *a = a.add(L::load(xp.add(at)).mul(L::load(wp.add(at))));
             }
         }
     }
