@@ -233,7 +233,11 @@ unsafe fn row_avx512(
         simd::prefetch_l2(&img[next * iw_len * c..][..iw_len * c]);
     }
     let y = out.as_mut_ptr();
-    if by_columns::<std::arch::x86_64::__m512, 2>(g, img, w, oh, out, epilogue) {
+    let filter = Filter {
+        w: w.as_ptr(),
+        flip: false,
+    };
+    if by_columns::<std::arch::x86_64::__m512, 2>(g, img, filter, oh, out, epilogue) {
         return;
     }
     let pixel = |ow: usize| {
@@ -274,30 +278,29 @@ unsafe fn row_avx512(
     }
 }
 
-/// Output row `oh` of a 3×3 or 5×5 stride-1 convolution column by column ([`rolling`]), `L`'s
-/// lanes at a time (`V3` registers of them for 3×3, one for 5×5, whose 25 weight vectors fill
-/// the registers already); false, doing nothing, for other kernels and strides. (AVX2 keeps
+/// Output row `oh` of a 3×3 or 5×5 stride-1 convolution of `img` through `filter` column by
+/// column ([`rolling`]), `L`'s lanes at a time (`V3` registers of them for 3×3, one for 5×5,
+/// whose 25 weight vectors fill the registers already); false, doing nothing, for other kernels
+/// and strides. The backward's input gradient runs it too, on `dy` and the rotated filter. (AVX2 keeps
 /// its pixel-by-pixel forward: on its 16 registers this ran no faster, 0.69–0.71 against
 /// 0.63–0.69 ms on 8×14×14×960, though its backward gains.)
 ///
 /// # Safety
-/// As [`row_avx512`], `L`'s instructions present and `c % L::N == 0`.
+/// `L`'s instructions present (the caller's target features), `c % L::N == 0`; `img` holds one
+/// whole map of `g`'s input shape, `filter` `k·k·c` weights, `out` one output row, `epilogue`
+/// (if any) `c` scales and shifts.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn by_columns<L: Lanes, const V3: usize>(
     g: &DwGeom,
     img: &[f32],
-    w: &[f32],
+    filter: Filter,
     oh: usize,
     out: &mut [f32],
     epilogue: crate::conv::Epilogue,
 ) -> bool {
     let (c, row) = (g.input.c, g.input.w * g.input.c);
     let (img, y) = (img.as_ptr(), out.as_mut_ptr());
-    let filter = Filter {
-        w: w.as_ptr(),
-        flip: false,
-    };
     match (g.stride, g.kernel) {
         (1, 3) => {
             let rows = window_rows::<3>(img, g.input.h, row, oh);
@@ -751,31 +754,17 @@ unsafe fn backward_by_columns<L: Lanes, const V3: usize>(
     dx: &mut [f32],
     dw: &mut [f32],
 ) {
-    let (h, width, c) = (g.input.h, g.input.w, g.input.c);
-    let row_len = width * c;
+    let (h, c) = (g.input.h, g.input.c);
     let filter = Filter {
         w: w.as_ptr(),
         flip: true,
     };
+    // dy has the input's shape (stride 1, SAME), so its rows go through the forward's kernel.
+    for (i, dx_row) in dx.chunks_exact_mut(g.input.w * c).take(h).enumerate() {
+        by_columns::<L, V3>(g, dy, filter, i, dx_row, None);
+    }
     // 3×3's channels in blocks of V3 registers, then one at a time.
     let wide = c / (V3 * L::N) * (V3 * L::N);
-    for (i, dx_row) in dx.chunks_exact_mut(row_len).take(h).enumerate() {
-        let y = dx_row.as_mut_ptr();
-        if g.kernel == 3 {
-            let rows = window_rows::<3>(dy.as_ptr(), h, row_len, i);
-            for cb in (0..wide).step_by(V3 * L::N) {
-                rolling::<L, 3, V3>(rows, filter, c, width, cb, y, None);
-            }
-            for cb in (wide..c).step_by(L::N) {
-                rolling::<L, 3, 1>(rows, filter, c, width, cb, y, None);
-            }
-        } else {
-            let rows = window_rows::<5>(dy.as_ptr(), h, row_len, i);
-            for cb in (0..c).step_by(L::N) {
-                rolling::<L, 5, 1>(rows, filter, c, width, cb, y, None);
-            }
-        }
-    }
     if g.kernel == 3 {
         for cb in (0..wide).step_by(V3 * L::N) {
             filter_grad::<L, 3, V3>(g, x, dy, cb, dw);
