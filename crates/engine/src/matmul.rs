@@ -562,35 +562,8 @@ fn pack_rows(a: View, rows: usize, depth: usize, out: &mut [f32]) {
         }
         return;
     }
-    // Stored transposed: each reduction step's values for these rows lie side by side. Eight
-    // by eight in registers where AVX runs (one value at a time, this packing took 40 % of a
-    // weight gradient's time).
-    let (mut whole_rows, mut whole_depth) = (0, 0);
-    #[cfg(target_arch = "x86_64")]
-    if pointwise::available() {
-        (whole_rows, whole_depth) = (rows / 8 * 8, depth / 8 * 8);
-        for p in (0..whole_depth).step_by(8) {
-            for i in (0..whole_rows).step_by(8) {
-                // SAFETY: AVX checked (`available`); the block reads steps p..p+8 of rows
-                // i..i+8, inside `a` (asserted above), and writes rows i..i+8, steps p..p+8 of
-                // `out` (rows·depth long, asserted).
-                unsafe {
-                    simd::transpose8(
-                        a.data.as_ptr().add(p * a.cs + i),
-                        a.cs,
-                        out.as_mut_ptr().add(i * depth + p),
-                        depth,
-                    )
-                }
-            }
-        }
-    }
-    for (p, step) in a.data.chunks(a.cs).take(depth).enumerate() {
-        let rows_left = if p < whole_depth { whole_rows } else { 0 };
-        for (i, &v) in step[..rows].iter().enumerate().skip(rows_left) {
-            out[i * depth + p] = v;
-        }
-    }
+    // Stored transposed: each reduction step's values for these rows lie side by side.
+    simd::transpose(a.data, a.cs, depth, rows, out, depth);
 }
 
 /// The pointwise kernel's product in plain Rust (CPUs without AVX2 and FMA): `y = (add ? y :

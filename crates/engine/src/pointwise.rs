@@ -113,33 +113,9 @@ pub(crate) fn pack_strided_into(
                 lanes[..cols].copy_from_slice(&w[p * rs + o0..][..cols]);
                 lanes[cols..].fill(0.0);
             }
-        } else if rs == 1 && cols == NR && available() {
-            // Stored transposed: the panel's 16 columns are 16 rows of `w`, turned 8 × 8 at a
-            // time in registers (one value at a time this packing cost as much as a small
-            // product), the last steps one by one.
-            let whole = k / 8 * 8;
-            for p in (0..whole).step_by(8) {
-                for half in 0..2 {
-                    let o = o0 + 8 * half;
-                    // SAFETY: AVX checked (`available`); the block reads steps p..p+8 of
-                    // columns o..o+8, inside `w` (asserted above: p + 7 < k, o + 7 < n), and
-                    // writes rows p..p+8, lanes 8·half.. of this panel (k × NR values).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        simd::transpose8(
-                            w.as_ptr().add(o * cs + p),
-                            cs,
-                            panel.as_mut_ptr().add(p * NR + 8 * half),
-                            NR,
-                        )
-                    }
-                }
-            }
-            for (p, lanes) in panel.chunks_exact_mut(NR).enumerate().skip(whole) {
-                for (lane, v) in lanes.iter_mut().enumerate() {
-                    *v = w[p + (o0 + lane) * cs];
-                }
-            }
+        } else if rs == 1 && cols == NR {
+            // Stored transposed: the panel's 16 columns are 16 rows of `w`.
+            simd::transpose(&w[o0 * cs..], cs, NR, k, panel, NR);
         } else {
             // Column by column: each reads `w` along its rows when it is stored transposed.
             for lane in 0..NR {

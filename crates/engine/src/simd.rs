@@ -89,6 +89,46 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `dst[c·ld + r] = src[r·ls + c]` for `r < rows`, `c < cols`: a `rows × cols` block (rows `ls`
+/// apart) transposed. Eight by eight in registers where AVX runs (one value at a time, packing a
+/// weight gradient's transposed operand took 40 % of its time), the edges one by one.
+pub fn transpose(src: &[f32], ls: usize, rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        (rows - 1) * ls + cols <= src.len() && (cols - 1) * ld + rows <= dst.len(),
+        "transpose: {rows}×{cols} reaches past its operands"
+    );
+    assert!(ls >= cols && ld >= rows, "transpose: rows overlap");
+    let (mut whole_rows, mut whole_cols) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if level() != Level::Baseline {
+        (whole_rows, whole_cols) = (rows / 8 * 8, cols / 8 * 8);
+        for c in (0..whole_cols).step_by(8) {
+            for r in (0..whole_rows).step_by(8) {
+                // SAFETY: AVX present (every level above the baseline has it); the block reads
+                // rows r..r+8, values c..c+8 of `src` and writes rows c..c+8, values r..r+8 of
+                // `dst`, inside both (asserted above).
+                unsafe {
+                    transpose8(
+                        src.as_ptr().add(r * ls + c),
+                        ls,
+                        dst.as_mut_ptr().add(c * ld + r),
+                        ld,
+                    )
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        let first_col = if r < whole_rows { whole_cols } else { 0 };
+        for c in first_col..cols {
+            dst[c * ld + r] = src[r * ls + c];
+        }
+    }
+}
+
 /// The 8 × 8 block at `src` (rows `ls` apart) transposed into `dst` (rows `ld` apart).
 ///
 /// # Safety
@@ -96,7 +136,7 @@ unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
 /// for 8 at each `i·ld`, `i < 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-pub(crate) unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
     use std::arch::x86_64::*;
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ls)));
     // Pairs of rows interleaved, then quads of values per 128-bit lane, then the lanes joined.
@@ -298,6 +338,24 @@ pub unsafe fn act16(
 
 #[cfg(test)]
 mod tests {
+    /// Every shape around the 8 × 8 blocks (edges, rows wider than the block) against the
+    /// definition; values outside the block stay untouched.
+    #[test]
+    fn transpose_moves_every_value_and_nothing_else() {
+        for (rows, cols) in [(1, 1), (8, 8), (13, 21), (16, 3), (5, 24), (17, 9)] {
+            let (ls, ld) = (cols + 3, rows + 2);
+            let src: Vec<f32> = (0..rows * ls).map(|i| i as f32).collect();
+            let mut dst = vec![-1f32; cols * ld];
+            super::transpose(&src, ls, rows, cols, &mut dst, ld);
+            for c in 0..cols {
+                for r in 0..ld {
+                    let want = if r < rows { src[r * ls + c] } else { -1.0 };
+                    assert_eq!(dst[c * ld + r], want, "{rows}×{cols} at ({c}, {r})");
+                }
+            }
+        }
+    }
+
     #[test]
     fn fast_sigmoid_is_accurate() {
         let mut worst = 0f64;
