@@ -68,7 +68,7 @@ pub fn set_bf16(on: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn bf16() -> bool {
+pub(crate) fn bf16() -> bool {
     BF16.load(std::sync::atomic::Ordering::Relaxed)
 }
 
@@ -244,17 +244,17 @@ fn pack_panels_parallel<'a>(
 ) -> pointwise::Panels<'a> {
     let count = n.div_ceil(NR);
     let group = count.div_ceil(2 * threads).max(1);
-    let pack = |g: usize, out: &mut [f32]| {
+    // Group g's first column and columns.
+    let cols = |g: usize| {
         let j0 = g * group * NR;
-        let cols = (group * NR).min(n - j0);
-        pointwise::pack_strided_into(k, cols, b.from(0, j0).data, (b.rs, b.cs), out);
-        cols
+        (j0, (group * NR).min(n - j0))
     };
     let groups = panels[..pointwise::packed_len(k, n)].par_chunks_mut((group * k * NR).max(1));
     match rounded {
         None => {
             groups.enumerate().for_each(|(g, out)| {
-                pack(g, out);
+                let (j0, cols) = cols(g);
+                pointwise::pack_strided_into(k, cols, b.from(0, j0).data, (b.rs, b.cs), out);
             });
             pointwise::Panels::F32(panels)
         }
@@ -265,8 +265,9 @@ fn pack_panels_parallel<'a>(
                 .zip(rounded_groups)
                 .enumerate()
                 .for_each(|(g, (out, r))| {
-                    let cols = pack(g, out);
-                    pointwise::panels_to_bf16(k, cols, out, r)
+                    let (j0, cols) = cols(g);
+                    let w = b.from(0, j0).data;
+                    pointwise::pack_strided_bf16_into(k, cols, w, (b.rs, b.cs), out, r)
                 });
             pointwise::Panels::Bf16(rounded)
         }
@@ -483,14 +484,17 @@ unsafe fn serial(
         for k0 in (0..k).step_by(depth) {
             let kc = depth.min(k - k0);
             let block = PANELS_HIGH.grow(&mut panels, pointwise::packed_len(kc, n));
-            pointwise::pack_strided_into(kc, n, b.from(k0, 0).data, (b.rs, b.cs), block);
+            let (w, strides) = (b.from(k0, 0).data, (b.rs, b.cs));
             let block = match bf16() {
                 true => {
                     let out = ROUNDED_HIGH.grow(&mut rounded, pointwise::packed_len_bf16(kc, n));
-                    pointwise::panels_to_bf16(kc, n, block, out);
+                    pointwise::pack_strided_bf16_into(kc, n, w, strides, block, out);
                     pointwise::Panels::Bf16(out)
                 }
-                false => pointwise::Panels::F32(block),
+                false => {
+                    pointwise::pack_strided_into(kc, n, w, strides, block);
+                    pointwise::Panels::F32(block)
+                }
             };
             let add = accumulate || k0 > 0;
             // SAFETY: the caller's contract, for all m rows.

@@ -206,24 +206,73 @@ pub fn panels_to_bf16(k: usize, n: usize, panels: &[f32], out: &mut [u32]) {
         // `dst` `pairs` rows of NR slots, which is what `panel_to_bf16` reads and writes.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            panel_to_bf16(k, src, dst)
+            panel_to_bf16(k, src.as_ptr(), NR, NR, dst)
         }
     }
 }
 
-/// One panel of [`panels_to_bf16`]: rows `2q` and `2q + 1` (zero past `k`) into slots row `q`.
+/// [`pack_strided_into`] and [`panels_to_bf16`] in one: `w`'s `k × n` matrix (strides `rs`,
+/// `cs`) into bf16 panels `out`. Rows of `w` (`cs == 1`, a product's right operand as training
+/// stores it) are rounded straight from `w`; otherwise through f32 panels in `scratch`
+/// ([`packed_len`]). Only where [`bf16_available`].
+pub(crate) fn pack_strided_bf16_into(
+    k: usize,
+    n: usize,
+    w: &[f32],
+    (rs, cs): (usize, usize),
+    scratch: &mut [f32],
+    out: &mut [u32],
+) {
+    if cs != 1 {
+        pack_strided_into(k, n, w, (rs, cs), scratch);
+        return panels_to_bf16(k, n, scratch, out);
+    }
+    assert!(bf16_available(), "pointwise: bf16 panels need AVX512_BF16");
+    assert!(
+        out.len() >= packed_len_bf16(k, n),
+        "pointwise: panels too short for {k}→{n}"
+    );
+    let pairs = k.div_ceil(2);
+    if pairs == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (k - 1) * rs + n <= w.len(),
+        "pointwise: weight holds {} < {k}×{n}",
+        w.len()
+    );
+    for (j, dst) in out
+        .chunks_exact_mut(pairs * NR)
+        .take(n.div_ceil(NR))
+        .enumerate()
+    {
+        let o0 = j * NR;
+        // SAFETY: AVX-512F and AVX512_BF16 asserted; the panel reads k rows of
+        // min(NR, n − o0) values from column o0, `rs` apart, inside `w` (asserted), and writes
+        // `pairs` rows of NR slots of `dst`.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            panel_to_bf16(k, w.as_ptr().add(o0), rs, NR.min(n - o0), dst)
+        }
+    }
+}
+
+/// One panel in bf16: rows `2q` and `2q + 1` (zero past `k`) of `src` (`k` rows `rs` apart,
+/// `cols` values each, zero past them) into slots row `q` of `dst`.
 ///
 /// # Safety
-/// The CPU must have AVX-512F and AVX512_BF16; `src` must hold `k·NR` values, `dst`
-/// `k.div_ceil(2)·NR` slots.
+/// The CPU must have AVX-512F and AVX512_BF16; `src` must be readable for `cols ≤ NR` values at
+/// each `r·rs`, `r < k`; `dst` must hold `k.div_ceil(2)·NR` slots.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn panel_to_bf16(k: usize, src: &[f32], dst: &mut [u32]) {
+unsafe fn panel_to_bf16(k: usize, src: *const f32, rs: usize, cols: usize, dst: &mut [u32]) {
     use std::arch::x86_64::*;
+    // Lanes past `cols` neither read (a masked load does not touch them) nor kept.
+    let lanes: __mmask16 = if cols >= NR { !0 } else { (1 << cols) - 1 };
     for (q, slots) in dst.chunks_exact_mut(NR).enumerate() {
-        let lo = _mm512_loadu_ps(src.as_ptr().add(2 * q * NR));
+        let lo = _mm512_maskz_loadu_ps(lanes, src.add(2 * q * rs));
         let hi = match 2 * q + 1 < k {
-            true => _mm512_loadu_ps(src.as_ptr().add((2 * q + 1) * NR)),
+            true => _mm512_maskz_loadu_ps(lanes, src.add((2 * q + 1) * rs)),
             false => _mm512_setzero_ps(),
         };
         // Each row rounded to 16 bf16, widened to 32-bit lanes, the odd row in the high halves.
