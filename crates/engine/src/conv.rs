@@ -70,7 +70,9 @@ impl ConvGeom {
             } else {
                 0
             };
-            im2col.max(winograd)
+            // Plain weights packed for the direct kernel.
+            let panels = pointwise::packed_len(self.patch_len(), cout);
+            im2col.max(winograd).max(panels)
         }
     }
 
@@ -130,7 +132,7 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
     }
     let mut packed = vec![0f32; g.weight_len()];
     pack_weight(g, torch, &mut packed);
-    if runs_winograd(g, true) {
+    if runs_winograd(g) {
         let mut u = vec![0f32; winograd::POSITIONS * cin * cout];
         winograd::transform_filter(cin, cout, &packed, &mut u);
         if panels {
@@ -236,11 +238,41 @@ fn direct(g: &ConvGeom) -> bool {
         && (!winograd::applies(g) || g.input.c < WINOGRAD_MIN_CIN)
 }
 
-/// Whether [`forward`] computes `g` by Winograd's transform (else directly or through im2col),
-/// with weights from [`prepare`] or not: 3×3 stride 1, unless prepared weights run the direct
-/// kernel (which needs the pointwise kernel: [`direct`]).
-pub fn runs_winograd(g: &ConvGeom, prepared: bool) -> bool {
-    winograd::applies(g) && !(prepared && direct(g))
+/// Whether [`forward`] computes `g` by Winograd's transform (else directly or through im2col):
+/// 3×3 stride 1, unless the direct kernel runs it ([`direct`]), with prepared weights or not.
+pub fn runs_winograd(g: &ConvGeom) -> bool {
+    winograd::applies(g) && !direct(g)
+}
+
+/// Whether [`forward`] runs `g` with plain weights (training's, which change every step) on the
+/// direct kernel, their panels packed per call: where Winograd would run otherwise, and where
+/// im2col's product is f32 or short. Training at batch 8 (`examples/conv_shapes`-like timings,
+/// 2 threads): the stem 5.1–6.6 → 1.7 ms, 112² 24 → 24 by Winograd 6.1–7.5 → 4.5 ms; a 432-step
+/// reduction (56² 48 → 256, stride 2) ran faster as im2col's bf16 product (3.6–4.0 ms) than
+/// direct in f32 (4.4–4.5 ms).
+fn plain_direct(g: &ConvGeom) -> bool {
+    direct(g) && (winograd::applies(g) || !crate::matmul::bf16() || g.patch_len() < 256)
+}
+
+/// `g` on the direct kernel ([`pointwise::conv`]) image by image, `w` in its panels.
+fn direct_forward(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: Epilogue,
+    skip: Option<&[f32]>,
+) {
+    let d = direct_shape(g);
+    let (in_img, out_img) = (
+        g.input.h * g.input.w * g.input.c,
+        g.out_h * g.out_w * g.cout,
+    );
+    for b in 0..g.input.n {
+        let y = &mut y[b * out_img..][..out_img];
+        let skip = skip.map(|s| &s[b * out_img..][..out_img]);
+        pointwise::conv(&d, &x[b * in_img..][..in_img], w, y, epilogue, skip);
+    }
 }
 
 /// A k×k convolution's shape for [`pointwise::conv`], one image.
@@ -355,16 +387,14 @@ pub fn forward(
     let in_img = g.input.h * g.input.w * g.input.c;
     let out_px = g.out_h * g.out_w;
     if panels && direct(g) {
-        let d = direct_shape(g);
-        let out_img = out_px * g.cout;
-        for b in 0..g.input.n {
-            let y = &mut y[b * out_img..][..out_img];
-            let skip = skip.map(|s| &s[b * out_img..][..out_img]);
-            pointwise::conv(&d, &x[b * in_img..][..in_img], w, y, epilogue, skip);
-        }
-        return;
+        return direct_forward(g, x, w, y, epilogue, skip);
     }
-    if runs_winograd(g, matches!(weight, Weight::Prepared(_))) {
+    if matches!(weight, Weight::Plain(_)) && plain_direct(g) {
+        let packed = &mut col[..pointwise::packed_len(g.patch_len(), g.cout)];
+        pointwise::pack_rows_into(g.patch_len(), g.cout, w, packed);
+        return direct_forward(g, x, packed, y, epilogue, skip);
+    }
+    if runs_winograd(g) {
         let u = match weight {
             Weight::Prepared(u) if panels => winograd::Filter::Panels(u),
             Weight::Prepared(u) => winograd::Filter::Rows(u),
@@ -455,9 +485,8 @@ pub fn backward(
                     }
                 }
             }
-            let u = winograd::plain_filter(cout, cin, flipped, scratch);
             let g_t = ConvGeom::new(Nhwc::new(g.input.n, g.out_h, g.out_w, cout), 3, 1, cin);
-            winograd::forward(&g_t, dy, u, dx, None, None);
+            forward(&g_t, dy, Weight::Plain(flipped), dx, scratch, None, None);
         }
         if winograd::weight_grad(g, x, dy, col, dw) {
             return;

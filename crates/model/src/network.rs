@@ -664,7 +664,7 @@ impl Network {
         let t = Instant::now();
         conv::forward_projected(&g, x, w1, Some(f1), &projection, &mut y[..y_len]);
         let projected = ws.shapes[i + 1].rows() * p.cout * u.cout;
-        let (op, macs) = match conv::runs_winograd(&g, true) {
+        let (op, macs) = match conv::runs_winograd(&g) {
             true => ("conv 3x3 winograd + 1x1", winograd::product_macs(&g)),
             false => ("conv kxk + 1x1", g.macs()),
         };
@@ -741,7 +741,7 @@ impl Network {
                         // direct sum's), so that their rate compares with the ceiling.
                         let (op, macs) = if g.is_pointwise() {
                             ("conv 1x1", g.macs())
-                        } else if conv::runs_winograd(&g, matches!(w, conv::Weight::Prepared(_))) {
+                        } else if conv::runs_winograd(&g) {
                             ("conv 3x3 winograd", winograd::product_macs(&g))
                         } else {
                             ("conv kxk", g.macs())
