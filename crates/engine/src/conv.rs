@@ -105,7 +105,7 @@ pub enum Weight<'a> {
     Plain(&'a [f32]),
     /// [`prepare`]'s layout, made once for weights that stay fixed (inference).
     Prepared(&'a [f32]),
-    /// A 1×1 convolution's weight packed by [`pointwise::pack_bf16`] (inference in bf16).
+    /// [`prepare_bf16`]'s bf16 panels (inference in bf16).
     Bf16(&'a [u32]),
 }
 
@@ -144,6 +144,28 @@ pub fn prepare(g: &ConvGeom, torch: &[f32]) -> Vec<f32> {
         return pointwise::pack_rows(g.patch_len(), cout, &packed);
     }
     packed
+}
+
+/// Whether `g` has a bf16 pass ([`prepare_bf16`]): a 1×1 convolution, or one the direct kernel
+/// runs on an even number of input channels (a pixel's channels in pairs), where the CPU has
+/// AVX512_BF16. Winograd's transforms stay f32 (their coefficients amplify bf16's rounding).
+pub fn runs_bf16(g: &ConvGeom) -> bool {
+    pointwise::bf16_available() && (g.is_pointwise() || (direct(g) && g.input.c.is_multiple_of(2)))
+}
+
+/// PyTorch's weight for `g` packed for a bf16 pass (where [`runs_bf16`]): the 1×1 weight, or the
+/// direct kernel's im2col filter, in bf16 panels.
+pub fn prepare_bf16(g: &ConvGeom, torch: &[f32]) -> Vec<u32> {
+    assert!(runs_bf16(g), "conv: no bf16 pass for {g:?}");
+    if g.is_pointwise() {
+        return pointwise::pack_bf16(g.input.c, g.cout, torch);
+    }
+    let mut packed = vec![0f32; g.weight_len()];
+    pack_weight(g, torch, &mut packed);
+    let panels = pointwise::pack_rows(g.patch_len(), g.cout, &packed);
+    let mut out = vec![0u32; pointwise::packed_len_bf16(g.patch_len(), g.cout)];
+    pointwise::panels_to_bf16(g.patch_len(), g.cout, &panels, &mut out);
+    out
 }
 
 /// Adds a gradient in the packed layout to one in PyTorch's layout (the inverse of [`pack_weight`]).
@@ -258,7 +280,7 @@ fn plain_direct(g: &ConvGeom) -> bool {
 fn direct_forward(
     g: &ConvGeom,
     x: &[f32],
-    w: &[f32],
+    w: pointwise::Panels,
     y: &mut [f32],
     epilogue: Epilogue,
     skip: Option<&[f32]>,
@@ -303,13 +325,16 @@ pub fn projects(g: &ConvGeom) -> bool {
 pub fn forward_projected(
     g: &ConvGeom,
     x: &[f32],
-    w: &[f32],
+    w: pointwise::Panels,
     epilogue: Epilogue,
     p: &pointwise::Projection,
     y: &mut [f32],
 ) {
     assert!(projects(g), "conv: no projected pass for {g:?}");
     if !direct(g) {
+        let pointwise::Panels::F32(w) = w else {
+            panic!("conv: Winograd's filter is f32")
+        };
         let u = winograd::Filter::Panels(w);
         return winograd::forward_projected(g, x, u, epilogue, p, y);
     }
@@ -358,7 +383,11 @@ pub fn forward(
             return pointwise::forward_panels(x, rows, k, g.cout, w, y, epilogue, skip);
         }
         (false, Weight::Plain(w) | Weight::Prepared(w)) => (w, g.patch_len(), Layout::Normal),
-        (false, Weight::Bf16(_)) => panic!("conv: bf16 weights for a 1×1 convolution only"),
+        (false, Weight::Bf16(w)) => {
+            assert!(runs_bf16(g), "conv: no bf16 pass for {g:?}");
+            let w = pointwise::Panels::Bf16(w);
+            return direct_forward(g, x, w, y, epilogue, skip);
+        }
     };
     // Prepared weights are the pointwise kernel's panels where that kernel runs.
     let panels = matches!(weight, Weight::Prepared(_)) && pointwise::available();
@@ -387,12 +416,12 @@ pub fn forward(
     let in_img = g.input.h * g.input.w * g.input.c;
     let out_px = g.out_h * g.out_w;
     if panels && direct(g) {
-        return direct_forward(g, x, w, y, epilogue, skip);
+        return direct_forward(g, x, pointwise::Panels::F32(w), y, epilogue, skip);
     }
     if matches!(weight, Weight::Plain(_)) && plain_direct(g) {
         let packed = &mut col[..pointwise::packed_len(g.patch_len(), g.cout)];
         pointwise::pack_rows_into(g.patch_len(), g.cout, w, packed);
-        return direct_forward(g, x, packed, y, epilogue, skip);
+        return direct_forward(g, x, pointwise::Panels::F32(packed), y, epilogue, skip);
     }
     if runs_winograd(g) {
         let u = match weight {

@@ -955,11 +955,12 @@ impl Direct {
 /// Where a window reaches into the padding, its tap leaves out the kernel rows and columns
 /// there (with their weights): at the image's edges, tiles of one pixel. `skip`, a residual
 /// laid out like `y`, is added after the epilogue. Output rows are spread over the pool. Only
-/// where [`available`].
+/// where [`available`]. With bf16 panels (those panels through [`panels_to_bf16`]; an even
+/// `cin`) the image is first rounded to bf16, a pixel's channels in pairs, and the sums are f32.
 pub fn conv(
     d: &Direct,
     image: &[f32],
-    w: &[f32],
+    w: Panels,
     y: &mut [f32],
     folded: Option<&Folded>,
     skip: Option<&[f32]>,
@@ -970,13 +971,73 @@ pub fn conv(
     if let Some(s) = skip {
         assert!(s.len() >= pixels * n, "pointwise: residual size");
     }
-    y[..pixels * n]
-        .par_chunks_mut(d.out_w * n)
-        .enumerate()
-        .for_each(|(oh, out_row)| {
-            let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
-            direct_row(d, image, w, folded, oh, out_row, skip_row);
-        });
+    with_direct_operands(d, image, w, |ops| {
+        y[..pixels * n]
+            .par_chunks_mut(d.out_w * n)
+            .enumerate()
+            .for_each(|(oh, out_row)| {
+                let skip_row = skip.map(|r| &r[oh * d.out_w * n..][..d.out_w * n]);
+                direct_row(d, ops, folded, oh, out_row, skip_row);
+            })
+    });
+}
+
+/// [`direct_row`]'s operands in 32-bit slots: the image and the panels, as f32 values or as
+/// pairs of bf16 (`bf16`: `cin / 2` slots a pixel).
+#[derive(Clone, Copy)]
+struct DirectOperands<'a> {
+    image: &'a [f32],
+    w: &'a [f32],
+    bf16: bool,
+}
+
+/// [`conv`]'s image rounded to bf16 pairs, kept between calls.
+static DIRECT_BF16: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// `f` on `image` and `w` as [`direct_row`] reads them: as they are for f32 panels; for bf16
+/// ones, with the image rounded (pixels spread over the pool).
+fn with_direct_operands<R>(
+    d: &Direct,
+    image: &[f32],
+    w: Panels,
+    f: impl FnOnce(DirectOperands) -> R,
+) -> R {
+    let w = match w {
+        Panels::F32(w) => {
+            let bf16 = false;
+            return f(DirectOperands { image, w, bf16 });
+        }
+        Panels::Bf16(w) => w,
+    };
+    // SAFETY (both casts): u32 and f32 have one size and alignment and every bit pattern is an
+    // f32; the kernels move a slot's bits as they are.
+    let w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
+    let (pixels, slots) = (d.height * d.width, d.cin / 2);
+    crate::with_kept(&DIRECT_BF16, Vec::new, |kept| {
+        let rounded = crate::at_least(kept, pixels * slots);
+        const PIXELS: usize = 1024;
+        rounded
+            .par_chunks_mut(PIXELS * slots)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let first = i * PIXELS;
+                // SAFETY: AVX-512F and AVX512_BF16 checked (`check_direct`); pixels
+                // first..first + out.len() / slots of `image` (`cin` values each, inside it:
+                // checked) into `out`, `cin / 2` slots each.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    rows_to_bf16(image, d.cin, d.cin, first..first + out.len() / slots, out)
+                }
+            });
+        // SAFETY: as above.
+        let image =
+            unsafe { std::slice::from_raw_parts(rounded.as_ptr() as *const f32, rounded.len()) };
+        f(DirectOperands {
+            image,
+            w,
+            bf16: true,
+        })
+    })
 }
 
 /// A 1×1 convolution run on another convolution's output while it is in cache (a block's
@@ -1022,7 +1083,7 @@ thread_local! {
 pub fn conv_projected(
     d: &Direct,
     image: &[f32],
-    w: &[f32],
+    w: Panels,
     folded: Option<&Folded>,
     p: &Projection,
     y: &mut [f32],
@@ -1033,30 +1094,31 @@ pub fn conv_projected(
     if let Some(s) = p.skip {
         assert!(s.len() >= pixels * out, "pointwise: residual size");
     }
-    y[..pixels * out]
-        .par_chunks_mut(d.out_w * out)
-        .enumerate()
-        .for_each(|(oh, out_row)| {
-            // No parallel loop runs inside, so this thread's row is this task's alone.
-            ROW.with_borrow_mut(|row| {
-                if row.len() < d.out_w * n {
-                    row.resize(d.out_w * n, 0.0);
+    with_direct_operands(d, image, w, |ops| {
+        y[..pixels * out]
+            .par_chunks_mut(d.out_w * out)
+            .enumerate()
+            .for_each(|(oh, out_row)| {
+                // No parallel loop runs inside, so this thread's row is this task's alone.
+                ROW.with_borrow_mut(|row| {
+                    if row.len() < d.out_w * n {
+                        row.resize(d.out_w * n, 0.0);
+                    }
+                    let row = &mut row[..d.out_w * n];
+                    direct_row(d, ops, folded, oh, row, None);
+                    p.run_serial(row, d.out_w, n, out_row);
+                });
+                if let Some(s) = p.skip {
+                    let s = &s[oh * d.out_w * out..][..d.out_w * out];
+                    for (v, r) in out_row.iter_mut().zip(s) {
+                        *v += r;
+                    }
                 }
-                let row = &mut row[..d.out_w * n];
-                direct_row(d, image, w, folded, oh, row, None);
-                p.run_serial(row, d.out_w, n, out_row);
-            });
-            if let Some(s) = p.skip {
-                let s = &s[oh * d.out_w * out..][..d.out_w * out];
-                for (v, r) in out_row.iter_mut().zip(s) {
-                    *v += r;
-                }
-            }
-        });
+            })
+    });
 }
 
-/// [`conv`]'s checks of its shape, image, weights and epilogue.
-fn check_direct(d: &Direct, image: &[f32], w: &[f32], folded: Option<&Folded>) {
+fn check_direct(d: &Direct, image: &[f32], w: Panels, folded: Option<&Folded>) {
     assert!(
         available(),
         "pointwise: kernels need x86-64 with AVX2 and FMA"
@@ -1076,10 +1138,17 @@ fn check_direct(d: &Direct, image: &[f32], w: &[f32], folded: Option<&Folded>) {
         image.len() >= d.height * d.width * cin,
         "pointwise: image size"
     );
-    assert!(
-        w.len() >= packed_len(k * k * cin, n),
-        "pointwise: weights not packed"
-    );
+    assert!(w.holds(k * k * cin, n), "pointwise: weights not packed");
+    if let Panels::Bf16(_) = w {
+        assert!(
+            bf16_available(),
+            "pointwise: bf16 products need AVX512_BF16"
+        );
+        assert!(
+            cin.is_multiple_of(2),
+            "pointwise: bf16 pairs need an even cin"
+        );
+    }
     if let Some(f) = folded {
         assert!(
             f.scale.len() == n && f.shift.len() == n,
@@ -1092,14 +1161,16 @@ fn check_direct(d: &Direct, image: &[f32], w: &[f32], folded: Option<&Folded>) {
 /// it. The caller has run [`check_direct`].
 fn direct_row(
     d: &Direct,
-    image: &[f32],
-    w: &[f32],
+    ops: DirectOperands,
     folded: Option<&Folded>,
     oh: usize,
     out_row: &mut [f32],
     skip_row: Option<&[f32]>,
 ) {
-    let (k, s, cin, n) = (d.kernel, d.stride, d.cin, d.cout);
+    let (image, w) = (ops.image, ops.w);
+    // A pixel's channels in slots (pairs of them in bf16).
+    let cin = if ops.bf16 { d.cin / 2 } else { d.cin };
+    let (k, s, n) = (d.kernel, d.stride, d.cout);
     let (depth, row_len) = (k * k * cin, d.width * cin);
     assert!(out_row.len() >= d.out_w * n, "pointwise: output row size");
     if let Some(r) = skip_row {
@@ -1144,7 +1215,7 @@ fn direct_row(
             tap_stride: k * cin * NR,
             panel_stride: depth * NR,
             stream: false,
-            bf16: false,
+            bf16: ops.bf16,
             y: out_row[ow * n + col0..].as_mut_ptr(),
             skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
             ldy: n,

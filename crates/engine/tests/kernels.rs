@@ -937,7 +937,7 @@ fn convolution_with_its_projection_equals_the_two_layers() {
                 epilogue: e2,
                 skip,
             };
-            conv::forward_projected(&g, &x, &w1, e1, &p, &mut got);
+            conv::forward_projected(&g, &x, pointwise::Panels::F32(&w1), e1, &p, &mut got);
             let case = (n, h, w, cin, mid, cout, k, stride, skip.is_some());
             assert_eq!(got, want, "{case:?}");
         }

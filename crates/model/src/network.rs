@@ -335,7 +335,7 @@ impl Network {
             if projected.is_some() {
                 projected_row = projected_row.max(g.out_w * u.cout);
             }
-            if self.runs_bf16(i, precision) {
+            if self.runs_bf16(i, &g, precision) && g.is_pointwise() {
                 bf16_rows = bf16_rows.max(pointwise::bf16_rows_len(g.input.c));
             }
         }
@@ -362,14 +362,12 @@ impl Network {
                 };
                 let x_shape = ws.shapes[i];
                 let torch = &p[u.weight.clone()];
+                let g = conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout);
                 let weight = match u.conv {
-                    ConvKind::Dense if self.runs_bf16(i, precision) => {
-                        Prepared::Bf16(pointwise::pack_bf16(x_shape.c, u.cout, torch))
+                    ConvKind::Dense if self.runs_bf16(i, &g, precision) => {
+                        Prepared::Bf16(conv::prepare_bf16(&g, torch))
                     }
-                    ConvKind::Dense => Prepared::F32(conv::prepare(
-                        &conv::ConvGeom::new(x_shape, u.kernel, u.stride, u.cout),
-                        torch,
-                    )),
+                    ConvKind::Dense => Prepared::F32(conv::prepare(&g, torch)),
                     ConvKind::Depthwise => {
                         let g = depthwise::DwGeom::new(x_shape, u.kernel, u.stride);
                         let mut packed = vec![0f32; g.weight_len()];
@@ -410,20 +408,21 @@ impl Network {
         }));
     }
 
-    /// Whether layer `i` runs in bf16 in `precision`: with [`Precision::Bf16`], the 1×1
-    /// convolutions followed by an activation (blocks' expansions). The projections (no
-    /// activation, added to the residual stream) and the head stay f32: in bf16 too, the real
-    /// Lite0 weights' logits on the test photos moved by up to 1.7 % of their largest (0.3 %
-    /// without them), past the 1 % guard.
-    fn runs_bf16(&self, i: usize, precision: Precision) -> bool {
+    /// Whether layer `i` (on `g`) runs in bf16 in `precision`: with [`Precision::Bf16`], the
+    /// dense convolutions followed by an activation (blocks' expansions, and the 3×3 ones of
+    /// fused blocks) where [`conv::runs_bf16`]. The projections (no activation, added to the
+    /// residual stream) and the head stay f32: in bf16 too, the real Lite0 weights' logits on
+    /// the test photos moved by up to 1.7 % of their largest (0.3 % without them), past the 1 %
+    /// guard.
+    fn runs_bf16(&self, i: usize, g: &conv::ConvGeom, precision: Precision) -> bool {
         let Layer::Conv(u) = &self.layers[i] else {
             return false;
         };
         precision == Precision::Bf16
             && matches!(u.conv, ConvKind::Dense)
-            && u.kernel == 1
             && u.act != Act::None
             && i + 1 != self.layers.len()
+            && conv::runs_bf16(g)
     }
 
     /// "Precise BN": in each of `weight_sets`, every batch norm's running mean and variance
@@ -652,9 +651,6 @@ impl Network {
             .skip
             .then(|| &ws.acts[ws.slots[block.layers.start].1][..y_len]);
         let x = &ws.acts[ws.slots[i].1][..g.input.len()];
-        let Prepared::F32(w1) = w1 else {
-            unreachable!("a k×k convolution's weights are f32")
-        };
         let projection = pointwise::Projection {
             w: w2.panels(),
             cout: p.cout,
@@ -662,7 +658,7 @@ impl Network {
             skip,
         };
         let t = Instant::now();
-        conv::forward_projected(&g, x, w1, Some(f1), &projection, &mut y[..y_len]);
+        conv::forward_projected(&g, x, w1.panels(), Some(f1), &projection, &mut y[..y_len]);
         let projected = ws.shapes[i + 1].rows() * p.cout * u.cout;
         let (op, macs) = match conv::runs_winograd(&g) {
             true => ("conv 3x3 winograd + 1x1", winograd::product_macs(&g)),
@@ -1105,7 +1101,7 @@ struct Frozen {
 enum Prepared {
     /// `conv::prepare`'s layout, or depthwise's packed one.
     F32(Vec<f32>),
-    /// A 1×1 convolution's, `pointwise::pack_bf16`'s (inference in bf16).
+    /// `conv::prepare_bf16`'s (inference in bf16).
     Bf16(Vec<u32>),
 }
 
@@ -1118,7 +1114,7 @@ impl Prepared {
         }
     }
 
-    /// A 1×1 convolution's weight as the pointwise kernels take it.
+    /// A dense convolution's weight as the pointwise kernels take it.
     fn panels(&self) -> pointwise::Panels<'_> {
         match self {
             Prepared::F32(w) => pointwise::Panels::F32(w),
