@@ -43,7 +43,7 @@ pub struct BenchArgs {
     /// GPU math: `tf32` (tensor cores for f32, the reference's default) or `f32`.
     #[arg(long, default_value = "tf32")]
     pub(crate) math: String,
-    /// CPU: `f32`, or `bf16` (needs AVX512_BF16): inference's 1×1 expansions on bf16 operands,
+    /// CPU: `f32`, or `bf16` (needs AVX512_BF16): inference's expansions on bf16 operands,
     /// training's every product (as `train --use-amp`); sums in f32.
     #[arg(long, default_value = "f32")]
     pub(crate) precision: String,

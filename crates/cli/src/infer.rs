@@ -68,7 +68,7 @@ impl Runner {
     fn new(net: Network, weights: Weights, precision: Precision) -> Runner {
         if precision == Precision::Bf16 {
             eprintln!(
-                "precision: the blocks' 1×1 expansions on bf16 operands (f32 sums), the rest f32"
+                "precision: the blocks' expansions on bf16 operands (f32 sums), the rest f32"
             );
         }
         Runner {
@@ -136,7 +136,7 @@ pub struct PredictArgs {
     /// Write the raw logits of every image read, `[N, classes]` float32.
     #[arg(long = "logits-out")]
     logits_out: Option<PathBuf>,
-    /// `f32`, or `bf16`: the blocks' 1×1 expansions on bf16 operands with f32 sums (needs
+    /// `f32`, or `bf16`: the blocks' expansions on bf16 operands with f32 sums (needs
     /// AVX512_BF16; logits within 1 % of f32's).
     #[arg(long, default_value = "f32")]
     precision: String,
@@ -348,7 +348,7 @@ pub struct EvalArgs {
     /// Also append the DLLogger lines to this file.
     #[arg(long = "log-file", alias = "log_filename")]
     log_file: Option<PathBuf>,
-    /// `f32`, or `bf16`: the blocks' 1×1 expansions on bf16 operands with f32 sums (needs
+    /// `f32`, or `bf16`: the blocks' expansions on bf16 operands with f32 sums (needs
     /// AVX512_BF16; logits within 1 % of f32's).
     #[arg(long, default_value = "f32")]
     precision: String,

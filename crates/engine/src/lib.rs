@@ -30,7 +30,7 @@ pub enum Precision {
     /// f32 throughout: the reference results.
     F32,
     /// Products on bf16 operands with f32 sums, where the CPU has AVX512_BF16: in inference
-    /// the blocks' 1×1 expansions (`Network::freeze_in`, [`pointwise::Panels::Bf16`]), in
+    /// the blocks' expansions (`Network::freeze_in`, [`pointwise::Panels::Bf16`]), in
     /// training every general product ([`matmul::set_bf16`]); everything else f32.
     Bf16,
 }
