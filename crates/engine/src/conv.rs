@@ -267,13 +267,15 @@ pub fn runs_winograd(g: &ConvGeom) -> bool {
 }
 
 /// Whether [`forward`] runs `g` with plain weights (training's, which change every step) on the
-/// direct kernel, their panels packed per call: where Winograd would run otherwise, and where
-/// im2col's product is f32 or short. Training at batch 8 (`examples/conv_shapes`-like timings,
-/// 2 threads): the stem 5.1–6.6 → 1.7 ms, 112² 24 → 24 by Winograd 6.1–7.5 → 4.5 ms; a 432-step
-/// reduction (56² 48 → 256, stride 2) ran faster as im2col's bf16 product (3.6–4.0 ms) than
-/// direct in f32 (4.4–4.5 ms).
+/// direct kernel, their panels packed per call: where Winograd would run otherwise, where
+/// im2col's product is f32 or short, and in bf16 mode wherever the kernel has bf16 panels
+/// ([`runs_bf16`]). Training at batch 8 (2 threads): the stem 5.1–6.6 → 1.7 ms, 112² 24 → 24 by
+/// Winograd 6.1–7.5 → 4.5 ms; a 432-step reduction (56² 48 → 256, stride 2) ran faster as
+/// im2col's bf16 product (3.6–4.0 ms) than direct in f32 (4.4–4.5 ms), and direct in bf16
+/// faster still (2.7–3.0 ms).
 fn plain_direct(g: &ConvGeom) -> bool {
-    direct(g) && (winograd::applies(g) || !crate::matmul::bf16() || g.patch_len() < 256)
+    let bf16 = crate::matmul::bf16();
+    direct(g) && (winograd::applies(g) || !bf16 || g.patch_len() < 256 || runs_bf16(g))
 }
 
 /// `g` on the direct kernel ([`pointwise::conv`]) image by image, `w` in its panels.
@@ -419,8 +421,18 @@ pub fn forward(
         return direct_forward(g, x, pointwise::Panels::F32(w), y, epilogue, skip);
     }
     if matches!(weight, Weight::Plain(_)) && plain_direct(g) {
-        let packed = &mut col[..pointwise::packed_len(g.patch_len(), g.cout)];
-        pointwise::pack_rows_into(g.patch_len(), g.cout, w, packed);
+        let (k, n) = (g.patch_len(), g.cout);
+        if crate::matmul::bf16() && runs_bf16(g) {
+            // SAFETY: u32 and f32 have one size and alignment and every bit pattern is valid in
+            // both; `col` is borrowed mutably for the cast's whole life.
+            let slots =
+                unsafe { std::slice::from_raw_parts_mut(col.as_mut_ptr() as *mut u32, col.len()) };
+            let packed = &mut slots[..pointwise::packed_len_bf16(k, n)];
+            pointwise::pack_strided_bf16_into(k, n, w, (n, 1), &mut [], packed);
+            return direct_forward(g, x, pointwise::Panels::Bf16(packed), y, epilogue, skip);
+        }
+        let packed = &mut col[..pointwise::packed_len(k, n)];
+        pointwise::pack_rows_into(k, n, w, packed);
         return direct_forward(g, x, pointwise::Panels::F32(packed), y, epilogue, skip);
     }
     if runs_winograd(g) {

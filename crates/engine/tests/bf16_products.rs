@@ -71,6 +71,33 @@ fn bf16_products_equal_the_rounded_operands_product() {
             }
         }
     }
+    // Training's k×k convolutions in this mode: plain weights take the direct kernel's bf16
+    // panels where it has them, the same values as inference's prepared ones.
+    for &(h, cin, cout, stride) in &[(9, 6, 5, 1), (12, 24, 40, 2)] {
+        use effnet_engine::conv::{self, ConvGeom, Weight};
+        let g = ConvGeom::new(effnet_engine::Nhwc::new(2, h, h, cin), 3, stride, cout);
+        let x: Vec<f32> = (0..g.input.len()).map(|_| rng.normal() as f32).collect();
+        let torch: Vec<f32> = (0..g.weight_len()).map(|_| rng.normal() as f32).collect();
+        let mut plain = vec![0f32; g.weight_len()];
+        conv::pack_weight(&g, &torch, &mut plain);
+        let mut col = vec![0f32; g.col_len()];
+        let (mut y, mut want) = (
+            vec![f32::NAN; g.output().len()],
+            vec![0f32; g.output().len()],
+        );
+        conv::forward(&g, &x, Weight::Plain(&plain), &mut y, &mut col, None, None);
+        let panels = conv::prepare_bf16(&g, &torch);
+        conv::forward(
+            &g,
+            &x,
+            Weight::Bf16(&panels),
+            &mut want,
+            &mut [],
+            None,
+            None,
+        );
+        assert_eq!(y, want, "{g:?}: plain weights in bf16 mode");
+    }
     matmul::set_bf16(false).unwrap();
 }
 
