@@ -1004,8 +1004,12 @@ fn with_direct_operands<R>(
 ) -> R {
     let w = match w {
         Panels::F32(w) => {
-            let bf16 = false;
-            return f(DirectOperands { image, w, bf16 });
+            let ops = DirectOperands {
+                image,
+                w,
+                bf16: false,
+            };
+            return f(ops);
         }
         Panels::Bf16(w) => w,
     };
@@ -1017,7 +1021,7 @@ fn with_direct_operands<R>(
         let rounded = crate::at_least(kept, pixels * slots);
         const PIXELS: usize = 1024;
         rounded
-            .par_chunks_mut(PIXELS * slots)
+            .par_chunks_mut((PIXELS * slots).max(1))
             .enumerate()
             .for_each(|(i, out)| {
                 let first = i * PIXELS;
