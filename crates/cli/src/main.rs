@@ -14,6 +14,10 @@ mod weights_cmd;
 
 use std::process::ExitCode;
 
+/// Large buffers on cache lines, so that the engine's kernels can stream outputs past the caches.
+#[global_allocator]
+static ALLOCATOR: effnet_engine::LineAligned = effnet_engine::LineAligned;
+
 use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]

@@ -183,6 +183,58 @@ pub(crate) fn with_kept<T, R>(
     }
 }
 
+/// The global allocator of programs that run the engine on large tensors (`effnet` installs
+/// it): the system's, with blocks of 64 KiB and more on 64-byte lines. Kernels can then write
+/// whole cache lines of an activation past the caches ([`pointwise::Then::Stream`]); malloc
+/// alone puts large blocks 16 bytes off a line. Small blocks are left as asked.
+pub struct LineAligned;
+
+impl LineAligned {
+    /// `layout`, aligned to a cache line when large.
+    fn widen(layout: std::alloc::Layout) -> std::alloc::Layout {
+        match layout.size() >= 64 << 10 {
+            true => layout.align_to(64).unwrap_or(layout),
+            false => layout,
+        }
+    }
+}
+
+// SAFETY: every call goes to the system allocator with the layout `widen` gives, a function of
+// the caller's layout alone, so a block is freed (or resized) with the layout it was made with;
+// `widen` only raises the alignment, which still satisfies the caller's.
+unsafe impl std::alloc::GlobalAlloc for LineAligned {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        unsafe { std::alloc::System.alloc(Self::widen(layout)) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        unsafe { std::alloc::System.alloc_zeroed(Self::widen(layout)) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, Self::widen(layout)) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        let (old, new) = match std::alloc::Layout::from_size_align(size, layout.align()) {
+            Ok(new) => (Self::widen(layout), Self::widen(new)),
+            Err(_) => return std::ptr::null_mut(),
+        };
+        if old.align() == new.align() {
+            return unsafe { std::alloc::System.realloc(ptr, old, size) };
+        }
+        // Across the threshold: a new block with the new alignment, the old one's bytes moved.
+        let fresh = unsafe { std::alloc::System.alloc(new) };
+        if !fresh.is_null() {
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, fresh, layout.size().min(size));
+                std::alloc::System.dealloc(ptr, old);
+            }
+        }
+        fresh
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rayon::prelude::*;

@@ -419,6 +419,7 @@ pub fn forward_panels(
                     k,
                     n,
                     w,
+                    bypass: false,
                 };
                 block(&operands, y_addr as *mut f32, n, rows, these, folded, skip)
             }
@@ -457,6 +458,9 @@ pub fn reserve(projected_row: usize, bf16_rows: usize) {
 pub enum Then<'a> {
     /// `y = x · w`.
     Store,
+    /// `y = x · w`, whole 64-byte lines of `y` written past the caches (AVX-512): for outputs
+    /// far larger than the caches, which a plain store would first fetch line by line.
+    Stream,
     /// `y += x · w`.
     Add,
     /// `y = epilogue(x · w)`: batch norm and activation folded, as [`forward`] applies them.
@@ -507,7 +511,7 @@ pub(crate) unsafe fn product_at(
     // To add, each tile adds what `y` holds as a residual read through the same pointer it
     // stores through (a tile reads its rows before it stores them; tiles are disjoint).
     let (skip, folded) = match then {
-        Then::Store => (None, None),
+        Then::Store | Then::Stream => (None, None),
         Then::Add => (Some(y as *const f32), None),
         Then::Fold(f) => {
             assert!(
@@ -517,10 +521,25 @@ pub(crate) unsafe fn product_at(
             (None, Some(f))
         }
     };
-    let operands = Operands { x, pixel, k, n, w };
+    let bypass = matches!(then, Then::Stream);
+    let operands = Operands {
+        x,
+        pixel,
+        k,
+        n,
+        w,
+        bypass,
+    };
     // SAFETY: sizes and CPU checked above; the output's elements are the caller's alone, and
     // `skip`, when given, is `y` itself, read only where the same tile then writes.
     unsafe { block(&operands, y, ldy, 0..m, 0..n.div_ceil(NR), folded, skip) }
+    // Streamed stores are ordered by no later store: fenced, they are visible to whichever
+    // thread reads them next.
+    #[cfg(target_arch = "x86_64")]
+    if bypass {
+        // SAFETY: SSE is part of x86-64.
+        unsafe { std::arch::x86_64::_mm_sfence() }
+    }
 }
 
 fn check(x: &[f32], m: usize, k: usize, n: usize, w: Panels, y: &[f32]) {
@@ -573,6 +592,8 @@ struct Operands<'a> {
     k: usize,
     n: usize,
     w: Panels<'a>,
+    /// Whether the output's whole lines bypass the caches ([`Then::Stream`]).
+    bypass: bool,
 }
 
 /// Rows `rows` × panels `panels` of the product, tile by tile, each with the epilogue; output
@@ -599,7 +620,14 @@ unsafe fn block(
     folded: Option<&Folded>,
     skip: Option<*const f32>,
 ) {
-    let Operands { x, pixel, k, n, w } = *o;
+    let Operands {
+        x,
+        pixel,
+        k,
+        n,
+        w,
+        bypass,
+    } = *o;
     match w {
         Panels::F32(w) => {
             let left = Left {
@@ -609,7 +637,19 @@ unsafe fn block(
                 in_cache: false,
                 bf16: false,
             };
-            sweep(&left, x, w.as_ptr(), n, y, ldy, rows, panels, folded, skip)
+            sweep(
+                &left,
+                x,
+                w.as_ptr(),
+                n,
+                y,
+                ldy,
+                rows,
+                panels,
+                folded,
+                skip,
+                bypass,
+            )
         }
         Panels::Bf16(w) => BF16_ROWS.with_borrow_mut(|scratch| {
             // A block of rows rounded at a time, then read from cache by every panel.
@@ -630,7 +670,19 @@ unsafe fn block(
                     bf16: true,
                 };
                 let w = w.as_ptr() as *const f32;
-                sweep(&left, x, w, n, y, ldy, part, panels.clone(), folded, skip)
+                sweep(
+                    &left,
+                    x,
+                    w,
+                    n,
+                    y,
+                    ldy,
+                    part,
+                    panels.clone(),
+                    folded,
+                    skip,
+                    bypass,
+                )
             }
         }),
     }
@@ -664,6 +716,7 @@ unsafe fn sweep(
     panels: std::ops::Range<usize>,
     folded: Option<&Folded>,
     skip: Option<*const f32>,
+    bypass: bool,
 ) {
     let (depth, pixel) = (left.depth, left.pixel);
     // Panels per tile (a span), rows per tile.
@@ -718,6 +771,7 @@ unsafe fn sweep(
                         panel_stride: depth * NR,
                         stream: true,
                         bf16: left.bf16,
+                        bypass,
                         y: y.add(r * ldy + col0),
                         skip: skip.map(|s| s.add(r * ldy + col0)),
                         ldy,
@@ -838,6 +892,9 @@ struct Tile<'a> {
     stream: bool,
     /// Whether a step is a pair of bf16 values in each operand ([`Panels::Bf16`]; AVX-512 only).
     bf16: bool,
+    /// Whether whole, line-aligned output vectors bypass the caches ([`Then::Stream`]; AVX-512
+    /// only).
+    bypass: bool,
     y: *mut f32,
     skip: Option<*const f32>,
     ldy: usize,
@@ -1220,6 +1277,7 @@ fn direct_row(
             panel_stride: depth * NR,
             stream: false,
             bf16: ops.bf16,
+            bypass: false,
             y: out_row[ow * n + col0..].as_mut_ptr(),
             skip: skip_row.map(|r| r[ow * n + col0..].as_ptr()),
             ldy: n,
@@ -1386,7 +1444,12 @@ unsafe fn tile512<const R: usize, const V: usize, const BF16: bool>(t: &Tile) {
     for (r, row) in acc.iter().enumerate() {
         let out = t.y.add(r * t.ldy);
         for (v, sum) in row.iter().enumerate() {
-            _mm512_mask_storeu_ps(out.add(NR * v), masks[v], *sum);
+            let at = out.add(NR * v);
+            if t.bypass && masks[v] == !0 && (at as usize).is_multiple_of(64) {
+                _mm512_stream_ps(at, *sum);
+            } else {
+                _mm512_mask_storeu_ps(at, masks[v], *sum);
+            }
         }
     }
 }
