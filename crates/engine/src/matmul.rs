@@ -570,7 +570,6 @@ unsafe fn against_panels(
 }
 
 /// `rows × depth` values of `a` into `out`, row-major.
-/// `rows × depth` values of `a` into `out`, row-major.
 fn pack_rows(a: View, rows: usize, depth: usize, out: &mut [f32]) {
     assert!(
         a.holds(rows, depth) && out.len() >= rows * depth,
