@@ -533,8 +533,8 @@ pub(crate) unsafe fn product_at(
     // SAFETY: sizes and CPU checked above; the output's elements are the caller's alone, and
     // `skip`, when given, is `y` itself, read only where the same tile then writes.
     unsafe { block(&operands, y, ldy, 0..m, 0..n.div_ceil(NR), folded, skip) }
-    // Streamed stores are ordered by no later store: fenced, they are visible to whichever
-    // thread reads them next.
+    // Non-temporal stores are weakly ordered: the fence puts them before whatever this thread
+    // does next (telling the pool its task is done), so the next reader sees them.
     #[cfg(target_arch = "x86_64")]
     if bypass {
         // SAFETY: SSE is part of x86-64.
