@@ -162,9 +162,10 @@ pub fn prepare_bf16(g: &ConvGeom, torch: &[f32]) -> Vec<u32> {
     }
     let mut packed = vec![0f32; g.weight_len()];
     pack_weight(g, torch, &mut packed);
-    let panels = pointwise::pack_rows(g.patch_len(), g.cout, &packed);
-    let mut out = vec![0u32; pointwise::packed_len_bf16(g.patch_len(), g.cout)];
-    pointwise::panels_to_bf16(g.patch_len(), g.cout, &panels, &mut out);
+    // As training's plain weights are packed per call in bf16 mode (`forward`): from the rows.
+    let (k, n) = (g.patch_len(), g.cout);
+    let mut out = vec![0u32; pointwise::packed_len_bf16(k, n)];
+    pointwise::pack_strided_bf16_into(k, n, &packed, (n, 1), &mut [], &mut out);
     out
 }
 
