@@ -58,23 +58,20 @@ impl Precision {
     }
 }
 
-/// Runs `f` on a worker of the thread pool (in place when already on one). A parallel loop
-/// started from a thread outside the pool wakes a worker and puts the caller to sleep, about as
-/// long as a small layer's work; started on a worker it splits onto the others directly. Wrap
-/// whole passes, and never code that waits on another thread which may need the pool (the data
-/// loader's threads use it): with every worker waiting, nothing would run.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
-}
+/// Idle polls of [`on_pool_awake`]'s pollers between two yields of their core (some µs).
+const YIELD_EVERY: u32 = 64;
 
-/// [`on_pool`] with the other workers kept awake until `f` returns: each polls the pool for
-/// work instead of going to sleep between parallel loops. A sleeping worker takes ~0.1 ms to
-/// wake on a virtual machine, as long as a small layer's work, and rayon puts idle workers to
-/// sleep sooner than the gaps between some layers; ONNX Runtime's and OpenMP's pools spin the
-/// same way. The pollers burn their cores while `f` runs serial code: this is for inference
-/// passes (also between training epochs, once the loader is idle), not for training steps
-/// beside a data loader. A poller may run other work queued on the pool meanwhile (another
-/// thread's pass), and `f` returns only after it has finished.
+/// Runs `f` on a worker of the thread pool, the other workers kept awake until it returns: each
+/// polls the pool for work instead of going to sleep between parallel loops. A parallel loop
+/// started from a thread outside the pool wakes a worker and puts the caller to sleep; a sleeping
+/// worker takes ~0.1 ms to wake on a virtual machine, as long as a small layer's work, and rayon
+/// puts idle workers to sleep sooner than the gaps between some layers. ONNX Runtime's and
+/// OpenMP's pools spin the same way. Wrap whole passes, and never code that waits on another
+/// thread which may need the pool (the data loader's threads use it): with every worker busy
+/// or waiting, nothing would run. A poller gives its core up (`sched_yield`) every few polls,
+/// so that other runnable threads (a data loader's) are not starved by the spinning while `f`
+/// runs serial code. A poller may run other work queued on the pool meanwhile (another thread's
+/// pass, a loader's resize), and `f` returns only after it has finished.
 pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};
     /// Stops the pollers when `f` returns or panics (the scope waits for them either way).
@@ -95,9 +92,16 @@ pub fn on_pool_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                 if rayon::current_thread_index() == caller {
                     return;
                 }
+                let mut idle = 0u32;
                 while !stop.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                        std::hint::spin_loop();
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        idle = 0;
+                        continue;
+                    }
+                    idle += 1;
+                    match idle.is_multiple_of(YIELD_EVERY) {
+                        true => std::thread::yield_now(),
+                        false => std::hint::spin_loop(),
                     }
                 }
             });

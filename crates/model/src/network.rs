@@ -463,14 +463,7 @@ impl Network {
         mode: Mode,
         rng: &mut Rng,
     ) -> &'w [f32] {
-        match mode {
-            Mode::Eval => effnet_engine::on_pool_awake(move || {
-                self.forward_on_pool(weights, ws, input, mode, rng)
-            }),
-            Mode::Train { .. } => {
-                effnet_engine::on_pool(move || self.forward_on_pool(weights, ws, input, mode, rng))
-            }
-        }
+        effnet_engine::on_pool_awake(move || self.forward_on_pool(weights, ws, input, mode, rng))
     }
 
     fn forward_on_pool<'w>(
@@ -849,7 +842,7 @@ impl Network {
         dlogits: &[f32],
         grads: &mut [f32],
     ) {
-        effnet_engine::on_pool(|| {
+        effnet_engine::on_pool_awake(|| {
             self.backward_on_pool(weights, ws, dlogits, grads);
             // As after the forward pass.
             effnet_engine::spread_worker_buffers();
