@@ -4,6 +4,8 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use effnet_engine::norm::CrossReplica;
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
@@ -905,14 +907,12 @@ impl Network {
                 } else {
                     let per_image = y_len / mask.len();
                     let images = g[..y_len]
-                        .chunks_exact_mut(per_image)
-                        .zip(g_skip[..y_len].chunks_exact(per_image));
-                    for ((gi, si), &m) in images.zip(mask) {
-                        match m == 1.0 {
-                            true => gi.copy_from_slice(si),
-                            false => gi.iter_mut().zip(si).for_each(|(v, s)| *v = s * m),
-                        }
-                    }
+                        .par_chunks_exact_mut(per_image)
+                        .zip(g_skip[..y_len].par_chunks_exact(per_image));
+                    images.zip(mask).for_each(|((gi, si), &m)| match m == 1.0 {
+                        true => gi.copy_from_slice(si),
+                        false => gi.iter_mut().zip(si).for_each(|(v, s)| *v = s * m),
+                    });
                 }
             }
             let want_dx = i > 0;
@@ -927,9 +927,7 @@ impl Network {
                 .iter()
                 .position(|b| b.skip && b.layers.start == i)
             {
-                for (d, s) in g[..x_len].iter_mut().zip(&g_skip[..x_len]) {
-                    *d += s;
-                }
+                conv::add_residual(&mut g[..x_len], &g_skip[..x_len]);
             }
         }
         ws.grad_a = g;
