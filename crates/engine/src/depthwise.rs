@@ -518,63 +518,60 @@ trait Lanes: Copy {
     unsafe fn act(self, act: crate::act::Act) -> Self;
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Lanes for std::arch::x86_64::__m256 {
-    const N: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        std::arch::x86_64::_mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        std::arch::x86_64::_mm256_storeu_ps(p, self)
-    }
-    #[inline(always)]
-    unsafe fn add(self, other: Self) -> Self {
-        std::arch::x86_64::_mm256_add_ps(self, other)
-    }
-    #[inline(always)]
-    unsafe fn mul(self, other: Self) -> Self {
-        std::arch::x86_64::_mm256_mul_ps(self, other)
-    }
-    #[inline(always)]
-    unsafe fn act(self, act: crate::act::Act) -> Self {
-        simd::act8(act, self)
-    }
+/// [`Lanes`] for a register type from its intrinsics (the two impls differ in nothing else).
+macro_rules! impl_lanes {
+    ($ty:ty, $n:literal, $zero:ident, $load:ident, $store:ident, $add:ident, $mul:ident, $act:path) => {
+        #[cfg(target_arch = "x86_64")]
+        impl Lanes for $ty {
+            const N: usize = $n;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                std::arch::x86_64::$zero()
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                std::arch::x86_64::$load(p)
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                std::arch::x86_64::$store(p, self)
+            }
+            #[inline(always)]
+            unsafe fn add(self, other: Self) -> Self {
+                std::arch::x86_64::$add(self, other)
+            }
+            #[inline(always)]
+            unsafe fn mul(self, other: Self) -> Self {
+                std::arch::x86_64::$mul(self, other)
+            }
+            #[inline(always)]
+            unsafe fn act(self, act: crate::act::Act) -> Self {
+                $act(act, self)
+            }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Lanes for std::arch::x86_64::__m512 {
-    const N: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        std::arch::x86_64::_mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        std::arch::x86_64::_mm512_storeu_ps(p, self)
-    }
-    #[inline(always)]
-    unsafe fn add(self, other: Self) -> Self {
-        std::arch::x86_64::_mm512_add_ps(self, other)
-    }
-    #[inline(always)]
-    unsafe fn mul(self, other: Self) -> Self {
-        std::arch::x86_64::_mm512_mul_ps(self, other)
-    }
-    #[inline(always)]
-    unsafe fn act(self, act: crate::act::Act) -> Self {
-        simd::act16(act, self)
-    }
-}
+impl_lanes!(
+    std::arch::x86_64::__m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_add_ps,
+    _mm256_mul_ps,
+    simd::act8
+);
+impl_lanes!(
+    std::arch::x86_64::__m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_add_ps,
+    _mm512_mul_ps,
+    simd::act16
+);
 
 /// One output pixel's channels `cb..cb + N·V` from their sums: the epilogue (a multiply and an
 /// add, as the portable pass applies it, then the activation), then the store.
