@@ -11,6 +11,19 @@ fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
 }
 
+/// A batch of 2 random images and random weights for the convolution `(h, w, cin, cout, k,
+/// stride)`: its input shape, geometry, input and weights (`pack_weight`'s layout).
+fn random_conv(
+    rng: &mut Rng,
+    (h, w, cin, cout, k, stride): (usize, usize, usize, usize, usize, usize),
+) -> (Nhwc, conv::ConvGeom, Vec<f32>, Vec<f32>) {
+    let s = Nhwc::new(2, h, w, cin);
+    let g = conv::ConvGeom::new(s, k, stride, cout);
+    let x = random(rng, s.len());
+    let wt = random(rng, g.weight_len());
+    (s, g, x, wt)
+}
+
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
@@ -146,10 +159,7 @@ fn prepared_weights_at_wider_channels() {
         (8, 10, 24, 24, 3, 2),
         (2, 2, 4, 20, 3, 2),
     ] {
-        let s = Nhwc::new(2, h, w, cin);
-        let g = conv::ConvGeom::new(s, k, stride, cout);
-        let x = random(&mut rng, s.len());
-        let wt = random(&mut rng, g.weight_len());
+        let (s, g, x, wt) = random_conv(&mut rng, (h, w, cin, cout, k, stride));
         let y_ref = conv_ref(&f64s(&x), s, &f64s(&wt), cout, k, stride, false);
         let prepared = conv::prepare(&g, &wt);
         let weight = conv::Weight::Prepared(&prepared);
@@ -173,10 +183,7 @@ fn prepared_weights_at_wider_channels() {
 fn dense_conv_forward_and_backward() {
     let mut rng = Rng::new(1);
     for &(h, w, cin, cout, k, stride) in CONV_CASES {
-        let s = Nhwc::new(2, h, w, cin);
-        let g = conv::ConvGeom::new(s, k, stride, cout);
-        let x = random(&mut rng, s.len());
-        let wt = random(&mut rng, g.weight_len());
+        let (s, g, x, wt) = random_conv(&mut rng, (h, w, cin, cout, k, stride));
         let wk = &forward_weight(&g, &wt);
         let mut col = vec![0f32; g.col_len()];
         let mut y = vec![0f32; g.output().len()];
@@ -991,10 +998,7 @@ fn residual_in_the_convolution_equals_a_separate_add() {
         (9, 11, 40, 40, 3, 1),
         (9, 8, 5, 7, 3, 2),
     ] {
-        let s = Nhwc::new(2, h, w, cin);
-        let g = conv::ConvGeom::new(s, k, stride, cout);
-        let x = random(&mut rng, s.len());
-        let wt = random(&mut rng, g.weight_len());
+        let (_, g, x, wt) = random_conv(&mut rng, (h, w, cin, cout, k, stride));
         let skip = random(&mut rng, g.output().len());
         let folded = silu_fold(cout);
         let prepared = conv::prepare(&g, &wt);
