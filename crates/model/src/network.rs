@@ -822,15 +822,14 @@ impl Network {
         } else {
             // y = x + mask·branch: scale the branch in place, then add the shortcut.
             let per_image = y.len() / mask.len();
-            for ((yi, xi), m) in y
-                .chunks_exact_mut(per_image)
-                .zip(x.chunks_exact(per_image))
-                .zip(mask.iter())
-            {
-                for (o, v) in yi.iter_mut().zip(xi) {
-                    *o = *o * m + v;
-                }
-            }
+            y.par_chunks_exact_mut(per_image)
+                .zip(x.par_chunks_exact(per_image))
+                .zip(mask.par_iter())
+                .for_each(|((yi, xi), m)| {
+                    for (o, v) in yi.iter_mut().zip(xi) {
+                        *o = *o * m + v;
+                    }
+                });
         }
         ws.acts[out_slot] = y_buf;
     }
