@@ -1,6 +1,8 @@
 //! Dropout (per element) and drop-path / stochastic depth (per sample), both "inverted": kept
 //! values are scaled by 1/keep so the expectation is unchanged and eval needs no rescaling.
 
+use rayon::prelude::*;
+
 use crate::rng::Rng;
 
 /// Fills `mask` with `0` (dropped, probability `rate`) or `1/(1 − rate)` (kept).
@@ -24,16 +26,26 @@ pub fn drop_path_mask(rng: &mut Rng, rate: f32, mask: &mut [f32]) {
     dropout_mask(rng, rate, mask)
 }
 
-/// `out += x · mask[image]` for the residual branch of a block; `x` is `[n, per_image]`.
-pub fn add_scaled_per_image(x: &[f32], mask: &[f32], out: &mut [f32]) {
-    let per_image = x.len() / mask.len().max(1);
-    for ((o, v), m) in out
-        .chunks_exact_mut(per_image)
-        .zip(x.chunks_exact(per_image))
+/// A block's output under drop-path, in place over the pool: `branch = branch · mask[image] +
+/// shortcut` (both `[n, per_image]`).
+pub fn drop_path_residual(branch: &mut [f32], shortcut: &[f32], mask: &[f32]) {
+    let per_image = (branch.len() / mask.len().max(1)).max(1);
+    branch
+        .par_chunks_exact_mut(per_image)
+        .zip(shortcut.par_chunks_exact(per_image))
         .zip(mask)
-    {
-        for (a, b) in o.iter_mut().zip(v) {
-            *a += b * m;
-        }
-    }
+        .for_each(|((o, s), &m)| o.iter_mut().zip(s).for_each(|(v, s)| *v = *v * m + s));
+}
+
+/// The branch's gradient under drop-path, over the pool: `out = dy · mask[image]` (`[n,
+/// per_image]`; a kept image's is copied as it is).
+pub fn drop_path_backward(dy: &[f32], mask: &[f32], out: &mut [f32]) {
+    let per_image = (dy.len() / mask.len().max(1)).max(1);
+    out.par_chunks_exact_mut(per_image)
+        .zip(dy.par_chunks_exact(per_image))
+        .zip(mask)
+        .for_each(|((o, g), &m)| match m == 1.0 {
+            true => o.copy_from_slice(g),
+            false => o.iter_mut().zip(g).for_each(|(o, g)| *o = g * m),
+        });
 }

@@ -809,12 +809,21 @@ fn dropout_and_drop_path_keep_the_expectation() {
     let mean = mask.iter().map(|&m| m as f64).sum::<f64>() / mask.len() as f64;
     assert!((mean - 1.0).abs() < 0.01);
 
-    // Drop-path: whole images kept or dropped.
-    let x = vec![1f32; 4 * 10];
-    let mut out = vec![0f32; 40];
-    regularize::add_scaled_per_image(&x, &[0.0, 1.25, 1.25, 0.0], &mut out);
-    assert_eq!(&out[..10], &[0.0; 10]);
-    assert!(out[10..30].iter().all(|&v| v == 1.25));
+    // Drop-path: whole images kept or dropped, the shortcut added to every image.
+    let (drop, shortcut) = ([0.0, 1.25, 1.0, 0.0], vec![0.5f32; 40]);
+    let mut branch = vec![2f32; 4 * 10];
+    regularize::drop_path_residual(&mut branch, &shortcut, &drop);
+    assert_eq!(&branch[..10], &[0.5; 10]);
+    assert!(branch[10..20].iter().all(|&v| v == 3.0));
+    assert!(branch[20..30].iter().all(|&v| v == 2.5));
+    assert_eq!(&branch[30..], &[0.5; 10]);
+    let dy: Vec<f32> = (0..40).map(|i| i as f32).collect();
+    let mut d_branch = vec![f32::NAN; 40];
+    regularize::drop_path_backward(&dy, &drop, &mut d_branch);
+    assert_eq!(&d_branch[..10], &[0.0; 10]);
+    assert_eq!(d_branch[15], 15.0 * 1.25);
+    assert_eq!(&d_branch[20..30], &dy[20..30]);
+    assert_eq!(&d_branch[30..], &[0.0; 10]);
     let mut y = vec![0f32; 3];
     regularize::apply_mask(&[1.0, 2.0, 3.0], &[0.0, 1.25, 1.25], &mut y);
     assert_eq!(y, vec![0.0, 2.5, 3.75]);

@@ -4,8 +4,6 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use rayon::prelude::*;
-
 use effnet_engine::norm::CrossReplica;
 use effnet_engine::rng::Rng;
 use effnet_engine::se::{SeGeom, SeSaved};
@@ -820,16 +818,7 @@ impl Network {
         if mask.iter().all(|&m| m == 1.0) {
             conv::add_residual(y, x);
         } else {
-            // y = x + mask·branch: scale the branch in place, then add the shortcut.
-            let per_image = y.len() / mask.len();
-            y.par_chunks_exact_mut(per_image)
-                .zip(x.par_chunks_exact(per_image))
-                .zip(mask.par_iter())
-                .for_each(|((yi, xi), m)| {
-                    for (o, v) in yi.iter_mut().zip(xi) {
-                        *o = *o * m + v;
-                    }
-                });
+            regularize::drop_path_residual(y, x, mask);
         }
         ws.acts[out_slot] = y_buf;
     }
@@ -904,14 +893,7 @@ impl Network {
                 if mask.iter().all(|&m| m == 1.0) {
                     dy_in_skip = true;
                 } else {
-                    let per_image = y_len / mask.len();
-                    let images = g[..y_len]
-                        .par_chunks_exact_mut(per_image)
-                        .zip(g_skip[..y_len].par_chunks_exact(per_image));
-                    images.zip(mask).for_each(|((gi, si), &m)| match m == 1.0 {
-                        true => gi.copy_from_slice(si),
-                        false => gi.iter_mut().zip(si).for_each(|(v, s)| *v = s * m),
-                    });
+                    regularize::drop_path_backward(&g_skip[..y_len], mask, &mut g[..y_len]);
                 }
             }
             let want_dx = i > 0;
