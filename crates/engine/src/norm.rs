@@ -330,12 +330,16 @@ impl Folded {
         Folded::from_stats(gamma, beta, mean, &invstd, act)
     }
 
-    /// `y = act(x·scale + shift)` over `[rows, c]` tensors, as a separate pass.
+    /// `y = act(x·scale + shift)` over `[rows, c]` tensors, as a separate pass (one read of `x`,
+    /// one write of `y`: copying first and applying in place cost a pass over each chunk more).
     fn apply_copy(&self, x: &[f32], c: usize, y: &mut [f32]) {
-        par_rows(x, y, c, |xc, yc| {
-            yc.copy_from_slice(xc);
-            self.apply(yc);
-        });
+        with_activation!(self.act, A => par_rows(
+            x,
+            y,
+            c,
+            #[inline(always)]
+            |xc, yc| self.apply_from::<A>(xc, yc)
+        ))
     }
 
     /// `rows = act(rows·scale + shift)`, rows of `scale.len()` channels.
@@ -354,6 +358,19 @@ impl Folded {
                 }
             },
         )
+    }
+
+    /// [`Folded::apply_with`] from `x` into `y` (rows of `scale.len()` channels); the caller
+    /// dispatches (`par_rows` compiles this inside the vector features).
+    #[inline(always)]
+    fn apply_from<A: Activation>(&self, x: &[f32], y: &mut [f32]) {
+        let c = self.scale.len();
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            let it = yr.iter_mut().zip(xr).zip(&self.scale).zip(&self.shift);
+            for (((o, v), s), b) in it {
+                *o = A::apply(v * s + b);
+            }
+        }
     }
 }
 
