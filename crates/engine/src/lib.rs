@@ -64,8 +64,8 @@ const YIELD_EVERY: u32 = 64;
 /// Runs `f` on a worker of the thread pool, the other workers kept awake until it returns: each
 /// polls the pool for work instead of going to sleep between parallel loops. A parallel loop
 /// started from a thread outside the pool wakes a worker and puts the caller to sleep; a sleeping
-/// worker takes ~0.1 ms to wake on a virtual machine, as long as a small layer's work, and rayon
-/// puts idle workers to sleep sooner than the gaps between some layers. ONNX Runtime's and
+/// worker takes 30–100 µs to wake on a virtual machine, as long as a small layer's work, and
+/// rayon puts idle workers to sleep sooner than the gaps between some layers. ONNX Runtime's and
 /// OpenMP's pools spin the same way. Wrap whole passes, and never code that waits on another
 /// thread which may need the pool (the data loader's threads use it): with every worker busy
 /// or waiting, nothing would run. A poller gives its core up (`sched_yield`) every few polls,
