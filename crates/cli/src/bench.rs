@@ -266,8 +266,10 @@ fn print_profile(
     );
     let mut entries = profile.entries.clone();
     entries.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut profiled_ms = 0.0;
     for (op, secs, work) in entries {
         let ms = secs * 1000.0 / steps;
+        profiled_ms += ms;
         let (rate, ceiling) = if op.starts_with("conv") || op.starts_with("depthwise") {
             (2.0 * work as f64 / secs / 1e9, ceilings.gflops)
         } else {
@@ -279,4 +281,12 @@ fn print_profile(
             100.0 * rate / ceiling
         );
     }
+    // What no operation above counts: the head, the loss, residual and drop-path passes, and
+    // in training the update.
+    let rest = step_ms - profiled_ms;
+    println!(
+        "{:<26} {rest:>9.2} {:>6.1}%",
+        "rest of the step",
+        100.0 * rest / step_ms
+    );
 }
