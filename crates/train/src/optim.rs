@@ -170,6 +170,24 @@ impl Optimizer {
 /// to spread a small model over the threads.
 pub(crate) const CHUNK: usize = 1 << 15;
 
+/// Scales `grads` down to a global L2 norm of `max_norm` where it is larger (TF's
+/// `clip_by_global_norm` over the flat buffer); returns the norm before clipping. Over the pool,
+/// the chunks' sums of squares added in order, so the result does not depend on the threads.
+pub fn clip_global_norm(grads: &mut [f32], max_norm: f32) -> f64 {
+    let squares: Vec<f64> = grads
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
+        .collect();
+    let norm = squares.iter().sum::<f64>().sqrt();
+    if norm > max_norm as f64 {
+        let k = (max_norm as f64 / norm) as f32;
+        grads
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|g| *g *= k));
+    }
+    norm
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +211,37 @@ mod tests {
         assert_eq!(get("blocks.1.0.bn2.bias"), 0.0);
         assert_eq!(get("classifier.weight"), 1.0);
         assert_eq!(get("classifier.bias"), 1.0);
+    }
+
+    /// The global norm over many chunks, the scale past the limit, nothing below it.
+    #[test]
+    fn clipping_scales_to_the_global_norm() {
+        let grads: Vec<f32> = (0..3 * CHUNK + 7)
+            .map(|i| ((i % 11) as f32 - 5.0) * 0.01)
+            .collect();
+        let norm = grads
+            .iter()
+            .map(|&g| g as f64 * g as f64)
+            .sum::<f64>()
+            .sqrt();
+        let mut under = grads.clone();
+        assert!((clip_global_norm(&mut under, (2.0 * norm) as f32) - norm).abs() < 1e-9 * norm);
+        assert_eq!(under, grads);
+        let mut over = grads.clone();
+        clip_global_norm(&mut over, (norm / 4.0) as f32);
+        let clipped = over
+            .iter()
+            .map(|&g| g as f64 * g as f64)
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (clipped - norm / 4.0).abs() < 1e-5 * norm,
+            "{clipped} vs {}",
+            norm / 4.0
+        );
+        for (c, g) in over.iter().zip(&grads) {
+            assert!((c * 4.0 - g).abs() <= 1e-6, "{c} · 4 vs {g}");
+        }
     }
 
     /// The update rules written out in f64 for one scalar, three steps.

@@ -14,7 +14,7 @@ use effnet_engine::rng::Rng;
 use effnet_model::{Mode, Network, Weights, Workspace};
 
 use crate::ema::Ema;
-use crate::optim::{Kind, Optimizer, CHUNK};
+use crate::optim::{self, Kind, Optimizer, CHUNK};
 use crate::schedule::Schedule;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -347,16 +347,7 @@ impl Trainer {
             self.exchange_seconds += t.elapsed().as_secs_f64();
         }
         if self.config.grad_clip_norm > 0.0 {
-            let norm = self
-                .grads
-                .iter()
-                .map(|&g| g as f64 * g as f64)
-                .sum::<f64>()
-                .sqrt();
-            if norm > self.config.grad_clip_norm as f64 {
-                let k = (self.config.grad_clip_norm as f64 / norm) as f32;
-                self.grads.iter_mut().for_each(|g| *g *= k);
-            }
+            optim::clip_global_norm(&mut self.grads, self.config.grad_clip_norm);
         }
         let lr = self.config.schedule.at(self.optimizer.step) as f32;
         self.optimizer
