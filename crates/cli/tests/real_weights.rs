@@ -149,8 +149,9 @@ fn f32_and_bf16_logits(name: &str, input: &[&str]) -> Option<[(Vec<usize>, Vec<f
         logits.push(effnet_data::npy::read_f32(&out).unwrap());
     }
     std::fs::remove_dir_all(&dir).ok();
-    let bf16 = logits.pop();
-    Some([logits.pop().unwrap(), bf16.unwrap()])
+    let bf16s = logits.pop().expect("a bf16 run");
+    let f32s = logits.pop().expect("an f32 run");
+    Some([f32s, bf16s])
 }
 
 /// The guard itself: every image's bf16 logits within 1e-2 of f32's (relative to its largest)

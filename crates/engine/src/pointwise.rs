@@ -1179,6 +1179,8 @@ pub fn conv_projected(
     });
 }
 
+/// [`conv`]'s checks of its shape, image, weights (and, for bf16 panels, the CPU and an even
+/// `cin`) and epilogue.
 fn check_direct(d: &Direct, image: &[f32], w: Panels, folded: Option<&Folded>) {
     assert!(
         available(),
