@@ -312,6 +312,28 @@ pub fn matmul_serial(
     unsafe { serial(c.as_mut_ptr(), n, (m, n, k), a, b, false) }
 }
 
+/// `c[m×n] (+)= a[m×k] · b[k×n]` on the calling thread alone, either operand stored transposed
+/// (a weight gradient's `dyᵀ·x` over a block of pixels, by callers that split their work over
+/// the pool).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_serial_add(
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    a_layout: Layout,
+    b: &[f32],
+    b_layout: Layout,
+    accumulate: bool,
+) {
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul_serial_add: operands too small"
+    );
+    let (a, b) = (View::new(a, a_layout, m, k), View::new(b, b_layout, k, n));
+    // SAFETY: `c` holds the m × n output (asserted) and is borrowed mutably for the call.
+    unsafe { serial(c.as_mut_ptr(), n, (m, n, k), a, b, accumulate) }
+}
+
 /// Outputs up to this size stay in the cores' caches between the product and its epilogue.
 const SMALL_OUTPUT_BYTES: usize = 1 << 20;
 

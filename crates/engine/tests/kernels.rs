@@ -242,6 +242,49 @@ fn dense_conv_forward_and_backward() {
     }
 }
 
+/// The weight gradient where neither Winograd's transform nor a 1×1 product computes it (few
+/// channels), on enough pixels that each thread gathers several blocks of patches, against
+/// the direct sum Σ dy·x over the batch's pixels (too many weights for finite differences).
+#[test]
+fn patch_weight_gradient_over_many_pixels() {
+    let mut rng = Rng::new(5);
+    for case in [(64, 64, 4, 8, 3, 1), (130, 129, 3, 5, 3, 2)] {
+        let (s, g, x, wt) = random_conv(&mut rng, case);
+        let (k, stride, cout) = (case.4, case.5, g.cout);
+        let dy = random(&mut rng, g.output().len());
+        let wk = forward_weight(&g, &wt);
+        let mut dw = vec![0f32; g.weight_len()];
+        let (mut col, mut dcol) = (vec![0f32; g.col_len()], vec![0f32; g.col_len()]);
+        conv::backward(&g, &x, &wk, &dy, None, &mut dw, &mut col, &mut dcol);
+        let mut torch = vec![0f32; dw.len()];
+        conv::unpack_weight_add(&g, &dw, &mut torch);
+        // dw[o][c][kh][kw] = Σ over images and output pixels of dy·x at the tap's input pixel.
+        let ((oh, pt), (ow, pl)) = (same_padding(s.h, k, stride), same_padding(s.w, k, stride));
+        let mut want = vec![0f64; torch.len()];
+        for b in 0..s.n {
+            for i in 0..oh {
+                for j in 0..ow {
+                    for (kh, kw) in (0..k).flat_map(|kh| (0..k).map(move |kw| (kh, kw))) {
+                        let ih = (i * stride + kh).wrapping_sub(pt);
+                        let iw = (j * stride + kw).wrapping_sub(pl);
+                        if ih >= s.h || iw >= s.w {
+                            continue;
+                        }
+                        let px = &x[((b * s.h + ih) * s.w + iw) * s.c..][..s.c];
+                        let d = &dy[((b * oh + i) * ow + j) * cout..][..cout];
+                        for (o, &dv) in d.iter().enumerate() {
+                            for (c, &xv) in px.iter().enumerate() {
+                                want[((o * s.c + c) * k + kh) * k + kw] += dv as f64 * xv as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(max_rel(&torch, &want) < 1e-5, "{case:?}");
+    }
+}
+
 #[test]
 fn depthwise_conv_forward_and_backward() {
     let mut rng = Rng::new(2);
