@@ -518,12 +518,13 @@ pub fn backward(
             return;
         }
     }
-    let Some(dx) = dx else {
-        return weight_grad_by_patches(g, x, dy, dw);
-    };
-    // With the input gradient through im2col's adjoint too, image by image: both products read
-    // the image's output gradient while it is in cache (the stride-2 layers of EfficientNetV2-S
-    // ran slower in the network with the weight gradient done apart first).
+    let threads = rayon::current_num_threads();
+    if dx.is_none() || g.input.n >= threads {
+        return grads_by_patches(g, x, w, dy, dx, dw);
+    }
+    // Fewer images than threads and an input gradient wanted: image by image, each product
+    // over the pool.
+    let dx = dx.expect("checked above");
     for b in 0..g.input.n {
         let dy_img = &dy[b * out_px * cout..][..out_px * cout];
         im2col(g, &x[b * in_img..][..in_img], col);
@@ -555,64 +556,136 @@ pub fn backward(
     }
 }
 
-/// Floats of one block of patches in [`weight_grad_by_patches`]: 512 KiB, which stays in a
-/// core's L2 with its packed copy while the product reads it.
+/// Floats of one block of patches in [`grads_by_patches`]: 512 KiB, which stays in a core's
+/// L2 with its packed copy while the products read it.
 const PATCH_BLOCK_FLOATS: usize = 128 * 1024;
 
 thread_local! {
-    /// Each thread's block of patches for [`weight_grad_by_patches`], kept between calls.
+    /// Each thread's block of patches (and of their gradients) for [`grads_by_patches`], kept
+    /// between calls.
     static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`weight_grad_by_patches`]'s per-thread sums, kept between calls.
+/// [`PATCHES`]' high-water mark over every worker.
+static PATCHES_HIGH: crate::HighWater = crate::HighWater::new();
+
+/// Grows this thread's [`PATCHES`] to the high-water mark ([`crate::spread_worker_buffers`]).
+pub(crate) fn reach_high_water() {
+    PATCHES.with_borrow_mut(|patches| PATCHES_HIGH.reach(patches));
+}
+
+/// [`grads_by_patches`]' per-thread weight gradients, kept between calls.
 static PATCH_PARTIALS: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
 
-/// `dw[patch, cout] += colᵀ·dy` over the whole batch (im2col's weight gradient, where no input
-/// gradient is wanted or another way computes it) without writing the batch's patches out: each thread takes one run of consecutive output pixels and
-/// gathers their patches a block at a time into cache, where the product reads them at once,
-/// summing `dyᵀ·col` into its own `[cout, patch]`; those are added up in order, so the result
-/// does not depend on scheduling. Patches of a whole image (10.8 MB at 112² on 24 channels)
-/// went to memory and back: EfficientNetV2-S's 112² 24 → 24 weight gradient at batch 8 took
-/// 6.1–6.4 ms so.
-fn weight_grad_by_patches(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+/// im2col's gradients without writing the batch's patches out: `dw[patch, cout] += colᵀ·dy`
+/// and, when `dx` is given (overwritten), `dx = col2im(dy·wᵀ)`. Each thread takes one run of
+/// consecutive output pixels (whole images when `dx` is given, so that each thread adds into
+/// its own images' gradient) and gathers their patches a block at a time into cache, where the
+/// products read them at once; its weight gradient is its own `[cout, patch]` sum, and those are
+/// added up in order, so the result does not depend on scheduling. Patches of a whole image
+/// (10.8 MB at 112² on 24 channels) went to memory and back before: EfficientNetV2-S's 112²
+/// 24 → 24 weight gradient at batch 8 took 6.1–6.4 ms so, 4.8 ms this way.
+fn grads_by_patches(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+) {
     let (cout, patch) = (g.cout, g.patch_len());
-    let pixels = g.output().rows();
+    let (pixels, per_image) = (g.output().rows(), g.out_h * g.out_w);
+    let in_img = g.input.h * g.input.w * g.input.c;
     let len = cout * patch;
+    if let Some(dx) = dx.as_deref() {
+        assert!(
+            dx.len() >= g.input.len(),
+            "conv backward: input gradient size"
+        );
+    }
     if pixels == 0 || len == 0 {
+        if let Some(dx) = dx {
+            dx[..g.input.len()].fill(0.0);
+        }
         return;
     }
     let block = (PATCH_BLOCK_FLOATS / patch).max(8);
-    let parts = rayon::current_num_threads().clamp(1, pixels.div_ceil(block));
-    let per = pixels.div_ceil(parts);
+    let threads = rayon::current_num_threads().max(1);
+    // Each part's pixels: a whole number of images where it adds into their gradient.
+    let (parts, per) = match dx {
+        Some(_) => {
+            let images = g.input.n.div_ceil(threads.min(g.input.n));
+            (g.input.n.div_ceil(images), images * per_image)
+        }
+        None => {
+            let parts = threads.clamp(1, pixels.div_ceil(block));
+            (parts, pixels.div_ceil(parts))
+        }
+    };
+    let part = |p: usize, sum: &mut [f32], dx: Option<&mut [f32]>| {
+        let run = (p * per).min(pixels)..((p + 1) * per).min(pixels);
+        let first_image = run.start / per_image;
+        let with_dx = dx.is_some();
+        PATCHES.with_borrow_mut(|scratch| {
+            let rows = block.min(run.len());
+            let scratch = PATCHES_HIGH.grow(scratch, (1 + with_dx as usize) * rows * patch);
+            let (col, dcol) = scratch.split_at_mut(rows * patch);
+            let mut dx = dx;
+            if let Some(dx) = dx.as_deref_mut() {
+                dx.fill(0.0);
+            }
+            for (i, first) in run.clone().step_by(block).enumerate() {
+                let count = block.min(run.end - first);
+                let (col, dy) = (
+                    &mut col[..count * patch],
+                    &dy[first * cout..][..count * cout],
+                );
+                im2col_pixels(g, x, first..first + count, col);
+                // sum[cout, patch] (+)= dyᵀ · col over these pixels.
+                let shape = (cout, patch, count);
+                matmul_serial_add(
+                    sum,
+                    shape,
+                    dy,
+                    Layout::Transposed,
+                    col,
+                    Layout::Normal,
+                    i > 0,
+                );
+                if let Some(dx) = dx.as_deref_mut() {
+                    // Their patches' gradient dy · wᵀ, added back to the pixels they read.
+                    let dcol = &mut dcol[..count * patch];
+                    let shape = (count, patch, cout);
+                    matmul_serial_add(
+                        dcol,
+                        shape,
+                        dy,
+                        Layout::Normal,
+                        w,
+                        Layout::Transposed,
+                        false,
+                    );
+                    col2im_pixels_add(g, dcol, first..first + count, first_image, dx);
+                }
+            }
+            if run.is_empty() {
+                sum.fill(0.0);
+            }
+        });
+    };
     crate::with_kept(&PATCH_PARTIALS, Vec::new, |partials| {
         let partials = crate::at_least(partials, parts * len);
-        partials
-            .par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(part, sum)| {
-                let run = (part * per).min(pixels)..((part + 1) * per).min(pixels);
-                PATCHES.with_borrow_mut(|col| {
-                    let col = crate::at_least(col, block.min(run.len()) * patch);
-                    for (i, first) in run.clone().step_by(block).enumerate() {
-                        let count = block.min(run.end - first);
-                        let col = &mut col[..count * patch];
-                        im2col_pixels(g, x, first..first + count, col);
-                        // sum[cout, patch] (+)= dyᵀ · col over these pixels.
-                        matmul_serial_add(
-                            sum,
-                            (cout, patch, count),
-                            &dy[first * cout..][..count * cout],
-                            Layout::Transposed,
-                            col,
-                            Layout::Normal,
-                            i > 0,
-                        );
-                    }
-                    if run.is_empty() {
-                        sum.fill(0.0);
-                    }
-                });
-            });
+        match dx {
+            Some(dx) => partials
+                .par_chunks_mut(len)
+                .zip(dx[..g.input.len()].par_chunks_mut(per / per_image * in_img))
+                .enumerate()
+                .for_each(|(p, (sum, dx))| part(p, sum, Some(dx))),
+            None => partials
+                .par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(p, sum)| part(p, sum, None)),
+        }
         let partials: &[f32] = partials;
         dw[..len]
             .par_chunks_mut(64 * cout)
@@ -628,6 +701,49 @@ fn weight_grad_by_patches(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                 }
             });
     })
+}
+
+/// The adjoint of [`im2col_pixels`], added: each patch entry of `dcol` (the batch's output
+/// pixels `pixels`) into the input pixel it was gathered from, in `dx`, the gradient of the
+/// images from `first_image` on.
+fn col2im_pixels_add(
+    g: &ConvGeom,
+    dcol: &[f32],
+    pixels: std::ops::Range<usize>,
+    first_image: usize,
+    dx: &mut [f32],
+) {
+    let (k, cin, s) = (g.kernel, g.input.c, g.stride);
+    let (h, w) = (g.input.h as isize, g.input.w as isize);
+    let (patch, per_image) = (g.patch_len(), g.out_h * g.out_w);
+    let in_img = g.input.h * g.input.w * cin;
+    simd::dispatch(
+        #[inline(always)]
+        || {
+            for (q, row) in pixels.zip(dcol.chunks_exact(patch)) {
+                let (b, at) = (q / per_image - first_image, q % per_image);
+                let (oh, ow) = (at / g.out_w, at % g.out_w);
+                let image = &mut dx[b * in_img..][..in_img];
+                for kh in 0..k {
+                    let ih = (oh * s + kh) as isize - g.pad_top as isize;
+                    if ih < 0 || ih >= h {
+                        continue;
+                    }
+                    for kw in 0..k {
+                        let iw = (ow * s + kw) as isize - g.pad_left as isize;
+                        if iw < 0 || iw >= w {
+                            continue;
+                        }
+                        let dst = &mut image[((ih * w + iw) as usize) * cin..][..cin];
+                        let src = &row[(kh * k + kw) * cin..][..cin];
+                        for (d, v) in dst.iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// [`im2col`] for the batch's output pixels `pixels` (numbered image by image, row by row)

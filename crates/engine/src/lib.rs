@@ -158,6 +158,7 @@ impl HighWater {
 pub fn spread_worker_buffers() {
     if RAISED.swap(false, std::sync::atomic::Ordering::Relaxed) {
         rayon::broadcast(|_| {
+            conv::reach_high_water();
             matmul::reach_high_water();
             winograd::reach_high_water();
             pointwise::reach_high_water();

@@ -242,25 +242,26 @@ fn dense_conv_forward_and_backward() {
     }
 }
 
-/// The weight gradient where neither Winograd's transform nor a 1×1 product computes it (few
-/// channels), on enough pixels that each thread gathers several blocks of patches, against
-/// the direct sum Σ dy·x over the batch's pixels (too many weights for finite differences).
+/// The gradients where neither Winograd's transform nor a 1×1 product computes the weight's
+/// (few channels), on enough pixels that each thread gathers several blocks of patches, with
+/// and without the input's, and with more threads than images (image by image), against the
+/// direct sums over the batch's pixels (too many values for finite differences).
 #[test]
-fn patch_weight_gradient_over_many_pixels() {
+fn patch_gradients_over_many_pixels() {
     let mut rng = Rng::new(5);
-    for case in [(64, 64, 4, 8, 3, 1), (130, 129, 3, 5, 3, 2)] {
+    for case in [
+        (64, 64, 4, 8, 3, 1),
+        (130, 129, 3, 5, 3, 2),
+        (66, 67, 4, 8, 3, 2),
+    ] {
         let (s, g, x, wt) = random_conv(&mut rng, case);
         let (k, stride, cout) = (case.4, case.5, g.cout);
         let dy = random(&mut rng, g.output().len());
         let wk = forward_weight(&g, &wt);
-        let mut dw = vec![0f32; g.weight_len()];
-        let (mut col, mut dcol) = (vec![0f32; g.col_len()], vec![0f32; g.col_len()]);
-        conv::backward(&g, &x, &wk, &dy, None, &mut dw, &mut col, &mut dcol);
-        let mut torch = vec![0f32; dw.len()];
-        conv::unpack_weight_add(&g, &dw, &mut torch);
-        // dw[o][c][kh][kw] = Σ over images and output pixels of dy·x at the tap's input pixel.
         let ((oh, pt), (ow, pl)) = (same_padding(s.h, k, stride), same_padding(s.w, k, stride));
-        let mut want = vec![0f64; torch.len()];
+        // dw[o][c][kh][kw] = Σ dy·x and dx[pixel][c] = Σ dy·w over each tap of each output pixel.
+        let mut want_dw = vec![0f64; wt.len()];
+        let mut want_dx = vec![0f64; x.len()];
         for b in 0..s.n {
             for i in 0..oh {
                 for j in 0..ow {
@@ -270,18 +271,41 @@ fn patch_weight_gradient_over_many_pixels() {
                         if ih >= s.h || iw >= s.w {
                             continue;
                         }
-                        let px = &x[((b * s.h + ih) * s.w + iw) * s.c..][..s.c];
+                        let at = ((b * s.h + ih) * s.w + iw) * s.c;
                         let d = &dy[((b * oh + i) * ow + j) * cout..][..cout];
                         for (o, &dv) in d.iter().enumerate() {
-                            for (c, &xv) in px.iter().enumerate() {
-                                want[((o * s.c + c) * k + kh) * k + kw] += dv as f64 * xv as f64;
+                            for c in 0..s.c {
+                                let tap = ((o * s.c + c) * k + kh) * k + kw;
+                                want_dw[tap] += dv as f64 * x[at + c] as f64;
+                                want_dx[at + c] += dv as f64 * wt[tap] as f64;
                             }
                         }
                     }
                 }
             }
         }
-        assert!(max_rel(&torch, &want) < 1e-5, "{case:?}");
+        let (mut col, mut dcol) = (vec![0f32; g.col_len()], vec![0f32; g.col_len()]);
+        let mut run = |with_dx: bool| {
+            let mut dw = vec![0f32; g.weight_len()];
+            let mut dx = vec![f32::NAN; x.len()];
+            let dx_arg = with_dx.then_some(&mut dx[..]);
+            conv::backward(&g, &x, &wk, &dy, dx_arg, &mut dw, &mut col, &mut dcol);
+            let mut torch = vec![0f32; dw.len()];
+            conv::unpack_weight_add(&g, &dw, &mut torch);
+            (torch, dx)
+        };
+        let (dw, _) = run(false);
+        assert!(max_rel(&dw, &want_dw) < 1e-5, "dw alone {case:?}");
+        let (dw, dx) = run(true);
+        assert!(max_rel(&dw, &want_dw) < 1e-5, "dw {case:?}");
+        assert!(max_rel(&dx, &want_dx) < 1e-5, "dx {case:?}");
+        let more_threads = rayon::ThreadPoolBuilder::new()
+            .num_threads(s.n + 1)
+            .build()
+            .expect("a thread pool");
+        let (dw, dx) = more_threads.install(|| run(true));
+        assert!(max_rel(&dw, &want_dw) < 1e-5, "dw image by image {case:?}");
+        assert!(max_rel(&dx, &want_dx) < 1e-5, "dx image by image {case:?}");
     }
 }
 
