@@ -3,7 +3,7 @@
 # the reference's recipe (RMSProp, warmup + cosine, label smoothing, EMA) in two progressive
 # stages (24 then 28 px, 3 epochs) — ending with the evaluation of the raw and EMA weights,
 # predictions on test images, and the training curves (effnet-run/curves.png). Installs Debian's
-# dataset-fashion-mnist when missing. About 3½–9 minutes on 2 cores (89 % top-1).
+# dataset-fashion-mnist when missing. About 3–9 minutes on 2 cores (88–89 % top-1).
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
