@@ -300,22 +300,12 @@ pub fn matmul_serial(
     b: &[f32],
     b_layout: Layout,
 ) {
-    assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-        "matmul_serial: operands too small"
-    );
-    let (a, b) = (
-        View::new(a, Layout::Normal, m, k),
-        View::new(b, b_layout, k, n),
-    );
-    // SAFETY: `c` holds the m × n output (asserted) and is borrowed mutably for the call.
-    unsafe { serial(c.as_mut_ptr(), n, (m, n, k), a, b, false) }
+    matmul_serial_add(c, (m, n, k), a, Layout::Normal, b, b_layout, false)
 }
 
 /// `c[m×n] (+)= a[m×k] · b[k×n]` on the calling thread alone, either operand stored transposed
 /// (a weight gradient's `dyᵀ·x` over a block of pixels, by callers that split their work over
 /// the pool).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_serial_add(
     c: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -327,7 +317,7 @@ pub(crate) fn matmul_serial_add(
 ) {
     assert!(
         c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-        "matmul_serial_add: operands too small"
+        "matmul_serial: operands too small"
     );
     let (a, b) = (View::new(a, a_layout, m, k), View::new(b, b_layout, k, n));
     // SAFETY: `c` holds the m × n output (asserted) and is borrowed mutably for the call.
