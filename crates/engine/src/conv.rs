@@ -518,13 +518,12 @@ pub fn backward(
             return;
         }
     }
-    let threads = rayon::current_num_threads();
-    if dx.is_none() || g.input.n >= threads {
-        return grads_by_patches(g, x, w, dy, dx, dw);
-    }
-    // Fewer images than threads and an input gradient wanted: image by image, each product
-    // over the pool.
-    let dx = dx.expect("checked above");
+    // With an input gradient and fewer images than threads: image by image, each product over
+    // the pool.
+    let dx = match dx {
+        Some(dx) if g.input.n < rayon::current_num_threads() => dx,
+        dx => return grads_by_patches(g, x, w, dy, dx, dw),
+    };
     for b in 0..g.input.n {
         let dy_img = &dy[b * out_px * cout..][..out_px * cout];
         im2col(g, &x[b * in_img..][..in_img], col);
