@@ -22,19 +22,26 @@ precisions="${EFFNET_PRECISIONS:-f32}"
 out="$(mktemp -d)"
 cargo build --release -q
 echo "# $(date -u +%FT%TZ) $(uname -m) $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg), threads $threads, $rounds round(s)" | tee "$out/header"
-# Case by case: effnet, then the peers on the same case, so that the figures a ratio compares
-# are taken seconds apart rather than after every other case.
+# Case by case: effnet and the peers on the same case, so that the figures a ratio compares
+# are taken seconds apart rather than after every other case; effnet first in odd rounds, the
+# peers first in even ones, so that a machine speeding up or slowing down within a case favours
+# neither side across rounds.
+run_effnet() {
+  for precision in ${precisions//,/ }; do
+    ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
+      --steps "$steps" --precision "$precision" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
+  done
+}
+run_peers() {
+  "$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$case" --impls "$impls" \
+    2> >(grep -v -i warning >&2) | sed "s/^{/{\"round\": $round, /" | tee -a "$out/results.jsonl"
+}
 for round in $(seq "$rounds"); do
   for case in ${cases//,/ }; do
     mode="${case%%:*}"; shape="${case#*:}"; batch="${shape%x*}"; res="${shape#*x}"
     sub=$([ "$mode" = infer ] && echo inference_benchmark || echo training_benchmark)
     steps=$([ "$mode" = infer ] && echo 15 || echo 8)
-    for precision in ${precisions//,/ }; do
-      ./target/release/effnet --threads "$threads" "$sub" --arch "$arch" --batch-size "$batch" --img-size "$res" \
-        --steps "$steps" --precision "$precision" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
-    done
-    "$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$case" --impls "$impls" \
-      2> >(grep -v -i warning >&2) | sed "s/^{/{\"round\": $round, /" | tee -a "$out/results.jsonl"
+    if (( round % 2 )); then run_effnet; run_peers; else run_peers; run_effnet; fi
   done
 done
 "$venv/bin/python" - "$out/results.jsonl" <<'PY'
