@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::matmul::{matmul, matmul_serial_add, matmul_then, Layout};
+use crate::matmul::{add_transposed, matmul, matmul_serial_add, matmul_then, Layout};
 use crate::norm::Folded;
 use crate::pointwise;
 use crate::shape::{same_padding, Nhwc};
@@ -165,7 +165,7 @@ pub fn prepare_bf16(g: &ConvGeom, torch: &[f32]) -> Vec<u32> {
     // As training's plain weights are packed per call in bf16 mode (`forward`): from the rows.
     let (k, n) = (g.patch_len(), g.cout);
     let mut out = vec![0u32; pointwise::packed_len_bf16(k, n)];
-    pointwise::pack_strided_bf16_into(k, n, &packed, (n, 1), &mut [], &mut out);
+    pointwise::pack_rows_bf16_into(k, n, &packed, &mut out);
     out
 }
 
@@ -413,7 +413,7 @@ pub fn forward(
             let slots =
                 unsafe { std::slice::from_raw_parts_mut(col.as_mut_ptr() as *mut u32, col.len()) };
             let packed = &mut slots[..pointwise::packed_len_bf16(k, n)];
-            pointwise::pack_strided_bf16_into(k, n, w, (n, 1), &mut [], packed);
+            pointwise::pack_rows_bf16_into(k, n, w, packed);
             return direct_forward(g, x, pointwise::Panels::Bf16(packed), y, epilogue, skip);
         }
         let packed = &mut col[..pointwise::packed_len(k, n)];
@@ -685,20 +685,7 @@ fn grads_by_patches(
                 .enumerate()
                 .for_each(|(p, sum)| part(p, sum, None)),
         }
-        let partials: &[f32] = partials;
-        dw[..len]
-            .par_chunks_mut(64 * cout)
-            .enumerate()
-            .for_each(|(block, rows)| {
-                for (r, row) in rows.chunks_exact_mut(cout).enumerate() {
-                    let j = block * 64 + r;
-                    for sum in partials.chunks_exact(len) {
-                        for (o, co) in row.iter_mut().zip(0..cout) {
-                            *o += sum[co * patch + j];
-                        }
-                    }
-                }
-            });
+        add_transposed(dw, patch, cout, partials, true);
     })
 }
 

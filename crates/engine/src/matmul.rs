@@ -137,19 +137,31 @@ fn swapped(c: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], b: &[f32], ac
     crate::with_kept(&SWAPPED, Vec::new, |buf| {
         let ct = crate::at_least(buf, n * m);
         matmul(ct, n, m, k, b, Layout::Transposed, a, Layout::Normal, false);
-        c[..m * n]
-            .par_chunks_mut(64 * n)
-            .enumerate()
-            .for_each(|(block, rows)| {
-                for (r, row) in rows.chunks_exact_mut(n).enumerate() {
-                    let i = block * 64 + r;
+        add_transposed(c, m, n, ct, accumulate);
+    })
+}
+
+/// `c[m×n] = (accumulate ? c : 0) + Σ over the parts of partᵀ`, `parts` holding whole
+/// `[n, m]` matrices one after another, added in order (over the pool, by blocks of rows).
+pub(crate) fn add_transposed(c: &mut [f32], m: usize, n: usize, parts: &[f32], accumulate: bool) {
+    let len = m * n;
+    if len == 0 {
+        return;
+    }
+    c[..len]
+        .par_chunks_mut(64 * n)
+        .enumerate()
+        .for_each(|(block, rows)| {
+            for (r, row) in rows.chunks_exact_mut(n).enumerate() {
+                let i = block * 64 + r;
+                for (p, part) in parts.chunks_exact(len).enumerate() {
                     for (j, o) in row.iter_mut().enumerate() {
-                        let v = ct[j * m + i];
-                        *o = if accumulate { *o + v } else { v };
+                        let v = part[j * m + i];
+                        *o = if accumulate || p > 0 { *o + v } else { v };
                     }
                 }
-            });
-    })
+            }
+        });
 }
 
 /// Outputs of at least this many bytes, written in one block of the reduction, are streamed

@@ -77,6 +77,13 @@ pub fn pack_rows_into(k: usize, n: usize, w: &[f32], panels: &mut [f32]) {
     pack_strided_into(k, n, w, (n, 1), panels)
 }
 
+/// [`pack_rows_into`] in bf16: a row-major `[k, n]` matrix into [`pack_bf16`]'s panels (`out`,
+/// [`packed_len_bf16`] long). Only where [`bf16_available`].
+pub(crate) fn pack_rows_bf16_into(k: usize, n: usize, w: &[f32], out: &mut [u32]) {
+    // Rows of `w` are rounded straight into the panels: no f32 scratch.
+    pack_strided_bf16_into(k, n, w, (n, 1), &mut [], out)
+}
+
 /// Panel `o / NR`, row `p`, lane `o % NR` ← `w[p·rs + o·cs]` (the `k × n` matrix that `w` holds
 /// with row stride `rs` and column stride `cs`); the last panel's lanes past `n` ← 0.
 pub(crate) fn pack_strided_into(
