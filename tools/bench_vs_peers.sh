@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # effnet's benchmarks and the peers' (PyTorch, ONNX Runtime) back to back, same machine, same
-# threads, then the ratios as a Markdown table (the one in docs/benchmarks.md). Usage:
+# threads, then the ratios and each side's peak RSS as Markdown tables (those in
+# docs/benchmarks.md). Usage:
 #   tools/bench_vs_peers.sh [THREADS] [CASES] [ROUNDS]   e.g. tools/bench_vs_peers.sh 2 infer:1x224,train:8x128 3
 # ROUNDS (default 1) repeats the whole comparison: on a shared machine whose speed drifts
 # between minutes, one round's ratio can be off by ±20 %; the table gives every round's ratio and
@@ -32,9 +33,22 @@ run_effnet() {
       --steps "$steps" --precision "$precision" --json | sed "s/^{/{\"round\":$round,/" | tee -a "$out/results.jsonl"
   done
 }
+# One process per peer flavour, so that each figure's peak RSS (the whole process's, interpreter
+# and libraries included, as effnet's `peak_rss_mib` is its own process's) is that flavour's.
+peak_rss='import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("peak_rss_mib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)'
 run_peers() {
-  "$venv/bin/python" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$case" --impls "$impls" \
-    2> >(grep -v -i warning >&2) | sed "s/^{/{\"round\": $round, /" | tee -a "$out/results.jsonl"
+  for impl in ${impls//,/ }; do
+    lines="$("$venv/bin/python" -c "$peak_rss" "$peers" --arch "tf_$arch" --threads "$threads" --cases "$case" \
+      --impls "$impl" 2> >(grep -v -i warning >&2))"
+    rss="$(sed -n 's/^peak_rss_mib //p' <<<"$lines")"
+    grep '^{' <<<"$lines" | sed "s/^{/{\"round\": $round, \"peak_rss_mib\": ${rss:-null}, /" \
+      | tee -a "$out/results.jsonl" || true
+  done
 }
 for round in $(seq "$rounds"); do
   for case in ${cases//,/ }; do
@@ -68,5 +82,19 @@ for case, impl in ((c, i) for c in cases for i in ours_impls):
         per_round = " / ".join(f"{x:.2f}" for x in ratios)
         median = f" (median **{statistics.median(ratios):.2f}×**)" if len(ratios) > 1 else "×"
         cells += [" / ".join(f"{v:.1f}" for v in theirs.values()), per_round + median]
+    print(f"| {case[0]} bs{case[1]}@{case[2]} | {impl.rsplit('-', 1)[-1]} | " + " | ".join(cells) + " |")
+# Peak memory: each side's largest over the rounds, and effnet's as a fraction of each peer's.
+rss = lambda impl, case: max((r["peak_rss_mib"] for r in rows if r["impl"] == impl and key(r) == case
+                              and r.get("peak_rss_mib")), default=None)
+print("\n| case | effnet | peak RSS MiB | " + " | ".join(f"{p} MiB | effnet / it" for p in peers) + " |")
+print("|---|---|---|" + "---|---|" * len(peers))
+for case, impl in ((c, i) for c in cases for i in ours_impls):
+    ours = rss(impl, case)
+    if ours is None:
+        continue
+    cells = [f"{ours:,.0f}"]
+    for p in peers:
+        theirs = rss(p, case)
+        cells += ["–", "–"] if theirs is None else [f"{theirs:,.0f}", f"{ours / theirs:.2f}×"]
     print(f"| {case[0]} bs{case[1]}@{case[2]} | {impl.rsplit('-', 1)[-1]} | " + " | ".join(cells) + " |")
 PY
