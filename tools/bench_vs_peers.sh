@@ -65,6 +65,8 @@ key = lambda r: (r["mode"], r["batch"], r["res"])
 cases = list(dict.fromkeys(key(r) for r in rows if r["impl"].startswith("effnet")))
 ours_impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"].startswith("effnet")))
 peers = list(dict.fromkeys(r["impl"] for r in rows if not r["impl"].startswith("effnet")))
+# A row's first two cells: the case, and effnet's precision.
+label = lambda case, impl: f"| {case[0]} bs{case[1]}@{case[2]} | {impl.rsplit('-', 1)[-1]} | "
 rate = lambda impl, case: {r["round"]: r["img_per_s"] for r in rows if r["impl"] == impl and key(r) == case}
 print("\n| case | effnet | img/s | " + " | ".join(f"{p} img/s | ratio" for p in peers) + " |")
 print("|---|---|---|" + "---|---|" * len(peers))
@@ -82,7 +84,7 @@ for case, impl in ((c, i) for c in cases for i in ours_impls):
         per_round = " / ".join(f"{x:.2f}" for x in ratios)
         median = f" (median **{statistics.median(ratios):.2f}×**)" if len(ratios) > 1 else "×"
         cells += [" / ".join(f"{v:.1f}" for v in theirs.values()), per_round + median]
-    print(f"| {case[0]} bs{case[1]}@{case[2]} | {impl.rsplit('-', 1)[-1]} | " + " | ".join(cells) + " |")
+    print(label(case, impl) + " | ".join(cells) + " |")
 # Peak memory: each side's largest over the rounds, and effnet's as a fraction of each peer's.
 rss = lambda impl, case: max((r["peak_rss_mib"] for r in rows if r["impl"] == impl and key(r) == case
                               and r.get("peak_rss_mib")), default=None)
@@ -96,5 +98,5 @@ for case, impl in ((c, i) for c in cases for i in ours_impls):
     for p in peers:
         theirs = rss(p, case)
         cells += ["–", "–"] if theirs is None else [f"{theirs:,.0f}", f"{ours / theirs:.2f}×"]
-    print(f"| {case[0]} bs{case[1]}@{case[2]} | {impl.rsplit('-', 1)[-1]} | " + " | ".join(cells) + " |")
+    print(label(case, impl) + " | ".join(cells) + " |")
 PY

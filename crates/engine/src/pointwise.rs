@@ -776,7 +776,7 @@ unsafe fn sweep(
                         w: w.add(panel * depth * NR),
                         tap_stride: depth * NR,
                         panel_stride: depth * NR,
-                        stream: true,
+                        prefetch_ahead: true,
                         bf16: left.bf16,
                         bypass,
                         y: y.add(r * ldy + col0),
@@ -814,7 +814,7 @@ unsafe fn reduce<const R: usize, const V: usize>(
     for (i, &tap) in t.taps.iter().enumerate() {
         let (x, w) = (t.x.add(tap), t.w.add(i * t.tap_stride));
         let mut p = 0;
-        if t.stream {
+        if t.prefetch_ahead {
             while p + 2 <= t.depth {
                 // The two panel rows 32 steps on (a prefetch only hints, and never faults, so
                 // past the panel's end it costs nothing).
@@ -896,7 +896,7 @@ struct Tile<'a> {
     tap_stride: usize,
     panel_stride: usize,
     /// Whether the reduction prefetches the panel's rows ahead of itself (`STREAM_AHEAD`).
-    stream: bool,
+    prefetch_ahead: bool,
     /// Whether a step is a pair of bf16 values in each operand ([`Panels::Bf16`]; AVX-512 only).
     bf16: bool,
     /// Whether whole, line-aligned output vectors bypass the caches ([`Then::Stream`]; AVX-512
@@ -1284,7 +1284,7 @@ fn direct_row(
             w: wp[(kh0 * k + kw0) * cin * NR..].as_ptr(),
             tap_stride: k * cin * NR,
             panel_stride: depth * NR,
-            stream: false,
+            prefetch_ahead: false,
             bf16: ops.bf16,
             bypass: false,
             y: out_row[ow * n + col0..].as_mut_ptr(),
@@ -1498,7 +1498,7 @@ macro_rules! reduce_avx512 {
             for (i, &tap) in t.taps.iter().enumerate() {
                 let (x, w) = (t.x.add(tap), t.w.add(i * t.tap_stride));
                 let mut p = 0;
-                if t.stream {
+                if t.prefetch_ahead {
                     while p + 2 <= t.depth {
                         // As `reduce`: each panel's two rows 32 steps on (a hint, never a fault).
                         for v in 0..V {

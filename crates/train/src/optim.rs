@@ -219,21 +219,14 @@ mod tests {
         let grads: Vec<f32> = (0..3 * CHUNK + 7)
             .map(|i| ((i % 11) as f32 - 5.0) * 0.01)
             .collect();
-        let norm = grads
-            .iter()
-            .map(|&g| g as f64 * g as f64)
-            .sum::<f64>()
-            .sqrt();
+        let l2 = |v: &[f32]| v.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+        let norm = l2(&grads);
         let mut under = grads.clone();
         assert!((clip_global_norm(&mut under, (2.0 * norm) as f32) - norm).abs() < 1e-9 * norm);
         assert_eq!(under, grads);
         let mut over = grads.clone();
         clip_global_norm(&mut over, (norm / 4.0) as f32);
-        let clipped = over
-            .iter()
-            .map(|&g| g as f64 * g as f64)
-            .sum::<f64>()
-            .sqrt();
+        let clipped = l2(&over);
         assert!(
             (clipped - norm / 4.0).abs() < 1e-5 * norm,
             "{clipped} vs {}",
