@@ -389,8 +389,10 @@ pub fn forward_panels(
         return;
     }
     let panels = n.div_ceil(NR);
-    // Rows per block: ~128 KiB of activations, a whole number of tiles.
-    let block_rows = block_rows(k);
+    // Rows per block: ~128 KiB of activations, a whole number of tiles; few rows (batch 1's
+    // 7×7 maps) in one block, so that each thread streams its panels' weights once (a
+    // 1536 → 256 projection's 1.5 MB were read in four blocks of 16, 16, 16 and 1 rows).
+    let block_rows = if m <= 64 { m } else { block_rows(k) };
     let row_blocks = m.div_ceil(block_rows);
     let threads = rayon::current_num_threads();
     // Split over the threads for enough work, or for a large weight however few the rows:
@@ -728,6 +730,9 @@ unsafe fn sweep(
     let (depth, pixel) = (left.depth, left.pixel);
     // Panels per tile (a span), rows per tile.
     let (span, per) = (if avx512() { 2 } else { 1 }, rows_per_tile());
+    // As few tiles as whole ones need, evened out (49 rows as 7 × 7, not 6 × 8 + 1): a one-row
+    // tile waits on its accumulators' latency and costs half a full one.
+    let per = rows.len().div_ceil(rows.len().div_ceil(per).max(1)).max(1);
     let group = (GROUP_BYTES / (4 * depth * NR).max(1)).clamp(span, GROUP_PANELS) / span * span;
     let mut first = panels.start;
     while first < panels.end {

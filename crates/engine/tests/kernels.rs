@@ -1174,7 +1174,9 @@ fn pointwise_kernel_matches_the_product_and_its_epilogue() {
         (50, 70, 16),
         (600, 100, 48),
         // Split over the threads in tasks that end inside a row block and go on in the next
-        // (3 row blocks × 16 panels), and one row block of a large weight in uneven parts.
+        // (7 row blocks × 16 panels), and few rows of a large weight in one block, split by
+        // panels, in tiles of 7 rows.
+        (100, 1536, 256),
         (49, 1536, 256),
         (30, 40, 2000),
         // Panels swept in groups (16 at this depth): two whole groups, then six panels, the
