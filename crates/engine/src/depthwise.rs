@@ -82,6 +82,36 @@ pub fn unpack_weight_add(g: &DwGeom, packed: &[f32], torch: &mut [f32]) {
 /// On AVX2 CPUs, whole 8-channel vectors run [`row_avx2`]; it sums the same products in the same
 /// order as the portable loop below, so both give the same bits.
 pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate::conv::Epilogue) {
+    run(g, x, w, y, epilogue, None)
+}
+
+/// [`forward`], also writing each output row's sum over its pixels, channel by channel, to
+/// `row_sums` (`[n · out_h, c]`): what a squeeze-excitation after it pools
+/// ([`crate::se::forward_from_row_sums`]), taken while the row is in cache rather than read
+/// again from memory.
+pub fn forward_with_row_sums(
+    g: &DwGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: crate::conv::Epilogue,
+    row_sums: &mut [f32],
+) {
+    assert!(
+        row_sums.len() >= g.input.n * g.out_h * g.input.c,
+        "depthwise: row sums size"
+    );
+    run(g, x, w, y, epilogue, Some(row_sums))
+}
+
+fn run(
+    g: &DwGeom,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: crate::conv::Epilogue,
+    row_sums: Option<&mut [f32]>,
+) {
     let c = g.input.c;
     let (ih_len, iw_len) = (g.input.h, g.input.w);
     let in_img = ih_len * iw_len * c;
@@ -96,63 +126,80 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
             "depthwise: epilogue width"
         );
     }
-    #[cfg(target_arch = "x86_64")]
-    if simd::level() == simd::Level::Avx512 && c.is_multiple_of(16) {
-        y[..g.output().len()]
-            .par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(r, out_row)| {
-                let (b, oh) = (r / g.out_h, r % g.out_h);
-                let img = &x[b * in_img..][..in_img];
-                // SAFETY: AVX-512F is present (`simd::level`); as for `row_avx2` below.
-                unsafe { row_avx512(g, img, w, oh, out_row, epilogue) }
-            });
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd::level() != simd::Level::Baseline && c.is_multiple_of(8) {
-        y[..g.output().len()]
-            .par_chunks_mut(row_len)
-            .enumerate()
-            .for_each(|(r, out_row)| {
-                let (b, oh) = (r / g.out_h, r % g.out_h);
-                let img = &x[b * in_img..][..in_img];
-                // SAFETY: AVX2 and FMA are present (`simd::level`); `img` is one whole input
-                // image, `w` holds k·k·c weights, `out_row` one output row and `epilogue` c
-                // scales and shifts (asserted above), which is what `row_avx2` reads and writes.
-                unsafe { row_avx2(g, img, w, oh, out_row, epilogue) }
-            });
-        return;
-    }
-    y.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(r, out_row)| {
+    let level = simd::level();
+    let row = |r: usize, out_row: &mut [f32], sums: Option<&mut [f32]>| {
+        let (b, oh) = (r / g.out_h, r % g.out_h);
+        let img = &x[b * in_img..][..in_img];
+        match level {
+            // SAFETY: AVX-512F is present (`simd::level`); as for `row_avx2` below.
+            #[cfg(target_arch = "x86_64")]
+            simd::Level::Avx512 if c.is_multiple_of(16) => unsafe {
+                row_avx512(g, img, w, oh, out_row, epilogue)
+            },
+            // SAFETY: AVX2 and FMA are present (`simd::level`); `img` is one whole input image,
+            // `w` holds k·k·c weights, `out_row` one output row and `epilogue` c scales and
+            // shifts (asserted above), which is what `row_avx2` reads and writes.
+            #[cfg(target_arch = "x86_64")]
+            simd::Level::Avx512 | simd::Level::Avx2 if c.is_multiple_of(8) => unsafe {
+                row_avx2(g, img, w, oh, out_row, epilogue)
+            },
+            _ => simd::dispatch(
+                #[inline(always)]
+                || {
+                    row_portable(g, img, w, oh, out_row);
+                    if let Some(epilogue) = epilogue {
+                        epilogue.apply(out_row);
+                    }
+                },
+            ),
+        }
+        if let Some(sums) = sums {
             simd::dispatch(
                 #[inline(always)]
                 || {
-                    let (b, oh) = (r / g.out_h, r % g.out_h);
-                    let img = &x[b * in_img..][..in_img];
-                    let (kh0, ih0, nh) = g.taps(oh, g.pad_top, ih_len);
-                    for ow in 0..g.out_w {
-                        let acc = &mut out_row[ow * c..][..c];
-                        acc.fill(0.0);
-                        let (kw0, iw0, nw) = g.taps(ow, g.pad_left, iw_len);
-                        for dw in 0..nw {
-                            for dh in 0..nh {
-                                let xs = &img[((ih0 + dh) * iw_len + iw0 + dw) * c..][..c];
-                                let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
-                                for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
-                                    *a += xv * wv;
-                                }
-                            }
+                    sums.fill(0.0);
+                    for px in out_row.chunks_exact(c) {
+                        for (s, v) in sums.iter_mut().zip(px) {
+                            *s += v;
                         }
                     }
                 },
-            );
-            if let Some(epilogue) = epilogue {
-                epilogue.apply(out_row);
+            )
+        }
+    };
+    let y = &mut y[..g.output().len()];
+    match row_sums {
+        Some(sums) => y
+            .par_chunks_mut(row_len)
+            .zip(sums.par_chunks_mut(c))
+            .enumerate()
+            .for_each(|(r, (out_row, sums))| row(r, out_row, Some(sums))),
+        None => y
+            .par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, out_row)| row(r, out_row, None)),
+    }
+}
+
+/// Output row `oh` of one image, each channel's taps summed in order (no epilogue).
+#[inline(always)]
+fn row_portable(g: &DwGeom, img: &[f32], w: &[f32], oh: usize, out_row: &mut [f32]) {
+    let c = g.input.c;
+    let (kh0, ih0, nh) = g.taps(oh, g.pad_top, g.input.h);
+    for ow in 0..g.out_w {
+        let acc = &mut out_row[ow * c..][..c];
+        acc.fill(0.0);
+        let (kw0, iw0, nw) = g.taps(ow, g.pad_left, g.input.w);
+        for dw in 0..nw {
+            for dh in 0..nh {
+                let xs = &img[((ih0 + dh) * g.input.w + iw0 + dw) * c..][..c];
+                let ws = &w[((kh0 + dh) * g.kernel + kw0 + dw) * c..][..c];
+                for ((a, xv), wv) in acc.iter_mut().zip(xs).zip(ws) {
+                    *a += xv * wv;
+                }
             }
-        });
+        }
+    }
 }
 
 /// Output row `oh` of one image, pixel by pixel, 32 channels at a time (a tail of 8 at a time):

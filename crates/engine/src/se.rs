@@ -108,12 +108,67 @@ pub fn forward(
     saved: &mut SeSaved,
     y: &mut [f32],
 ) {
+    crate::pool::global_avg_forward(x, g.n, g.hw, g.c, &mut saved.pooled);
+    excite_and_scale(g, x, weights, b1, b2, saved, y);
+}
+
+/// [`forward`] with the pooling already summed row by row (`row_sums[n · rows_per_image, c]`,
+/// as [`crate::depthwise::forward_with_row_sums`] writes them): only those rows are added up,
+/// `x` is read once, to scale it.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_from_row_sums(
+    g: &SeGeom,
+    row_sums: &[f32],
+    rows_per_image: usize,
+    x: &[f32],
+    weights: SeWeights,
+    b1: &[f32],
+    b2: &[f32],
+    saved: &mut SeSaved,
+    y: &mut [f32],
+) {
+    let (n, c) = (g.n, g.c);
+    assert!(
+        row_sums.len() >= n * rows_per_image * c,
+        "se: row sums size"
+    );
+    let inv = 1.0 / g.hw as f32;
+    for (b, pooled) in saved.pooled[..n * c].chunks_exact_mut(c).enumerate() {
+        simd::dispatch(
+            #[inline(always)]
+            || {
+                pooled.fill(0.0);
+                for row in row_sums[b * rows_per_image * c..][..rows_per_image * c].chunks_exact(c)
+                {
+                    for (p, v) in pooled.iter_mut().zip(row) {
+                        *p += v;
+                    }
+                }
+                for p in pooled.iter_mut() {
+                    *p *= inv;
+                }
+            },
+        )
+    }
+    excite_and_scale(g, x, weights, b1, b2, saved, y);
+}
+
+/// The rest of [`forward`] once `saved.pooled` holds the means: the two products and their
+/// activations into `saved`, then `y = x · gate`.
+fn excite_and_scale(
+    g: &SeGeom,
+    x: &[f32],
+    weights: SeWeights,
+    b1: &[f32],
+    b2: &[f32],
+    saved: &mut SeSaved,
+    y: &mut [f32],
+) {
     let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
     let (w1, w2, prepared) = match weights {
         SeWeights::Plain { w1, w2 } => (w1, w2, false),
         SeWeights::Prepared { w1, w2 } => (w1, w2, true),
     };
-    crate::pool::global_avg_forward(x, n, hw, c, &mut saved.pooled);
     dense(&saved.pooled, n, c, cr, w1, prepared, &mut saved.pre_act);
     // The activations inside `dispatch`: compiled for AVX2+FMA, e^x's multiply-adds are
     // instructions, not calls.

@@ -717,6 +717,30 @@ fn squeeze_excitation_forward_and_backward() {
         se::forward(&g, &x, prepared, &b1, &b2, &mut prepared_saved, &mut yp);
         assert!(max_rel(&yp, &want) < 1e-5, "prepared weights");
     }
+    // Pooled from row sums (as a depthwise layer before it writes them; rows of 3 pixels here,
+    // and a longer buffer than they need): the same function.
+    let rows = 2;
+    let mut sums = vec![f32::NAN; g.n * rows * g.c + 5];
+    for (r, sum) in sums.chunks_exact_mut(g.c).take(g.n * rows).enumerate() {
+        sum.fill(0.0);
+        for px in x[r * 3 * g.c..][..3 * g.c].chunks_exact(g.c) {
+            sum.iter_mut().zip(px).for_each(|(s, v)| *s += v);
+        }
+    }
+    let mut from_sums = SeSaved::new(&g);
+    let mut ys = vec![f32::NAN; x.len()];
+    se::forward_from_row_sums(
+        &g,
+        &sums,
+        rows,
+        &x,
+        plain,
+        &b1,
+        &b2,
+        &mut from_sums,
+        &mut ys,
+    );
+    assert!(max_rel(&ys, &want) < 1e-5, "pooled from row sums");
 
     let r = f64s(&random(&mut rng, y.len()));
     let dy: Vec<f32> = r.iter().map(|&v| v as f32).collect();
@@ -964,6 +988,23 @@ fn depthwise_forward_sums_in_the_portable_order() {
         folded.apply(&mut want);
         depthwise::forward(&g, &x, &wp, &mut got, Some(&folded));
         assert_eq!(got, want, "with the epilogue {:?}", (h, w, c, k, stride));
+        // With its rows summed for a squeeze-excitation: the same output, and each output
+        // row's per-channel sum.
+        let mut sums = vec![f32::NAN; 2 * oh * c];
+        got.fill(f32::NAN);
+        depthwise::forward_with_row_sums(&g, &x, &wp, &mut got, Some(&folded), &mut sums);
+        assert_eq!(got, want, "with row sums {:?}", (h, w, c, k, stride));
+        let mut want_sums = vec![0f64; sums.len()];
+        for (r, row) in want.chunks_exact(ow * c).enumerate() {
+            for (p, v) in row.iter().enumerate() {
+                want_sums[r * c + p % c] += *v as f64;
+            }
+        }
+        assert!(
+            max_rel(&sums, &want_sums) < 1e-6,
+            "row sums {:?}",
+            (h, w, c, k, stride)
+        );
     }
 }
 

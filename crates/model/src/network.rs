@@ -425,6 +425,20 @@ impl Network {
             && conv::runs_bf16(g)
     }
 
+    /// Whether depthwise layer `i` sums its output rows for the squeeze-excitation after it
+    /// (which then pools those sums instead of reading the whole map again): in eval mode, where
+    /// the depthwise output is the excitation's input (batch norm and activation folded in), on
+    /// inference workspaces.
+    fn pools_in_depthwise(&self, i: usize, mode: Mode, ws: &Workspace) -> bool {
+        let depthwise =
+            matches!(&self.layers[i], Layer::Conv(u) if matches!(u.conv, ConvKind::Depthwise));
+        let x = ws.shapes[i + 1];
+        matches!(mode, Mode::Eval)
+            && depthwise
+            && matches!(self.layers.get(i + 1), Some(Layer::Se(_)))
+            && ws.row_sums.len() >= x.n * x.h * x.c
+    }
+
     /// "Precise BN": in each of `weight_sets`, every batch norm's running mean and variance
     /// replaced by the plain average of their values over `batches` (each `[n, h, w, 3]`, the
     /// workspace's size), computed in training mode without dropout or drop-path; the parameters
@@ -747,7 +761,12 @@ impl Network {
                                 &ws.packed[..g.weight_len()]
                             }
                         };
-                        depthwise::forward(&g, x, w, target, folded);
+                        if self.pools_in_depthwise(i, mode, ws) {
+                            let sums = &mut ws.row_sums;
+                            depthwise::forward_with_row_sums(&g, x, w, target, folded, sums);
+                        } else {
+                            depthwise::forward(&g, x, w, target, folded);
+                        }
                         Profile::add(&mut ws.profile, "depthwise", t, g.macs());
                     }
                 }
@@ -786,9 +805,17 @@ impl Network {
                         w2: &p[s.w2.clone()],
                     },
                 };
+                let pooled_in_depthwise = i > 0 && self.pools_in_depthwise(i - 1, mode, ws);
                 let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
+                let (b1, b2) = (&p[s.b1.clone()], &p[s.b2.clone()]);
                 let t = Instant::now();
-                se::forward(&g, x, weights, &p[s.b1.clone()], &p[s.b2.clone()], saved, y);
+                if pooled_in_depthwise {
+                    let sums = &ws.row_sums;
+                    let rows = x_shape.h;
+                    se::forward_from_row_sums(&g, sums, rows, x, weights, b1, b2, saved, y);
+                } else {
+                    se::forward(&g, x, weights, b1, b2, saved, y);
+                }
                 Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
             }
         }
@@ -1118,6 +1145,10 @@ pub struct Workspace {
     slots: Vec<(usize, usize)>,
     bn_saved: Vec<Vec<f32>>,
     se_saved: Vec<Option<SeSaved>>,
+    /// A depthwise layer's output rows summed channel by channel, for the squeeze-excitation
+    /// after it to pool (inference workspaces; empty in training ones, whose eval passes pool
+    /// the usual way): see [`Network::pools_in_depthwise`].
+    row_sums: Vec<f32>,
     drop_masks: Vec<Vec<f32>>,
     pooled: Vec<f32>,
     dropout_mask: Vec<f32>,
@@ -1194,7 +1225,7 @@ impl Workspace {
         let mut slots = vec![(0, 0)];
         let (mut packed, mut col, mut max_act) = (0, 0, shapes[0].len());
         let mut bn_saved = Vec::new();
-        let mut se_saved = Vec::new();
+        let (mut se_saved, mut row_sums) = (Vec::new(), 0);
         for (i, layer) in net.layers.iter().enumerate() {
             let (x, y) = (shapes[i], shapes[i + 1]);
             max_act = max_act.max(y.len());
@@ -1224,6 +1255,7 @@ impl Workspace {
                     slots.push((acts.len() - 1, acts.len() - 1));
                     bn_saved.push(Vec::new());
                     se_saved.push(Some(SeSaved::new(&s.geom(x))));
+                    row_sums = row_sums.max(n * x.h * x.c);
                 }
             }
         }
@@ -1238,6 +1270,7 @@ impl Workspace {
             slots,
             bn_saved,
             se_saved,
+            row_sums: vec![0f32; if training { 0 } else { row_sums }],
             drop_masks: net.blocks.iter().map(|_| vec![1f32; n]).collect(),
             pooled: vec![0f32; n * f],
             dropout_mask: vec![1f32; n * f],
@@ -1285,6 +1318,6 @@ impl Workspace {
         let acts: usize = self.acts.iter().map(Vec::len).sum();
         let scratch =
             self.col.len() + self.dcol.len() + 4 * self.grad_a.len() + 2 * self.packed.len();
-        4 * (acts + scratch)
+        4 * (acts + scratch + self.row_sums.len())
     }
 }

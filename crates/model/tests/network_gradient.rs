@@ -170,7 +170,14 @@ fn inference_workspace_gives_the_same_logits_with_less_memory() {
     let b = net
         .forward(&mut w, &mut infer_ws, &x, Mode::Eval, &mut Rng::new(0))
         .to_vec();
-    assert_eq!(a, b);
+    // Not bit for bit: an inference workspace's squeeze-excitations pool from the depthwise
+    // layer's row sums (the same sums, added in another order).
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * scale, "{a:?} vs {b:?}");
     assert!(
         infer_ws.bytes() * 10 < train_ws.bytes() * 6,
         "{} vs {}",
