@@ -47,6 +47,11 @@ pub struct SeSaved {
 }
 
 impl SeSaved {
+    /// The last [`forward`]'s (or [`excite`]'s) gate, `[n, c]`.
+    pub fn gate(&self) -> &[f32] {
+        &self.gate
+    }
+
     pub fn new(g: &SeGeom) -> Self {
         SeSaved {
             pooled: vec![0.0; g.n * g.c],
@@ -108,25 +113,20 @@ pub fn forward(
     saved: &mut SeSaved,
     y: &mut [f32],
 ) {
-    crate::pool::global_avg_forward(x, g.n, g.hw, g.c, &mut saved.pooled);
-    excite_and_scale(g, x, weights, b1, b2, saved, y);
+    pool(g, x, saved);
+    excite(g, weights, b1, b2, saved);
+    scale(g, x, &saved.gate, y);
 }
 
-/// [`forward`] with the pooling already summed row by row (`row_sums[n · rows_per_image, c]`,
-/// as [`crate::depthwise::forward_with_row_sums`] writes them): only those rows are added up,
-/// `x` is read once, to scale it.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_from_row_sums(
-    g: &SeGeom,
-    row_sums: &[f32],
-    rows_per_image: usize,
-    x: &[f32],
-    weights: SeWeights,
-    b1: &[f32],
-    b2: &[f32],
-    saved: &mut SeSaved,
-    y: &mut [f32],
-) {
+/// [`forward`]'s pooling: each image's mean over its pixels, into `saved`. Then [`excite`].
+pub fn pool(g: &SeGeom, x: &[f32], saved: &mut SeSaved) {
+    crate::pool::global_avg_forward(x, g.n, g.hw, g.c, &mut saved.pooled);
+}
+
+/// [`pool`] from sums taken row by row (`row_sums[n · rows_per_image, c]`, as
+/// [`crate::depthwise::forward_with_row_sums`] writes them): only those rows are added up, not
+/// the whole map read again. Then [`excite`].
+pub fn pool_row_sums(g: &SeGeom, row_sums: &[f32], rows_per_image: usize, saved: &mut SeSaved) {
     let (n, c) = (g.n, g.c);
     assert!(
         row_sums.len() >= n * rows_per_image * c,
@@ -150,21 +150,12 @@ pub fn forward_from_row_sums(
             },
         )
     }
-    excite_and_scale(g, x, weights, b1, b2, saved, y);
 }
 
-/// The rest of [`forward`] once `saved.pooled` holds the means: the two products and their
-/// activations into `saved`, then `y = x · gate`.
-fn excite_and_scale(
-    g: &SeGeom,
-    x: &[f32],
-    weights: SeWeights,
-    b1: &[f32],
-    b2: &[f32],
-    saved: &mut SeSaved,
-    y: &mut [f32],
-) {
-    let (n, hw, c, cr) = (g.n, g.hw, g.c, g.cr);
+/// [`forward`]'s middle, once `saved` holds the pooled means: the two products and their
+/// activations, the gate (`saved.gate()`, `[n, c]`) last.
+pub fn excite(g: &SeGeom, weights: SeWeights, b1: &[f32], b2: &[f32], saved: &mut SeSaved) {
+    let (n, c, cr) = (g.n, g.c, g.cr);
     let (w1, w2, prepared) = match weights {
         SeWeights::Plain { w1, w2 } => (w1, w2, false),
         SeWeights::Prepared { w1, w2 } => (w1, w2, true),
@@ -199,10 +190,19 @@ fn excite_and_scale(
             }
         },
     );
-    let gate = &saved.gate;
+}
+
+/// `y = x · gate` (`gate[n, c]`, each image's channels).
+pub fn scale(g: &SeGeom, x: &[f32], gate: &[f32], y: &mut [f32]) {
+    let (n, hw, c) = (g.n, g.hw, g.c);
+    assert!(
+        gate.len() >= n * c && x.len() >= n * hw * c && y.len() >= n * hw * c,
+        "se: scale sizes"
+    );
     // Each image's rows in parts (one per thread with fewer images than threads).
     let rows = hw.div_ceil(crate::pool::parts_per_image(n, hw, c)).max(1);
-    y.par_chunks_mut(hw * c)
+    y[..n * hw * c]
+        .par_chunks_mut(hw * c)
         .zip(x.par_chunks(hw * c))
         .enumerate()
         .with_min_len(images_per_task(hw * c))

@@ -807,15 +807,13 @@ impl Network {
                 };
                 let pooled_in_depthwise = i > 0 && self.pools_in_depthwise(i - 1, mode, ws);
                 let saved = ws.se_saved[i].as_mut().expect("planned for SE layers");
-                let (b1, b2) = (&p[s.b1.clone()], &p[s.b2.clone()]);
                 let t = Instant::now();
-                if pooled_in_depthwise {
-                    let sums = &ws.row_sums;
-                    let rows = x_shape.h;
-                    se::forward_from_row_sums(&g, sums, rows, x, weights, b1, b2, saved, y);
-                } else {
-                    se::forward(&g, x, weights, b1, b2, saved, y);
+                match pooled_in_depthwise {
+                    true => se::pool_row_sums(&g, &ws.row_sums, x_shape.h, saved),
+                    false => se::pool(&g, x, saved),
                 }
+                se::excite(&g, weights, &p[s.b1.clone()], &p[s.b2.clone()], saved);
+                se::scale(&g, x, saved.gate(), y);
                 Profile::add(&mut ws.profile, "squeeze-excite", t, x.len());
             }
         }
