@@ -87,7 +87,7 @@ pub fn forward(g: &DwGeom, x: &[f32], w: &[f32], y: &mut [f32], epilogue: crate:
 
 /// [`forward`], also writing each output row's sum over its pixels, channel by channel, to
 /// `row_sums` (`[n · out_h, c]`): what a squeeze-excitation after it pools
-/// ([`crate::se::forward_from_row_sums`]), taken while the row is in cache rather than read
+/// ([`crate::se::pool_row_sums`]), taken while the row is in cache rather than read
 /// again from memory.
 pub fn forward_with_row_sums(
     g: &DwGeom,

@@ -12,30 +12,35 @@ pub fn images_per_task(len: usize) -> usize {
 
 /// `out[b, c] = mean over hw of x[b, hw, c]`.
 pub fn global_avg_forward(x: &[f32], n: usize, hw: usize, c: usize, out: &mut [f32]) {
-    let inv = 1.0 / hw as f32;
+    scaled_sums(x, n, hw, c, 1.0 / hw as f32, out)
+}
+
+/// `out[b, c] = scale · Σ over rows of x[b, rows, c]`, each channel summed over the rows in
+/// order: [`global_avg_forward`], or a mean over pixels from rows already summed.
+pub fn scaled_sums(x: &[f32], n: usize, rows: usize, c: usize, scale: f32, out: &mut [f32]) {
     // Each image's channels in `parts` blocks of whole vectors.
     let width = c
-        .div_ceil(parts_per_image(n, hw, c))
+        .div_ceil(parts_per_image(n, rows, c))
         .next_multiple_of(16)
         .min(c)
         .max(1);
     out[..n * c]
         .par_chunks_mut(c)
         .enumerate()
-        .with_min_len(images_per_task(hw * c))
+        .with_min_len(images_per_task(rows * c))
         .for_each(|(b, o)| {
             o.par_chunks_mut(width).enumerate().for_each(|(j, o)| {
                 simd::dispatch(
                     #[inline(always)]
                     || {
                         o.fill(0.0);
-                        for row in x[b * hw * c..][..hw * c].chunks_exact(c) {
+                        for row in x[b * rows * c..][..rows * c].chunks_exact(c) {
                             for (a, v) in o.iter_mut().zip(&row[j * width..]) {
                                 *a += v;
                             }
                         }
                         for a in o.iter_mut() {
-                            *a *= inv;
+                            *a *= scale;
                         }
                     },
                 )

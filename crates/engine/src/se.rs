@@ -133,23 +133,7 @@ pub fn pool_row_sums(g: &SeGeom, row_sums: &[f32], rows_per_image: usize, saved:
         "se: row sums size"
     );
     let inv = 1.0 / g.hw as f32;
-    for (b, pooled) in saved.pooled[..n * c].chunks_exact_mut(c).enumerate() {
-        simd::dispatch(
-            #[inline(always)]
-            || {
-                pooled.fill(0.0);
-                for row in row_sums[b * rows_per_image * c..][..rows_per_image * c].chunks_exact(c)
-                {
-                    for (p, v) in pooled.iter_mut().zip(row) {
-                        *p += v;
-                    }
-                }
-                for p in pooled.iter_mut() {
-                    *p *= inv;
-                }
-            },
-        )
-    }
+    crate::pool::scaled_sums(row_sums, n, rows_per_image, c, inv, &mut saved.pooled);
 }
 
 /// [`forward`]'s middle, once `saved` holds the pooled means: the two products and their
