@@ -30,12 +30,14 @@ fn flat(name: &str, v: &[f32]) -> RawTensor {
     }
 }
 
-pub fn save(path: &Path, t: &Trainer, run: RunState) -> Result<(), String> {
+/// Writes `t`'s state (brought from the device first when the passes hold it).
+pub fn save(path: &Path, t: &mut Trainer, run: RunState) -> Result<(), String> {
     if t.pending != 0 {
         return Err(
             "a checkpoint is taken between optimizer steps, not inside an accumulation".into(),
         );
     }
+    t.sync_host()?;
     let mut tensors = weights::to_tensors(&t.net, &t.weights);
     tensors.push(flat("optimizer.slot_a", &t.optimizer.slot_a));
     tensors.push(flat("optimizer.slot_b", &t.optimizer.slot_b));
@@ -131,7 +133,8 @@ pub fn load(path: &Path, t: &mut Trainer) -> Result<RunState, String> {
         e.params = p;
         e.buffers = b;
     }
-    t.discard_pending();
+    t.host_state_changed();
+    t.discard_pending()?;
     Ok(RunState {
         epoch,
         batch_in_epoch: batch,

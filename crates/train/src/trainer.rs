@@ -70,7 +70,8 @@ impl Replicas {
 
 /// Where a micro-batch's forward and backward passes run: the CPU engine ([`CpuPasses`], the
 /// default) or a device the command adds (the GPU, with its `cuda` feature). The trainer keeps
-/// the weights, optimizer and EMA on the host either way.
+/// the weights, optimizer and EMA on the host unless the passes hold them
+/// ([`Passes::holds_state`]).
 pub trait Passes {
     /// Training-mode forward of `n` NHWC images of `size`²: the logits. `weights`' running
     /// statistics and batch counters move.
@@ -109,6 +110,68 @@ pub trait Passes {
 
     /// Drops what was planned for the previous replicas (synchronized BN's hook).
     fn replan(&mut self) {}
+
+    /// Whether these passes keep the parameters, their gradients, the optimizer's slots and the
+    /// EMA on their own device. The trainer then leaves [`Passes::backward`]'s `grads` empty,
+    /// has the device take each optimizer step ([`Passes::update`]), and copies the state
+    /// across only when it changes sides: [`Passes::write_state`] after a start, resume or
+    /// broadcast, [`Passes::read_state`] before a checkpoint or an evaluation. The BN running
+    /// statistics stay the host's: the passes read them back after every training forward.
+    fn holds_state(&self) -> bool {
+        false
+    }
+
+    /// Replaces the device's parameters, optimizer slots and EMA with the host's.
+    fn write_state(&mut self, _state: StateRef<'_>) -> Result<(), String> {
+        Err(NOT_HELD.into())
+    }
+
+    /// Copies the device's parameters, optimizer slots and EMA to the host.
+    fn read_state(&mut self, _state: StateMut<'_>) -> Result<(), String> {
+        Err(NOT_HELD.into())
+    }
+
+    /// One optimizer step on the device from the gradients accumulated since the last one:
+    /// scaled by `grad_scale`, averaged over the replicas, clipped, applied, then the EMA, and
+    /// the gradients zeroed. Returns the seconds spent exchanging gradients.
+    fn update(&mut self, _update: &Update<'_>) -> Result<f64, String> {
+        Err(NOT_HELD.into())
+    }
+
+    /// Zeroes the gradients accumulated on the device (a skipped step).
+    fn discard_gradients(&mut self) -> Result<(), String> {
+        Err(NOT_HELD.into())
+    }
+}
+
+const NOT_HELD: &str = "these passes keep no training state";
+
+/// The training state a device can hold, as the host has it.
+pub struct StateRef<'a> {
+    pub params: &'a [f32],
+    pub optimizer: &'a Optimizer,
+    pub ema: Option<&'a Ema>,
+}
+
+/// Where the device's training state is copied back to.
+pub struct StateMut<'a> {
+    pub params: &'a mut [f32],
+    pub optimizer: &'a mut Optimizer,
+    pub ema: Option<&'a mut Ema>,
+}
+
+/// What one optimizer step on the device needs (see [`Passes::update`]).
+pub struct Update<'a> {
+    /// The optimizer's kind, weight decay and `step`, already counting this update.
+    pub optimizer: &'a Optimizer,
+    pub lr: f32,
+    /// 1 / micro-batches accumulated.
+    pub grad_scale: f32,
+    /// Global L2 norm to clip the averaged gradient to (0: off).
+    pub clip_norm: f32,
+    /// The EMA's decay for this step; `None` without EMA.
+    pub ema_decay: Option<f32>,
+    pub replicas: &'a Replicas,
 }
 
 /// The CPU engine's passes, over workspaces planned per (batch, resolution).
@@ -194,6 +257,11 @@ pub struct Trainer {
     pending_bad: bool,
     /// Where the passes run (the CPU engine unless [`Trainer::set_passes`] says otherwise).
     passes: Box<dyn Passes>,
+    /// With passes that hold the state: the device's parameters, slots or EMA are newer than
+    /// the host's (a step was taken there) ...
+    host_stale: bool,
+    /// ... or the host's are newer than the device's (a start, resume or broadcast).
+    device_stale: bool,
 }
 
 /// The workspace in `slot` for (n, size), planned anew when the shape changed (a new batch size
@@ -235,12 +303,57 @@ impl Trainer {
             exchange_seconds: 0.0,
             pending_bad: false,
             passes: Box::new(CpuPasses::default()),
+            host_stale: false,
+            device_stale: false,
         }
     }
 
-    /// Runs the forward and backward passes on `passes` from here on.
-    pub fn set_passes(&mut self, passes: Box<dyn Passes>) {
+    /// Runs the forward and backward passes on `passes` from here on (between optimizer steps,
+    /// with the host's state current). Passes that hold the training state get it now, and the
+    /// host's gradient buffer is dropped: the device accumulates the gradients.
+    pub fn set_passes(&mut self, passes: Box<dyn Passes>) -> Result<(), String> {
+        self.sync_host()?;
         self.passes = passes;
+        self.grads = if self.passes.holds_state() {
+            Vec::new()
+        } else {
+            vec![0f32; self.weights.params.len()]
+        };
+        self.device_stale = self.passes.holds_state();
+        self.discard_pending()
+    }
+
+    /// Brings the device's newer parameters, optimizer slots and EMA to the host (a no-op when
+    /// the host's are current). Whatever reads the host's state calls it first.
+    pub fn sync_host(&mut self) -> Result<(), String> {
+        if self.host_stale {
+            self.passes.read_state(StateMut {
+                params: &mut self.weights.params,
+                optimizer: &mut self.optimizer,
+                ema: self.ema.as_mut(),
+            })?;
+            self.host_stale = false;
+        }
+        Ok(())
+    }
+
+    /// Marks the host's state as newer than the device's: it is written there before the next
+    /// pass (after a resume or a broadcast replaced it).
+    pub(crate) fn host_state_changed(&mut self) {
+        self.host_stale = false;
+        self.device_stale = self.passes.holds_state();
+    }
+
+    fn sync_device(&mut self) -> Result<(), String> {
+        if self.device_stale {
+            self.passes.write_state(StateRef {
+                params: &self.weights.params,
+                optimizer: &self.optimizer,
+                ema: self.ema.as_ref(),
+            })?;
+            self.device_stale = false;
+        }
+        Ok(())
     }
 
     /// Optimizer steps taken.
@@ -273,6 +386,7 @@ impl Trainer {
         let mut rng = self
             .rng
             .fork(self.optimizer.step * 1_000 + self.pending as u64);
+        self.sync_device()?;
         // The forward pass moves the BN running statistics; keep them to undo a bad step (they
         // are small: two values per channel).
         let (buffers, tracked) = (self.weights.buffers.clone(), self.weights.tracked.clone());
@@ -298,6 +412,7 @@ impl Trainer {
             if self.replicas.sync_bn && self.replicas.comm.size() > 1 {
                 // Synchronized BN's backward is collective: take part, with no gradient.
                 dlogits.fill(0.0);
+                // (Passes holding the state accumulate zeros: the step is discarded anyway.)
                 let mut discard = vec![0f32; self.grads.len()];
                 self.passes
                     .backward(&self.net, &self.weights, &dlogits, &mut discard)?;
@@ -328,8 +443,25 @@ impl Trainer {
             comm.all_reduce_sum_f64(&mut bad)?;
         }
         if bad[0] > 0.0 {
-            self.discard_pending();
+            self.discard_pending()?;
             return Ok(false);
+        }
+        if self.passes.holds_state() {
+            let lr = self.config.schedule.at(self.optimizer.step) as f32;
+            self.optimizer.step += 1;
+            let step = self.optimizer.step;
+            self.host_stale = true;
+            self.exchange_seconds += self.passes.update(&Update {
+                optimizer: &self.optimizer,
+                lr,
+                grad_scale: 1.0 / self.config.accumulation.max(1) as f32,
+                clip_norm: self.config.grad_clip_norm,
+                ema_decay: self.ema.as_ref().map(|e| e.decay_at(step) as f32),
+                replicas: &self.replicas,
+            })?;
+            self.pending = 0;
+            self.pending_bad = false;
+            return Ok(true);
         }
         let scale = 1.0 / self.config.accumulation.max(1) as f32;
         if scale != 1.0 {
@@ -355,7 +487,7 @@ impl Trainer {
         if let Some(ema) = &mut self.ema {
             ema.update(&self.weights, self.optimizer.step);
         }
-        self.discard_pending();
+        self.discard_pending()?;
         Ok(true)
     }
 
@@ -366,6 +498,7 @@ impl Trainer {
         if comm.size() == 1 {
             return Ok(());
         }
+        self.sync_host()?;
         comm.broadcast_f32(&mut self.weights.params, 0)?;
         comm.broadcast_f32(&mut self.weights.buffers, 0)?;
         comm.broadcast_f32(&mut self.optimizer.slot_a, 0)?;
@@ -389,25 +522,31 @@ impl Trainer {
         let (step, tracked) = values.split_last().ok_or("empty state broadcast")?;
         self.weights.tracked = tracked.to_vec();
         self.optimizer.step = *step as u64;
-        self.discard_pending();
-        Ok(())
+        self.host_state_changed();
+        self.discard_pending()
     }
 
     /// Drops the micro-batches accumulated since the last optimizer step: their gradients
     /// (zeroed over the pool: one thread's memset per step was a few percent of a small
-    /// model's step), their count and their non-finite flag.
-    pub(crate) fn discard_pending(&mut self) {
+    /// model's step; on the device when it holds them), their count and their non-finite flag.
+    pub(crate) fn discard_pending(&mut self) -> Result<(), String> {
+        if self.passes.holds_state() {
+            self.passes.discard_gradients()?;
+        }
         self.grads.par_chunks_mut(CHUNK).for_each(|c| c.fill(0.0));
         self.pending = 0;
         self.pending_bad = false;
+        Ok(())
     }
 
-    /// The weights to evaluate: the EMA's when `use_ema` and EMA is on, else the raw ones.
-    pub fn evaluation_weights(&self, use_ema: bool) -> Weights {
-        match (&self.ema, use_ema) {
+    /// The weights to evaluate: the EMA's when `use_ema` and EMA is on, else the raw ones
+    /// (brought from the device first when it holds them).
+    pub fn evaluation_weights(&mut self, use_ema: bool) -> Result<Weights, String> {
+        self.sync_host()?;
+        Ok(match (&self.ema, use_ema) {
             (Some(ema), true) => ema.weights(&self.weights),
             _ => self.weights.clone(),
-        }
+        })
     }
 
     /// Eval-mode logits of `n` NHWC images with `weights` (from [`Trainer::evaluation_weights`]).

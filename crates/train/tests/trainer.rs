@@ -30,7 +30,7 @@ fn training_learns_a_simple_task() {
     assert!(last < 0.6 * first, "loss {first} → {last}");
     let (x, y) = batch(&mut rng, 32);
     for use_ema in [false, true] {
-        let mut w = t.evaluation_weights(use_ema);
+        let mut w = t.evaluation_weights(use_ema).unwrap();
         let logits = t.eval_logits(&mut w, &x, 32, 12).expect("CPU passes");
         let correct = logits
             .chunks(3)
@@ -136,7 +136,7 @@ fn resuming_from_a_checkpoint_continues_exactly() {
     run(&mut first, 0..3);
     checkpoint::save(
         &path,
-        &first,
+        &mut first,
         RunState {
             epoch: 0,
             batch_in_epoch: 3,

@@ -354,7 +354,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         crate::Device::Cuda => {
             let math = crate::cuda_cmd::parse_math(&args.math)?;
             let passes = crate::cuda_cmd::GpuPasses::new(&t.net, &t.weights, math)?;
-            t.set_passes(Box::new(passes));
+            t.set_passes(Box::new(passes))?;
         }
     }
     let files = RunFiles::new(args, root)?;
@@ -585,7 +585,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
                 };
                 if (m + 1) < micro_per_epoch {
                     progress.clear();
-                    files.save_checkpoint(&t, here)?;
+                    files.save_checkpoint(&mut t, here)?;
                 }
             }
             if r.stepped && step.is_multiple_of(args.log_steps.max(1)) {
@@ -644,7 +644,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         let mut eval = None;
         if mode == Mode::TrainAndEval && !args.skip_eval && due {
             let use_ema = args.intratrain_eval_using_ema && t.ema.is_some();
-            let mut w = t.evaluation_weights(use_ema);
+            let mut w = t.evaluation_weights(use_ema)?;
             let r = evaluate(
                 &mut t,
                 &mut w,
@@ -670,7 +670,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
             files.write_curves(&curves)?;
             if (epoch + 1) % args.save_checkpoint_freq.max(1) == 0 || last {
                 files.save_checkpoint(
-                    &t,
+                    &mut t,
                     RunState {
                         epoch: epoch + 1,
                         batch_in_epoch: 0,
@@ -689,8 +689,11 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
 
     // The final model: the better of the raw and the EMA weights on the evaluation split.
     let batch = args.eval_batch_size;
-    let mut raw = t.evaluation_weights(false);
-    let mut ema = t.ema.is_some().then(|| t.evaluation_weights(true));
+    let mut raw = t.evaluation_weights(false)?;
+    let mut ema = match t.ema.is_some() {
+        true => Some(t.evaluation_weights(true)?),
+        false => None,
+    };
     let n = args.precise_bn_batches;
     if n > 0 && data.train.len() > 0 {
         let mut sets: Vec<&mut Weights> = std::iter::once(&mut raw).chain(ema.as_mut()).collect();

@@ -96,7 +96,7 @@ impl RunFiles {
     }
 
     /// Writes a checkpoint atomically and deletes all but the newest `--keep-last`.
-    pub fn save_checkpoint(&self, t: &Trainer, at: RunState) -> Result<(), String> {
+    pub fn save_checkpoint(&self, t: &mut Trainer, at: RunState) -> Result<(), String> {
         if !self.root || !self.saving {
             return Ok(());
         }
