@@ -8,12 +8,17 @@ use clap::Args;
 
 use crate::bench::BenchArgs;
 use effnet_cuda::device::{addr, linear, Gpu, Math};
-use effnet_cuda::net::{GpuNet, GpuWorkspace};
+use effnet_cuda::net::GpuNet;
+use effnet_cuda::passes::GpuPasses;
+use effnet_cuda::state::DeviceState;
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
 use effnet_model::network::{ConvKind, Layer};
 use effnet_model::{arch, Mode, Network, ParamKind, Weights};
-use effnet_train::trainer::{Passes, Replicas};
+use effnet_train::ema::Ema;
+use effnet_train::optim::{self, Kind, Optimizer};
+use effnet_train::schedule::{Decay, Schedule};
+use effnet_train::trainer::{Replicas, StateMut, StateRef, TrainConfig, Trainer, Update};
 
 #[derive(Args)]
 pub struct SelftestArgs {
@@ -40,7 +45,7 @@ pub fn parse_math(s: &str) -> Result<Math, String> {
     }
 }
 
-fn open_gpu(device: &str, math: Math) -> Result<Gpu, String> {
+pub fn open_gpu(device: &str, math: Math) -> Result<Gpu, String> {
     if device != "cuda" {
         return Err(format!("unknown --device {device:?}: expected cuda"));
     }
@@ -262,30 +267,10 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
         rel_err(&logits, &cpu_logits),
     );
 
-    // One EMA update over the parameters, on the GPU's kernel.
-    let shadow_host: Vec<f32> = cpu_w.params.iter().map(|v| v * 0.5).collect();
-    let shadow = gpu.upload(&shadow_host)?;
-    let len = cpu_w.params.len();
-    gpu.launch(
-        "ema_update",
-        linear(len),
-        &[
-            &addr(&shadow, &gpu.stream, 0),
-            &addr(&gpu_net.params, &gpu.stream, 0),
-            &(len as i64),
-            &0.9f32,
-        ],
-    )?;
-    let want: Vec<f32> = shadow_host
-        .iter()
-        .zip(&cpu_w.params)
-        .map(|(s, w)| 0.9 * s + (1.0 - 0.9f32) * w)
-        .collect();
-    report.add(
-        "optimizer",
-        "EMA update",
-        rel_err(&gpu.read(&shadow, len)?, &want),
-    );
+    compare_updates(&gpu, &net, &mut gpu_net, &cpu_w, &mut report)?;
+    drop((gws, gpu_net));
+    let gpu = std::rc::Rc::new(gpu);
+    compare_training(&gpu, &net, &cpu_w, n, s, &mut report)?;
 
     // Tolerances: f32 differs from the CPU only by summation order (cuDNN's and cuBLAS's
     // algorithms); TF32 rounds products' inputs to 10 mantissa bits.
@@ -314,6 +299,186 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
         ));
     }
     println!("all {} comparisons within tolerance", report.rows.len());
+    Ok(())
+}
+
+/// Two optimizer steps of every kind on the device (the second clipped), slots and EMA
+/// included, against the CPU's [`Optimizer`] and [`Ema`] from the same state and gradients.
+fn compare_updates(
+    gpu: &Gpu,
+    net: &Network,
+    gpu_net: &mut GpuNet,
+    w: &Weights,
+    report: &mut Report,
+) -> Result<(), String> {
+    let kinds = [
+        Kind::RmsProp {
+            rho: 0.9,
+            momentum: 0.9,
+            epsilon: 1e-3,
+        },
+        Kind::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+        },
+        Kind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-7,
+        },
+        Kind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-7,
+        },
+    ];
+    let mut rng = Rng::new(17);
+    let grads: Vec<Vec<f32>> = (0..2)
+        .map(|_| {
+            (0..w.params.len())
+                .map(|_| 0.01 * rng.normal() as f32)
+                .collect()
+        })
+        .collect();
+    for kind in kinds {
+        let mut opt = Optimizer::new(kind, 1e-5, &net.layout);
+        let mut ema = Ema::new(w, 0.999);
+        let mut params = w.params.clone();
+        let mut state = DeviceState::new(
+            gpu,
+            gpu_net,
+            StateRef {
+                params: &params,
+                optimizer: &opt,
+                ema: Some(&ema),
+            },
+        )?;
+        gpu.write(&w.buffers, &mut gpu_net.buffers)?;
+        let mut exchange = 0.0;
+        for (i, g) in grads.iter().enumerate() {
+            let (lr, clip) = (0.01, if i == 1 { 0.5 } else { 0.0 });
+            gpu.write(g, &mut gpu_net.grads)?;
+            let mut g = g.clone();
+            if clip > 0.0 {
+                optim::clip_global_norm(&mut g, clip);
+            }
+            opt.apply(&mut params, &g, lr);
+            let current = Weights {
+                params: params.clone(),
+                ..w.clone()
+            };
+            ema.update(&current, opt.step);
+            exchange += state.update(
+                gpu,
+                gpu_net,
+                &Update {
+                    optimizer: &opt,
+                    lr,
+                    grad_scale: 1.0,
+                    clip_norm: clip,
+                    ema_decay: Some(ema.decay_at(opt.step) as f32),
+                    replicas: &Replicas::single(),
+                },
+            )?;
+        }
+        let mut got_params = vec![0f32; params.len()];
+        let mut got_opt = Optimizer::new(kind, 1e-5, &net.layout);
+        let mut got_ema = Ema::new(w, 0.999);
+        state.read(
+            gpu,
+            gpu_net,
+            StateMut {
+                params: &mut got_params,
+                optimizer: &mut got_opt,
+                ema: Some(&mut got_ema),
+            },
+        )?;
+        let name = format!("{kind:?}");
+        let name = name.split_whitespace().next().unwrap_or("");
+        let worst = [
+            rel_err(&got_params, &params),
+            rel_err(&got_opt.slot_a, &opt.slot_a),
+            rel_err(&got_opt.slot_b, &opt.slot_b),
+            rel_err(&got_ema.params, &ema.params),
+            rel_err(&got_ema.buffers, &ema.buffers),
+            exchange, // one process: nothing exchanged
+        ]
+        .into_iter()
+        .fold(0f64, |m, e| if e.is_nan() || e > m { e } else { m });
+        report.add("optimizer", &format!("{name} steps, slots, EMA"), worst);
+    }
+    Ok(())
+}
+
+/// Four micro-batches (two accumulated steps, RMSProp, clipping, EMA) through the trainer on
+/// the GPU's passes — state held on the device, passes replayed from CUDA graphs after the
+/// first — against the same on the CPU engine: losses, then weights, slots and EMA.
+fn compare_training(
+    gpu: &std::rc::Rc<Gpu>,
+    net: &Network,
+    w: &Weights,
+    n: usize,
+    s: usize,
+    report: &mut Report,
+) -> Result<(), String> {
+    let config = TrainConfig {
+        accumulation: 2,
+        label_smoothing: 0.1,
+        bn_momentum: 0.99,
+        optimizer: Kind::RmsProp {
+            rho: 0.9,
+            momentum: 0.9,
+            epsilon: 1e-3,
+        },
+        weight_decay: 1e-5,
+        schedule: Schedule {
+            peak: 0.01,
+            warmup_steps: 1,
+            total_steps: 10,
+            decay: Decay::Cosine,
+        },
+        ema_decay: Some(0.999),
+        grad_clip_norm: 1.0,
+        seed: 3,
+    };
+    let mut cpu = Trainer::new(net.clone(), w.clone(), config.clone());
+    let mut dev = Trainer::new(net.clone(), w.clone(), config);
+    dev.set_passes(Box::new(GpuPasses::new(gpu.clone(), net, w)?))?;
+    let mut rng = Rng::new(23);
+    let mut losses = (vec![], vec![]);
+    for _ in 0..4 {
+        let x: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+        let labels: Vec<usize> = (0..n).map(|_| rng.below(net.classes)).collect();
+        let t = effnet_train::trainer::smoothed(&labels, net.classes, 0.1);
+        losses.0.push(dev.micro_step(&x, n, s, &t)?.loss);
+        losses.1.push(cpu.micro_step(&x, n, s, &t)?.loss);
+    }
+    report.add(
+        "trainer",
+        "micro-batch losses",
+        rel_err(&losses.0, &losses.1),
+    );
+    let (got, want) = (dev.evaluation_weights(true)?, cpu.evaluation_weights(true)?);
+    report.add(
+        "trainer",
+        "EMA weights after 2 steps",
+        rel_err(&got.params, &want.params),
+    );
+    report.add(
+        "trainer",
+        "running statistics",
+        rel_err(&dev.weights.buffers, &cpu.weights.buffers),
+    );
+    report.add(
+        "trainer",
+        "weights after 2 steps",
+        rel_err(&dev.weights.params, &cpu.weights.params),
+    );
+    report.add(
+        "trainer",
+        "optimizer slots",
+        rel_err(&dev.optimizer.slot_b, &cpu.optimizer.slot_b),
+    );
     Ok(())
 }
 
@@ -435,119 +600,4 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// The trainer's passes on the GPU. The trainer keeps weights, optimizer and EMA on the host:
-/// each micro-batch uploads the parameters and running statistics, runs forward (and backward)
-/// on the device, and brings the logits, statistics and gradients back — so data-parallel runs
-/// (`mpirun -np N`, one process per GPU by local rank) all-reduce gradients over MPI as on the
-/// CPU. (Next: the optimizer and EMA kernels on the device, NCCL, so that only logits travel.)
-pub struct GpuPasses {
-    gpu: Gpu,
-    net: GpuNet,
-    train: Option<((usize, usize), GpuWorkspace)>,
-    eval: Option<((usize, usize), GpuWorkspace)>,
-}
-
-impl GpuPasses {
-    pub fn new(net: &Network, weights: &Weights, math: Math) -> Result<GpuPasses, String> {
-        let gpu = open_gpu("cuda", math)?;
-        let net = GpuNet::new(&gpu, net, weights)?;
-        Ok(GpuPasses {
-            gpu,
-            net,
-            train: None,
-            eval: None,
-        })
-    }
-
-    /// The weights onto the device and the workspace for (n, size), planned when it changed.
-    fn prepare(
-        &mut self,
-        weights: &Weights,
-        n: usize,
-        size: usize,
-        training: bool,
-    ) -> Result<(), String> {
-        self.gpu.write(&weights.params, &mut self.net.params)?;
-        self.gpu.write(&weights.buffers, &mut self.net.buffers)?;
-        self.net.tracked.clone_from(&weights.tracked);
-        let slot = if training {
-            &mut self.train
-        } else {
-            &mut self.eval
-        };
-        if slot.as_ref().map(|(k, _)| *k) != Some((n, size)) {
-            *slot = None; // free the old buffers first
-            let ws = self.net.workspace(&self.gpu, n, size, size, training)?;
-            *slot = Some(((n, size), ws));
-        }
-        Ok(())
-    }
-}
-
-impl Passes for GpuPasses {
-    fn train_forward(
-        &mut self,
-        _net: &Network,
-        weights: &mut Weights,
-        images: &[f32],
-        n: usize,
-        size: usize,
-        mode: Mode,
-        rng: &mut Rng,
-        replicas: &Replicas,
-    ) -> Result<Vec<f32>, String> {
-        if replicas.comm.size() > 1 {
-            return Err(
-                "data-parallel training on GPUs needs NCCL, not written yet: run one process"
-                    .into(),
-            );
-        }
-        self.prepare(weights, n, size, true)?;
-        let (_, ws) = self.train.as_mut().expect("prepared");
-        self.net.write_input(&self.gpu, ws, images)?;
-        self.net.forward(&self.gpu, ws, mode, rng)?;
-        let logits = self.net.logits(&self.gpu, ws)?;
-        weights.buffers = self.gpu.read(&self.net.buffers, weights.buffers.len())?;
-        weights.tracked.clone_from(&self.net.tracked);
-        Ok(logits)
-    }
-
-    fn backward(
-        &mut self,
-        _net: &Network,
-        _weights: &Weights,
-        dlogits: &[f32],
-        grads: &mut [f32],
-    ) -> Result<(), String> {
-        let (_, ws) = self
-            .train
-            .as_mut()
-            .ok_or("backward before a training forward pass")?;
-        self.net.write_dlogits(&self.gpu, ws, dlogits)?;
-        self.net.zero_grads(&self.gpu)?;
-        self.net.backward(&self.gpu, ws)?;
-        let g = self.net.grads(&self.gpu)?;
-        for (a, b) in grads.iter_mut().zip(&g) {
-            *a += b;
-        }
-        Ok(())
-    }
-
-    fn eval_logits(
-        &mut self,
-        _net: &Network,
-        weights: &mut Weights,
-        images: &[f32],
-        n: usize,
-        size: usize,
-    ) -> Result<Vec<f32>, String> {
-        self.prepare(weights, n, size, false)?;
-        let (_, ws) = self.eval.as_mut().expect("prepared");
-        self.net.write_input(&self.gpu, ws, images)?;
-        self.net
-            .forward(&self.gpu, ws, Mode::Eval, &mut Rng::new(0))?;
-        self.net.logits(&self.gpu, ws)
-    }
 }

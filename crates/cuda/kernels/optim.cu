@@ -96,3 +96,46 @@ extern "C" __global__ void ema_update(float* __restrict__ shadow, const float* _
                                       long long n, float decay) {
     GRID_STRIDE(i, n) { shadow[i] = decay * shadow[i] + (1.0f - decay) * w[i]; }
 }
+
+// x ← k·x: the gradients' 1/K over K accumulated micro-batches, or their clipping factor.
+extern "C" __global__ void scale_in_place(float* __restrict__ x, long long n, float k) {
+    GRID_STRIDE(i, n) { x[i] *= k; }
+}
+
+// The global norm's sum of squares, in f64 as the CPU sums it: each block adds its share of
+// the grid-stride loop and writes partial[blockIdx.x]; the host adds the partials in order.
+// Launched with 256 threads per block.
+extern "C" __global__ void sum_squares_partials(const float* __restrict__ x, long long n,
+                                                double* __restrict__ partial) {
+    __shared__ double red[256];
+    double s = 0.0;
+    GRID_STRIDE(i, n) { s += (double)x[i] * (double)x[i]; }
+    red[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) red[threadIdx.x] += red[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+}
+
+// Gradients exchanged as f16 (Horovod's fp16 compression): rounded to nearest even on the
+// way out, widened and scaled by 1/replicas on the way back. PTX conversions, so that no
+// header is needed (NVRTC has no include path here); f16 values travel as 16-bit words.
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, unsigned short* __restrict__ h,
+                                      long long n) {
+    GRID_STRIDE(i, n) {
+        unsigned short v;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(x[i]));
+        h[i] = v;
+    }
+}
+
+extern "C" __global__ void f16_to_f32_scaled(const unsigned short* __restrict__ h,
+                                             float* __restrict__ x, long long n, float k) {
+    GRID_STRIDE(i, n) {
+        float v;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h[i]));
+        x[i] = v * k;
+    }
+}

@@ -11,7 +11,10 @@
 pub mod conv;
 pub mod device;
 pub mod gemm;
+pub mod nccl;
 pub mod net;
+pub mod passes;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

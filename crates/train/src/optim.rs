@@ -96,9 +96,6 @@ impl Optimizer {
             Kind::AdamW { .. } => lr * self.weight_decay,
             _ => 0.0,
         };
-        let t = self.step as i32;
-        let adam_lr =
-            |beta1: f32, beta2: f32| lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t));
         // Elementwise, so chunks on the thread pool give the same bits as one loop. SGD has no
         // second slot: its chunks are empty.
         let chunks = params.len().div_ceil(CHUNK);
@@ -151,7 +148,7 @@ impl Optimizer {
                                 beta2,
                                 epsilon,
                             } => {
-                                let lr_t = adam_lr(beta1, beta2);
+                                let lr_t = adam_step_size(lr, beta1, beta2, self.step);
                                 for ((g, w, d), (m, v)) in terms.zip(a.iter_mut().zip(b.iter_mut()))
                                 {
                                     *m = beta1 * *m + (1.0 - beta1) * g;
@@ -164,6 +161,13 @@ impl Optimizer {
                 )
             });
     }
+}
+
+/// Adam's step size at step `t` (counting from 1), the bias correction folded in as Keras does:
+/// `lr·√(1 − β2^t)/(1 − β1^t)`. The GPU's update takes it from here too.
+pub fn adam_step_size(lr: f32, beta1: f32, beta2: f32, t: u64) -> f32 {
+    let t = t.min(i32::MAX as u64) as i32;
+    lr * (1.0 - beta2.powi(t)).sqrt() / (1.0 - beta1.powi(t))
 }
 
 /// Elements per parallel task of an update: large enough to amortize the task, small enough

@@ -353,7 +353,9 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         #[cfg(feature = "cuda")]
         crate::Device::Cuda => {
             let math = crate::cuda_cmd::parse_math(&args.math)?;
-            let passes = crate::cuda_cmd::GpuPasses::new(&t.net, &t.weights, math)?;
+            let gpu = crate::cuda_cmd::open_gpu("cuda", math)?;
+            let passes =
+                effnet_cuda::passes::GpuPasses::new(std::rc::Rc::new(gpu), &t.net, &t.weights)?;
             t.set_passes(Box::new(passes))?;
         }
     }

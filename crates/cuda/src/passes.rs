@@ -1,0 +1,210 @@
+//! The trainer's passes on the GPU (`effnet train --device cuda`), holding the training state
+//! on the device ([`Passes::holds_state`]): parameters, gradients, optimizer slots and EMA stay
+//! there, and a micro-batch moves only its images, its logits, d loss/d logits and the BN
+//! running statistics (a few values per channel; the host keeps those, as it must to undo a
+//! non-finite step). Each (batch, resolution) gets its forward and backward passes captured as
+//! CUDA graphs at first use and replayed after; the optimizer step follows on the device, with
+//! gradients averaged over NCCL between processes (`mpirun -np N`, one GPU each).
+
+use std::rc::Rc;
+
+use cudarc::driver::CudaGraph;
+use effnet_engine::rng::Rng;
+use effnet_model::{Mode, Network, Weights};
+use effnet_train::trainer::{Passes, Replicas, StateMut, StateRef, Update};
+
+use crate::device::{Gpu, Result};
+use crate::net::{GpuNet, GpuWorkspace};
+use crate::state::DeviceState;
+
+/// A training workspace and the graphs captured on it.
+struct Planned {
+    key: (usize, usize),
+    ws: GpuWorkspace,
+    /// The forward pass in the mode it was captured with (BN momentum is in its arguments).
+    forward: Option<(Mode, CudaGraph)>,
+    backward: Option<CudaGraph>,
+}
+
+pub struct GpuPasses {
+    /// Shared with the caller (the self-test runs its own checks on the same device).
+    gpu: Rc<Gpu>,
+    /// The trained network: parameters and gradients on the device.
+    net: GpuNet,
+    state: Option<DeviceState>,
+    /// Evaluation runs on weights the trainer passes in (raw or EMA), kept apart from `net`.
+    eval_net: Option<GpuNet>,
+    train: Option<Planned>,
+    eval: Option<((usize, usize), GpuWorkspace)>,
+    /// Capture graphs; false after a capture failed (the passes then launch directly).
+    graphs: bool,
+}
+
+/// Replays `graph`, capturing `work` into it first when there is none; without graphs (or
+/// when the capture fails, reported once) runs `work` directly.
+fn replay(
+    gpu: &Gpu,
+    graph: &mut Option<CudaGraph>,
+    graphs: &mut bool,
+    mut work: impl FnMut() -> Result<()>,
+) -> Result<()> {
+    if *graphs && graph.is_none() {
+        match gpu.capture(&mut work) {
+            Ok(g) => *graph = Some(g),
+            Err(e) => {
+                eprintln!(
+                    "effnet: no CUDA graph for the training passes ({e}); launching directly"
+                );
+                *graphs = false;
+            }
+        }
+    }
+    match graph {
+        Some(g) => g
+            .launch()
+            .map_err(|e| format!("replaying a training graph: {e:?}")),
+        None => work(),
+    }
+}
+
+impl GpuPasses {
+    pub fn new(gpu: Rc<Gpu>, net: &Network, weights: &Weights) -> Result<GpuPasses> {
+        let net = GpuNet::new(&gpu, net, weights)?;
+        Ok(GpuPasses {
+            gpu,
+            net,
+            state: None,
+            eval_net: None,
+            train: None,
+            eval: None,
+            graphs: true,
+        })
+    }
+}
+
+impl Passes for GpuPasses {
+    fn train_forward(
+        &mut self,
+        _net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+        mode: Mode,
+        rng: &mut Rng,
+        replicas: &Replicas,
+    ) -> Result<Vec<f32>> {
+        if replicas.sync_bn && replicas.comm.size() > 1 {
+            return Err(
+                "synchronized batch norm is not written for GPUs yet: train without --sync_bn"
+                    .into(),
+            );
+        }
+        if self.state.is_none() {
+            return Err("the trainer has not written its state to the GPU".into());
+        }
+        let gpu = &self.gpu;
+        if self.train.as_ref().map(|p| p.key) != Some((n, size)) {
+            self.train = None; // free the old buffers first
+            self.train = Some(Planned {
+                key: (n, size),
+                ws: self.net.workspace(gpu, n, size, size, true)?,
+                forward: None,
+                backward: None,
+            });
+        }
+        let planned = self.train.as_mut().expect("planned above");
+        gpu.write(&weights.buffers, &mut self.net.buffers)?;
+        self.net.tracked.clone_from(&weights.tracked);
+        self.net.write_input(gpu, &mut planned.ws, images)?;
+        self.net.draw_masks(gpu, &mut planned.ws, mode, rng)?;
+        if planned.forward.as_ref().is_some_and(|(m, _)| *m != mode) {
+            planned.forward = None;
+        }
+        let mut graph = planned.forward.take().map(|(_, g)| g);
+        let (net, ws) = (&self.net, &mut planned.ws);
+        replay(gpu, &mut graph, &mut self.graphs, || {
+            net.forward_launches(gpu, ws, mode)
+        })?;
+        planned.forward = graph.map(|g| (mode, g));
+        self.net.count_batches(mode);
+        let logits = self.net.logits(gpu, &planned.ws)?;
+        weights.buffers = gpu.read(&self.net.buffers, weights.buffers.len())?;
+        weights.tracked.clone_from(&self.net.tracked);
+        Ok(logits)
+    }
+
+    fn backward(
+        &mut self,
+        _net: &Network,
+        _weights: &Weights,
+        dlogits: &[f32],
+        _grads: &mut [f32],
+    ) -> Result<()> {
+        let planned = self
+            .train
+            .as_mut()
+            .ok_or("backward before a training forward pass")?;
+        let gpu = &self.gpu;
+        self.net.write_dlogits(gpu, &mut planned.ws, dlogits)?;
+        let (net, ws) = (&self.net, &mut planned.ws);
+        replay(gpu, &mut planned.backward, &mut self.graphs, || {
+            net.backward(gpu, ws)
+        })
+    }
+
+    fn eval_logits(
+        &mut self,
+        net: &Network,
+        weights: &mut Weights,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>> {
+        let gpu = &self.gpu;
+        match &mut self.eval_net {
+            Some(e) => {
+                gpu.write(&weights.params, &mut e.params)?;
+                gpu.write(&weights.buffers, &mut e.buffers)?;
+            }
+            None => self.eval_net = Some(GpuNet::new(gpu, net, weights)?),
+        }
+        let eval_net = self.eval_net.as_mut().expect("set above");
+        if self.eval.as_ref().map(|(k, _)| *k) != Some((n, size)) {
+            self.eval = None;
+            self.eval = Some(((n, size), eval_net.workspace(gpu, n, size, size, false)?));
+        }
+        let (_, ws) = self.eval.as_mut().expect("planned above");
+        eval_net.write_input(gpu, ws, images)?;
+        eval_net.forward(gpu, ws, Mode::Eval, &mut Rng::new(0))?;
+        eval_net.logits(gpu, ws)
+    }
+
+    fn holds_state(&self) -> bool {
+        true
+    }
+
+    fn write_state(&mut self, state: StateRef<'_>) -> Result<()> {
+        self.state = None;
+        self.state = Some(DeviceState::new(&self.gpu, &mut self.net, state)?);
+        Ok(())
+    }
+
+    fn read_state(&mut self, state: StateMut<'_>) -> Result<()> {
+        self.state
+            .as_ref()
+            .ok_or("no training state on the GPU")?
+            .read(&self.gpu, &self.net, state)
+    }
+
+    fn update(&mut self, update: &Update<'_>) -> Result<f64> {
+        self.state
+            .as_mut()
+            .ok_or("no training state on the GPU")?
+            .update(&self.gpu, &mut self.net, update)
+    }
+
+    fn discard_gradients(&mut self) -> Result<()> {
+        self.net.zero_grads(&self.gpu)
+    }
+}
