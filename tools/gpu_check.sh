@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of issue 7, as one script for a lent GPU machine (CUDA 13 image with PyTorch):
-# the self-test against the CPU engine in f32 and TF32, then effnet's and PyTorch's benchmarks
+# the self-test against the CPU engine in f32, TF32 and bf16 (AMP), then effnet's and PyTorch's benchmarks
 # on the same GPU. Build here first (`cargo build --release --features cuda`) and carry
 # target/release/effnet; everything is logged to $OUT/log (or ./gpu-check.log).
 # Usage: tools/gpu_check.sh [quick]   (quick: the self-tests only)
@@ -23,17 +23,21 @@ CUDNN_LOGLEVEL_DBG=2 CUDNN_LOGDEST_DBG=stderr $bin selftest --batch-size 2 --img
 echo "selftest small rc=$?"
 $bin selftest --math f32; echo "selftest f32 rc=$?"
 $bin selftest --math tf32; echo "selftest tf32 rc=$?"
+$bin selftest --math bf16; echo "selftest bf16 rc=$?"
 $bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32; echo "selftest lite0 odd size rc=$?"
 echo "self-tests took $(( $(date +%s) - t0 )) s"
 [ "${1:-}" = quick ] && exit 0
 if [ -f .gpu-data/train-images-idx3-ubyte.gz ]; then
   $bin train --device cuda --data-dir .gpu-data --arch efficientnetv2_b0 --epochs 1 \
     --batch-size 256 --img-size 28 --lr-init 0.004 --lr-decay cosine --lr-warmup-epochs 0.2 \
-    --augmenter-name none --moving-average-decay 0.999 --log-steps 50 --model-dir /tmp/gpu-run
+    --augmenter-name none --moving-average-decay 0.999 --log-steps 50 --model-dir /tmp/gpu-run \
+    --use-amp
   echo "gpu training rc=$?"
 fi
-$bin inference_benchmark --device cuda --math tf32 --batch-size 1,8,128 --img-size 384 --json
-$bin training_benchmark --device cuda --math tf32 --batch-size 128 --img-size 300 --steps 10 --json
+for math in bf16 tf32; do
+  $bin inference_benchmark --device cuda --math $math --batch-size 1,8,128 --img-size 384 --json
+  $bin training_benchmark --device cuda --math $math --batch-size 128 --img-size 300 --steps 10 --json
+done
 python3 tools/gpu_peer.py --runs 10
 python3 tools/gpu_peer.py --runs 10 --compile --impls torch-amp-bf16-cl --cases train:128x300,infer:128x384
 echo "total $(( $(date +%s) - t0 )) s"

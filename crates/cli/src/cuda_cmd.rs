@@ -32,7 +32,8 @@ pub struct SelftestArgs {
     batch_size: usize,
     #[arg(long = "img-size", default_value_t = 64)]
     img_size: usize,
-    /// `f32` (plain fused multiply-adds) or `tf32` (tensor cores; looser tolerances).
+    /// `f32` (plain fused multiply-adds), `tf32` (tensor cores) or `bf16` (mixed precision:
+    /// bf16 activations, f32 sums; looser tolerances still).
     #[arg(long, default_value = "f32")]
     math: String,
 }
@@ -41,7 +42,8 @@ pub fn parse_math(s: &str) -> Result<Math, String> {
     match s {
         "f32" => Ok(Math::F32),
         "tf32" => Ok(Math::Tf32),
-        _ => Err(format!("unknown --math {s:?}: expected f32 or tf32")),
+        "bf16" => Ok(Math::Bf16),
+        _ => Err(format!("unknown --math {s:?}: expected f32, tf32 or bf16")),
     }
 }
 
@@ -274,9 +276,12 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
 
     // Tolerances: f32 differs from the CPU only by summation order (cuDNN's and cuBLAS's
     // algorithms); TF32 rounds products' inputs to 10 mantissa bits.
+    // bf16 stores every activation with 8 significant bits (relative rounding 2⁻⁹), compounding
+    // over the layers; the CPU side stays f32.
     let (tol_fwd, tol_bwd) = match math {
         Math::F32 => (1e-3, 1e-2),
         Math::Tf32 => (3e-2, 1e-1),
+        Math::Bf16 => (8e-2, 2.5e-1),
     };
     println!(
         "{:<14} {:<40} {:>12} {:>10} {:>6}",
@@ -485,7 +490,11 @@ fn compare_training(
 /// Training (forward, loss, backward, SGD momentum) or inference steps timed on the GPU, in
 /// the peers' schema with `--json`.
 pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
-    let math = parse_math(&args.math)?;
+    // `--precision bf16` asks for mixed precision, as on the CPU.
+    let math = match args.precision.as_str() {
+        "bf16" => Math::Bf16,
+        _ => parse_math(&args.math)?,
+    };
     let gpu = open_gpu("cuda", math)?;
     let net = Network::new(arch(&args.arch)?);
     let weights = Weights::init(&net, 0);

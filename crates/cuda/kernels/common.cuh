@@ -1,6 +1,28 @@
 // Shared by every kernel source: the host compiles each source with this file in front
 // (NVRTC sees one file at a time and no include path), see crates/cuda/src/lib.rs.
 
+// Activation storage (`act_t`): f32, or bf16 in the "_bf16" twin of a source, which the host
+// compiles with ACT_BF16 defined to 1 (AMP: activations and their gradients stored in bf16,
+// every sum and product in f32). ld widens, st rounds to nearest even; in f32 both are the
+// identity. Pointers typed act_t are activation buffers; parameters, gradients of parameters,
+// statistics and the head's small tensors stay f32 in both.
+#ifndef ACT_BF16
+#define ACT_BF16 0
+#endif
+#if ACT_BF16
+typedef unsigned short act_t;
+__device__ __forceinline__ float ld(act_t v) { return __uint_as_float(((unsigned)v) << 16); }
+__device__ __forceinline__ act_t st(float f) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#else
+typedef float act_t;
+__device__ __forceinline__ float ld(float v) { return v; }
+__device__ __forceinline__ float st(float f) { return f; }
+#endif
+
 // Grid-stride loop over a flat index: any grid covers any n.
 #define GRID_STRIDE(i, n)                                                            \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \

@@ -29,19 +29,19 @@
     for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < (rows); \
          r += (long long)gridDim.y * blockDim.y)
 
-extern "C" __global__ void bn_sum_partials(const float* __restrict__ x, long long rows, int c,
+extern "C" __global__ void bn_sum_partials(const act_t* __restrict__ x, long long rows, int c,
                                            float* __restrict__ partial) {
     __shared__ float red[1024];
     CHANNEL_TILES(base, c) {
         int ch = base + threadIdx.x;
         float acc = 0.0f;
-        if (ch < c) SLICE_ROWS(r, rows) acc += x[r * c + ch];
+        if (ch < c) SLICE_ROWS(r, rows) acc += ld(x[r * c + ch]);
         acc = column_sum(red, acc);
         if (threadIdx.y == 0 && ch < c) partial[(long long)blockIdx.y * c + ch] = acc;
     }
 }
 
-extern "C" __global__ void bn_sqdev_partials(const float* __restrict__ x,
+extern "C" __global__ void bn_sqdev_partials(const act_t* __restrict__ x,
                                              const float* __restrict__ mean, long long rows,
                                              int c, float* __restrict__ partial) {
     __shared__ float red[1024];
@@ -51,7 +51,7 @@ extern "C" __global__ void bn_sqdev_partials(const float* __restrict__ x,
         if (ch < c) {
             float m = mean[ch];
             SLICE_ROWS(r, rows) {
-                float d = x[r * c + ch] - m;
+                float d = ld(x[r * c + ch]) - m;
                 acc += d * d;
             }
         }
@@ -117,12 +117,12 @@ extern "C" __global__ void bn_fold_running(const float* __restrict__ gamma,
 
 // y = act(x·scale + shift). x and y may be the same buffer (eval applies BN in place), hence
 // no __restrict__ on them: each element is read once, then written by the same thread.
-extern "C" __global__ void bn_apply(const float* x, const float* __restrict__ scale,
+extern "C" __global__ void bn_apply(const act_t* x, const float* __restrict__ scale,
                                     const float* __restrict__ shift, long long rows, int c,
-                                    int act, float* y) {
+                                    int act, act_t* y) {
     GRID_STRIDE(i, rows * c) {
         int ch = (int)(i % c);
-        y[i] = act_apply(act, x[i] * scale[ch] + shift[ch]);
+        y[i] = st(act_apply(act, ld(x[i]) * scale[ch] + shift[ch]));
     }
 }
 
@@ -144,9 +144,9 @@ extern "C" __global__ void bn_update_running(float* __restrict__ running_mean,
 // activation's derivative is the costly part, computed once), and each row slice's Σdz and
 // Σdz·x̂ go to partial[p, 0..c] and partial[p, c..2c].
 extern "C" __global__ void bn_backward_partials(
-    const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ scale,
+    const act_t* __restrict__ x, const act_t* __restrict__ dy, const float* __restrict__ scale,
     const float* __restrict__ shift, const float* __restrict__ mean,
-    const float* __restrict__ invstd, long long rows, int c, int act, float* __restrict__ dz,
+    const float* __restrict__ invstd, long long rows, int c, int act, act_t* __restrict__ dz,
     float* __restrict__ partial) {
     __shared__ float red[1024];
     CHANNEL_TILES(base, c) {
@@ -156,9 +156,9 @@ extern "C" __global__ void bn_backward_partials(
             float s = scale[ch], b = shift[ch], m = mean[ch], is = invstd[ch];
             SLICE_ROWS(r, rows) {
                 long long i = r * c + ch;
-                float xv = x[i];
-                float d = dy[i] * act_derivative(act, xv * s + b);
-                dz[i] = d;
+                float xv = ld(x[i]);
+                float d = ld(dy[i]) * act_derivative(act, xv * s + b);
+                dz[i] = st(d);
                 sum_dz += d;
                 sum_dzx += d * (xv - m) * is;
             }
@@ -186,16 +186,17 @@ extern "C" __global__ void bn_backward_params(const double* __restrict__ sums, i
 
 // Pass 2, in place over dz: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)). `sums` spans every
 // replica's rows with synchronized BN; inv_total = 1/(their count).
-extern "C" __global__ void bn_backward_dx(const float* __restrict__ x,
+extern "C" __global__ void bn_backward_dx(const act_t* __restrict__ x,
                                           const float* __restrict__ scale,
                                           const float* __restrict__ mean,
                                           const float* __restrict__ invstd,
                                           const double* __restrict__ sums, long long rows, int c,
-                                          double inv_total, float* __restrict__ dx) {
+                                          double inv_total, act_t* __restrict__ dx) {
     GRID_STRIDE(i, rows * c) {
         int ch = (int)(i % c);
         float mean_dz = (float)(sums[ch] * inv_total);
         float mean_dzx = (float)(sums[c + ch] * inv_total);
-        dx[i] = scale[ch] * (dx[i] - mean_dz - (x[i] - mean[ch]) * invstd[ch] * mean_dzx);
+        dx[i] = st(scale[ch] *
+                   (ld(dx[i]) - mean_dz - (ld(x[i]) - mean[ch]) * invstd[ch] * mean_dzx));
     }
 }

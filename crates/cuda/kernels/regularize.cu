@@ -12,16 +12,16 @@ extern "C" __global__ void dropout_apply(const float* __restrict__ x,
 
 // out += x·mask[image] over [images, per_image]: the residual add of a block whose branch x is
 // dropped per sample. Fused so the branch output is read once.
-extern "C" __global__ void drop_path_add(const float* __restrict__ x,
+extern "C" __global__ void drop_path_add(const act_t* __restrict__ x,
                                          const float* __restrict__ mask, long long images,
-                                         long long per_image, float* __restrict__ out) {
-    GRID_STRIDE(i, images * per_image) { out[i] += x[i] * mask[i / per_image]; }
+                                         long long per_image, act_t* __restrict__ out) {
+    GRID_STRIDE(i, images * per_image) { out[i] = st(ld(out[i]) + ld(x[i]) * mask[i / per_image]); }
 }
 
 // y = x·mask[image]: the gradient that reaches the dropped branch (dy for x), or a drop-path
 // without the residual add.
-extern "C" __global__ void drop_path_scale(const float* __restrict__ x,
+extern "C" __global__ void drop_path_scale(const act_t* __restrict__ x,
                                            const float* __restrict__ mask, long long images,
-                                           long long per_image, float* __restrict__ y) {
-    GRID_STRIDE(i, images * per_image) { y[i] = x[i] * mask[i / per_image]; }
+                                           long long per_image, act_t* __restrict__ y) {
+    GRID_STRIDE(i, images * per_image) { y[i] = st(ld(x[i]) * mask[i / per_image]); }
 }

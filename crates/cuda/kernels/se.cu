@@ -36,24 +36,24 @@ extern "C" __global__ void se_bias_sigmoid(float* __restrict__ gate,
     GRID_STRIDE(i, n * c) { gate[i] = sigmoidf(gate[i] + bias[i % c]); }
 }
 
-extern "C" __global__ void se_excite(const float* __restrict__ x, const float* __restrict__ gate,
-                                     long long n, long long hw, int c, float* __restrict__ y) {
+extern "C" __global__ void se_excite(const act_t* __restrict__ x, const float* __restrict__ gate,
+                                     long long n, long long hw, int c, act_t* __restrict__ y) {
     long long per_image = hw * c;
-    GRID_STRIDE(i, n * per_image) { y[i] = x[i] * gate[(i / per_image) * c + i % c]; }
+    GRID_STRIDE(i, n * per_image) { y[i] = st(ld(x[i]) * gate[(i / per_image) * c + i % c]); }
 }
 
 // d(pre-sigmoid gate) = Σ_hw dy·x · gate·(1 − gate), one value per (image, channel).
-extern "C" __global__ void se_gate_grad(const float* __restrict__ x,
-                                        const float* __restrict__ dy,
+extern "C" __global__ void se_gate_grad(const act_t* __restrict__ x,
+                                        const act_t* __restrict__ dy,
                                         const float* __restrict__ gate, long long n,
                                         long long hw, int c, float* __restrict__ d_pre_gate) {
     __shared__ float red[1024];
     IMAGES(b, n) CHANNEL_TILES(base, c) {
         int ch = base + threadIdx.x;
-        const float* xb = x + b * hw * c;
-        const float* gb = dy + b * hw * c;
+        const act_t* xb = x + b * hw * c;
+        const act_t* gb = dy + b * hw * c;
         float acc = 0.0f;
-        if (ch < c) PIXELS(p, hw) acc += xb[p * c + ch] * gb[p * c + ch];
+        if (ch < c) PIXELS(p, hw) acc += ld(xb[p * c + ch]) * ld(gb[p * c + ch]);
         acc = column_sum(red, acc);
         if (threadIdx.y == 0 && ch < c) {
             float s = gate[b * c + ch];
@@ -81,14 +81,14 @@ extern "C" __global__ void se_bias_grad(const float* __restrict__ d, long long n
 
 // dx = dy·gate + d_pooled/hw: the excitation's direct path plus the squeeze's (the mean spreads
 // its gradient evenly over the pixels).
-extern "C" __global__ void se_excite_backward(const float* __restrict__ dy,
+extern "C" __global__ void se_excite_backward(const act_t* __restrict__ dy,
                                               const float* __restrict__ gate,
                                               const float* __restrict__ d_pooled, long long n,
-                                              long long hw, int c, float* __restrict__ dx) {
+                                              long long hw, int c, act_t* __restrict__ dx) {
     float inv_hw = 1.0f / (float)hw;
     long long per_image = hw * c;
     GRID_STRIDE(i, n * per_image) {
         long long k = (i / per_image) * c + i % c;
-        dx[i] = dy[i] * gate[k] + d_pooled[k] * inv_hw;
+        dx[i] = st(ld(dy[i]) * gate[k] + d_pooled[k] * inv_hw);
     }
 }

@@ -159,7 +159,18 @@ fn usable<P: AlgoPerf>(
 fn math_ok(math: crate::device::Math, m: sys::cudnnMathType_t) -> bool {
     match math {
         crate::device::Math::F32 => m == sys::cudnnMathType_t::CUDNN_FMA_MATH,
-        crate::device::Math::Tf32 => true,
+        crate::device::Math::Tf32 | crate::device::Math::Bf16 => true,
+    }
+}
+
+/// The stored type of activations and packed filters: f32, or bf16 for mixed precision (whose
+/// convolutions still accumulate in f32: the descriptor's compute type).
+fn storage(math: crate::device::Math) -> sys::cudnnDataType_t {
+    match math {
+        crate::device::Math::Bf16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        crate::device::Math::F32 | crate::device::Math::Tf32 => {
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT
+        }
     }
 }
 
@@ -167,7 +178,7 @@ fn dnn_err(what: &'static str) -> impl FnOnce(dnn::CudnnError) -> String {
     move |e| format!("cuDNN {what}: {e:?}")
 }
 
-fn nhwc_desc(s: Nhwc) -> Result<sys::cudnnTensorDescriptor_t> {
+fn nhwc_desc(s: Nhwc, dtype: sys::cudnnDataType_t) -> Result<sys::cudnnTensorDescriptor_t> {
     let d = dnn::create_tensor_descriptor().map_err(dnn_err("tensor descriptor"))?;
     let i = |v: usize| v as std::ffi::c_int;
     // SAFETY: `d` was just created.
@@ -175,7 +186,7 @@ fn nhwc_desc(s: Nhwc) -> Result<sys::cudnnTensorDescriptor_t> {
         dnn::set_tensor4d_descriptor(
             d,
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
-            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            dtype,
             [i(s.n), i(s.c), i(s.h), i(s.w)],
         )
     }
@@ -203,13 +214,15 @@ impl Conv {
             SamePad::Explicit { hp, wp, .. } => (Nhwc::new(input.n, hp, wp, input.c), (0, 0)),
         };
         let i = |v: usize| v as std::ffi::c_int;
-        let x = nhwc_desc(conv_in)?;
-        let y = nhwc_desc(output)?;
+        let dtype = storage(gpu.math);
+        let x = nhwc_desc(conv_in, dtype)?;
+        let y = nhwc_desc(output, dtype)?;
         let w = dnn::create_filter_descriptor().map_err(dnn_err("filter descriptor"))?;
         let conv = dnn::create_convolution_descriptor().map_err(dnn_err("conv descriptor"))?;
         let math = match gpu.math {
             crate::device::Math::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
             crate::device::Math::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            crate::device::Math::Bf16 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
         };
         // A depthwise filter is [c, 1, k, k]: PyTorch's layout is already cuDNN's NHWC one.
         let per_group_in = if depthwise { 1 } else { input.c };
@@ -217,7 +230,7 @@ impl Conv {
         unsafe {
             dnn::set_filter4d_descriptor(
                 w,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                dtype,
                 sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
                 [i(cout), i(per_group_in), i(kernel), i(kernel)],
             )

@@ -1,5 +1,6 @@
 //! One CUDA device: its context and stream, the cuBLAS and cuDNN handles, and every kernel of
-//! [`crate::SOURCES`] compiled by NVRTC and loaded.
+//! [`crate::units`] compiled by NVRTC and loaded (with [`Math::Bf16`], the bf16 twins in place
+//! of their f32 originals, under the same names).
 //!
 //! Device memory is held in cudarc's `CudaSlice`s, but the network passes raw device addresses
 //! (`u64`) to kernels, cuBLAS and cuDNN: one stream runs everything in order, so cudarc's
@@ -16,13 +17,27 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-/// How f32 matrix products and convolutions run.
+/// How matrix products and convolutions run, and what the activations are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Math {
     /// Plain f32 fused multiply-adds: what the self-test compares with the CPU engine.
     F32,
     /// TF32 tensor cores for f32 data (Ampere and newer): the reference's default for f32.
     Tf32,
+    /// Mixed precision (AMP): activations and their gradients stored in bf16, convolutions and
+    /// 1×1 products on bf16 tensor cores with f32 accumulation; parameters, their gradients,
+    /// optimizer and batch-norm statistics stay f32 (the small f32 products use TF32).
+    Bf16,
+}
+
+impl Math {
+    /// Bytes of one stored activation.
+    pub fn act_bytes(self) -> usize {
+        match self {
+            Math::Bf16 => 2,
+            Math::F32 | Math::Tf32 => 4,
+        }
+    }
 }
 
 /// What is missing when a library cannot be opened, and where to get it.
@@ -87,16 +102,22 @@ impl Gpu {
             .compute_capability()
             .map_err(err("compute capability"))?;
         let mut kernels = HashMap::new();
-        for (file, source) in crate::SOURCES {
-            let cubin = crate::compile_cubin(file, source, capability)?;
+        // The bf16 twins come after their originals and replace them under the same names.
+        let bf16 = math == Math::Bf16;
+        for (file, source) in crate::units() {
+            if file.ends_with(".bf16.cu") && !bf16 {
+                continue;
+            }
+            let cubin = crate::compile_cubin(&file, &source, capability)?;
             let module = ctx
                 .load_module(Ptx::from_binary(cubin))
                 .map_err(err(&format!("loading the machine code of {file}")))?;
-            for kernel in crate::kernel_names(source) {
+            for kernel in crate::kernel_names(&source) {
                 let f = module
                     .load_function(kernel)
                     .map_err(err(&format!("loading kernel {kernel}")))?;
-                kernels.insert(kernel.to_string(), f);
+                let name = kernel.strip_suffix(crate::BF16_SUFFIX).unwrap_or(kernel);
+                kernels.insert(name.to_string(), f);
             }
         }
         let blas = cudarc::cublas::result::create_handle().map_err(err("cublasCreate"))?;
@@ -109,7 +130,7 @@ impl Gpu {
                 .map_err(err("cudnnSetStream"))?;
             let mode = match math {
                 Math::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-                Math::Tf32 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+                Math::Tf32 | Math::Bf16 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
             };
             blas_sys::cublasSetMathMode(blas, mode)
                 .result()

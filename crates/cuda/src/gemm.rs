@@ -90,6 +90,71 @@ pub fn sgemm(
     .map_err(|e| format!("cublasSgemm ({p:?}): {e:?}"))
 }
 
+/// How a product's operands are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    Bf16,
+}
+
+impl Elem {
+    fn cuda(self) -> cudarc::cublas::sys::cudaDataType {
+        match self {
+            Elem::F32 => cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
+            Elem::Bf16 => cudarc::cublas::sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+}
+
+/// The row-major product `c = α·op(a)·op(b) + β·c` with `a` and `b` stored as `ab`, `c` as
+/// `c_type`, accumulated in f32 (cublasGemmEx; all f32 is [`sgemm`]): mixed precision's 1×1
+/// convolutions, bf16 × bf16 into bf16 activations or into f32 weight gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    gpu: &crate::device::Gpu,
+    p: RowMajor,
+    a: u64,
+    b: u64,
+    c: u64,
+    alpha: f32,
+    beta: f32,
+    ab: Elem,
+    c_type: Elem,
+) -> crate::device::Result<()> {
+    if (ab, c_type) == (Elem::F32, Elem::F32) {
+        return sgemm(gpu, p, a, b, c, alpha, beta);
+    }
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
+    let g = ColMajor::of(p);
+    let i = |v: usize| v as std::ffi::c_int;
+    // SAFETY: as in `sgemm`, with the elements of the stated types; alpha and beta are f32 host
+    // scalars, as the f32 compute type wants.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            gpu.blas,
+            op(g.transa),
+            op(g.transb),
+            i(g.m),
+            i(g.n),
+            i(g.k),
+            &alpha as *const f32 as *const _,
+            b as *const _,
+            ab.cuda(),
+            i(g.lda),
+            a as *const _,
+            ab.cuda(),
+            i(g.ldb),
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            c_type.cuda(),
+            i(g.ldc),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| format!("cublasGemmEx ({p:?}, {ab:?} → {c_type:?}): {e:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,12 @@
 //! builds on any machine, and compiling the kernels needs NVRTC only (no GPU, no driver, no
 //! toolkit: PyPI's `nvidia-cuda-nvrtc-cu12` wheel is enough; see [`NVRTC_HELP`]).
 //!
-//! Every kernel works on NHWC f32 tensors seen as `[rows, c]` (rows = n·h·w) or on flat f32
-//! buffers, with grid-stride loops (any grid covers any size). Each source's header says how
-//! the host sequences its kernels and which launch shape they expect.
+//! Every kernel works on NHWC tensors seen as `[rows, c]` (rows = n·h·w) or on flat buffers,
+//! with grid-stride loops (any grid covers any size). Each source's header says how the host
+//! sequences its kernels and which launch shape they expect. Activations are stored in f32, or
+//! in bf16 for mixed precision: the sources of [`ACT_SOURCES`] are compiled twice, the second
+//! time as `*.bf16.cu` with bf16 activation storage and every kernel named `NAME_bf16`
+//! ([`units`]).
 
 pub mod conv;
 pub mod device;
@@ -36,6 +39,40 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("optim.cu", include_str!("../kernels/optim.cu")),
     ("tensor.cu", include_str!("../kernels/tensor.cu")),
 ];
+
+/// The sources whose kernels read or write activations (type `act_t` in common.cuh): each has a
+/// bf16 twin.
+pub const ACT_SOURCES: &[&str] = &["norm.cu", "se.cu", "pool.cu", "regularize.cu", "tensor.cu"];
+
+/// What the bf16 twins' kernels are called: `NAME` + this.
+pub const BF16_SUFFIX: &str = "_bf16";
+
+/// The compilation units: (file name, source) for every source of [`SOURCES`], then the bf16
+/// twin of each of [`ACT_SOURCES`] as `STEM.bf16.cu`, its kernels renamed `NAME_bf16`
+/// ([`program`] compiles it with bf16 activations).
+pub fn units() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = SOURCES
+        .iter()
+        .map(|(name, source)| (name.to_string(), source.to_string()))
+        .collect();
+    for (name, source) in SOURCES.iter().filter(|(n, _)| ACT_SOURCES.contains(n)) {
+        let twin = name.replace(".cu", ".bf16.cu");
+        out.push((twin, bf16_names(source)));
+    }
+    out
+}
+
+/// `source` with each kernel declaration's name `NAME` turned into `NAME_bf16` (only the
+/// declarations: kernels do not call each other).
+fn bf16_names(source: &str) -> String {
+    source
+        .split_inclusive('\n')
+        .map(|line| match kernel_names(line).first() {
+            Some(name) => line.replacen(&format!("{name}("), &format!("{name}{BF16_SUFFIX}("), 1),
+            None => line.to_string(),
+        })
+        .collect()
+}
 
 /// The virtual architecture the PTX targets: Ampere and later (A100, H100/H200) JIT it.
 pub const ARCH: &str = "compute_80";
@@ -154,9 +191,14 @@ pub fn compile(name: &str, source: &str) -> Result<String, String> {
 }
 
 /// What NVRTC compiles: [`COMMON`], then the source; `#line` makes NVRTC's messages point into
-/// `source`, not into the shared prefix.
+/// `source`, not into the shared prefix. A `*.bf16.cu` unit gets bf16 activations (`ACT_BF16`).
 fn program(name: &str, source: &str) -> String {
-    format!("{COMMON}\n#line 1 \"{name}\"\n{source}")
+    let storage = if name.ends_with(".bf16.cu") {
+        "#define ACT_BF16 1\n"
+    } else {
+        ""
+    };
+    format!("{storage}{COMMON}\n#line 1 \"{name}\"\n{source}")
 }
 
 /// Compiles one source, after [`COMMON`], to machine code (CUBIN) for compute capability
@@ -210,11 +252,11 @@ pub fn compile_cubin(
     out
 }
 
-/// Compiles every source of [`SOURCES`]: (file name, PTX), in order.
+/// Compiles every unit of [`units`]: (file name, PTX), in order.
 pub fn compile_all() -> Result<Vec<(String, String)>, String> {
-    SOURCES
+    units()
         .iter()
-        .map(|(name, source)| Ok((name.to_string(), compile(name, source)?)))
+        .map(|(name, source)| Ok((name.clone(), compile(name, source)?)))
         .collect()
 }
 
@@ -248,5 +290,27 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), count, "kernel names repeat across sources");
+    }
+
+    #[test]
+    fn bf16_twins_rename_every_kernel_and_nothing_else() {
+        let units = units();
+        assert_eq!(units.len(), SOURCES.len() + ACT_SOURCES.len());
+        let (name, twin) = units
+            .iter()
+            .find(|(n, _)| n == "norm.bf16.cu")
+            .expect("norm.cu has a twin");
+        assert_eq!(name, "norm.bf16.cu");
+        let original = SOURCES.iter().find(|(n, _)| *n == "norm.cu").unwrap().1;
+        let want: Vec<String> = kernel_names(original)
+            .iter()
+            .map(|k| format!("{k}_bf16"))
+            .collect();
+        assert_eq!(kernel_names(twin), want);
+        // Only the declarations changed: the same lines, the same length plus the suffixes.
+        assert_eq!(twin.lines().count(), original.lines().count());
+        assert_eq!(twin.len(), original.len() + want.len() * BF16_SUFFIX.len());
+        assert!(program("norm.bf16.cu", twin).starts_with("#define ACT_BF16 1\n"));
+        assert!(!program("norm.cu", original).contains("#define ACT_BF16 1"));
     }
 }

@@ -3,7 +3,10 @@
 //! op, so that the self-test can compare every layer's output and every gradient with it.
 //!
 //! Convolutions run on cuDNN ([`crate::conv`]), 1×1 convolutions, squeeze-excitation and the
-//! classifier on cuBLAS ([`crate::gemm`]), everything else on our kernels. Random masks
+//! classifier on cuBLAS ([`crate::gemm`]), everything else on our kernels. Activations and their
+//! gradients are stored as the device's [`Math`] says (f32, or bf16 for mixed precision: the
+//! buffers are bytes, [`ActBuf`]); parameters, their gradients, BN statistics and the small SE
+//! and head tensors are f32 either way. Random masks
 //! (dropout, drop-path) are drawn on the host from the same generator and in the same order as
 //! on the CPU, so a stochastic pass is the same function on both devices.
 
@@ -13,8 +16,8 @@ use effnet_engine::{regularize, Act, Nhwc};
 use effnet_model::network::{ConvKind, Layer, Mode, Network, Weights};
 
 use crate::conv::{Conv, SamePad};
-use crate::device::{addr, bn_parts, columns, linear, Gpu, Result};
-use crate::gemm::{sgemm, RowMajor};
+use crate::device::{addr, bn_parts, columns, linear, Gpu, Math, Result};
+use crate::gemm::{gemm, sgemm, Elem, RowMajor};
 
 fn act_code(a: Act) -> i32 {
     match a {
@@ -24,11 +27,48 @@ fn act_code(a: Act) -> i32 {
     }
 }
 
-/// Copies `len` f32 from `src` to `dst` on the device, in stream order.
-fn copy(gpu: &Gpu, src: u64, dst: u64, len: usize) -> Result<()> {
-    // SAFETY: the callers' buffers hold at least `len` f32 at these addresses.
-    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, len * 4, gpu.stream.cu_stream()) }
+/// Activations (or their gradients) in the device's storage type: f32 or bf16, as bytes.
+pub type ActBuf = CudaSlice<u8>;
+
+/// A buffer of `len` activations.
+fn act_zeros(gpu: &Gpu, len: usize) -> Result<ActBuf> {
+    gpu.zeros(len * gpu.math.act_bytes())
+}
+
+/// How activations are stored, for cuBLAS.
+fn act_elem(gpu: &Gpu) -> Elem {
+    match gpu.math {
+        Math::Bf16 => Elem::Bf16,
+        Math::F32 | Math::Tf32 => Elem::F32,
+    }
+}
+
+/// The first `len` activations of `buf`, widened to f32 on the host.
+fn read_acts(gpu: &Gpu, buf: &ActBuf, len: usize) -> Result<Vec<f32>> {
+    let bytes = gpu.read(buf, len * gpu.math.act_bytes())?;
+    Ok(match gpu.math {
+        Math::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
+        Math::F32 | Math::Tf32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    })
+}
+
+/// Copies `len` activations from `src` to `dst` on the device, in stream order.
+fn copy_acts(gpu: &Gpu, src: u64, dst: u64, len: usize) -> Result<()> {
+    let bytes = len * gpu.math.act_bytes();
+    // SAFETY: the callers' buffers hold at least `len` activations at these addresses.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, gpu.stream.cu_stream()) }
         .map_err(|e| format!("copy on device: {e:?}"))
+}
+
+/// `y = x` from f32 into the activations' storage type (a copy in f32).
+fn to_act(gpu: &Gpu, x: u64, y: u64, len: usize) -> Result<()> {
+    gpu.launch("to_act", linear(len), &[&x, &y, &(len as i64)])
 }
 
 /// The network's state on the device. `tracked` (BN batch counters) stays on the host.
@@ -52,10 +92,12 @@ struct SeBufs {
 pub struct GpuWorkspace {
     pub shapes: Vec<Nhwc>,
     training: bool,
+    /// The input images as written from the host (f32); the forward pass stores them as acts[0].
+    input: CudaSlice<f32>,
     /// acts[0] the input, acts[i + 1] the output of layer i (after the residual add).
-    acts: Vec<CudaSlice<f32>>,
+    acts: Vec<ActBuf>,
     /// Raw convolution outputs of conv layers (training: the backward pass reads them).
-    conv_out: Vec<Option<CudaSlice<f32>>>,
+    conv_out: Vec<Option<ActBuf>>,
     /// cuDNN plans of k×k and depthwise convolutions; None for 1×1 and SE layers.
     convs: Vec<Option<Conv>>,
     /// Per conv layer: [mean | var | invstd | scale | shift], c each.
@@ -63,10 +105,11 @@ pub struct GpuWorkspace {
     se: Vec<Option<SeBufs>>,
     partial: CudaSlice<f32>,
     sums: CudaSlice<f64>,
-    packed: CudaSlice<f32>,
-    packed_grad: CudaSlice<f32>,
-    padded: CudaSlice<f32>,
-    dpadded: CudaSlice<f32>,
+    /// A layer's filter in cuDNN's layout (or a 1×1 weight for bf16 products), and its gradient.
+    packed: ActBuf,
+    packed_grad: ActBuf,
+    padded: ActBuf,
+    dpadded: ActBuf,
     scratch: CudaSlice<u8>,
     /// Per block, the drop-path mask [n], and the host copy of what the device holds (a mask
     /// is uploaded only when it changes: never, in eval passes).
@@ -86,17 +129,17 @@ pub struct GpuWorkspace {
     /// SE backward scratch: [n, c] each, c the widest SE layer's.
     d_se: CudaSlice<f32>,
     d_se2: CudaSlice<f32>,
-    grad_a: CudaSlice<f32>,
-    grad_b: CudaSlice<f32>,
-    grad_skip: CudaSlice<f32>,
-    grad_conv: CudaSlice<f32>,
+    grad_a: ActBuf,
+    grad_b: ActBuf,
+    grad_skip: ActBuf,
+    grad_conv: ActBuf,
     mode: Option<Mode>,
 }
 
 impl GpuWorkspace {
     /// The output of layer `i` (after its block's residual add when it ends one), on the host.
     pub fn layer_output(&self, gpu: &Gpu, i: usize) -> Result<Vec<f32>> {
-        gpu.read(&self.acts[i + 1], self.shapes[i + 1].len())
+        read_acts(gpu, &self.acts[i + 1], self.shapes[i + 1].len())
     }
 
     pub fn batch(&self) -> usize {
@@ -152,18 +195,18 @@ impl GpuNet {
     ) -> Result<GpuWorkspace> {
         let net = &self.net;
         let shapes = net.shapes(n, h, w);
-        let mut acts = vec![gpu.zeros(shapes[0].len())?];
+        let mut acts = vec![act_zeros(gpu, shapes[0].len())?];
         let (mut conv_out, mut convs, mut bn, mut se) = (vec![], vec![], vec![], vec![]);
         let (mut max_act, mut max_c, mut max_parts) = (shapes[0].len(), 1, 1);
         let (mut packed, mut padded, mut scratch, mut se_c) = (1, 1, 1, 1);
         for (i, layer) in net.layers.iter().enumerate() {
             let (x, y) = (shapes[i], shapes[i + 1]);
-            acts.push(gpu.zeros(y.len())?);
+            acts.push(act_zeros(gpu, y.len())?);
             max_act = max_act.max(y.len());
             match layer {
                 Layer::Conv(u) => {
                     conv_out.push(if training {
-                        Some(gpu.zeros(y.len())?)
+                        Some(act_zeros(gpu, y.len())?)
                     } else {
                         None
                     });
@@ -173,6 +216,9 @@ impl GpuNet {
                     max_parts = max_parts.max(bn_parts(y.rows()));
                     let pointwise = u.conv == ConvKind::Dense && u.kernel == 1 && u.stride == 1;
                     if pointwise {
+                        if gpu.math == Math::Bf16 {
+                            packed = packed.max(u.cout * u.cin); // the weight in bf16
+                        }
                         convs.push(None);
                         continue;
                     }
@@ -204,6 +250,7 @@ impl GpuNet {
         let train_len = |len: usize| if training { len } else { 1 };
         Ok(GpuWorkspace {
             training,
+            input: gpu.zeros(shapes[0].len())?,
             acts,
             conv_out,
             convs,
@@ -211,10 +258,10 @@ impl GpuNet {
             se,
             partial: gpu.zeros(max_parts * 2 * max_c)?,
             sums: gpu.zeros(2 * max_c)?,
-            packed: gpu.zeros(packed)?,
-            packed_grad: gpu.zeros(train_len(packed))?,
-            padded: gpu.zeros(padded)?,
-            dpadded: gpu.zeros(train_len(padded))?,
+            packed: act_zeros(gpu, packed)?,
+            packed_grad: act_zeros(gpu, train_len(packed))?,
+            padded: act_zeros(gpu, padded)?,
+            dpadded: act_zeros(gpu, train_len(padded))?,
             scratch: gpu.zeros(scratch)?,
             drop_masks: (0..net.blocks.len())
                 .map(|_| gpu.upload(&vec![1f32; n]))
@@ -233,10 +280,10 @@ impl GpuNet {
             d_head2: gpu.zeros(n * f)?,
             d_se: gpu.zeros(train_len(n * se_c))?,
             d_se2: gpu.zeros(train_len(n * se_c))?,
-            grad_a: gpu.zeros(train_len(max_act))?,
-            grad_b: gpu.zeros(train_len(max_act))?,
-            grad_skip: gpu.zeros(train_len(max_act))?,
-            grad_conv: gpu.zeros(train_len(max_act))?,
+            grad_a: act_zeros(gpu, train_len(max_act))?,
+            grad_b: act_zeros(gpu, train_len(max_act))?,
+            grad_skip: act_zeros(gpu, train_len(max_act))?,
+            grad_conv: act_zeros(gpu, train_len(max_act))?,
             mode: None,
             shapes,
         })
@@ -252,7 +299,7 @@ impl GpuNet {
                 ws.shapes[0]
             ));
         }
-        gpu.write(input, &mut ws.acts[0])
+        gpu.write(input, &mut ws.input)
     }
 
     /// The forward pass over the input on the device ([`GpuNet::write_input`]); the logits stay
@@ -341,6 +388,8 @@ impl GpuNet {
         }
         ws.mode = Some(mode);
         let s = &gpu.stream;
+        let images = ws.shapes[0].len();
+        to_act(gpu, addr(&ws.input, s, 0), addr(&ws.acts[0], s, 0), images)?;
         for i in 0..self.net.layers.len() {
             self.layer_forward(gpu, i, ws, mode)?;
             let ends = self.net.blocks.iter().position(|b| b.layers.end == i + 1);
@@ -564,7 +613,9 @@ impl GpuNet {
                 a_t: false,
                 b_t: true,
             };
-            return sgemm(gpu, p, x, w, out, 1.0, 0.0);
+            let w = self.product_weight(gpu, ws, w, u.cout * u.cin)?;
+            let e = act_elem(gpu);
+            return gemm(gpu, p, x, w, out, 1.0, 0.0, e, e);
         };
         let xin = self.padded_input(gpu, ws, conv, x)?;
         let scratch = addr(&ws.scratch, s, 0);
@@ -613,7 +664,7 @@ impl GpuNet {
         let packed = addr(&ws.packed, &gpu.stream, 0);
         let (o, k) = (conv.output.c, conv.kernel);
         if conv.depthwise {
-            copy(gpu, w, packed, o * k * k)?;
+            to_act(gpu, w, packed, o * k * k)?;
         } else {
             gpu.launch(
                 "oihw_to_ohwi",
@@ -621,6 +672,17 @@ impl GpuNet {
                 &[&w, &(o as i32), &(cin as i32), &(k as i32), &packed],
             )?;
         }
+        Ok(packed)
+    }
+
+    /// A 1×1 convolution's weight (`len` f32 at `w`) as its product reads it: itself in f32,
+    /// its bf16 copy in `ws.packed` for mixed precision (cuBLAS multiplies like types).
+    fn product_weight(&self, gpu: &Gpu, ws: &GpuWorkspace, w: u64, len: usize) -> Result<u64> {
+        if gpu.math != Math::Bf16 {
+            return Ok(w);
+        }
+        let packed = addr(&ws.packed, &gpu.stream, 0);
+        to_act(gpu, w, packed, len)?;
         Ok(packed)
     }
 
@@ -744,7 +806,7 @@ impl GpuNet {
                 .position(|b| b.skip && b.layers.end == i + 1);
             if let Some(b) = ends {
                 // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
-                copy(gpu, g, g_skip, y_len)?;
+                copy_acts(gpu, g, g_skip, y_len)?;
                 if ws.host_masks[b].iter().any(|&m| m != 1.0) {
                     gpu.launch(
                         "drop_path_scale",
@@ -844,7 +906,8 @@ impl GpuNet {
                 )?;
                 let (w, gw) = self.p(gpu, u.weight.start);
                 let Some(conv) = &ws.convs[i] else {
-                    // 1×1: dx = d_conv · W; dW += d_convᵀ · x.
+                    // 1×1: dx = d_conv · W; dW += d_convᵀ · x (into the f32 gradients).
+                    let e = act_elem(gpu);
                     if let Some(dx) = dx {
                         let p = RowMajor {
                             m: xs.rows(),
@@ -853,7 +916,8 @@ impl GpuNet {
                             a_t: false,
                             b_t: false,
                         };
-                        sgemm(gpu, p, d_conv, w, dx, 1.0, 0.0)?;
+                        let w = self.product_weight(gpu, ws, w, c * u.cin)?;
+                        gemm(gpu, p, d_conv, w, dx, 1.0, 0.0, e, e)?;
                     }
                     let p = RowMajor {
                         m: c,
@@ -862,7 +926,7 @@ impl GpuNet {
                         a_t: true,
                         b_t: false,
                     };
-                    return sgemm(gpu, p, d_conv, x, gw, 1.0, 1.0);
+                    return gemm(gpu, p, d_conv, x, gw, 1.0, 1.0, e, Elem::F32);
                 };
                 let scratch = addr(&ws.scratch, s, 0);
                 let xin = self.padded_input(gpu, ws, conv, x)?;
@@ -872,7 +936,7 @@ impl GpuNet {
                 let k = u.kernel;
                 if conv.depthwise {
                     gpu.launch(
-                        "add_into",
+                        "add_grad_into",
                         linear(c * k * k),
                         &[&gw, &packed_grad, &((c * k * k) as i64)],
                     )?;

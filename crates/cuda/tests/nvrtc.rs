@@ -2,7 +2,7 @@
 //! NVRTC is missing: set `EFFNET_NVRTC_DIR` (see `effnet_cuda::NVRTC_HELP`).
 
 use effnet_cuda::{
-    compile, compile_all, compile_cubin, ensure_nvrtc, kernel_names, nvrtc_version, SOURCES,
+    compile, compile_all, compile_cubin, ensure_nvrtc, kernel_names, nvrtc_version, units,
 };
 
 /// Fails with directions when NVRTC cannot be had from `EFFNET_NVRTC_DIR`.
@@ -25,9 +25,10 @@ fn every_kernel_compiles_to_a_ptx_entry() {
     let (major, minor) = nvrtc_version().unwrap();
     eprintln!("NVRTC {major}.{minor}");
     let compiled = compile_all().unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(compiled.len(), SOURCES.len());
+    let units = units();
+    assert_eq!(compiled.len(), units.len());
     let mut kernels = 0;
-    for ((file, ptx), (name, source)) in compiled.iter().zip(SOURCES) {
+    for ((file, ptx), (name, source)) in compiled.iter().zip(&units) {
         assert_eq!(file, name);
         let names = kernel_names(source);
         assert!(!names.is_empty(), "{file} declares no kernels");
@@ -64,7 +65,7 @@ fn a_syntax_error_fails_with_nvrtcs_message_and_line() {
 #[test]
 fn every_source_compiles_to_a_cubin_for_hopper() {
     require_nvrtc();
-    for (name, source) in SOURCES {
+    for (name, source) in &units() {
         let cubin = compile_cubin(name, source, (9, 0)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(&cubin[..4], b"\x7fELF", "{name}: not an ELF image");
         // Every kernel's name is in the image's symbol table.

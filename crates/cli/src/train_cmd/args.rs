@@ -398,11 +398,13 @@ pub struct TrainArgs {
     /// Compiled, fused kernels: effnet's engine always fuses (accepted for the reference's scripts).
     #[arg(long = "use-xla", alias = "use_xla", help_heading = "Precision")]
     pub use_xla: bool,
-    /// Where the forward and backward passes run: `cpu`, or `cuda` (GPU 0; a build with
-    /// `--features cuda`). Weights, optimizer and EMA stay on the host.
+    /// Where training runs: `cpu`, or `cuda` (the GPU of this process's local rank; a build with
+    /// `--features cuda`): passes, weights, optimizer and EMA on the GPU, `--use-amp` there
+    /// storing activations in bf16.
     #[arg(long, default_value = "cpu", help_heading = "Precision")]
     pub device: String,
-    /// GPU math for f32: `tf32` (tensor cores, the reference's default) or `f32`.
+    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, or `bf16` (as
+    /// `--use-amp`).
     #[arg(long, default_value = "tf32", help_heading = "Precision")]
     pub math: String,
 

@@ -199,7 +199,15 @@ fn schedule(args: &TrainArgs, steps_per_epoch: u64, global_batch: usize) -> Sche
 /// Sets up what `--use-amp` asks for (bf16 matrix products where the CPU has AVX512_BF16) and,
 /// on the root rank (`say`), says what it and `--use-xla` do here.
 fn apply_precision(args: &TrainArgs, say: bool) {
-    if args.use_amp {
+    if args.use_amp && args.device == "cuda" {
+        if say {
+            eprintln!(
+                "effnet: --use-amp: on the GPU, activations and their gradients are stored in \
+                 bf16 and convolutions run on bf16 tensor cores with f32 sums; weights, \
+                 optimizer, EMA and batch-norm statistics stay f32"
+            );
+        }
+    } else if args.use_amp {
         let note = match effnet_engine::matmul::set_bf16(true) {
             Ok(()) => "the CPU engine's matrix products (1×1 and im2col convolutions, SE, \
                        classifier) take bf16 operands with f32 sums; Winograd's 3×3 products, \
@@ -352,7 +360,11 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         crate::Device::Cpu => {}
         #[cfg(feature = "cuda")]
         crate::Device::Cuda => {
-            let math = crate::cuda_cmd::parse_math(&args.math)?;
+            // --use-amp on the GPU: bf16 activations, f32 sums and state (cuda::device::Math).
+            let math = match args.use_amp {
+                true => effnet_cuda::device::Math::Bf16,
+                false => crate::cuda_cmd::parse_math(&args.math)?,
+            };
             let gpu = crate::cuda_cmd::open_gpu("cuda", math)?;
             let passes =
                 effnet_cuda::passes::GpuPasses::new(std::rc::Rc::new(gpu), &t.net, &t.weights)?;
