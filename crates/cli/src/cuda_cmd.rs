@@ -10,7 +10,7 @@ use crate::bench::BenchArgs;
 use effnet_cuda::device::{addr, linear, Gpu, Math};
 use effnet_cuda::net::GpuNet;
 use effnet_cuda::passes::GpuPasses;
-use effnet_cuda::state::DeviceState;
+use effnet_cuda::state::{DeviceState, Exchange};
 use effnet_engine::loss;
 use effnet_engine::rng::Rng;
 use effnet_model::network::{ConvKind, Layer};
@@ -384,6 +384,7 @@ fn compare_updates(
                     ema_decay: Some(ema.decay_at(opt.step) as f32),
                     replicas: &Replicas::single(),
                 },
+                &mut Exchange::default(),
             )?;
         }
         let mut got_params = vec![0f32; params.len()];

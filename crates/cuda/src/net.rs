@@ -149,13 +149,29 @@ impl GpuWorkspace {
 
 impl GpuNet {
     pub fn new(gpu: &Gpu, net: &Network, w: &Weights) -> Result<GpuNet> {
+        let mut g = GpuNet::for_inference(gpu, net, w)?;
+        g.grads = gpu.zeros(w.params.len())?;
+        Ok(g)
+    }
+
+    /// Without a gradient buffer: for evaluation passes only (backward and the optimizer
+    /// refuse it).
+    pub fn for_inference(gpu: &Gpu, net: &Network, w: &Weights) -> Result<GpuNet> {
         Ok(GpuNet {
             net: net.clone(),
             params: gpu.upload(&w.params)?,
             buffers: gpu.upload(&w.buffers)?,
             tracked: w.tracked.clone(),
-            grads: gpu.zeros(w.params.len())?,
+            grads: gpu.zeros(1)?,
         })
+    }
+
+    /// Whether the gradient buffer spans the parameters (not [`GpuNet::for_inference`]).
+    pub(crate) fn has_grads(&self) -> Result<()> {
+        if self.grads.len() < self.net.layout.param_len {
+            return Err("this network was set up for inference: no gradients".into());
+        }
+        Ok(())
     }
 
     /// Parameters, running statistics and counters, copied back to the host.
@@ -168,10 +184,12 @@ impl GpuNet {
     }
 
     pub fn grads(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.has_grads()?;
         gpu.read(&self.grads, self.net.layout.param_len)
     }
 
     pub fn zero_grads(&self, gpu: &Gpu) -> Result<()> {
+        self.has_grads()?;
         gpu.memset_zero(self.p(gpu, 0).1, self.net.layout.param_len)
     }
 
@@ -750,6 +768,7 @@ impl GpuNet {
         if !matches!(ws.mode, Some(Mode::Train { .. })) {
             return Err("backward needs a training-mode forward pass on this workspace".into());
         }
+        self.has_grads()?;
         let s = &gpu.stream;
         let head = *ws.shapes.last().expect("has layers");
         let (n, hw, f, k) = (head.n, head.h * head.w, head.c, self.net.classes);
@@ -805,9 +824,11 @@ impl GpuNet {
                 .iter()
                 .position(|b| b.skip && b.layers.end == i + 1);
             if let Some(b) = ends {
-                // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale.
+                // The shortcut's gradient waits in g_skip; the branch gets the drop-path scale
+                // wherever a mask may drop (a fact of the network, not of this pass's draw: a
+                // captured graph replays with later masks).
                 copy_acts(gpu, g, g_skip, y_len)?;
-                if ws.host_masks[b].iter().any(|&m| m != 1.0) {
+                if self.net.blocks[b].drop_path > 0.0 {
                     gpu.launch(
                         "drop_path_scale",
                         linear(y_len),

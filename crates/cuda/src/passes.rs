@@ -2,9 +2,10 @@
 //! on the device ([`Passes::holds_state`]): parameters, gradients, optimizer slots and EMA stay
 //! there, and a micro-batch moves only its images, its logits, d loss/d logits and the BN
 //! running statistics (a few values per channel; the host keeps those, as it must to undo a
-//! non-finite step). Each (batch, resolution) gets its forward and backward passes captured as
-//! CUDA graphs at first use and replayed after; the optimizer step follows on the device, with
-//! gradients averaged over NCCL between processes (`mpirun -np N`, one GPU each).
+//! non-finite step). Each (batch, resolution) runs its forward and backward passes directly
+//! once (cuDNN settles its algorithms, kernels load), then captures them as CUDA graphs and
+//! replays those; the optimizer step follows on the device, with gradients averaged over NCCL
+//! between processes (`mpirun -np N`, one GPU each).
 
 use std::rc::Rc;
 
@@ -15,15 +16,51 @@ use effnet_train::trainer::{Passes, Replicas, StateMut, StateRef, Update};
 
 use crate::device::{Gpu, Result};
 use crate::net::{GpuNet, GpuWorkspace};
-use crate::state::DeviceState;
+use crate::state::{DeviceState, Exchange};
 
-/// A training workspace and the graphs captured on it.
+/// One pass's CUDA graph: none before the pass has run directly once, then captured and
+/// replayed; if the capture fails (reported once), the pass keeps launching directly.
+#[derive(Default)]
+struct Replay {
+    ran: bool,
+    graph: Option<CudaGraph>,
+    failed: bool,
+}
+
+impl Replay {
+    fn run(&mut self, gpu: &Gpu, mut work: impl FnMut() -> Result<()>) -> Result<()> {
+        if !self.ran {
+            self.ran = true;
+            return work();
+        }
+        if self.graph.is_none() && !self.failed {
+            match gpu.capture(&mut work) {
+                Ok(g) => self.graph = Some(g),
+                Err(e) => {
+                    eprintln!(
+                        "effnet: no CUDA graph for a training pass ({e}); launching directly"
+                    );
+                    self.failed = true;
+                }
+            }
+        }
+        match &self.graph {
+            Some(g) => g
+                .launch()
+                .map_err(|e| format!("replaying a training graph: {e:?}")),
+            None => work(),
+        }
+    }
+}
+
+/// A training workspace and the passes captured on it.
 struct Planned {
     key: (usize, usize),
     ws: GpuWorkspace,
-    /// The forward pass in the mode it was captured with (BN momentum is in its arguments).
-    forward: Option<(Mode, CudaGraph)>,
-    backward: Option<CudaGraph>,
+    /// The mode the passes were captured in (BN momentum is in the forward's arguments).
+    mode: Option<Mode>,
+    forward: Replay,
+    backward: Replay,
 }
 
 pub struct GpuPasses {
@@ -32,39 +69,12 @@ pub struct GpuPasses {
     /// The trained network: parameters and gradients on the device.
     net: GpuNet,
     state: Option<DeviceState>,
+    /// How gradients reach the other replicas (kept across state writes).
+    exchange: Exchange,
     /// Evaluation runs on weights the trainer passes in (raw or EMA), kept apart from `net`.
     eval_net: Option<GpuNet>,
     train: Option<Planned>,
     eval: Option<((usize, usize), GpuWorkspace)>,
-    /// Capture graphs; false after a capture failed (the passes then launch directly).
-    graphs: bool,
-}
-
-/// Replays `graph`, capturing `work` into it first when there is none; without graphs (or
-/// when the capture fails, reported once) runs `work` directly.
-fn replay(
-    gpu: &Gpu,
-    graph: &mut Option<CudaGraph>,
-    graphs: &mut bool,
-    mut work: impl FnMut() -> Result<()>,
-) -> Result<()> {
-    if *graphs && graph.is_none() {
-        match gpu.capture(&mut work) {
-            Ok(g) => *graph = Some(g),
-            Err(e) => {
-                eprintln!(
-                    "effnet: no CUDA graph for the training passes ({e}); launching directly"
-                );
-                *graphs = false;
-            }
-        }
-    }
-    match graph {
-        Some(g) => g
-            .launch()
-            .map_err(|e| format!("replaying a training graph: {e:?}")),
-        None => work(),
-    }
 }
 
 impl GpuPasses {
@@ -74,10 +84,10 @@ impl GpuPasses {
             gpu,
             net,
             state: None,
+            exchange: Exchange::default(),
             eval_net: None,
             train: None,
             eval: None,
-            graphs: true,
         })
     }
 }
@@ -109,8 +119,9 @@ impl Passes for GpuPasses {
             self.train = Some(Planned {
                 key: (n, size),
                 ws: self.net.workspace(gpu, n, size, size, true)?,
-                forward: None,
-                backward: None,
+                mode: None,
+                forward: Replay::default(),
+                backward: Replay::default(),
             });
         }
         let planned = self.train.as_mut().expect("planned above");
@@ -118,15 +129,15 @@ impl Passes for GpuPasses {
         self.net.tracked.clone_from(&weights.tracked);
         self.net.write_input(gpu, &mut planned.ws, images)?;
         self.net.draw_masks(gpu, &mut planned.ws, mode, rng)?;
-        if planned.forward.as_ref().is_some_and(|(m, _)| *m != mode) {
-            planned.forward = None;
+        if planned.mode != Some(mode) {
+            planned.mode = Some(mode);
+            planned.forward = Replay::default();
+            planned.backward = Replay::default();
         }
-        let mut graph = planned.forward.take().map(|(_, g)| g);
         let (net, ws) = (&self.net, &mut planned.ws);
-        replay(gpu, &mut graph, &mut self.graphs, || {
-            net.forward_launches(gpu, ws, mode)
-        })?;
-        planned.forward = graph.map(|g| (mode, g));
+        planned
+            .forward
+            .run(gpu, || net.forward_launches(gpu, ws, mode))?;
         self.net.count_batches(mode);
         let logits = self.net.logits(gpu, &planned.ws)?;
         weights.buffers = gpu.read(&self.net.buffers, weights.buffers.len())?;
@@ -148,9 +159,7 @@ impl Passes for GpuPasses {
         let gpu = &self.gpu;
         self.net.write_dlogits(gpu, &mut planned.ws, dlogits)?;
         let (net, ws) = (&self.net, &mut planned.ws);
-        replay(gpu, &mut planned.backward, &mut self.graphs, || {
-            net.backward(gpu, ws)
-        })
+        planned.backward.run(gpu, || net.backward(gpu, ws))
     }
 
     fn eval_logits(
@@ -167,7 +176,7 @@ impl Passes for GpuPasses {
                 gpu.write(&weights.params, &mut e.params)?;
                 gpu.write(&weights.buffers, &mut e.buffers)?;
             }
-            None => self.eval_net = Some(GpuNet::new(gpu, net, weights)?),
+            None => self.eval_net = Some(GpuNet::for_inference(gpu, net, weights)?),
         }
         let eval_net = self.eval_net.as_mut().expect("set above");
         if self.eval.as_ref().map(|(k, _)| *k) != Some((n, size)) {
@@ -201,7 +210,7 @@ impl Passes for GpuPasses {
         self.state
             .as_mut()
             .ok_or("no training state on the GPU")?
-            .update(&self.gpu, &mut self.net, update)
+            .update(&self.gpu, &mut self.net, update, &mut self.exchange)
     }
 
     fn discard_gradients(&mut self) -> Result<()> {

@@ -1,7 +1,8 @@
 //! The training state on the device: the optimizer's slots, the weight-decay mask and the EMA,
 //! beside the parameters and gradients of [`GpuNet`], and the optimizer step over them
 //! (crates/train's rules, as the kernels of optim.cu write them). Gradients are averaged over
-//! the replicas with NCCL when every replica has it, else over MPI through the host.
+//! the replicas with NCCL when every replica has it, else over MPI through the host
+//! ([`Exchange`]).
 
 use cudarc::driver::CudaSlice;
 use effnet_train::optim::{adam_step_size, decay_mask, Kind};
@@ -15,10 +16,20 @@ use crate::net::GpuNet;
 const NORM_BLOCKS: usize = 1024;
 
 /// How gradients travel between replicas.
-enum Exchange {
+enum Route {
     Nccl(Nccl),
     /// No NCCL on some replica: through the host over MPI.
     Host,
+}
+
+/// The gradients' average over the replicas: NCCL on the device when every replica can open
+/// it (decided together at first use), else MPI through the host. Kept for the whole run (a
+/// new [`DeviceState`] after a resume reuses it).
+#[derive(Default)]
+pub struct Exchange {
+    route: Option<Route>,
+    /// f16 gradients for a compressed NCCL exchange (allocated at first use).
+    half: Option<CudaSlice<u16>>,
 }
 
 pub struct DeviceState {
@@ -28,9 +39,6 @@ pub struct DeviceState {
     /// The EMA's parameters and running statistics.
     ema: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     norm_partials: CudaSlice<f64>,
-    /// f16 gradients for a compressed NCCL exchange (allocated at first use).
-    half: Option<CudaSlice<u16>>,
-    exchange: Option<Exchange>,
 }
 
 impl DeviceState {
@@ -42,6 +50,7 @@ impl DeviceState {
         let ema = match state.ema {
             Some(e) => {
                 check_lengths(layout.param_len, e.params.len(), "EMA parameters")?;
+                check_lengths(layout.buffer_len, e.buffers.len(), "EMA statistics")?;
                 Some((gpu.upload(&e.params)?, gpu.upload(&e.buffers)?))
             }
             None => None,
@@ -52,8 +61,6 @@ impl DeviceState {
             mask: gpu.upload(&decay_mask(layout))?,
             ema,
             norm_partials: gpu.zeros(NORM_BLOCKS)?,
-            half: None,
-            exchange: None,
         })
     }
 
@@ -74,7 +81,14 @@ impl DeviceState {
 
     /// One optimizer step from `net.grads` (see [`effnet_train::trainer::Passes::update`]);
     /// returns the seconds the exchange took (the stream is drained around it to time it).
-    pub fn update(&mut self, gpu: &Gpu, net: &mut GpuNet, u: &Update<'_>) -> Result<f64> {
+    pub fn update(
+        &mut self,
+        gpu: &Gpu,
+        net: &mut GpuNet,
+        u: &Update<'_>,
+        exchange: &mut Exchange,
+    ) -> Result<f64> {
+        net.has_grads()?;
         let n = net.net.layout.param_len;
         let s = &gpu.stream;
         let (w, g) = (addr(&net.params, s, 0), addr(&net.grads, s, 0));
@@ -87,7 +101,7 @@ impl DeviceState {
         if comm.size() > 1 {
             gpu.sync()?;
             let started = std::time::Instant::now();
-            self.exchange(gpu, net, comm.as_ref(), u.replicas.fp16_gradients)?;
+            exchange.average(gpu, net, comm.as_ref(), u.replicas.fp16_gradients)?;
             gpu.sync()?;
             exchange_seconds = started.elapsed().as_secs_f64();
         }
@@ -186,49 +200,39 @@ impl DeviceState {
         let sums = gpu.read(&self.norm_partials, NORM_BLOCKS)?;
         Ok(sums.iter().sum::<f64>().sqrt())
     }
+}
 
-    /// Averages the gradients over the replicas: NCCL on the device when every replica can
-    /// open it (decided together at first use), else MPI through the host.
-    fn exchange(
+impl Exchange {
+    /// Averages `net`'s gradients over the replicas of `comm`.
+    fn average(
         &mut self,
         gpu: &Gpu,
         net: &mut GpuNet,
         comm: &dyn effnet_dist::Communicator,
         fp16: bool,
     ) -> Result<()> {
-        if self.exchange.is_none() {
-            let mut have = [nccl_present() as u8 as f64];
-            comm.all_reduce_sum_f64(&mut have)?;
-            self.exchange = Some(if have[0] as usize == comm.size() {
-                Exchange::Nccl(Nccl::new(gpu, comm)?)
-            } else {
-                if comm.rank() == 0 {
-                    eprintln!(
-                        "effnet: NCCL missing on {} of {} processes: gradients are averaged \
-                         over MPI through the host. {NCCL_HELP}",
-                        comm.size() - have[0] as usize,
-                        comm.size()
-                    );
-                }
-                Exchange::Host
-            });
+        if self.route.is_none() {
+            self.route = Some(choose_route(gpu, comm)?);
         }
         let n = net.net.layout.param_len;
         let s = &gpu.stream;
         let g = addr(&net.grads, s, 0);
-        match self.exchange.as_ref().expect("chosen above") {
-            Exchange::Nccl(nccl) if fp16 => {
+        let k = 1.0 / comm.size() as f32;
+        match self.route.as_ref().expect("chosen above") {
+            Route::Nccl(nccl) if fp16 => {
                 if self.half.is_none() {
                     self.half = Some(gpu.zeros(n)?);
                 }
                 let h = addr(self.half.as_ref().expect("allocated above"), s, 0);
                 gpu.launch("f32_to_f16", linear(n), &[&g, &h, &(n as i64)])?;
                 nccl.all_reduce_sum_f16(gpu, h, n)?;
-                let k = 1.0 / nccl.replicas() as f32;
                 gpu.launch("f16_to_f32_scaled", linear(n), &[&h, &g, &(n as i64), &k])
             }
-            Exchange::Nccl(nccl) => nccl.all_reduce_mean_f32(gpu, g, n),
-            Exchange::Host => {
+            Route::Nccl(nccl) => {
+                nccl.all_reduce_sum_f32(gpu, g, n)?;
+                gpu.launch("scale_in_place", linear(n), &[&g, &(n as i64), &k])
+            }
+            Route::Host => {
                 let mut host = gpu.read(&net.grads, n)?;
                 if fp16 {
                     comm.all_reduce_mean_f16(&mut host)?;
@@ -239,6 +243,36 @@ impl DeviceState {
             }
         }
     }
+}
+
+/// NCCL when every replica opens it and joins the communicator, else the host; decided by all
+/// replicas together, so that none waits in a collective the others skipped.
+fn choose_route(gpu: &Gpu, comm: &dyn effnet_dist::Communicator) -> Result<Route> {
+    let mut have = [nccl_present() as u8 as f64];
+    comm.all_reduce_sum_f64(&mut have)?;
+    let missing = comm.size() - have[0] as usize;
+    let (route, why) = if missing == 0 {
+        match Nccl::new(gpu, comm) {
+            Ok(nccl) => (Route::Nccl(nccl), None),
+            Err(e) => (Route::Host, Some(e)),
+        }
+    } else {
+        let why = format!("NCCL missing on {missing} of {} processes", comm.size());
+        (Route::Host, Some(why))
+    };
+    // Everyone uses NCCL only if everyone joined it.
+    let mut joined = [matches!(route, Route::Nccl(_)) as u8 as f64];
+    comm.all_reduce_sum_f64(&mut joined)?;
+    if joined[0] as usize == comm.size() {
+        return Ok(route);
+    }
+    if comm.rank() == 0 {
+        eprintln!(
+            "effnet: {}: gradients are averaged over MPI through the host. {NCCL_HELP}",
+            why.unwrap_or_else(|| "NCCL failed on another process".into())
+        );
+    }
+    Ok(Route::Host)
 }
 
 fn check_lengths(want: usize, got: usize, what: &str) -> Result<()> {

@@ -337,9 +337,10 @@ impl Trainer {
         Ok(())
     }
 
-    /// Marks the host's state as newer than the device's: it is written there before the next
-    /// pass (after a resume or a broadcast replaced it).
-    pub(crate) fn host_state_changed(&mut self) {
+    /// Marks the host's state (`weights.params`, `optimizer`, `ema`) as newer than the
+    /// device's: it is written there before the next pass. A resume and a broadcast call it;
+    /// so must anything else that changes those fields while passes hold the state.
+    pub fn host_state_changed(&mut self) {
         self.host_stale = false;
         self.device_stale = self.passes.holds_state();
     }
