@@ -46,7 +46,12 @@ fn act_elem(gpu: &Gpu) -> Elem {
 /// The first `len` activations of `buf`, widened to f32 on the host.
 fn read_acts(gpu: &Gpu, buf: &ActBuf, len: usize) -> Result<Vec<f32>> {
     let bytes = gpu.read(buf, len * gpu.math.act_bytes())?;
-    Ok(match gpu.math {
+    Ok(decode_acts(&bytes, gpu.math))
+}
+
+/// Activations stored as `math` says (little-endian f32, or bf16: an f32's upper half), as f32.
+fn decode_acts(bytes: &[u8], math: Math) -> Vec<f32> {
+    match math {
         Math::Bf16 => bytes
             .chunks_exact(2)
             .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
@@ -55,7 +60,7 @@ fn read_acts(gpu: &Gpu, buf: &ActBuf, len: usize) -> Result<Vec<f32>> {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
-    })
+    }
 }
 
 /// Copies `len` activations from `src` to `dst` on the device, in stream order.
@@ -1069,5 +1074,32 @@ impl GpuNet {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_activations_decode_to_their_values() {
+        let values = [1.0f32, -2.5, 0.0, 3.0e38, f32::INFINITY];
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_acts(&f32_bytes, Math::F32), values);
+        assert_eq!(decode_acts(&f32_bytes, Math::Tf32), values);
+        // bf16 is the upper 16 bits: exact for these values except 3.0e38, truncated here.
+        let bf16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let back = decode_acts(&bf16_bytes, Math::Bf16);
+        assert_eq!(back.len(), values.len());
+        assert_eq!(&back[..3], &values[..3]);
+        assert!(
+            (back[3] - 3.0e38).abs() / 3.0e38 < 1.0 / 128.0,
+            "{}",
+            back[3]
+        );
+        assert_eq!(back[4], f32::INFINITY);
     }
 }
