@@ -28,11 +28,13 @@ $bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32;
 echo "self-tests took $(( $(date +%s) - t0 )) s"
 [ "${1:-}" = quick ] && exit 0
 if [ -f .gpu-data/train-images-idx3-ubyte.gz ]; then
-  $bin train --device cuda --data-dir .gpu-data --arch efficientnetv2_b0 --epochs 1 \
-    --batch-size 256 --img-size 28 --lr-init 0.004 --lr-decay cosine --lr-warmup-epochs 0.2 \
-    --augmenter-name none --moving-average-decay 0.999 --log-steps 50 --model-dir /tmp/gpu-run \
-    --use-amp
-  echo "gpu training rc=$?"
+  for amp in --use-amp ""; do   # mixed precision, then TF32
+    $bin train --device cuda --data-dir .gpu-data --arch efficientnetv2_b0 --epochs 1 \
+      --batch-size 256 --img-size 28 --lr-init 0.004 --lr-decay cosine --lr-warmup-epochs 0.2 \
+      --augmenter-name none --moving-average-decay 0.999 --log-steps 50 \
+      --model-dir "/tmp/gpu-run$amp" $amp
+    echo "gpu training ${amp:-tf32} rc=$?"
+  done
 fi
 for math in bf16 tf32; do
   $bin inference_benchmark --device cuda --math $math --batch-size 1,8,128 --img-size 384 --json

@@ -38,6 +38,15 @@ pub struct SelftestArgs {
     math: String,
 }
 
+/// What `--math` names `math`.
+fn math_name(math: Math) -> &'static str {
+    match math {
+        Math::F32 => "f32",
+        Math::Tf32 => "tf32",
+        Math::Bf16 => "bf16",
+    }
+}
+
 pub fn parse_math(s: &str) -> Result<Math, String> {
     match s {
         "f32" => Ok(Math::F32),
@@ -590,7 +599,7 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
                 "impl": format!(
                     "effnet-{}-cuda-{}{}",
                     env!("CARGO_PKG_VERSION"),
-                    args.math,
+                    math_name(math),
                     if graph.is_some() { "-graph" } else { "" }
                 ),
                 "arch": format!("tf_{}", net.config.name),
@@ -605,7 +614,8 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
         } else {
             println!(
                 "{} {mode_name} batch {n} at {s}×{s} ({}): {img_s:.1} img/s, median {median:.2} ms",
-                net.config.name, args.math
+                net.config.name,
+                math_name(math)
             );
         }
     }

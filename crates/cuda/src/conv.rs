@@ -1,5 +1,5 @@
-//! Convolutions on cuDNN: dense k×k and depthwise, NHWC f32, forward, backward data and
-//! backward filter, with TF "SAME" padding.
+//! Convolutions on cuDNN: dense k×k and depthwise, NHWC f32 (or bf16 with f32 compute for mixed
+//! precision), forward, backward data and backward filter, with TF "SAME" padding.
 //!
 //! cuDNN pads the same amount on both sides; SAME pads `total/2` before and the rest after, one
 //! more after when the total is odd (stride 2 on an even size). Such layers copy the input into
@@ -154,8 +154,8 @@ fn usable<P: AlgoPerf>(
         .collect()
 }
 
-/// Math types a plan accepts: FMA only for exact f32; anything cuDNN rates for f32 data (TF32
-/// tensor cores included) otherwise.
+/// Math types a plan accepts: FMA only for exact f32; anything cuDNN rates otherwise (TF32
+/// tensor cores for f32 data, bf16 tensor cores for bf16).
 fn math_ok(math: crate::device::Math, m: sys::cudnnMathType_t) -> bool {
     match math {
         crate::device::Math::F32 => m == sys::cudnnMathType_t::CUDNN_FMA_MATH,

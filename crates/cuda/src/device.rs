@@ -101,11 +101,19 @@ impl Gpu {
         let capability = ctx
             .compute_capability()
             .map_err(err("compute capability"))?;
-        let mut kernels = HashMap::new();
-        // The bf16 twins come after their originals and replace them under the same names.
         let bf16 = math == Math::Bf16;
+        if bf16 && capability.0 < 8 {
+            return Err(format!(
+                "{name} (compute capability {}.{}) has no bf16 conversions: mixed precision \
+                 needs 8.0 or newer (A100, H100); use --math tf32 or f32",
+                capability.0, capability.1
+            ));
+        }
+        let mut kernels = HashMap::new();
+        // In bf16, a twinned source's twin is loaded under the original's names instead of it.
         for (file, source) in crate::units() {
-            if file.ends_with(".bf16.cu") && !bf16 {
+            let twin = file.ends_with(".bf16.cu");
+            if twin != bf16 && (twin || crate::ACT_SOURCES.contains(&file.as_str())) {
                 continue;
             }
             let cubin = crate::compile_cubin(&file, &source, capability)?;
