@@ -4,19 +4,22 @@
 //
 // Training forward, as the host sequences it:
 //   bn_sum_partials      x -> partial[parts, c]         per-channel Σx of each row slice
-//   bn_reduce_partials   partial -> sums[c] (f64)        (all-reduce here for synchronized BN)
-//   bn_mean              sums, total rows -> mean
+//   bn_reduce_partials   partial -> sums[c] (f64), sums[c] = this replica's row count
+//                        (synchronized BN all-reduces sums[0..=c] here: the count travels
+//                        with the sums, as on the CPU, so replicas may hold different batches)
+//   bn_mean              sums -> mean (over the row count sums[c])
 //   bn_sqdev_partials    x, mean -> partial[parts, c]   Σ(x − mean)²: two passes, as the CPU,
-//   bn_reduce_partials   -> sqsums (f64)                 so large means cost no accuracy
-//   bn_var               sqsums, total -> var (biased), invstd
+//   bn_reduce_partials   -> sqsums (f64), count          so large means cost no accuracy
+//   bn_var               sqsums -> var (biased), invstd
 //   bn_fold              γ, β, mean, invstd -> scale, shift
 //   bn_apply             y = act(x·scale + shift)
+//   bn_update_running    (the running statistics, over the count in sqsums[c])
 // Backward (scale and shift from bn_fold):
 //   bn_backward_partials x, dy -> dz (into dx), partial[parts, 2c] = [Σdz | Σdz·x̂]
-//   bn_reduce_partials   width 2c -> sums (f64)
+//   bn_reduce_partials   width 2c -> sums (f64), sums[2c] = row count
 //   bn_backward_params   dβ += Σdz, dγ += Σdz·x̂   (this replica's sums: before any all-reduce)
 //   bn_backward_dx       dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂))   (global sums)
-// Eval: bn_fold_running, then bn_apply. After each training step: bn_update_running.
+// Eval: bn_fold_running, then bn_apply.
 //
 // The *_partials kernels take a 2D launch: gridDim.y = parts slices the rows, blockIdx.x and
 // threadIdx.x cover channels (neighbouring threads read neighbouring channels of a row:
@@ -61,10 +64,13 @@ extern "C" __global__ void bn_sqdev_partials(const act_t* __restrict__ x,
 }
 
 // Adds the `parts` partials of each of `width` columns in f64 (1D launch over columns;
-// neighbouring threads read neighbouring columns). The f64 sums are what synchronized BN
-// all-reduces, as the CPU engine's `ReplicaSum` does.
+// neighbouring threads read neighbouring columns), and puts `rows` after them (sums has
+// width + 1 entries). The f64 sums are what synchronized BN all-reduces, as the CPU engine's
+// `ReplicaSum` does.
 extern "C" __global__ void bn_reduce_partials(const float* __restrict__ partial, int parts,
-                                              int width, double* __restrict__ sums) {
+                                              int width, double rows,
+                                              double* __restrict__ sums) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) sums[width] = rows;
     GRID_STRIDE(j, width) {
         double s = 0.0;
         for (int p = 0; p < parts; p++) s += (double)partial[(long long)p * width + j];
@@ -72,15 +78,16 @@ extern "C" __global__ void bn_reduce_partials(const float* __restrict__ partial,
     }
 }
 
-// `total` is the row count over every replica (f64, as the CPU engine carries it).
-extern "C" __global__ void bn_mean(const double* __restrict__ sums, int c, double total,
+// sums[c] is the row count over every replica (f64, as the CPU engine carries it).
+extern "C" __global__ void bn_mean(const double* __restrict__ sums, int c,
                                    float* __restrict__ mean) {
+    double total = sums[c];
     GRID_STRIDE(ch, c) { mean[ch] = (float)(sums[ch] / total); }
 }
 
-extern "C" __global__ void bn_var(const double* __restrict__ sqsums, int c, double total,
-                                  float eps, float* __restrict__ var,
-                                  float* __restrict__ invstd) {
+extern "C" __global__ void bn_var(const double* __restrict__ sqsums, int c, float eps,
+                                  float* __restrict__ var, float* __restrict__ invstd) {
+    double total = sqsums[c];
     GRID_STRIDE(ch, c) {
         float v = (float)(sqsums[ch] / total);
         var[ch] = v;
@@ -126,13 +133,14 @@ extern "C" __global__ void bn_apply(const act_t* x, const float* __restrict__ sc
     }
 }
 
-// r ← (1 − m)·r + m·batch, the variance made unbiased with rows/(rows − 1); `rows` is the row
-// count the statistics span (every replica's, with synchronized BN).
+// r ← (1 − m)·r + m·batch, the variance made unbiased with rows/(rows − 1); rows = *count, the
+// row count the statistics span (every replica's, with synchronized BN).
 extern "C" __global__ void bn_update_running(float* __restrict__ running_mean,
                                              float* __restrict__ running_var,
                                              const float* __restrict__ mean,
                                              const float* __restrict__ var, int c,
-                                             long long rows, float momentum) {
+                                             const double* __restrict__ count, float momentum) {
+    long long rows = (long long)count[0];
     float bessel = rows > 1 ? (float)rows / (float)(rows - 1) : 1.0f;
     GRID_STRIDE(ch, c) {
         running_mean[ch] = (1.0f - momentum) * running_mean[ch] + momentum * mean[ch];
@@ -185,13 +193,14 @@ extern "C" __global__ void bn_backward_params(const double* __restrict__ sums, i
 }
 
 // Pass 2, in place over dz: dx = scale·(dz − mean(dz) − x̂·mean(dz·x̂)). `sums` spans every
-// replica's rows with synchronized BN; inv_total = 1/(their count).
+// replica's rows with synchronized BN, their count in sums[2c]; `rows` is this replica's.
 extern "C" __global__ void bn_backward_dx(const act_t* __restrict__ x,
                                           const float* __restrict__ scale,
                                           const float* __restrict__ mean,
                                           const float* __restrict__ invstd,
                                           const double* __restrict__ sums, long long rows, int c,
-                                          double inv_total, act_t* __restrict__ dx) {
+                                          act_t* __restrict__ dx) {
+    double inv_total = 1.0 / sums[2 * c];
     GRID_STRIDE(i, rows * c) {
         int ch = (int)(i % c);
         float mean_dz = (float)(sums[ch] * inv_total);

@@ -33,6 +33,7 @@ type Comm = *mut c_void;
 /// `ncclDataType_t` and `ncclRedOp_t` values (nccl.h).
 const NCCL_FLOAT16: c_int = 6;
 const NCCL_FLOAT32: c_int = 7;
+const NCCL_FLOAT64: c_int = 8;
 const NCCL_SUM: c_int = 0;
 
 /// The library, opened once per process (None when absent).
@@ -164,6 +165,11 @@ impl Nccl {
     /// Sums `len` f32 at `ptr` over the replicas.
     pub fn all_reduce_sum_f32(&self, gpu: &Gpu, ptr: u64, len: usize) -> Result<()> {
         self.all_reduce_sum(gpu, ptr, len, NCCL_FLOAT32)
+    }
+
+    /// Sums `len` f64 at `ptr` over the replicas (synchronized batch norm's statistics).
+    pub fn all_reduce_sum_f64(&self, gpu: &Gpu, ptr: u64, len: usize) -> Result<()> {
+        self.all_reduce_sum(gpu, ptr, len, NCCL_FLOAT64)
     }
 
     /// Sums `len` f16 (16-bit words) at `ptr` over the replicas.

@@ -10,6 +10,8 @@
 //! (dropout, drop-path) are drawn on the host from the same generator and in the same order as
 //! on the CPU, so a stochastic pass is the same function on both devices.
 
+use std::rc::Rc;
+
 use cudarc::driver::CudaSlice;
 use effnet_engine::rng::Rng;
 use effnet_engine::{regularize, Act, Nhwc};
@@ -18,6 +20,7 @@ use effnet_model::network::{ConvKind, Layer, Mode, Network, Weights};
 use crate::conv::{Conv, SamePad};
 use crate::device::{addr, bn_parts, columns, linear, Gpu, Math, Result};
 use crate::gemm::{gemm, sgemm, Elem, RowMajor};
+use crate::nccl::Nccl;
 
 fn act_code(a: Act) -> i32 {
     match a {
@@ -109,7 +112,11 @@ pub struct GpuWorkspace {
     bn: Vec<Option<CudaSlice<f32>>>,
     se: Vec<Option<SeBufs>>,
     partial: CudaSlice<f32>,
+    /// A BN layer's f64 sums (up to 2c) and, after them, the row count they span.
     sums: CudaSlice<f64>,
+    /// Synchronized batch norm: the replicas' NCCL communicator, over which every training BN
+    /// layer sums its statistics (in stream order: a captured graph replays the exchange).
+    sync: Option<Rc<Nccl>>,
     /// A layer's filter in cuDNN's layout (or a 1×1 weight for bf16 products), and its gradient.
     packed: ActBuf,
     packed_grad: ActBuf,
@@ -142,6 +149,27 @@ pub struct GpuWorkspace {
 }
 
 impl GpuWorkspace {
+    /// Makes this training workspace's batch norm span every replica of `nccl`.
+    pub fn synchronize_batch_norm(&mut self, nccl: Rc<Nccl>) -> Result<()> {
+        if !self.training {
+            return Err("synchronized batch norm needs a training workspace".into());
+        }
+        self.sync = Some(nccl);
+        Ok(())
+    }
+
+    pub fn is_synchronized(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// Sums `len` f64 at `ptr` over the replicas when batch norm is synchronized.
+    fn replica_sum(&self, gpu: &Gpu, ptr: u64, len: usize) -> Result<()> {
+        match &self.sync {
+            Some(nccl) => nccl.all_reduce_sum_f64(gpu, ptr, len),
+            None => Ok(()),
+        }
+    }
+
     /// The output of layer `i` (after its block's residual add when it ends one), on the host.
     pub fn layer_output(&self, gpu: &Gpu, i: usize) -> Result<Vec<f32>> {
         read_acts(gpu, &self.acts[i + 1], self.shapes[i + 1].len())
@@ -280,7 +308,8 @@ impl GpuNet {
             bn,
             se,
             partial: gpu.zeros(max_parts * 2 * max_c)?,
-            sums: gpu.zeros(2 * max_c)?,
+            sums: gpu.zeros(2 * max_c + 1)?,
+            sync: None,
             packed: act_zeros(gpu, packed)?,
             packed_grad: act_zeros(gpu, train_len(packed))?,
             padded: act_zeros(gpu, padded)?,
@@ -521,13 +550,21 @@ impl GpuNet {
                         let parts = bn_parts(rows);
                         let partial = addr(&ws.partial, s, 0);
                         let sums = addr(&ws.sums, s, 0);
-                        let total = rows as f64;
+                        // The channels' sums and the row count after them, over the replicas
+                        // with synchronized BN.
                         let reduce = |width: usize| {
                             gpu.launch(
                                 "bn_reduce_partials",
                                 linear(width),
-                                &[&partial, &(parts as i32), &(width as i32), &sums],
-                            )
+                                &[
+                                    &partial,
+                                    &(parts as i32),
+                                    &(width as i32),
+                                    &(rows as f64),
+                                    &sums,
+                                ],
+                            )?;
+                            ws.replica_sum(gpu, sums, width + 1)
                         };
                         gpu.launch(
                             "bn_sum_partials",
@@ -535,27 +572,24 @@ impl GpuNet {
                             &[&target, &ri, &ci, &partial],
                         )?;
                         reduce(c)?;
-                        gpu.launch("bn_mean", linear(c), &[&sums, &ci, &total, &mean])?;
+                        gpu.launch("bn_mean", linear(c), &[&sums, &ci, &mean])?;
                         gpu.launch(
                             "bn_sqdev_partials",
                             columns(c, parts),
                             &[&target, &mean, &ri, &ci, &partial],
                         )?;
                         reduce(c)?;
-                        gpu.launch(
-                            "bn_var",
-                            linear(c),
-                            &[&sums, &ci, &total, &eps, &var, &invstd],
-                        )?;
+                        gpu.launch("bn_var", linear(c), &[&sums, &ci, &eps, &var, &invstd])?;
                         gpu.launch(
                             "bn_fold",
                             linear(c),
                             &[&gamma, &beta, &mean, &invstd, &ci, &scale, &shift],
                         )?;
+                        let count = addr(&ws.sums, s, c);
                         gpu.launch(
                             "bn_update_running",
                             linear(c),
-                            &[&rmean, &rvar, &mean, &var, &ci, &ri, &bn_momentum],
+                            &[&rmean, &rvar, &mean, &var, &ci, &count, &bn_momentum],
                         )?;
                     }
                 }
@@ -908,27 +942,19 @@ impl GpuNet {
                 gpu.launch(
                     "bn_reduce_partials",
                     linear(2 * c),
-                    &[&partial, &(parts as i32), &(2 * ci), &sums],
+                    &[&partial, &(parts as i32), &(2 * ci), &(rows as f64), &sums],
                 )?;
                 gpu.launch(
                     "bn_backward_params",
                     linear(c),
                     &[&sums, &ci, &dgamma, &dbeta],
                 )?;
+                // d(mean) and d(variance) over every replica's rows with synchronized BN.
+                ws.replica_sum(gpu, sums, 2 * c + 1)?;
                 gpu.launch(
                     "bn_backward_dx",
                     linear(ys.len()),
-                    &[
-                        &z,
-                        &scale,
-                        &mean,
-                        &invstd,
-                        &sums,
-                        &ri,
-                        &ci,
-                        &(1.0 / rows as f64),
-                        &d_conv,
-                    ],
+                    &[&z, &scale, &mean, &invstd, &sums, &ri, &ci, &d_conv],
                 )?;
                 let (w, gw) = self.p(gpu, u.weight.start);
                 let Some(conv) = &ws.convs[i] else {

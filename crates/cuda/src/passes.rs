@@ -104,12 +104,6 @@ impl Passes for GpuPasses {
         rng: &mut Rng,
         replicas: &Replicas,
     ) -> Result<Vec<f32>> {
-        if replicas.sync_bn && replicas.comm.size() > 1 {
-            return Err(
-                "synchronized batch norm is not written for GPUs yet: train without --sync_bn"
-                    .into(),
-            );
-        }
         if self.state.is_none() {
             return Err("the trainer has not written its state to the GPU".into());
         }
@@ -125,6 +119,17 @@ impl Passes for GpuPasses {
             });
         }
         let planned = self.train.as_mut().expect("planned above");
+        if replicas.comm.size() > 1 {
+            // Collective at the first pass: every replica chooses the route together.
+            let nccl = self.exchange.connect(gpu, replicas.comm.as_ref())?;
+            if replicas.sync_bn && !planned.ws.is_synchronized() {
+                let nccl = nccl.ok_or(
+                    "synchronized batch norm on GPUs needs NCCL on every process (see the note \
+                     above), or train without --sync_bn",
+                )?;
+                planned.ws.synchronize_batch_norm(nccl)?;
+            }
+        }
         gpu.write(&weights.buffers, &mut self.net.buffers)?;
         self.net.tracked.clone_from(&weights.tracked);
         self.net.write_input(gpu, &mut planned.ws, images)?;
@@ -187,6 +192,11 @@ impl Passes for GpuPasses {
         eval_net.write_input(gpu, ws, images)?;
         eval_net.forward(gpu, ws, Mode::Eval, &mut Rng::new(0))?;
         eval_net.logits(gpu, ws)
+    }
+
+    /// New replicas (synchronized BN on or off): the training plan and its graphs go.
+    fn replan(&mut self) {
+        self.train = None;
     }
 
     fn holds_state(&self) -> bool {

@@ -4,6 +4,8 @@
 //! the replicas with NCCL when every replica has it, else over MPI through the host
 //! ([`Exchange`]).
 
+use std::rc::Rc;
+
 use cudarc::driver::CudaSlice;
 use effnet_train::optim::{adam_step_size, decay_mask, Kind};
 use effnet_train::trainer::{StateMut, StateRef, Update};
@@ -17,7 +19,7 @@ const NORM_BLOCKS: usize = 1024;
 
 /// How gradients travel between replicas.
 enum Route {
-    Nccl(Nccl),
+    Nccl(Rc<Nccl>),
     /// No NCCL on some replica: through the host over MPI.
     Host,
 }
@@ -203,6 +205,22 @@ impl DeviceState {
 }
 
 impl Exchange {
+    /// Chooses the route at first use (collective: every replica of `comm` calls it at the same
+    /// point of the run); the NCCL communicator when that is the route.
+    pub fn connect(
+        &mut self,
+        gpu: &Gpu,
+        comm: &dyn effnet_dist::Communicator,
+    ) -> Result<Option<Rc<Nccl>>> {
+        if self.route.is_none() {
+            self.route = Some(choose_route(gpu, comm)?);
+        }
+        Ok(match self.route.as_ref() {
+            Some(Route::Nccl(nccl)) => Some(nccl.clone()),
+            _ => None,
+        })
+    }
+
     /// Averages `net`'s gradients over the replicas of `comm`.
     fn average(
         &mut self,
@@ -211,9 +229,7 @@ impl Exchange {
         comm: &dyn effnet_dist::Communicator,
         fp16: bool,
     ) -> Result<()> {
-        if self.route.is_none() {
-            self.route = Some(choose_route(gpu, comm)?);
-        }
+        self.connect(gpu, comm)?;
         let n = net.net.layout.param_len;
         let s = &gpu.stream;
         let g = addr(&net.grads, s, 0);
@@ -253,7 +269,7 @@ fn choose_route(gpu: &Gpu, comm: &dyn effnet_dist::Communicator) -> Result<Route
     let missing = comm.size() - have[0] as usize;
     let (route, why) = if missing == 0 {
         match Nccl::new(gpu, comm) {
-            Ok(nccl) => (Route::Nccl(nccl), None),
+            Ok(nccl) => (Route::Nccl(Rc::new(nccl)), None),
             Err(e) => (Route::Host, Some(e)),
         }
     } else {
