@@ -8,8 +8,10 @@
 //! between processes (`mpirun -np N`, one GPU each).
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use cudarc::driver::CudaGraph;
+use effnet_dist::Communicator;
 use effnet_engine::rng::Rng;
 use effnet_model::{Mode, Network, Weights};
 use effnet_train::trainer::{Passes, Replicas, StateMut, StateRef, Update};
@@ -19,7 +21,9 @@ use crate::net::{GpuNet, GpuWorkspace};
 use crate::state::{DeviceState, Exchange};
 
 /// One pass's CUDA graph: none before the pass has run directly once, then captured and
-/// replayed; if the capture fails (reported once), the pass keeps launching directly.
+/// replayed; if the capture fails (reported once), the pass keeps launching directly. A pass
+/// holding NCCL calls (synchronized BN) uses its graph only if every replica captured one
+/// (`agree`): NCCL wants a collective captured on all ranks or on none.
 #[derive(Default)]
 struct Replay {
     ran: bool,
@@ -28,13 +32,26 @@ struct Replay {
 }
 
 impl Replay {
-    fn run(&mut self, gpu: &Gpu, mut work: impl FnMut() -> Result<()>) -> Result<()> {
+    fn run(
+        &mut self,
+        gpu: &Gpu,
+        agree: Option<&dyn Communicator>,
+        mut work: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
         if !self.ran {
             self.ran = true;
             return work();
         }
         if self.graph.is_none() && !self.failed {
-            match gpu.capture(&mut work) {
+            let mut captured = gpu.capture(&mut work);
+            if let Some(comm) = agree {
+                let mut ok = [captured.is_ok() as u8 as f64];
+                comm.all_reduce_sum_f64(&mut ok)?;
+                if ok[0] as usize != comm.size() && captured.is_ok() {
+                    captured = Err("another replica could not capture its pass".into());
+                }
+            }
+            match captured {
                 Ok(g) => self.graph = Some(g),
                 Err(e) => {
                     eprintln!(
@@ -61,6 +78,9 @@ struct Planned {
     mode: Option<Mode>,
     forward: Replay,
     backward: Replay,
+    /// With synchronized BN, the replicas that agree on the graphs. Every replica plans the
+    /// same (batch, resolution) sequence (full, equal batches), so their graphs stay in step.
+    sync: Option<Arc<dyn Communicator>>,
 }
 
 pub struct GpuPasses {
@@ -116,6 +136,7 @@ impl Passes for GpuPasses {
                 mode: None,
                 forward: Replay::default(),
                 backward: Replay::default(),
+                sync: None,
             });
         }
         let planned = self.train.as_mut().expect("planned above");
@@ -128,6 +149,7 @@ impl Passes for GpuPasses {
                      above), or train without --sync_bn",
                 )?;
                 planned.ws.synchronize_batch_norm(nccl)?;
+                planned.sync = Some(replicas.comm.clone());
             }
         }
         gpu.write(&weights.buffers, &mut self.net.buffers)?;
@@ -140,9 +162,9 @@ impl Passes for GpuPasses {
             planned.backward = Replay::default();
         }
         let (net, ws) = (&self.net, &mut planned.ws);
-        planned
-            .forward
-            .run(gpu, || net.forward_launches(gpu, ws, mode))?;
+        planned.forward.run(gpu, planned.sync.as_deref(), || {
+            net.forward_launches(gpu, ws, mode)
+        })?;
         self.net.count_batches(mode);
         let logits = self.net.logits(gpu, &planned.ws)?;
         weights.buffers = gpu.read(&self.net.buffers, weights.buffers.len())?;
@@ -164,7 +186,9 @@ impl Passes for GpuPasses {
         let gpu = &self.gpu;
         self.net.write_dlogits(gpu, &mut planned.ws, dlogits)?;
         let (net, ws) = (&self.net, &mut planned.ws);
-        planned.backward.run(gpu, || net.backward(gpu, ws))
+        planned
+            .backward
+            .run(gpu, planned.sync.as_deref(), || net.backward(gpu, ws))
     }
 
     fn eval_logits(
@@ -194,9 +218,11 @@ impl Passes for GpuPasses {
         eval_net.logits(gpu, ws)
     }
 
-    /// New replicas (synchronized BN on or off): the training plan and its graphs go.
+    /// New replicas: the training plan, its graphs and the gradient route go (chosen again,
+    /// together, at the next pass).
     fn replan(&mut self) {
         self.train = None;
+        self.exchange = Exchange::default();
     }
 
     fn holds_state(&self) -> bool {
