@@ -205,8 +205,12 @@ impl Gpu {
         self.stream.clone_htod(host).map_err(err("copy to device"))
     }
 
-    /// Copies `host` into the start of `dst`.
+    /// Copies `host` into the start of `dst` (nothing to do for an empty `host`: SGD's second
+    /// optimizer slot).
     pub fn write(&self, host: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
         let mut view = dst.slice_mut(..host.len());
         self.stream
             .memcpy_htod(host, &mut view)
@@ -220,6 +224,9 @@ impl Gpu {
         len: usize,
     ) -> Result<Vec<T>> {
         let mut host = vec![T::default(); len];
+        if len == 0 {
+            return Ok(host);
+        }
         self.stream
             .memcpy_dtoh(&src.slice(..len), &mut host)
             .map_err(err("copy from device"))?;
