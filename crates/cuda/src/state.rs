@@ -94,9 +94,8 @@ impl DeviceState {
         let n = net.net.layout.param_len;
         let s = &gpu.stream;
         let (w, g) = (addr(&net.params, s, 0), addr(&net.grads, s, 0));
-        let scale = |k: f32| gpu.launch("scale_in_place", linear(n), &[&g, &(n as i64), &k]);
         if u.grad_scale != 1.0 {
-            scale(u.grad_scale)?;
+            scale(gpu, g, n, u.grad_scale)?;
         }
         let mut exchange_seconds = 0.0;
         let comm = &u.replicas.comm;
@@ -110,7 +109,7 @@ impl DeviceState {
         if u.clip_norm > 0.0 {
             let norm = self.norm(gpu, g, n)?;
             if norm > u.clip_norm as f64 {
-                scale((u.clip_norm as f64 / norm) as f32)?;
+                scale(gpu, g, n, (u.clip_norm as f64 / norm) as f32)?;
             }
         }
         let opt = u.optimizer;
@@ -186,7 +185,6 @@ impl DeviceState {
                 )?;
             }
         }
-        net.zero_grads(gpu)?;
         Ok(exchange_seconds)
     }
 
@@ -246,7 +244,7 @@ impl Exchange {
             }
             Route::Nccl(nccl) => {
                 nccl.all_reduce_sum_f32(gpu, g, n)?;
-                gpu.launch("scale_in_place", linear(n), &[&g, &(n as i64), &k])
+                scale(gpu, g, n, k)
             }
             Route::Host => {
                 let mut host = gpu.read(&net.grads, n)?;
@@ -289,6 +287,11 @@ fn choose_route(gpu: &Gpu, comm: &dyn effnet_dist::Communicator) -> Result<Route
         );
     }
     Ok(Route::Host)
+}
+
+/// `n` f32 at `g` times `k`, in place.
+fn scale(gpu: &Gpu, g: u64, n: usize, k: f32) -> Result<()> {
+    gpu.launch("scale_in_place", linear(n), &[&g, &(n as i64), &k])
 }
 
 fn check_lengths(want: usize, got: usize, what: &str) -> Result<()> {

@@ -132,13 +132,14 @@ pub trait Passes {
     }
 
     /// One optimizer step on the device from the gradients accumulated since the last one:
-    /// scaled by `grad_scale`, averaged over the replicas, clipped, applied, then the EMA, and
-    /// the gradients zeroed. Returns the seconds spent exchanging gradients.
+    /// scaled by `grad_scale`, averaged over the replicas, clipped, applied, then the EMA (the
+    /// trainer zeroes the gradients after, with [`Passes::discard_gradients`]). Returns the
+    /// seconds spent exchanging gradients.
     fn update(&mut self, _update: &Update<'_>) -> Result<f64, String> {
         Err(NOT_HELD.into())
     }
 
-    /// Zeroes the gradients accumulated on the device (a skipped step).
+    /// Zeroes the gradients accumulated on the device (after a step, or a skipped one).
     fn discard_gradients(&mut self) -> Result<(), String> {
         Err(NOT_HELD.into())
     }
@@ -447,24 +448,23 @@ impl Trainer {
             self.discard_pending()?;
             return Ok(false);
         }
+        let scale = 1.0 / self.config.accumulation.max(1) as f32;
+        let lr = self.config.schedule.at(self.optimizer.step) as f32;
         if self.passes.holds_state() {
-            let lr = self.config.schedule.at(self.optimizer.step) as f32;
             self.optimizer.step += 1;
             let step = self.optimizer.step;
             self.host_stale = true;
             self.exchange_seconds += self.passes.update(&Update {
                 optimizer: &self.optimizer,
                 lr,
-                grad_scale: 1.0 / self.config.accumulation.max(1) as f32,
+                grad_scale: scale,
                 clip_norm: self.config.grad_clip_norm,
                 ema_decay: self.ema.as_ref().map(|e| e.decay_at(step) as f32),
                 replicas: &self.replicas,
             })?;
-            self.pending = 0;
-            self.pending_bad = false;
+            self.discard_pending()?;
             return Ok(true);
         }
-        let scale = 1.0 / self.config.accumulation.max(1) as f32;
         if scale != 1.0 {
             self.grads
                 .par_chunks_mut(CHUNK)
@@ -482,7 +482,6 @@ impl Trainer {
         if self.config.grad_clip_norm > 0.0 {
             optim::clip_global_norm(&mut self.grads, self.config.grad_clip_norm);
         }
-        let lr = self.config.schedule.at(self.optimizer.step) as f32;
         self.optimizer
             .apply(&mut self.weights.params, &self.grads, lr);
         if let Some(ema) = &mut self.ema {

@@ -138,7 +138,6 @@ impl Passes for Held {
             };
             ema.update(&current, u.optimizer.step);
         }
-        self.grads.fill(0.0);
         Ok(0.0)
     }
 
