@@ -25,6 +25,26 @@ $bin selftest --math f32; echo "selftest f32 rc=$?"
 $bin selftest --math tf32; echo "selftest tf32 rc=$?"
 $bin selftest --math bf16; echo "selftest bf16 rc=$?"
 $bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32; echo "selftest lite0 odd size rc=$?"
+# Real weights: predict on the GPU against the CPU engine, when .gpu-data/ holds lite0.pth and
+# photos/ (here: cp "$EFFNET_LITE0_PTH" .gpu-data/lite0.pth; cp -r crates/cli/tests/fixtures/photos
+# "$EFFNET_PHOTOS_DIR"/*.png .gpu-data/photos/ — the .gpu-data note above).
+if [ -f .gpu-data/lite0.pth ] && [ -d .gpu-data/photos ]; then
+  for dev in "cpu f32" "cuda f32" "cuda tf32" "cuda bf16"; do
+    set -- $dev
+    $bin predict --arch efficientnet_lite0 --weights .gpu-data/lite0.pth .gpu-data/photos \
+      --device $1 --math $2 --batch-size 4 --format csv --logits-out "/tmp/logits-$1-$2.npy" >/dev/null
+    echo "predict $1 $2 rc=$?"
+  done
+  python3 - <<'PY'
+import numpy as np
+cpu = np.load("/tmp/logits-cpu-f32.npy")
+for math in ("f32", "tf32", "bf16"):
+    gpu = np.load(f"/tmp/logits-cuda-{math}.npy")
+    err = np.abs(gpu - cpu).max() / np.abs(cpu).max()
+    same = (gpu.argmax(1) == cpu.argmax(1)).mean()
+    print(f"predict lite0 on {len(cpu)} photos, cuda {math}: max rel err {err:.2e}, top-1 agreement {same:.0%}")
+PY
+fi
 echo "self-tests took $(( $(date +%s) - t0 )) s"
 [ "${1:-}" = quick ] && exit 0
 if [ -f .gpu-data/train-images-idx3-ubyte.gz ]; then

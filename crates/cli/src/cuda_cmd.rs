@@ -2,11 +2,13 @@
 //! and the `--device cuda` benchmarks. Built with the `cuda` feature.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 use clap::Args;
 
 use crate::bench::BenchArgs;
+use effnet_cuda::classify::GpuClassifier;
 use effnet_cuda::device::{addr, linear, Gpu, Math};
 use effnet_cuda::net::GpuNet;
 use effnet_cuda::passes::GpuPasses;
@@ -56,13 +58,22 @@ pub fn parse_math(s: &str) -> Result<Math, String> {
     }
 }
 
+/// The GPU math of `--math`, or mixed precision for `--precision bf16` (the CPU's flag for it).
+pub fn math_or_precision(math: &str, precision: &str) -> Result<Math, String> {
+    match precision {
+        "bf16" => Ok(Math::Bf16),
+        _ => parse_math(math),
+    }
+}
+
+/// The GPU of this process's local rank, announced on stderr (stdout may be JSON or CSV).
 pub fn open_gpu(device: &str, math: Math) -> Result<Gpu, String> {
     if device != "cuda" {
         return Err(format!("unknown --device {device:?}: expected cuda"));
     }
     let ordinal = local_rank();
     let gpu = Gpu::new(ordinal, math)?;
-    println!(
+    eprintln!(
         "device {ordinal}: {} (compute capability {}.{}), math {math:?}",
         gpu.name, gpu.capability.0, gpu.capability.1
     );
@@ -155,7 +166,7 @@ fn perturb_batch_norm(net: &Network, w: &mut Weights, rng: &mut Rng) {
 
 pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
     let math = parse_math(&args.math)?;
-    let gpu = open_gpu(&args.device, math)?;
+    let gpu = Rc::new(open_gpu(&args.device, math)?);
     let net = Network::new(arch(&args.arch)?);
     let (n, s) = (args.batch_size, args.img_size);
     if n < 2 || s < 8 {
@@ -261,26 +272,39 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
         );
     }
 
-    // The eval forward captured as a CUDA graph and replayed computes the same logits.
+    // `predict`, `eval` and a training run's evaluations: the eval pass run directly, then
+    // captured as a CUDA graph and replayed, then replayed on new weights, computes the CPU's
+    // logits each time.
+    let mut classifier = GpuClassifier::new(gpu.clone(), &net, &cpu_w)?;
     let cpu_logits = net
         .forward(&mut cpu_w, &mut ws, &input, Mode::Eval, &mut Rng::new(3))
         .to_vec();
-    gpu_net.draw_masks(&gpu, &mut gws, Mode::Eval, &mut Rng::new(3))?;
-    gpu.memset_zero(addr(&gws.logits, &gpu.stream, 0), n * net.classes)?;
-    let graph = gpu.capture(|| gpu_net.forward_launches(&gpu, &mut gws, Mode::Eval))?;
-    graph
-        .launch()
-        .map_err(|e| format!("replaying the graph: {e:?}"))?;
-    let logits = gpu_net.logits(&gpu, &gws)?;
+    let mut worst = 0f64;
+    for _ in 0..3 {
+        worst = worst.max(rel_err(&classifier.logits(&input, n, s)?, &cpu_logits));
+    }
+    report.add("cuda graph", "eval pass: direct, captured, replayed", worst);
+    let captured = classifier.captured(n, s);
     report.add(
         "cuda graph",
-        "eval forward replayed (logits)",
-        rel_err(&logits, &cpu_logits),
+        "eval pass captured (exact)",
+        if captured { 0.0 } else { f64::INFINITY },
     );
+    let mut other = Weights::init(&net, 8);
+    perturb_batch_norm(&net, &mut other, &mut rng);
+    classifier.set_weights(&other)?;
+    let cpu_logits = net
+        .forward(&mut other, &mut ws, &input, Mode::Eval, &mut Rng::new(3))
+        .to_vec();
+    report.add(
+        "cuda graph",
+        "eval pass replayed on new weights",
+        rel_err(&classifier.logits(&input, n, s)?, &cpu_logits),
+    );
+    drop(classifier);
 
     compare_updates(&gpu, &net, &mut gpu_net, &cpu_w, &mut report)?;
     drop((gws, gpu_net));
-    let gpu = std::rc::Rc::new(gpu);
     compare_training(&gpu, &net, &cpu_w, n, s, &mut report)?;
 
     // Tolerances: f32 differs from the CPU only by summation order (cuDNN's and cuBLAS's
@@ -429,7 +453,7 @@ fn compare_updates(
 /// the GPU's passes — state held on the device, passes replayed from CUDA graphs after the
 /// first — against the same on the CPU engine: losses, then weights, slots and EMA.
 fn compare_training(
-    gpu: &std::rc::Rc<Gpu>,
+    gpu: &Rc<Gpu>,
     net: &Network,
     w: &Weights,
     n: usize,
@@ -473,11 +497,20 @@ fn compare_training(
         "micro-batch losses",
         rel_err(&losses.0, &losses.1),
     );
-    let (got, want) = (dev.evaluation_weights(true)?, cpu.evaluation_weights(true)?);
+    let (mut got, mut want) = (dev.evaluation_weights(true)?, cpu.evaluation_weights(true)?);
     report.add(
         "trainer",
         "EMA weights after 2 steps",
         rel_err(&got.params, &want.params),
+    );
+    // An evaluation through the trainer: the EMA weights loaded onto the GPU once.
+    let x: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+    let got_logits = dev.evaluator(&mut got)?.logits(&x, n, s)?;
+    let want_logits = cpu.evaluator(&mut want)?.logits(&x, n, s)?;
+    report.add(
+        "trainer",
+        "evaluation of the EMA weights (logits)",
+        rel_err(&got_logits, &want_logits),
     );
     report.add(
         "trainer",
@@ -501,10 +534,7 @@ fn compare_training(
 /// the peers' schema with `--json`.
 pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
     // `--precision bf16` asks for mixed precision, as on the CPU.
-    let math = match args.precision.as_str() {
-        "bf16" => Math::Bf16,
-        _ => parse_math(&args.math)?,
-    };
+    let math = math_or_precision(&args.math, &args.precision)?;
     let gpu = open_gpu("cuda", math)?;
     let net = Network::new(arch(&args.arch)?);
     let weights = Weights::init(&net, 0);

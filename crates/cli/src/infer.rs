@@ -1,5 +1,6 @@
 //! `predict` and `eval`: images through a trained network.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -55,7 +56,73 @@ pub fn transform_for(net: &Network, args: &PreprocessArgs) -> Result<Transform, 
     })
 }
 
-/// Runs eval-mode forward passes, keeping one workspace per batch size seen.
+/// Where and how the forward passes run.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeArgs {
+    /// `cpu`, or `cuda` (the GPU of this process's local rank; a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// `f32`, or `bf16`: on the CPU the blocks' expansions on bf16 operands with f32 sums (needs
+    /// AVX512_BF16; real ImageNet weights' logits within 1 % of f32's on the tested photos); on
+    /// the GPU mixed precision, as `--math bf16`.
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, or `bf16`
+    /// (bf16 activations, f32 sums).
+    #[arg(long, default_value = "tf32")]
+    math: String,
+}
+
+impl ComputeArgs {
+    /// Checks the choice and opens the GPU, before any weights are read.
+    fn open(&self) -> Result<Backend, String> {
+        match crate::Device::parse(&self.device)? {
+            crate::Device::Cpu => Ok(Backend::Cpu(crate::precision(&self.precision)?)),
+            #[cfg(feature = "cuda")]
+            crate::Device::Cuda => {
+                let math = crate::cuda_cmd::math_or_precision(&self.math, &self.precision)?;
+                let gpu = crate::cuda_cmd::open_gpu("cuda", math)?;
+                Ok(Backend::Gpu(std::rc::Rc::new(gpu)))
+            }
+        }
+    }
+}
+
+enum Backend {
+    Cpu(Precision),
+    #[cfg(feature = "cuda")]
+    Gpu(std::rc::Rc<effnet_cuda::device::Gpu>),
+}
+
+/// Eval-mode logits on the device the user chose.
+enum Classifier {
+    Cpu(Runner),
+    #[cfg(feature = "cuda")]
+    Gpu(effnet_cuda::classify::GpuClassifier),
+}
+
+impl Classifier {
+    fn new(backend: Backend, net: Network, weights: Weights) -> Result<Classifier, String> {
+        Ok(match backend {
+            Backend::Cpu(precision) => Classifier::Cpu(Runner::new(net, weights, precision)),
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(gpu) => Classifier::Gpu(effnet_cuda::classify::GpuClassifier::new(
+                gpu, &net, &weights,
+            )?),
+        })
+    }
+
+    /// Logits for `n` NHWC images of `size`×`size`.
+    fn logits(&mut self, input: &[f32], n: usize, size: usize) -> Result<Vec<f32>, String> {
+        match self {
+            Classifier::Cpu(runner) => Ok(runner.logits(input, n, size)),
+            #[cfg(feature = "cuda")]
+            Classifier::Gpu(gpu) => gpu.logits(input, n, size),
+        }
+    }
+}
+
+/// Runs eval-mode forward passes on the CPU, keeping one workspace per batch size seen.
 struct Runner {
     net: Network,
     weights: Weights,
@@ -136,10 +203,8 @@ pub struct PredictArgs {
     /// Write the raw logits of every image read, `[N, classes]` float32.
     #[arg(long = "logits-out")]
     logits_out: Option<PathBuf>,
-    /// `f32`, or `bf16`: the blocks' expansions on bf16 operands with f32 sums (needs
-    /// AVX512_BF16; real ImageNet weights' logits within 1 % of f32's on the tested photos).
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     #[command(flatten)]
     preprocess: PreprocessArgs,
 }
@@ -199,44 +264,53 @@ fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     order.into_iter().take(k).map(|c| (c, probs[c])).collect()
 }
 
-fn print_prediction(format: Format, name: &str, top: &[(usize, f32)], names: &[String]) {
+/// Writes one image's classes to stdout. Errors (a closed pipe: `effnet predict … | head`)
+/// end the command with a message, not a panic.
+fn print_prediction(
+    format: Format,
+    name: &str,
+    top: &[(usize, f32)],
+    names: &[String],
+) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
     match format {
-        Format::Text => {
-            println!("{name}");
-            for (c, p) in top {
-                println!("  {p:.4}  {} ({c})", names[*c]);
-            }
-        }
+        Format::Text => writeln!(out, "{name}").and_then(|_| {
+            top.iter()
+                .try_for_each(|(c, p)| writeln!(out, "  {p:.4}  {} ({c})", names[*c]))
+        }),
         Format::Json => {
             let top: Vec<_> = top
                 .iter()
                 .map(|(c, p)| serde_json::json!({"class": c, "label": names[*c], "prob": p}))
                 .collect();
-            println!("{}", serde_json::json!({"file": name, "top": top}));
+            writeln!(out, "{}", serde_json::json!({"file": name, "top": top}))
         }
-        Format::Csv => {
-            for (rank, (c, p)) in top.iter().enumerate() {
-                let label = names[*c].replace('"', "\"\"");
-                println!(
-                    "\"{}\",{},{c},\"{label}\",{p:.6}",
-                    name.replace('"', "\"\""),
-                    rank + 1
-                );
-            }
-        }
+        Format::Csv => top.iter().enumerate().try_for_each(|(rank, (c, p))| {
+            let label = names[*c].replace('"', "\"\"");
+            writeln!(
+                out,
+                "\"{}\",{},{c},\"{label}\",{p:.6}",
+                name.replace('"', "\"\""),
+                rank + 1
+            )
+        }),
     }
+    .map_err(|e| format!("writing the predictions: {e}"))
 }
 
 pub fn predict(args: &PredictArgs) -> Result<(), String> {
+    let backend = args.compute.open()?;
     let (net, w) = weights::load(&args.weights, args.arch.as_deref())?;
     let names = class_names(&net, args.labels.as_deref())?;
     let k = args.top_k.clamp(1, net.classes);
     let batch_size = args.batch_size.max(1);
     let classes = net.classes;
-    let mut runner = Runner::new(net, w, crate::precision(&args.precision)?);
+    let transform = transform_for(&net, &args.preprocess)?;
+    let mut classifier = Classifier::new(backend, net, w)?;
     let mut all_logits = Vec::new();
     if args.format == Format::Csv {
-        println!("file,rank,class,label,prob");
+        writeln!(std::io::stdout(), "file,rank,class,label,prob")
+            .map_err(|e| format!("writing the predictions: {e}"))?;
     }
     if let Some(npy_path) = &args.input_npy {
         let (shape, values) = npy::read_f32(npy_path)?;
@@ -262,14 +336,14 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
                     }
                 }
             }
-            let logits = runner.logits(&nhwc, m, h);
+            let logits = classifier.logits(&nhwc, m, h)?;
             for (b, row) in logits.chunks_exact(classes).enumerate() {
                 print_prediction(
                     args.format,
                     &format!("{}[{}]", npy_path.display(), start + b),
                     &top_k(row, k),
                     &names,
-                );
+                )?;
             }
             all_logits.extend(logits);
         }
@@ -278,7 +352,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
         if paths.is_empty() {
             return Err("no images given".into());
         }
-        let t = transform_for(&runner.net, &args.preprocess)?;
+        let t = transform;
         eprintln!("preprocess: {}", t.describe());
         let mut failed = 0;
         let mut batch = Vec::new();
@@ -286,7 +360,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
             let rows = t.batch(chunk, |p| read_image(p), &mut batch);
             let n = rows.iter().filter(|r| r.is_ok()).count();
             let logits = if n > 0 {
-                runner.logits(&batch, n, t.size)
+                classifier.logits(&batch, n, t.size)?
             } else {
                 Vec::new()
             };
@@ -299,7 +373,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
                             &path.display().to_string(),
                             &top_k(l, k),
                             &names,
-                        );
+                        )?;
                     }
                     Err(reason) => {
                         eprintln!("effnet: {}: {reason}", path.display());
@@ -348,16 +422,15 @@ pub struct EvalArgs {
     /// Also append the DLLogger lines to this file.
     #[arg(long = "log-file", alias = "log_filename")]
     log_file: Option<PathBuf>,
-    /// `f32`, or `bf16`: the blocks' expansions on bf16 operands with f32 sums (needs
-    /// AVX512_BF16; real ImageNet weights' logits within 1 % of f32's on the tested photos).
-    #[arg(long, default_value = "f32")]
-    precision: String,
+    #[command(flatten)]
+    compute: ComputeArgs,
     #[command(flatten)]
     preprocess: PreprocessArgs,
 }
 
 pub fn eval(args: &EvalArgs) -> Result<(), String> {
     let start = Instant::now();
+    let backend = args.compute.open()?;
     let folder = files::labelled_folder(&args.data_dir)?;
     let (net, w) = weights::load(&args.weights, args.arch.as_deref())?;
     if let Some(&(ref p, label)) = folder.samples.iter().find(|(_, l)| *l >= net.classes) {
@@ -370,7 +443,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     let t = transform_for(&net, &args.preprocess)?;
     eprintln!("preprocess: {}", t.describe());
     let classes = net.classes;
-    let mut runner = Runner::new(net, w, crate::precision(&args.precision)?);
+    let mut classifier = Classifier::new(backend, net, w)?;
     let (mut seen, mut top1, mut top5, mut loss_sum, mut failed) =
         (0usize, 0usize, 0usize, 0f64, 0usize);
     let mut batch_ms = Vec::new();
@@ -394,7 +467,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         if labels.is_empty() {
             continue;
         }
-        let logits = runner.logits(&batch, labels.len(), t.size);
+        let logits = classifier.logits(&batch, labels.len(), t.size)?;
         batch_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         let scores = batch_scores(&logits, &labels, classes);
         top1 += scores.top1;

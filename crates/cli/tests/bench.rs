@@ -140,6 +140,25 @@ fn the_cuda_device_explains_what_is_missing() {
     } else {
         assert!(err.contains("--features cuda"), "{err}");
     }
+    // Inference says so before it reads any weights or images.
+    let missing = if cfg!(feature = "cuda") {
+        "libcuda"
+    } else {
+        "--features cuda"
+    };
+    for args in [
+        &["predict", "--weights", "absent.safetensors", "x.jpg"][..],
+        &[
+            "eval",
+            "--weights",
+            "absent.safetensors",
+            "--data-dir",
+            "absent",
+        ][..],
+    ] {
+        let (ok, _, err) = effnet(&[args, &["--device", "cuda"]].concat());
+        assert!(!ok && err.contains(missing), "{args:?}: {err}");
+    }
     let (ok, _, err) = effnet(&["training_benchmark", "--device", "tpu"]);
     assert!(!ok && err.contains("expected cpu or cuda"), "{err}");
 }

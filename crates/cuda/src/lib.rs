@@ -11,12 +11,14 @@
 //! time as `*.bf16.cu` with bf16 activation storage and every kernel named `NAME_bf16`
 //! ([`units`]).
 
+pub mod classify;
 pub mod conv;
 pub mod device;
 pub mod gemm;
 pub mod nccl;
 pub mod net;
 pub mod passes;
+pub mod replay;
 pub mod state;
 
 use std::path::{Path, PathBuf};

@@ -10,65 +10,16 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
-use cudarc::driver::CudaGraph;
 use effnet_dist::Communicator;
 use effnet_engine::rng::Rng;
 use effnet_model::{Mode, Network, Weights};
 use effnet_train::trainer::{Passes, Replicas, StateMut, StateRef, Update};
 
+use crate::classify::GpuClassifier;
 use crate::device::{Gpu, Result};
 use crate::net::{GpuNet, GpuWorkspace};
+use crate::replay::Replay;
 use crate::state::{DeviceState, Exchange};
-
-/// One pass's CUDA graph: none before the pass has run directly once, then captured and
-/// replayed; if the capture fails (reported once), the pass keeps launching directly. A pass
-/// holding NCCL calls (synchronized BN) uses its graph only if every replica captured one
-/// (`agree`): NCCL wants a collective captured on all ranks or on none.
-#[derive(Default)]
-struct Replay {
-    ran: bool,
-    graph: Option<CudaGraph>,
-    failed: bool,
-}
-
-impl Replay {
-    fn run(
-        &mut self,
-        gpu: &Gpu,
-        agree: Option<&dyn Communicator>,
-        mut work: impl FnMut() -> Result<()>,
-    ) -> Result<()> {
-        if !self.ran {
-            self.ran = true;
-            return work();
-        }
-        if self.graph.is_none() && !self.failed {
-            let mut captured = gpu.capture(&mut work);
-            if let Some(comm) = agree {
-                let mut ok = [captured.is_ok() as u8 as f64];
-                comm.all_reduce_sum_f64(&mut ok)?;
-                if ok[0] as usize != comm.size() && captured.is_ok() {
-                    captured = Err("another replica could not capture its pass".into());
-                }
-            }
-            match captured {
-                Ok(g) => self.graph = Some(g),
-                Err(e) => {
-                    eprintln!(
-                        "effnet: no CUDA graph for a training pass ({e}); launching directly"
-                    );
-                    self.failed = true;
-                }
-            }
-        }
-        match &self.graph {
-            Some(g) => g
-                .launch()
-                .map_err(|e| format!("replaying a training graph: {e:?}")),
-            None => work(),
-        }
-    }
-}
 
 /// A training workspace and the passes captured on it.
 struct Planned {
@@ -91,10 +42,9 @@ pub struct GpuPasses {
     state: Option<DeviceState>,
     /// How gradients reach the other replicas (kept across state writes).
     exchange: Exchange,
-    /// Evaluation runs on weights the trainer passes in (raw or EMA), kept apart from `net`.
-    eval_net: Option<GpuNet>,
+    /// Evaluation runs on the weights the trainer loads (raw or EMA), kept apart from `net`.
+    eval: Option<GpuClassifier>,
     train: Option<Planned>,
-    eval: Option<((usize, usize), GpuWorkspace)>,
 }
 
 impl GpuPasses {
@@ -105,9 +55,8 @@ impl GpuPasses {
             net,
             state: None,
             exchange: Exchange::default(),
-            eval_net: None,
-            train: None,
             eval: None,
+            train: None,
         })
     }
 }
@@ -191,31 +140,28 @@ impl Passes for GpuPasses {
             .run(gpu, planned.sync.as_deref(), || net.backward(gpu, ws))
     }
 
+    fn load_eval_weights(&mut self, net: &Network, weights: &Weights) -> Result<()> {
+        match &mut self.eval {
+            Some(eval) => eval.set_weights(weights),
+            None => {
+                self.eval = Some(GpuClassifier::new(self.gpu.clone(), net, weights)?);
+                Ok(())
+            }
+        }
+    }
+
     fn eval_logits(
         &mut self,
-        net: &Network,
-        weights: &mut Weights,
+        _net: &Network,
+        _weights: &mut Weights,
         images: &[f32],
         n: usize,
         size: usize,
     ) -> Result<Vec<f32>> {
-        let gpu = &self.gpu;
-        match &mut self.eval_net {
-            Some(e) => {
-                gpu.write(&weights.params, &mut e.params)?;
-                gpu.write(&weights.buffers, &mut e.buffers)?;
-            }
-            None => self.eval_net = Some(GpuNet::for_inference(gpu, net, weights)?),
-        }
-        let eval_net = self.eval_net.as_mut().expect("set above");
-        if self.eval.as_ref().map(|(k, _)| *k) != Some((n, size)) {
-            self.eval = None;
-            self.eval = Some(((n, size), eval_net.workspace(gpu, n, size, size, false)?));
-        }
-        let (_, ws) = self.eval.as_mut().expect("planned above");
-        eval_net.write_input(gpu, ws, images)?;
-        eval_net.forward(gpu, ws, Mode::Eval, &mut Rng::new(0))?;
-        eval_net.logits(gpu, ws)
+        self.eval
+            .as_mut()
+            .ok_or("no evaluation weights loaded on the GPU")?
+            .logits(images, n, size)
     }
 
     /// New replicas: the training plan, its graphs and the gradient route go (chosen again,

@@ -98,7 +98,14 @@ pub trait Passes {
         grads: &mut [f32],
     ) -> Result<(), String>;
 
-    /// Eval-mode logits of `n` NHWC images of `size`².
+    /// Sets the weights that the following [`Passes::eval_logits`] calls evaluate: passes on a
+    /// device copy them there once, here, rather than at every batch.
+    fn load_eval_weights(&mut self, _net: &Network, _weights: &Weights) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Eval-mode logits of `n` NHWC images of `size`², with `weights`: those of the last
+    /// [`Passes::load_eval_weights`], unchanged since ([`Evaluator`] sees to it).
     fn eval_logits(
         &mut self,
         net: &Network,
@@ -549,15 +556,28 @@ impl Trainer {
         })
     }
 
-    /// Eval-mode logits of `n` NHWC images with `weights` (from [`Trainer::evaluation_weights`]).
-    pub fn eval_logits(
-        &mut self,
-        weights: &mut Weights,
-        images: &[f32],
-        n: usize,
-        size: usize,
-    ) -> Result<Vec<f32>, String> {
-        self.passes.eval_logits(&self.net, weights, images, n, size)
+    /// Evaluation passes with `weights` (from [`Trainer::evaluation_weights`]), borrowed and so
+    /// unchanged while the evaluator lives: passes on a device copy them there once.
+    pub fn evaluator<'a>(&'a mut self, weights: &'a mut Weights) -> Result<Evaluator<'a>, String> {
+        self.passes.load_eval_weights(&self.net, weights)?;
+        Ok(Evaluator {
+            trainer: self,
+            weights,
+        })
+    }
+}
+
+/// Eval-mode passes of one set of weights ([`Trainer::evaluator`]).
+pub struct Evaluator<'a> {
+    trainer: &'a mut Trainer,
+    weights: &'a mut Weights,
+}
+
+impl Evaluator<'_> {
+    /// Eval-mode logits of `n` NHWC images of `size`².
+    pub fn logits(&mut self, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>, String> {
+        let t = &mut *self.trainer;
+        t.passes.eval_logits(&t.net, self.weights, images, n, size)
     }
 }
 

@@ -25,6 +25,8 @@ struct Held {
     buffers: Vec<f32>,
     optimizer: Option<Optimizer>,
     ema: Option<Ema>,
+    /// The weights evaluations read, copied in once per evaluation as a GPU does.
+    eval_weights: Option<Weights>,
 }
 
 impl Held {
@@ -36,6 +38,7 @@ impl Held {
             buffers: Vec::new(),
             optimizer: None,
             ema: None,
+            eval_weights: None,
         }
     }
 
@@ -83,15 +86,25 @@ impl Passes for Held {
         self.cpu.backward(net, &w, dlogits, &mut self.grads)
     }
 
+    fn load_eval_weights(&mut self, _net: &Network, weights: &Weights) -> Result<(), String> {
+        self.eval_weights = Some(weights.clone());
+        Ok(())
+    }
+
+    /// Evaluates the copy loaded, not `weights`, as a device does.
     fn eval_logits(
         &mut self,
         net: &Network,
-        weights: &mut Weights,
+        _weights: &mut Weights,
         images: &[f32],
         n: usize,
         size: usize,
     ) -> Result<Vec<f32>, String> {
-        self.cpu.eval_logits(net, weights, images, n, size)
+        let w = self
+            .eval_weights
+            .as_mut()
+            .ok_or("no evaluation weights loaded")?;
+        self.cpu.eval_logits(net, w, images, n, size)
     }
 
     fn holds_state(&self) -> bool {
@@ -208,6 +221,22 @@ fn a_device_holding_the_state_trains_bit_for_bit_as_the_host() {
     assert_eq!(resumed.optimizer, host.optimizer);
     assert_eq!(resumed.ema, host.ema);
     assert_eq!(resumed.step(), 5);
+
+    // Evaluations, raw then EMA weights, each loaded onto the "device" once.
+    let (x, _) = &batches[0];
+    for use_ema in [false, true] {
+        let mut on_device = resumed.evaluation_weights(use_ema).unwrap();
+        let mut on_host = host.evaluation_weights(use_ema).unwrap();
+        let mut device_eval = resumed.evaluator(&mut on_device).unwrap();
+        let mut host_eval = host.evaluator(&mut on_host).unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                device_eval.logits(x, 6, 12).unwrap(),
+                host_eval.logits(x, 6, 12).unwrap(),
+                "use_ema={use_ema}"
+            );
+        }
+    }
 
     let mut straight = Trainer::new(net.clone(), w, config(2, 0.02));
     straight.config.grad_clip_norm = 0.5;

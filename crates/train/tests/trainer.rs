@@ -31,7 +31,10 @@ fn training_learns_a_simple_task() {
     let (x, y) = batch(&mut rng, 32);
     for use_ema in [false, true] {
         let mut w = t.evaluation_weights(use_ema).unwrap();
-        let logits = t.eval_logits(&mut w, &x, 32, 12).expect("CPU passes");
+        let logits = t
+            .evaluator(&mut w)
+            .and_then(|mut e| e.logits(&x, 32, 12))
+            .expect("CPU passes");
         let correct = logits
             .chunks(3)
             .zip(&y)

@@ -61,12 +61,13 @@ fn evaluate(
     let classes = t.net.classes;
     let mut sums = [0f64; 4]; // top-1, top-5, loss, images
     let indices: Vec<usize> = (comm.rank()..data.len()).step_by(comm.size()).collect();
+    let mut evaluator = t.evaluator(weights)?;
     for chunk in indices.chunks(batch.max(1)) {
         let (x, labels) = eval_batch(data, chunk, transform);
         if labels.is_empty() {
             continue;
         }
-        let logits = t.eval_logits(weights, &x, labels.len(), transform.size)?;
+        let logits = evaluator.logits(&x, labels.len(), transform.size)?;
         let scores = crate::infer::batch_scores(&logits, &labels, classes);
         sums[0] += scores.top1 as f64;
         sums[1] += scores.top5 as f64;
@@ -773,7 +774,9 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     // A few predictions, as a user would check them.
     let sample: Vec<usize> = (0..8.min(data.eval.len())).collect();
     let (x, labels) = eval_batch(data.eval.as_ref(), &sample, &eval_transform);
-    let logits = t.eval_logits(&mut best, &x, labels.len(), eval_size)?;
+    let logits = t
+        .evaluator(&mut best)?
+        .logits(&x, labels.len(), eval_size)?;
     println!("predictions on the first test images:");
     for (i, (z, &truth)) in logits.chunks_exact(classes).zip(&labels).enumerate() {
         let p = argmax(z);
