@@ -512,6 +512,35 @@ fn compare_training(
         "evaluation of the EMA weights (logits)",
         rel_err(&got_logits, &want_logits),
     );
+    // Precise BN of the raw and EMA weights over two batches.
+    let batches: Vec<Vec<f32>> = (0..2)
+        .map(|_| (0..n * s * s * 3).map(|_| rng.normal() as f32).collect())
+        .collect();
+    let mut on_gpu = [dev.evaluation_weights(false)?, got];
+    let mut on_cpu = [cpu.evaluation_weights(false)?, want];
+    let mut gpu_sets: Vec<&mut Weights> = on_gpu.iter_mut().collect();
+    dev.recompute_bn_stats(&mut gpu_sets, &mut batches.clone().into_iter(), n, s)?;
+    let mut cpu_sets: Vec<&mut Weights> = on_cpu.iter_mut().collect();
+    cpu.recompute_bn_stats(&mut cpu_sets, &mut batches.into_iter(), n, s)?;
+    for (name, g, c) in [
+        ("raw", &on_gpu[0], &on_cpu[0]),
+        ("EMA", &on_gpu[1], &on_cpu[1]),
+    ] {
+        report.add(
+            "trainer",
+            &format!("precise BN statistics, {name} weights"),
+            rel_err(&g.buffers, &c.buffers),
+        );
+        report.add(
+            "trainer",
+            &format!("precise BN batch counters, {name} (exact)"),
+            if g.tracked == c.tracked {
+                0.0
+            } else {
+                f64::INFINITY
+            },
+        );
+    }
     report.add(
         "trainer",
         "running statistics",

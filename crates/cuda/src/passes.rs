@@ -164,6 +164,48 @@ impl Passes for GpuPasses {
             .logits(images, n, size)
     }
 
+    /// One network per weight set (a copy of its parameters each) and one training workspace:
+    /// each batch is uploaded once and runs through every set, directly (each pass has its own
+    /// momentum); the statistics come back at the end.
+    fn recompute_bn_stats(
+        &mut self,
+        net: &Network,
+        weight_sets: &mut [&mut Weights],
+        batches: &mut dyn Iterator<Item = Vec<f32>>,
+        n: usize,
+        size: usize,
+    ) -> Result<usize> {
+        if weight_sets.is_empty() {
+            return Ok(0);
+        }
+        self.train = None; // the training plan's device memory first
+        let gpu = &self.gpu;
+        let mut nets = weight_sets
+            .iter()
+            .map(|w| GpuNet::for_inference(gpu, net, w))
+            .collect::<Result<Vec<_>>>()?;
+        let mut ws = nets[0].workspace(gpu, n, size, size, true)?;
+        let mut used = 0;
+        for x in batches {
+            // Momentum 1/(t + 1), as the CPU engine: the first batch replaces, each later one
+            // joins the average.
+            let mode = Mode::Train {
+                bn_momentum: 1.0 / (used + 1) as f32,
+                stochastic: false,
+            };
+            nets[0].write_input(gpu, &mut ws, &x)?;
+            for g in &mut nets {
+                g.forward(gpu, &mut ws, mode, &mut Rng::new(0))?;
+            }
+            used += 1;
+        }
+        for (w, g) in weight_sets.iter_mut().zip(nets) {
+            w.buffers = gpu.read(&g.buffers, net.layout.buffer_len)?;
+            w.tracked = g.tracked;
+        }
+        Ok(used)
+    }
+
     /// New replicas: the training plan, its graphs and the gradient route go (chosen again,
     /// together, at the next pass).
     fn replan(&mut self) {

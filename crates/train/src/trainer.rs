@@ -115,6 +115,21 @@ pub trait Passes {
         size: usize,
     ) -> Result<Vec<f32>, String>;
 
+    /// "Precise BN" ([`Network::recompute_bn_stats`]): each of `weight_sets`' running
+    /// statistics replaced by their average over `batches` of `n` NHWC images of `size`², in
+    /// training mode without dropout or drop-path. Returns how many batches were used.
+    fn recompute_bn_stats(
+        &mut self,
+        net: &Network,
+        weight_sets: &mut [&mut Weights],
+        batches: &mut dyn Iterator<Item = Vec<f32>>,
+        n: usize,
+        size: usize,
+    ) -> Result<usize, String> {
+        let mut ws = net.workspace(n, size, size);
+        Ok(net.recompute_bn_stats(weight_sets, &mut ws, batches))
+    }
+
     /// Drops what was planned for the previous replicas (synchronized BN's hook).
     fn replan(&mut self) {}
 
@@ -554,6 +569,18 @@ impl Trainer {
             (Some(ema), true) => ema.weights(&self.weights),
             _ => self.weights.clone(),
         })
+    }
+
+    /// [`Passes::recompute_bn_stats`] where the passes run.
+    pub fn recompute_bn_stats(
+        &mut self,
+        weight_sets: &mut [&mut Weights],
+        batches: &mut dyn Iterator<Item = Vec<f32>>,
+        n: usize,
+        size: usize,
+    ) -> Result<usize, String> {
+        self.passes
+            .recompute_bn_stats(&self.net, weight_sets, batches, n, size)
     }
 
     /// Evaluation passes with `weights` (from [`Trainer::evaluation_weights`]), borrowed and so

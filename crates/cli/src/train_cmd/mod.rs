@@ -89,18 +89,17 @@ fn evaluate(
 
 /// [`Network::recompute_bn_stats`] for `weight_sets` over `batches` batches of `batch` training
 /// images spread evenly over the set, through the evaluation transform (every rank uses the same
-/// images, so replicas stay equal). It plans a training workspace of its own for `batch` images.
+/// images, so replicas stay equal), on the trainer's device.
 fn precise_bn(
-    t: &Trainer,
+    t: &mut Trainer,
     weight_sets: &mut [&mut Weights],
     data: &dyn Samples,
     transform: &Transform,
     batch: usize,
     batches: usize,
-) -> usize {
-    let mut ws = t.net.workspace(batch, transform.size, transform.size);
+) -> Result<usize, String> {
     let step = (data.len() / (batch * batches).max(1)).max(1);
-    let inputs = (0..batches).filter_map(|b| {
+    let mut inputs = (0..batches).filter_map(|b| {
         let indices: Vec<usize> = (0..batch)
             .map(|i| ((b * batch + i) * step) % data.len())
             .collect();
@@ -109,7 +108,7 @@ fn precise_bn(
         (labels.len() == batch).then_some(x)
     });
     // Loaded one batch at a time as the passes consume them.
-    t.net.recompute_bn_stats(weight_sets, &mut ws, inputs)
+    t.recompute_bn_stats(weight_sets, &mut inputs, batch, transform.size)
 }
 
 /// The reference's `--mparams k=v,…` overrides, applied to (bn_momentum, dropout, drop_connect).
@@ -714,13 +713,13 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         let mut sets: Vec<&mut Weights> = std::iter::once(&mut raw).chain(ema.as_mut()).collect();
         let batch_size = args.batch_size;
         let used = precise_bn(
-            &t,
+            &mut t,
             &mut sets,
             data.train.as_ref(),
             &eval_transform,
             batch_size,
             n,
-        );
+        )?;
         if root {
             let which = if ema.is_some() { "raw and EMA" } else { "raw" };
             println!(
