@@ -78,7 +78,7 @@ impl GpuClassifier {
         let mut plan = self.plans.remove(i);
         let result = (|| {
             self.net.write_input(gpu, &mut plan.ws, images)?;
-            // Eval masks are all ones: uploaded at the first pass only, never inside a graph.
+            // Eval masks are all ones, as the workspace starts: nothing is uploaded here.
             self.net.draw_masks(
                 gpu,
                 &mut plan.ws,
@@ -92,12 +92,5 @@ impl GpuClassifier {
         })();
         self.plans.push(plan);
         result
-    }
-
-    /// Whether the pass for (n, size) replays a captured graph (for the self-test's report).
-    pub fn captured(&self, n: usize, size: usize) -> bool {
-        self.plans
-            .iter()
-            .any(|p| p.key == (n, size) && p.pass.captured())
     }
 }

@@ -6,6 +6,7 @@
 //! (`u64`) to kernels, cuBLAS and cuDNN: one stream runs everything in order, so cudarc's
 //! per-buffer event tracking is switched off and no borrow has to outlive a call.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -64,6 +65,9 @@ pub struct Gpu {
     kernels: HashMap<String, CudaFunction>,
     /// cuBLAS's scratch, set once: a product captured in a graph must not allocate.
     _blas_workspace: CudaSlice<u8>,
+    /// Passes that could not be captured and launch directly instead ([`crate::replay`]): the
+    /// self-test requires none.
+    pub capture_failures: Cell<usize>,
 }
 
 /// Fails with a clear message when a library is missing (cudarc would panic at first use).
@@ -166,6 +170,7 @@ impl Gpu {
             capability,
             kernels,
             _blas_workspace: blas_workspace,
+            capture_failures: Cell::new(0),
         })
     }
 
@@ -173,6 +178,11 @@ impl Gpu {
     /// recorded); `launch()` on the result replays it. Host-side effects of `work` happen once.
     pub fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        // cudarc keeps errors of earlier frees and reports them at its next call: inside the
+        // capture that would fail a launch and hide the cause.
+        self.ctx
+            .check_err()
+            .map_err(err("an earlier device error"))?;
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(err("beginning a graph capture"))?;
@@ -181,8 +191,32 @@ impl Gpu {
             .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(err("ending the graph capture"));
+        if graph.is_err() {
+            self.abandon_capture();
+        }
         recorded?;
         graph?.ok_or_else(|| "the graph capture recorded nothing".to_string())
+    }
+
+    /// Ends a capture that cudarc's `end_capture` left open (it can fail before reaching the
+    /// driver), so that the stream takes work again; the partial graph is discarded.
+    fn abandon_capture(&self) {
+        use cudarc::driver::result::{graph, stream};
+        use cudarc::driver::sys::CUstreamCaptureStatus;
+        let s = self.stream.cu_stream();
+        // SAFETY: `s` is this device's live stream; a graph the driver returns is ours alone and
+        // destroyed at once, never launched.
+        unsafe {
+            if stream::is_capturing(s)
+                .is_ok_and(|c| c != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+            {
+                if let Ok(g) = stream::end_capture(s) {
+                    if !g.is_null() {
+                        let _ = graph::destroy(g);
+                    }
+                }
+            }
+        }
     }
 
     pub fn kernel(&self, name: &str) -> &CudaFunction {

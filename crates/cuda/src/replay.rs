@@ -46,6 +46,7 @@ impl Replay {
                 Err(e) => {
                     eprintln!("effnet: no CUDA graph for a pass ({e}); launching it directly");
                     self.failed = true;
+                    gpu.capture_failures.set(gpu.capture_failures.get() + 1);
                 }
             }
         }
@@ -55,10 +56,5 @@ impl Replay {
                 .map_err(|e| format!("replaying a captured pass: {e:?}")),
             None => work(),
         }
-    }
-
-    /// Whether the pass now replays a graph.
-    pub fn captured(&self) -> bool {
-        self.graph.is_some()
     }
 }
