@@ -65,6 +65,10 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
+    if args.steps == 0 || args.batch_sizes.contains(&0) {
+        return Err("--steps and --batch-size must be at least 1".into());
+    }
+    crate::check_image_size("--img-size", args.img_size)?;
     match crate::Device::parse(&args.device)? {
         crate::Device::Cpu => {}
         #[cfg(feature = "cuda")]
@@ -75,9 +79,6 @@ pub fn run(args: &BenchArgs, kind: Kind) -> Result<(), String> {
     if kind == Kind::Training {
         // Mixed precision, as `train --use-amp` runs it.
         effnet_engine::matmul::set_bf16(precision == Precision::Bf16)?;
-    }
-    if args.steps == 0 || args.img_size < 8 || args.batch_sizes.contains(&0) {
-        return Err("--steps, --batch-size must be at least 1 and --img-size at least 8".into());
     }
     let net = Network::new(config);
     let mut weights = Weights::init(&net, 0);

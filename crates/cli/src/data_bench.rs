@@ -34,6 +34,10 @@ pub struct DataBenchArgs {
 }
 
 pub fn run(args: &DataBenchArgs) -> Result<(), String> {
+    crate::check_image_size("--img-size", args.img_size)?;
+    if args.passes == 0 {
+        return Err("--passes must be at least 1".into());
+    }
     let paths = files::collect_images(&[args.images.display().to_string()])?;
     if paths.is_empty() {
         return Err(format!("{}: no images", args.images.display()));
@@ -60,7 +64,7 @@ pub fn run(args: &DataBenchArgs) -> Result<(), String> {
     one(0, &paths[0])?; // warm-up: page cache, allocator
     let start = Instant::now();
     let mut count = 0;
-    for pass in 0..args.passes.max(1) {
+    for pass in 0..args.passes {
         let results: Vec<Result<f32, String>> = paths
             .par_iter()
             .enumerate()
@@ -91,7 +95,7 @@ pub fn run(args: &DataBenchArgs) -> Result<(), String> {
         println!(
             "{count} images ({} files × {} passes) at {}: {ips:.1} img/s on {threads} threads ({:.1} per thread)",
             paths.len(),
-            args.passes.max(1),
+            args.passes,
             args.img_size,
             ips / threads as f64
         );

@@ -1,6 +1,5 @@
 //! `predict` and `eval`: images through a trained network.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,9 +42,7 @@ pub struct PreprocessArgs {
 pub fn transform_for(net: &Network, args: &PreprocessArgs) -> Result<Transform, String> {
     let p = &net.config.preprocess;
     let size = args.img_size.unwrap_or(p.eval_size);
-    if size < 8 {
-        return Err(format!("--img-size {size} is too small (at least 8)"));
-    }
+    crate::check_image_size("--img-size", size)?;
     Ok(Transform {
         size,
         interpolation: Interpolation::parse(
@@ -209,11 +206,20 @@ pub struct PredictArgs {
     preprocess: PreprocessArgs,
 }
 
-fn class_names(net: &Network, file: Option<&Path>) -> Result<Vec<String>, String> {
+/// The class names: `file`, else the `labels.txt` beside `weights` (as `effnet train` writes
+/// them) when it names as many classes, else the ImageNet classes for 1000, else numbers.
+fn class_names(net: &Network, file: Option<&Path>, weights: &Path) -> Result<Vec<String>, String> {
+    let beside = weights.with_file_name("labels.txt");
     let names = match file {
         Some(f) => labels::from_file(f)?,
-        None if net.classes == 1000 => labels::imagenet(),
-        None => (0..net.classes).map(|i| format!("class {i}")).collect(),
+        None => match labels::from_file(&beside) {
+            Ok(names) if names.len() == net.classes => {
+                eprintln!("labels: {}", beside.display());
+                names
+            }
+            _ if net.classes == 1000 => labels::imagenet(),
+            _ => (0..net.classes).map(|i| format!("class {i}")).collect(),
+        },
     };
     if names.len() != net.classes {
         return Err(format!(
@@ -225,7 +231,6 @@ fn class_names(net: &Network, file: Option<&Path>) -> Result<Vec<String>, String
     Ok(names)
 }
 
-/// (class, probability) of the `k` most probable classes.
 /// How a batch of `[n, classes]` logits scores against its labels.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchScores {
@@ -256,6 +261,7 @@ pub fn batch_scores(logits: &[f32], labels: &[usize], classes: usize) -> BatchSc
     }
 }
 
+/// (class, probability) of the `k` most probable classes.
 fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut probs = vec![0f32; logits.len()];
     loss::softmax(logits, logits.len(), &mut probs);
@@ -264,53 +270,55 @@ fn top_k(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     order.into_iter().take(k).map(|c| (c, probs[c])).collect()
 }
 
-/// Writes one image's classes to stdout. Errors (a closed pipe: `effnet predict … | head`)
-/// end the command with a message, not a panic.
-fn print_prediction(
-    format: Format,
-    name: &str,
-    top: &[(usize, f32)],
-    names: &[String],
-) -> Result<(), String> {
-    let mut out = std::io::stdout().lock();
+fn print_prediction(format: Format, name: &str, top: &[(usize, f32)], names: &[String]) {
     match format {
-        Format::Text => writeln!(out, "{name}").and_then(|_| {
-            top.iter()
-                .try_for_each(|(c, p)| writeln!(out, "  {p:.4}  {} ({c})", names[*c]))
-        }),
+        Format::Text => {
+            println!("{name}");
+            for (c, p) in top {
+                println!("  {p:.4}  {} ({c})", names[*c]);
+            }
+        }
         Format::Json => {
             let top: Vec<_> = top
                 .iter()
                 .map(|(c, p)| serde_json::json!({"class": c, "label": names[*c], "prob": p}))
                 .collect();
-            writeln!(out, "{}", serde_json::json!({"file": name, "top": top}))
+            println!("{}", serde_json::json!({"file": name, "top": top}));
         }
-        Format::Csv => top.iter().enumerate().try_for_each(|(rank, (c, p))| {
-            let label = names[*c].replace('"', "\"\"");
-            writeln!(
-                out,
-                "\"{}\",{},{c},\"{label}\",{p:.6}",
-                name.replace('"', "\"\""),
-                rank + 1
-            )
-        }),
+        Format::Csv => {
+            for (rank, (c, p)) in top.iter().enumerate() {
+                let label = names[*c].replace('"', "\"\"");
+                println!(
+                    "\"{}\",{},{c},\"{label}\",{p:.6}",
+                    name.replace('"', "\"\""),
+                    rank + 1
+                );
+            }
+        }
     }
-    .map_err(|e| format!("writing the predictions: {e}"))
 }
 
 pub fn predict(args: &PredictArgs) -> Result<(), String> {
+    if args.batch_size == 0 || args.top_k == 0 {
+        return Err("--batch-size and --top-k must be at least 1".into());
+    }
+    if args.input_npy.is_some() && !args.inputs.is_empty() {
+        return Err("give image files or --input-npy, not both".into());
+    }
+    if let Some(out) = &args.logits_out {
+        crate::check_output_folder("--logits-out", out)?;
+    }
     let backend = args.compute.open()?;
     let (net, w) = weights::load(&args.weights, args.arch.as_deref())?;
-    let names = class_names(&net, args.labels.as_deref())?;
-    let k = args.top_k.clamp(1, net.classes);
-    let batch_size = args.batch_size.max(1);
+    let names = class_names(&net, args.labels.as_deref(), &args.weights)?;
+    let k = args.top_k.min(net.classes);
+    let batch_size = args.batch_size;
     let classes = net.classes;
     let transform = transform_for(&net, &args.preprocess)?;
     let mut classifier = Classifier::new(backend, net, w)?;
     let mut all_logits = Vec::new();
     if args.format == Format::Csv {
-        writeln!(std::io::stdout(), "file,rank,class,label,prob")
-            .map_err(|e| format!("writing the predictions: {e}"))?;
+        println!("file,rank,class,label,prob");
     }
     if let Some(npy_path) = &args.input_npy {
         let (shape, values) = npy::read_f32(npy_path)?;
@@ -324,6 +332,20 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
             return Err(format!(
                 "{}: images must be square, found {h}×{wd}",
                 npy_path.display()
+            ));
+        }
+        if n == 0 {
+            return Err(format!(
+                "{}: the tensor holds no images",
+                npy_path.display()
+            ));
+        }
+        crate::check_image_size(&format!("{}: image side", npy_path.display()), h)?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "{}: value {i} is not finite ({})",
+                npy_path.display(),
+                values[i]
             ));
         }
         for start in (0..n).step_by(batch_size) {
@@ -343,14 +365,20 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
                     &format!("{}[{}]", npy_path.display(), start + b),
                     &top_k(row, k),
                     &names,
-                )?;
+                );
             }
             all_logits.extend(logits);
         }
     } else {
         let paths = files::collect_images(&args.inputs)?;
-        if paths.is_empty() {
+        if paths.is_empty() && args.inputs.is_empty() {
             return Err("no images given".into());
+        }
+        if paths.is_empty() {
+            return Err(format!(
+                "no .jpg, .jpeg or .png images in {}",
+                args.inputs.join(", ")
+            ));
         }
         let t = transform;
         eprintln!("preprocess: {}", t.describe());
@@ -373,7 +401,7 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
                             &path.display().to_string(),
                             &top_k(l, k),
                             &names,
-                        )?;
+                        );
                     }
                     Err(reason) => {
                         eprintln!("effnet: {}: {reason}", path.display());
@@ -429,10 +457,25 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: &EvalArgs) -> Result<(), String> {
+    if args.batch_size == 0 {
+        return Err("--batch-size must be at least 1".into());
+    }
+    if let Some(log) = &args.log_file {
+        crate::check_output_folder("--log-file", log)?;
+    }
     let start = Instant::now();
     let backend = args.compute.open()?;
     let folder = files::labelled_folder(&args.data_dir)?;
     let (net, w) = weights::load(&args.weights, args.arch.as_deref())?;
+    let numbered = folder.classes.iter().all(|c| c.parse::<usize>().is_ok());
+    if !numbered && folder.classes.len() != net.classes {
+        eprintln!(
+            "effnet: warning: {} class folders for a network of {} classes: the i-th folder in \
+             sorted order is scored as class i (name folders by class index to choose)",
+            folder.classes.len(),
+            net.classes
+        );
+    }
     if let Some(&(ref p, label)) = folder.samples.iter().find(|(_, l)| *l >= net.classes) {
         return Err(format!(
             "{}: class {label} but the network has {} classes",
@@ -448,7 +491,7 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         (0usize, 0usize, 0usize, 0f64, 0usize);
     let mut batch_ms = Vec::new();
     let mut batch = Vec::new();
-    for chunk in folder.samples.chunks(args.batch_size.max(1)) {
+    for chunk in folder.samples.chunks(args.batch_size) {
         let t0 = Instant::now();
         let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
         let rows = t.batch(&paths, |p| read_image(p), &mut batch);

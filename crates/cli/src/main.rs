@@ -104,7 +104,58 @@ pub fn precision(s: &str) -> Result<effnet_engine::Precision, String> {
     Ok(p)
 }
 
+/// The largest image side a command accepts: far beyond EfficientNet's sizes (800 px for the
+/// largest), a mistyped size would ask for tens of GB before failing.
+pub const MAX_IMAGE_SIZE: usize = 4096;
+
+/// `size` as an image side given by `flag`: from 8 pixels (the stem's and stages' strides) to
+/// [`MAX_IMAGE_SIZE`].
+pub fn check_image_size(flag: &str, size: usize) -> Result<(), String> {
+    if (8..=MAX_IMAGE_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{flag} {size}: expected 8 to {MAX_IMAGE_SIZE} pixels"
+        ))
+    }
+}
+
+/// An output file's folder must exist before a long run, not be found missing at its end.
+pub fn check_output_folder(flag: &str, file: &std::path::Path) -> Result<(), String> {
+    match file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(format!(
+            "{flag} {}: the folder {} does not exist",
+            file.display(),
+            dir.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Engine threads a user may ask for: a typo of 100000 would hang creating them.
+const MAX_THREADS: usize = 1024;
+
+/// A closed standard output (`effnet … | head`) ends the process quietly, with the status a
+/// SIGPIPE gives, as command-line tools do; `println!` would panic with a backtrace. Any other
+/// panic keeps the default report.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let argv = match train_cmd::with_config_file(std::env::args_os().collect(), &Cli::command()) {
         Ok(argv) => argv,
         Err(e) => {
@@ -114,6 +165,10 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(argv);
     if let Some(n) = cli.threads {
+        if !(1..=MAX_THREADS).contains(&n) {
+            eprintln!("effnet: --threads {n}: expected 1 to {MAX_THREADS}");
+            return ExitCode::FAILURE;
+        }
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()

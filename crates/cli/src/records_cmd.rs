@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use effnet_data::files::labelled_folder;
+use effnet_data::load_rgb;
 use effnet_data::tfrecord::{shard_name, write_shards};
+use rayon::prelude::*;
 
 #[derive(Args)]
 pub struct MakeTfrecordsArgs {
@@ -24,17 +26,32 @@ pub struct MakeTfrecordsArgs {
 }
 
 pub fn make_tfrecords(args: &MakeTfrecordsArgs) -> Result<(), String> {
+    if args.prefix.is_empty() || args.prefix.contains(['/', '\\']) || args.prefix == ".." {
+        return Err(format!(
+            "--prefix {:?}: a file name start such as train or validation, not a path",
+            args.prefix
+        ));
+    }
     let folder = labelled_folder(&args.data_dir)?;
     // Numeric folder names are class indices, not names: write no `image/class/text` then.
     let numeric = folder.classes.iter().all(|c| c.parse::<usize>().is_ok());
     let classes: &[String] = if numeric { &[] } else { &folder.classes };
-    let counts = write_shards(
-        &folder.samples,
-        classes,
-        &args.out,
-        &args.prefix,
-        args.shards,
-    )?;
+    // Every image decoded once, in parallel: a broken one is reported and left out, so that
+    // training never meets it.
+    let checked: Vec<Result<(), String>> = folder
+        .samples
+        .par_iter()
+        .map(|(path, _)| load_rgb(path).map(|_| ()))
+        .collect();
+    let mut samples = Vec::with_capacity(folder.samples.len());
+    for (sample, check) in folder.samples.iter().zip(&checked) {
+        match check {
+            Ok(()) => samples.push(sample.clone()),
+            Err(reason) => eprintln!("effnet: {}: {reason}", sample.0.display()),
+        }
+    }
+    let failed = folder.samples.len() - samples.len();
+    let counts = write_shards(&samples, classes, &args.out, &args.prefix, args.shards)?;
     // One line per shard for a handful; ImageNet's 1024 get a summary.
     if counts.len() <= 16 {
         for (i, n) in counts.iter().enumerate() {
@@ -54,10 +71,16 @@ pub fn make_tfrecords(args: &MakeTfrecordsArgs) -> Result<(), String> {
     }
     println!(
         "{} images of {} classes from {} in {} shards (labels 1-based)",
-        folder.samples.len(),
+        samples.len(),
         folder.classes.len(),
         args.data_dir.display(),
         counts.len()
     );
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} images could not be read (listed above) and are not in the shards",
+            folder.samples.len()
+        ));
+    }
     Ok(())
 }

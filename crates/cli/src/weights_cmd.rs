@@ -17,6 +17,7 @@ pub struct InfoArgs {
 pub fn info(args: &InfoArgs) -> Result<(), String> {
     let config = arch(&args.arch)?;
     let size = args.img_size.unwrap_or(config.eval_size);
+    crate::check_image_size("--img-size", size)?;
     let net = Network::new(config.clone());
     println!("{} (timm: tf_{})", config.name, config.name);
     println!(

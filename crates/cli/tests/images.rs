@@ -125,3 +125,78 @@ fn predict_skips_and_counts_unreadable_files() {
         .all(|l| l.contains("alpha") || l.contains("beta") || l.contains("gamma")));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn make_tfrecords_leaves_out_and_counts_unreadable_images() {
+    let dir = std::env::temp_dir().join(format!("effnet-records-{}", std::process::id()));
+    for (class, file) in [
+        ("cat", "rgb.jpg"),
+        ("cat", "truncated.jpg"),
+        ("dog", "rgb.png"),
+        ("dog", "empty.jpg"),
+    ] {
+        std::fs::create_dir_all(dir.join("data").join(class)).unwrap();
+        std::fs::copy(
+            formats().join(file),
+            dir.join("data").join(class).join(file),
+        )
+        .unwrap();
+    }
+    let run = |prefix: &str| {
+        Command::new(env!("CARGO_BIN_EXE_effnet"))
+            .args(["make_tfrecords", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--out")
+            .arg(dir.join("out"))
+            .args(["--prefix", prefix])
+            .output()
+            .unwrap()
+    };
+    let out = run("train");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "unreadable images fail the command");
+    for file in ["truncated.jpg", "empty.jpg"] {
+        assert!(stderr.contains(file), "{file} named: {stderr}");
+    }
+    assert!(
+        stderr.contains("2 of 4 images could not be read"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("2 images of 2 classes"), "{stdout}");
+    let shard = dir.join("out").join("train-00000-of-00001");
+    let records = effnet_data::tfrecord::list_shards(&dir.join("out"), "train").unwrap();
+    assert_eq!(records, vec![shard]);
+    // The prefix names files inside --out, never a path out of it.
+    let out = run("../escape");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--prefix"),
+        "{stderr}"
+    );
+    assert!(!dir.join("escape-00000-of-00001").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Flags that cannot work are refused before the weights are read (they do not exist here).
+#[test]
+fn predict_refuses_unusable_flags_first() {
+    for (args, says) in [
+        (&["--top-k", "0", "x.jpg"][..], "--top-k"),
+        (&["--batch-size", "0", "x.jpg"], "--batch-size"),
+        (&["--input-npy", "x.npy", "x.jpg"], "not both"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_effnet"))
+            .args(["predict", "--weights", "absent.safetensors"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -226,6 +226,37 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
     std::fs::write(&config, "epochs 3\n").unwrap();
     let (ok, _, stderr) = effnet(&["train", "--config", config.to_str().unwrap()]);
     assert!(!ok && stderr.contains("run.yaml:1"), "{stderr}");
+    // An unknown key is named with its file and line too.
+    std::fs::write(&config, "epochs: 1\nbogus_key: 7\n").unwrap();
+    let (ok, _, stderr) = effnet(&["train", "--config", config.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("run.yaml:2") && stderr.contains("bogus_key"),
+        "{stderr}"
+    );
+    // Values no run can use are refused before any data is read (a missing --data-dir would
+    // fail later), naming the flag.
+    for (bad, flag) in [
+        (&["--eval-img-size", "0"][..], "--eval-img-size"),
+        (&["--img-size", "100000"], "--img-size"),
+        (&["--lr-init", "nan"], "--lr-init"),
+        (&["--lr-init=-1"], "--lr-init"),
+        (&["--label-smoothing", "1"], "--label-smoothing"),
+        (&["--moving-average-decay", "2"], "--moving-average-decay"),
+        (&["--grad-accum-steps", "0"], "--grad-accum-steps"),
+        (&["--mparams", "dropout_rate=1.5"], "dropout"),
+    ] {
+        let args = [
+            &["train", "--data-dir", "/absent", "--epochs", "1"][..],
+            bad,
+        ]
+        .concat();
+        let (ok, _, stderr) = effnet(&args);
+        assert!(!ok && stderr.contains(flag), "{bad:?}: {stderr}");
+        assert!(
+            !stderr.contains("/absent"),
+            "{bad:?} checked first: {stderr}"
+        );
+    }
     // Augmentation sizes are pixels: a negative one is refused before anything runs.
     let (ok, _, stderr) = effnet(&["train", "--cutout-const=-1", "--epochs", "1"]);
     assert!(!ok && stderr.contains("--cutout-const"), "{stderr}");

@@ -222,6 +222,33 @@ impl ImageDataset {
         self.items.len()
     }
 
+    /// Labels by `names`, another split's classes (training's), so that a class keeps its
+    /// index when this split lacks some: every class here must be among them.
+    pub fn relabel_by(&mut self, names: &[String]) -> Result<(), String> {
+        let index: Vec<Option<usize>> = self
+            .names
+            .iter()
+            .map(|n| names.iter().position(|m| m == n))
+            .collect();
+        for (location, label) in &mut self.items {
+            *label = index[*label].ok_or_else(|| {
+                let at = match location {
+                    Location::File(p) => p.display().to_string(),
+                    Location::Record { shard, offset } => {
+                        format!("{} at byte {offset}", self.shards[*shard].display())
+                    }
+                };
+                format!(
+                    "{at}: class {:?} is not among the training classes",
+                    self.names[*label]
+                )
+            })?;
+        }
+        self.names = names.to_vec();
+        self.classes = names.len();
+        Ok(())
+    }
+
     /// Keeps the first `n` samples (all when `n` is 0).
     pub fn truncate(&mut self, n: usize) {
         if n > 0 {
@@ -306,6 +333,15 @@ mod tests {
         let from_folder = ImageDataset::folder(&folder).unwrap();
         assert_eq!((from_folder.len(), from_folder.classes), (4, 3));
         assert_eq!(from_folder.names, vec!["cat", "drink", "fruit"]);
+        // A split with fewer classes keeps the training split's indices.
+        let names: Vec<String> = ["bird", "cat", "drink", "fruit"].map(String::from).to_vec();
+        let mut relabelled = from_folder.clone();
+        relabelled.relabel_by(&names).unwrap();
+        let labels: Vec<usize> = (0..4).map(|i| relabelled.label(i)).collect();
+        assert_eq!(labels, vec![1, 2, 3, 3]);
+        assert_eq!(relabelled.names, names);
+        let e = from_folder.clone().relabel_by(&names[..3]).unwrap_err();
+        assert!(e.contains("\"fruit\" is not among"), "{e}");
         let f = files::labelled_folder(&folder).unwrap();
         let shards = dir.join("shards");
         crate::tfrecord::write_shards(&f.samples, &f.classes, &shards, "train", 2).unwrap();

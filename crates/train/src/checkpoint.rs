@@ -78,18 +78,19 @@ pub fn load(path: &Path, t: &mut Trainer) -> Result<RunState, String> {
         get("effnet.checkpoint.epoch")?,
         get("effnet.checkpoint.batch_in_epoch")?,
     );
+    let named = |k: &str| meta.get(k).map_or("none named", String::as_str);
     if meta.get("effnet.arch") != Some(&t.net.config.name) {
         return Err(bad(format!(
-            "written for {:?}, this run is {}",
-            meta.get("effnet.arch"),
+            "written for the architecture {} (--arch), this run is {}",
+            named("effnet.arch"),
             t.net.config.name
         )));
     }
     let optimizer = format!("{:?}", t.optimizer.kind);
     if meta.get("effnet.checkpoint.optimizer") != Some(&optimizer) {
         return Err(bad(format!(
-            "optimizer {:?} in the file, {optimizer} in this run",
-            meta.get("effnet.checkpoint.optimizer")
+            "optimizer {} in the file, {optimizer} in this run",
+            named("effnet.checkpoint.optimizer")
         )));
     }
     let (state, model): (Vec<RawTensor>, Vec<RawTensor>) = tensors

@@ -473,6 +473,83 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Refuses values no run can use, before any data is read or anything trains.
+    pub fn validate(&self) -> Result<(), String> {
+        for (flag, value) in [
+            ("--batch-size", self.batch_size as u64),
+            ("--grad-accum-steps", self.grad_accum_steps as u64),
+            ("--eval-batch-size", self.eval_batch_size as u64),
+            ("--workers", self.workers as u64),
+            ("--n-stages", self.n_stages as u64),
+            ("--epochs", self.epochs),
+            ("--num-epochs-between-eval", self.num_epochs_between_eval),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        crate::check_image_size("--img-size", self.img_size)?;
+        if let Some(size) = self.eval_img_size {
+            crate::check_image_size("--eval-img-size", size)?;
+        }
+        if self.n_stages > 1 {
+            crate::check_image_size("--base-img-size", self.base_img_size)?;
+        }
+        // (flag, value, lowest, highest, whether the highest is allowed)
+        for (flag, value, lo, hi, hi_ok) in [
+            ("--lr-init", self.lr_init, 0.0, f64::MAX, true),
+            (
+                "--lr-warmup-epochs",
+                self.lr_warmup_epochs,
+                0.0,
+                f64::MAX,
+                true,
+            ),
+            (
+                "--weight-decay",
+                self.weight_decay as f64,
+                0.0,
+                f64::MAX,
+                true,
+            ),
+            (
+                "--grad-clip-norm",
+                self.grad_clip_norm as f64,
+                0.0,
+                f64::MAX,
+                true,
+            ),
+            (
+                "--label-smoothing",
+                self.label_smoothing as f64,
+                0.0,
+                1.0,
+                false,
+            ),
+            (
+                "--moving-average-decay",
+                self.moving_average_decay,
+                0.0,
+                1.0,
+                false,
+            ),
+            ("--bn-momentum", self.bn_momentum as f64, 0.0, 1.0, true),
+            ("--mixup-alpha", self.mixup_alpha, 0.0, f64::MAX, true),
+            ("--cutmix-alpha", self.cutmix_alpha, 0.0, f64::MAX, true),
+        ] {
+            let inside = value >= lo && (value < hi || (hi_ok && value <= hi));
+            if !(value.is_finite() && inside) {
+                let range = match (hi == f64::MAX, hi_ok) {
+                    (true, _) => format!("a number ≥ {lo}"),
+                    (false, true) => format!("from {lo} to {hi}"),
+                    (false, false) => format!("from {lo} up to, not including, {hi}"),
+                };
+                return Err(format!("{flag} {value}: expected {range}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Every flag and its value, as the `PARAMETER` record and `params.yaml` hold them.
     pub fn to_json(&self) -> serde_json::Value {
         let mut json = serde_json::to_value(self).unwrap_or_default();
@@ -544,6 +621,7 @@ pub fn config_flags(
     path: &Path,
     text: &str,
     longs: &[&str],
+    aliases: &[&str],
     switches: &[&str],
 ) -> Result<Vec<OsString>, String> {
     let mut flags = Vec::new();
@@ -565,6 +643,13 @@ pub fn config_flags(
         } else {
             key.trim()
         };
+        if !longs.contains(&key) && !aliases.contains(&key) {
+            return Err(format!(
+                "{}:{}: unknown key {key:?} (the keys are train's flags: effnet train --help)",
+                path.display(),
+                n + 1
+            ));
+        }
         let mut value = value.trim().to_string();
         if value.starts_with('"') {
             value = serde_json::from_str(&value)
@@ -617,7 +702,11 @@ pub fn with_config_file(
         .filter_map(|a| a.get_long())
         .collect();
     let longs: Vec<&str> = train.get_arguments().filter_map(|a| a.get_long()).collect();
-    let file_flags = config_flags(&path, &text, &longs, &switches)?;
+    let aliases: Vec<&str> = train
+        .get_arguments()
+        .flat_map(|a| a.get_all_aliases().unwrap_or_default())
+        .collect();
+    let file_flags = config_flags(&path, &text, &longs, &aliases, &switches)?;
     // Insert after the subcommand name: `effnet [global flags] train <file flags> <user flags>`.
     let sub = args
         .iter()

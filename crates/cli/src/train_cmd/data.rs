@@ -171,6 +171,8 @@ impl Data {
                 })?;
             let mut train = ImageDataset::folder(&dir.join("train"))?;
             let mut eval = ImageDataset::folder(&val)?;
+            // Folder names are the classes: val/'s sorted order may not be train/'s.
+            eval.relabel_by(&train.names)?;
             train.truncate(max_train);
             eval.truncate(max_eval);
             return Ok(Data::images(

@@ -140,6 +140,17 @@ fn model_overrides(args: &TrainArgs) -> Result<(f32, Option<f32>, Option<f32>), 
             }
         }
     }
+    if !(0.0..=1.0).contains(&bn) {
+        return Err(format!("the BN momentum {bn}: expected from 0 to 1"));
+    }
+    for (name, rate) in [("dropout", dropout), ("drop-connect", drop_connect)] {
+        if rate.is_some_and(|r| !(0.0..1.0).contains(&r)) {
+            return Err(format!(
+                "the {name} rate {}: expected from 0 up to, not including, 1",
+                rate.unwrap_or_default()
+            ));
+        }
+    }
     Ok((bn, dropout, drop_connect))
 }
 
@@ -254,11 +265,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     let start = Instant::now();
     let (rank, world) = (comm.rank(), comm.size());
     let root = rank == 0;
-    if args.batch_size == 0 || args.img_size < 8 || args.epochs == 0 {
-        return Err(
-            "--batch-size and --epochs must be at least 1 and --img-size at least 8".into(),
-        );
-    }
+    args.validate()?;
     for (flag, value) in [
         ("--translate-const", args.translate_const),
         ("--cutout-const", args.cutout_const),
@@ -321,7 +328,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         }
     }
 
-    let accum = args.grad_accum_steps.max(1);
+    let accum = args.grad_accum_steps;
     let global_batch = args.batch_size * accum * world;
     let available = (data.train.len() / world / (args.batch_size * accum)) as u64;
     let steps_per_epoch = args.steps_per_epoch.unwrap_or(available);
@@ -388,6 +395,11 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
                 position.epoch,
                 position.batch_in_epoch,
                 t.step()
+            );
+        } else {
+            println!(
+                "--resume: no checkpoint in {}; training starts afresh",
+                args.model_dir.display()
             );
         }
     }
@@ -479,7 +491,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         LoaderConfig {
             rank,
             world,
-            ..LoaderConfig::train(args.batch_size, args.workers.max(1), args.seed)
+            ..LoaderConfig::train(args.batch_size, args.workers, args.seed)
         },
         Stage {
             size: first.img_size,
@@ -654,7 +666,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
             "learning_rate": t.config.schedule.at(t.step()),
         });
         let last = epoch + 1 == args.epochs;
-        let due = (epoch + 1) % args.num_epochs_between_eval.max(1) == 0 || last;
+        let due = (epoch + 1) % args.num_epochs_between_eval == 0 || last;
         let mut eval = None;
         if mode == Mode::TrainAndEval && !args.skip_eval && due {
             let use_ema = args.intratrain_eval_using_ema && t.ema.is_some();
@@ -742,7 +754,10 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     }
     // Keep the first 10% of throughput samples out, as the reference's TimeHistory does.
     let kept = &throughput_samples[throughput_samples.len() / 10..];
-    let avg_train = kept.iter().sum::<f64>() / kept.len().max(1) as f64;
+    let avg_train = match kept.len() {
+        0 => 0.0, // (an empty f64 sum is −0.0)
+        len => kept.iter().sum::<f64>() / len as f64,
+    };
     for (comment, r) in &finals {
         files.log(
             start,

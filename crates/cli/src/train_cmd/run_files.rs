@@ -127,6 +127,12 @@ impl RunFiles {
         names: &[String],
     ) -> Result<PathBuf, String> {
         let path = self.dir.join("model.safetensors");
+        if let Some(i) = w.params.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "the {source} weights hold a non-finite value (parameter {i}): training diverged;                  {} is not written (try a lower --lr-init or --grad-clip-norm)",
+                path.display()
+            ));
+        }
         let mut meta = weights::metadata(net);
         meta.insert("effnet.weights_source".into(), source.into());
         meta.insert("effnet.eval_accuracy_top_1".into(), format!("{top1:.4}"));
