@@ -244,6 +244,7 @@ fn a_config_file_sets_flags_and_the_command_line_overrides_it() {
         (&["--moving-average-decay", "2"], "--moving-average-decay"),
         (&["--grad-accum-steps", "0"], "--grad-accum-steps"),
         (&["--mparams", "dropout_rate=1.5"], "dropout"),
+        (&["--random-translate", "1000"], "--random-translate"),
     ] {
         let args = [
             &["train", "--data-dir", "/absent", "--epochs", "1"][..],

@@ -492,8 +492,17 @@ impl TrainArgs {
         if let Some(size) = self.eval_img_size {
             crate::check_image_size("--eval-img-size", size)?;
         }
+        let mut smallest = self.img_size;
         if self.n_stages > 1 {
             crate::check_image_size("--base-img-size", self.base_img_size)?;
+            smallest = smallest.min(self.base_img_size);
+        }
+        if self.random_translate >= smallest {
+            return Err(format!(
+                "--random-translate {}: a shift of the whole {smallest}-pixel image or more \
+                 leaves nothing of it",
+                self.random_translate
+            ));
         }
         // (flag, value, lowest, highest, whether the highest is allowed)
         for (flag, value, lo, hi, hi_ok) in [

@@ -280,6 +280,13 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     apply_precision(args, root);
     let (bn_momentum, dropout, drop_connect) = model_overrides(args)?;
     let data = Data::open(&args.data_dir, args.max_train_images, args.max_eval_images)?;
+    if data.names.len() < 2 {
+        return Err(format!(
+            "{}: a single class ({}): a classifier needs at least two",
+            args.data_dir.display(),
+            data.names.join("")
+        ));
+    }
     let eval_size = args.eval_img_size.unwrap_or(args.img_size);
     let mut config = arch(&args.arch)?;
     config.num_classes = data.names.len();
