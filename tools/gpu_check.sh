@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of issue 7, as one script for a lent GPU machine (CUDA 13 image with PyTorch):
-# the self-test against the CPU engine in f32, TF32 and bf16 (AMP), then effnet's and PyTorch's benchmarks
+# the self-test against the CPU engine in f32, TF32, bf16 and f16 (AMP), then effnet's and PyTorch's benchmarks
 # on the same GPU. Build here first (`cargo build --release --features cuda`) and carry
 # target/release/effnet; everything is logged to $OUT/log (or ./gpu-check.log).
 # Usage: tools/gpu_check.sh [quick]   (quick: the self-tests only)
@@ -24,12 +24,13 @@ echo "selftest small rc=$?"
 $bin selftest --math f32; echo "selftest f32 rc=$?"
 $bin selftest --math tf32; echo "selftest tf32 rc=$?"
 $bin selftest --math bf16; echo "selftest bf16 rc=$?"
+$bin selftest --math f16; echo "selftest f16 rc=$?"
 $bin selftest --arch efficientnet_lite0 --batch-size 3 --img-size 57 --math f32; echo "selftest lite0 odd size rc=$?"
 # Real weights: predict on the GPU against the CPU engine, when .gpu-data/ holds lite0.pth and
 # photos/ (here: cp "$EFFNET_LITE0_PTH" .gpu-data/lite0.pth; cp -r crates/cli/tests/fixtures/photos
 # "$EFFNET_PHOTOS_DIR"/*.png .gpu-data/photos/ — the .gpu-data note above).
 if [ -f .gpu-data/lite0.pth ] && [ -d .gpu-data/photos ]; then
-  for dev in "cpu f32" "cuda f32" "cuda tf32" "cuda bf16"; do
+  for dev in "cpu f32" "cuda f32" "cuda tf32" "cuda bf16" "cuda f16"; do
     set -- $dev
     $bin predict --arch efficientnet_lite0 --weights .gpu-data/lite0.pth .gpu-data/photos \
       --device $1 --math $2 --batch-size 4 --format csv --logits-out "/tmp/logits-$1-$2.npy" >/dev/null
@@ -38,7 +39,7 @@ if [ -f .gpu-data/lite0.pth ] && [ -d .gpu-data/photos ]; then
   python3 - <<'PY'
 import numpy as np
 cpu = np.load("/tmp/logits-cpu-f32.npy")
-for math in ("f32", "tf32", "bf16"):
+for math in ("f32", "tf32", "bf16", "f16"):
     gpu = np.load(f"/tmp/logits-cuda-{math}.npy")
     err = np.abs(gpu - cpu).max() / np.abs(cpu).max()
     same = (gpu.argmax(1) == cpu.argmax(1)).mean()

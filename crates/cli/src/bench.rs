@@ -41,8 +41,9 @@ pub struct BenchArgs {
     /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
-    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, or `bf16`
-    /// (mixed precision; also what `--precision bf16` gives on the GPU).
+    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, `bf16` (mixed
+    /// precision; also what `--precision bf16` gives on the GPU) or `f16` (mixed precision for
+    /// Volta and Turing).
     #[arg(long, default_value = "tf32")]
     pub(crate) math: String,
     /// CPU: `f32`, or `bf16` (needs AVX512_BF16): inference's expansions on bf16 operands,

@@ -34,8 +34,8 @@ pub struct SelftestArgs {
     batch_size: usize,
     #[arg(long = "img-size", default_value_t = 64)]
     img_size: usize,
-    /// `f32` (plain fused multiply-adds), `tf32` (tensor cores) or `bf16` (mixed precision:
-    /// bf16 activations, f32 sums; looser tolerances still).
+    /// `f32` (plain fused multiply-adds), `tf32` (tensor cores), `bf16` or `f16` (mixed
+    /// precision: 16-bit activations, f32 sums; looser tolerances still).
     #[arg(long, default_value = "f32")]
     math: String,
 }
@@ -46,6 +46,7 @@ fn math_name(math: Math) -> &'static str {
         Math::F32 => "f32",
         Math::Tf32 => "tf32",
         Math::Bf16 => "bf16",
+        Math::F16 => "f16",
     }
 }
 
@@ -54,7 +55,10 @@ pub fn parse_math(s: &str) -> Result<Math, String> {
         "f32" => Ok(Math::F32),
         "tf32" => Ok(Math::Tf32),
         "bf16" => Ok(Math::Bf16),
-        _ => Err(format!("unknown --math {s:?}: expected f32, tf32 or bf16")),
+        "f16" => Ok(Math::F16),
+        _ => Err(format!(
+            "unknown --math {s:?}: expected f32, tf32, bf16 or f16"
+        )),
     }
 }
 
@@ -64,6 +68,13 @@ pub fn math_or_precision(math: &str, precision: &str) -> Result<Math, String> {
         "bf16" => Ok(Math::Bf16),
         _ => parse_math(math),
     }
+}
+
+/// Mixed precision for this process's GPU: bf16 from compute capability 8.0 (Ampere) on, f16
+/// with loss scaling on Volta and Turing (`train --use-amp`).
+pub fn mixed_math() -> Result<Math, String> {
+    let (major, _) = effnet_cuda::device::capability(local_rank())?;
+    Ok(Math::mixed_for(major))
 }
 
 /// The GPU of this process's local rank, announced on stderr (stdout may be JSON or CSV).
@@ -256,13 +267,23 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
     net.backward(&cpu_w, &mut ws, &dlogits, &mut cpu_grads);
     gpu_net.zero_grads(&gpu)?;
     let gpu_loss = gpu_net.loss(&gpu, &mut gws, &targets)?;
+    // f16 activation gradients would underflow unscaled: training scales the loss, so here.
+    let grad_scale = if math == Math::F16 { 1024.0 } else { 1.0 };
+    if grad_scale != 1.0 {
+        let scaled: Vec<f32> = dlogits.iter().map(|d| d * grad_scale).collect();
+        gpu_net.write_dlogits(&gpu, &mut gws, &scaled)?;
+    }
     gpu_net.backward(&gpu, &mut gws)?;
     report.add(
         "backward",
         "softmax cross-entropy (loss)",
         rel_err(&[gpu_loss], &[cpu_loss]),
     );
-    let grads = gpu_net.grads(&gpu)?;
+    let grads: Vec<f32> = gpu_net
+        .grads(&gpu)?
+        .iter()
+        .map(|g| g / grad_scale)
+        .collect();
     for e in &net.layout.params {
         let op = format!("gradient of {:?}", e.kind);
         report.add(
@@ -314,10 +335,12 @@ pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
     // Tolerances: f32 differs from the CPU only by summation order (cuDNN's and cuBLAS's
     // algorithms); TF32 rounds products' inputs to 10 mantissa bits.
     // bf16 stores every activation with 8 significant bits (relative rounding 2⁻⁹), compounding
-    // over the layers; the CPU side stays f32.
+    // over the layers; the CPU side stays f32. f16 keeps 11 (2⁻¹²) and rounds products' inputs
+    // as TF32 does, then stores: between the two.
     let (tol_fwd, tol_bwd) = match math {
         Math::F32 => (1e-3, 1e-2),
         Math::Tf32 => (3e-2, 1e-1),
+        Math::F16 => (5e-2, 1.5e-1),
         Math::Bf16 => (8e-2, 2.5e-1),
     };
     println!(
@@ -386,6 +409,7 @@ fn compare_updates(
         let mut opt = Optimizer::new(kind, 1e-5, &net.layout);
         let mut ema = Ema::new(w, 0.999);
         let mut params = w.params.clone();
+        let mut refused_wrongly = false;
         let mut state = DeviceState::new(
             gpu,
             gpu_net,
@@ -410,7 +434,7 @@ fn compare_updates(
                 ..w.clone()
             };
             ema.update(&current, opt.step);
-            exchange += state.update(
+            let stepped = state.update(
                 gpu,
                 gpu_net,
                 &Update {
@@ -422,7 +446,32 @@ fn compare_updates(
                     replicas: &Replicas::single(),
                 },
                 &mut Exchange::default(),
+                true,
             )?;
+            exchange += stepped.exchange_seconds;
+            refused_wrongly |= !stepped.applied;
+        }
+        // Loss scaling's overflow: a gradient holding inf is refused, and nothing moves.
+        let mut overflowed = grads[0].clone();
+        let middle = overflowed.len() / 2;
+        overflowed[middle] = f32::INFINITY;
+        gpu.write(&overflowed, &mut gpu_net.grads)?;
+        let stepped = state.update(
+            gpu,
+            gpu_net,
+            &Update {
+                optimizer: &opt,
+                lr: 0.01,
+                grad_scale: 1.0,
+                clip_norm: 0.0,
+                ema_decay: Some(0.5),
+                replicas: &Replicas::single(),
+            },
+            &mut Exchange::default(),
+            true,
+        )?;
+        if stepped.applied || refused_wrongly {
+            exchange = f64::INFINITY;
         }
         let mut got_params = vec![0f32; params.len()];
         let mut got_opt = Optimizer::new(kind, 1e-5, &net.layout);
@@ -444,11 +493,15 @@ fn compare_updates(
             rel_err(&got_opt.slot_b, &opt.slot_b),
             rel_err(&got_ema.params, &ema.params),
             rel_err(&got_ema.buffers, &ema.buffers),
-            exchange, // one process: nothing exchanged
+            exchange, // one process: nothing exchanged (inf: a step refused or taken wrongly)
         ]
         .into_iter()
         .fold(0f64, |m, e| if e.is_nan() || e > m { e } else { m });
-        report.add("optimizer", &format!("{name} steps, slots, EMA"), worst);
+        report.add(
+            "optimizer",
+            &format!("{name} steps, slots, EMA, overflow"),
+            worst,
+        );
     }
     Ok(())
 }
@@ -486,7 +539,11 @@ fn compare_training(
     };
     let mut cpu = Trainer::new(net.clone(), w.clone(), config.clone());
     let mut dev = Trainer::new(net.clone(), w.clone(), config);
-    dev.set_passes(Box::new(GpuPasses::new(gpu.clone(), net, w)?))?;
+    let mut passes = GpuPasses::new(gpu.clone(), net, w)?;
+    // A random network's first f16 step at the usual 2¹⁵ may overflow and be skipped, which
+    // the CPU would not do; 2¹⁰ keeps both in step while still scaling.
+    passes.set_loss_scale(1024.0);
+    dev.set_passes(Box::new(passes))?;
     let mut rng = Rng::new(23);
     let mut losses = (vec![], vec![]);
     for _ in 0..4 {

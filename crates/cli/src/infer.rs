@@ -64,8 +64,8 @@ pub struct ComputeArgs {
     /// the GPU mixed precision, as `--math bf16`.
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, or `bf16`
-    /// (bf16 activations, f32 sums).
+    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, `bf16` or `f16`
+    /// (16-bit activations, f32 sums).
     #[arg(long, default_value = "tf32")]
     math: String,
 }

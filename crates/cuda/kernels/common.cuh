@@ -2,12 +2,16 @@
 // (NVRTC sees one file at a time and no include path), see crates/cuda/src/lib.rs.
 
 // Activation storage (`act_t`): f32, or bf16 in the "_bf16" twin of a source, which the host
-// compiles with ACT_BF16 defined to 1 (AMP: activations and their gradients stored in bf16,
-// every sum and product in f32). ld widens, st rounds to nearest even; in f32 both are the
-// identity. Pointers typed act_t are activation buffers; parameters, gradients of parameters,
-// statistics and the head's small tensors stay f32 in both.
+// compiles with ACT_BF16 defined to 1, or IEEE f16 in the "_f16" twin (ACT_F16) (AMP:
+// activations and their gradients stored in 16 bits, every sum and product in f32). ld widens,
+// st rounds to nearest even (f16 overflows to ±inf, which the loss scaling detects); in f32
+// both are the identity. Pointers typed act_t are activation buffers; parameters, gradients of
+// parameters, statistics and the head's small tensors stay f32 in all.
 #ifndef ACT_BF16
 #define ACT_BF16 0
+#endif
+#ifndef ACT_F16
+#define ACT_F16 0
 #endif
 #if ACT_BF16
 typedef unsigned short act_t;
@@ -15,6 +19,18 @@ __device__ __forceinline__ float ld(act_t v) { return __uint_as_float(((unsigned
 __device__ __forceinline__ act_t st(float f) {
     unsigned short h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#elif ACT_F16
+typedef unsigned short act_t;
+__device__ __forceinline__ float ld(act_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ act_t st(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
 #else

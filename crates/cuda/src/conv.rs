@@ -1,5 +1,5 @@
-//! Convolutions on cuDNN: dense k×k and depthwise, NHWC f32 (or bf16 with f32 compute for mixed
-//! precision), forward, backward data and backward filter, with TF "SAME" padding.
+//! Convolutions on cuDNN: dense k×k and depthwise, NHWC f32 (or bf16 or f16 with f32 compute
+//! for mixed precision), forward, backward data and backward filter, with TF "SAME" padding.
 //!
 //! cuDNN pads the same amount on both sides; SAME pads `total/2` before and the rest after, one
 //! more after when the total is odd (stride 2 on an even size). Such layers copy the input into
@@ -10,7 +10,7 @@ use cudarc::cudnn::result as dnn;
 use cudarc::cudnn::sys;
 use effnet_engine::Nhwc;
 
-use crate::device::{Gpu, Result};
+use crate::device::{Gpu, Math, Result};
 
 /// How a SAME convolution's padding is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +135,7 @@ algo_perf!(
 /// scratch within `max_scratch`; `scratch` grows to the largest kept.
 fn usable<P: AlgoPerf>(
     rated: &[P],
-    math: crate::device::Math,
+    math: Math,
     max_scratch: usize,
     scratch: &mut usize,
 ) -> Vec<(P::Algo, sys::cudnnMathType_t)> {
@@ -155,22 +155,21 @@ fn usable<P: AlgoPerf>(
 }
 
 /// Math types a plan accepts: FMA only for exact f32; anything cuDNN rates otherwise (TF32
-/// tensor cores for f32 data, bf16 tensor cores for bf16).
-fn math_ok(math: crate::device::Math, m: sys::cudnnMathType_t) -> bool {
+/// tensor cores for f32 data, bf16 or f16 tensor cores for 16-bit data).
+fn math_ok(math: Math, m: sys::cudnnMathType_t) -> bool {
     match math {
-        crate::device::Math::F32 => m == sys::cudnnMathType_t::CUDNN_FMA_MATH,
-        crate::device::Math::Tf32 | crate::device::Math::Bf16 => true,
+        Math::F32 => m == sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        Math::Tf32 | Math::Bf16 | Math::F16 => true,
     }
 }
 
-/// The stored type of activations and packed filters: f32, or bf16 for mixed precision (whose
-/// convolutions still accumulate in f32: the descriptor's compute type).
-fn storage(math: crate::device::Math) -> sys::cudnnDataType_t {
+/// The stored type of activations and packed filters: f32, or bf16 or f16 for mixed precision
+/// (whose convolutions still accumulate in f32: the descriptor's compute type).
+fn storage(math: Math) -> sys::cudnnDataType_t {
     match math {
-        crate::device::Math::Bf16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
-        crate::device::Math::F32 | crate::device::Math::Tf32 => {
-            sys::cudnnDataType_t::CUDNN_DATA_FLOAT
-        }
+        Math::Bf16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        Math::F16 => sys::cudnnDataType_t::CUDNN_DATA_HALF,
+        Math::F32 | Math::Tf32 => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
     }
 }
 
@@ -220,9 +219,9 @@ impl Conv {
         let w = dnn::create_filter_descriptor().map_err(dnn_err("filter descriptor"))?;
         let conv = dnn::create_convolution_descriptor().map_err(dnn_err("conv descriptor"))?;
         let math = match gpu.math {
-            crate::device::Math::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
-            crate::device::Math::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
-            crate::device::Math::Bf16 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            Math::F32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            Math::Tf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            Math::Bf16 | Math::F16 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
         };
         // A depthwise filter is [c, 1, k, k]: PyTorch's layout is already cuDNN's NHWC one.
         let per_group_in = if depthwise { 1 } else { input.c };

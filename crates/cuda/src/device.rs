@@ -1,6 +1,6 @@
 //! One CUDA device: its context and stream, the cuBLAS and cuDNN handles, and every kernel of
-//! [`crate::units`] compiled by NVRTC and loaded (with [`Math::Bf16`], the bf16 twins in place
-//! of their f32 originals, under the same names).
+//! [`crate::units`] compiled by NVRTC and loaded (with [`Math::Bf16`] or [`Math::F16`], the
+//! 16-bit twins in place of their f32 originals, under the same names).
 //!
 //! Device memory is held in cudarc's `CudaSlice`s, but the network passes raw device addresses
 //! (`u64`) to kernels, cuBLAS and cuDNN: one stream runs everything in order, so cudarc's
@@ -29,16 +29,48 @@ pub enum Math {
     /// 1×1 products on bf16 tensor cores with f32 accumulation; parameters, their gradients,
     /// optimizer and batch-norm statistics stay f32 (the small f32 products use TF32).
     Bf16,
+    /// Mixed precision as [`Math::Bf16`], with IEEE f16 storage: Volta and Turing tensor cores
+    /// (compute capability 7.x) have no bf16. f16's range ends at 65504, so training scales the
+    /// loss dynamically ([`crate::passes`]), as the reference's `mixed_float16` policy does.
+    F16,
 }
 
 impl Math {
     /// Bytes of one stored activation.
     pub fn act_bytes(self) -> usize {
         match self {
-            Math::Bf16 => 2,
+            Math::Bf16 | Math::F16 => 2,
             Math::F32 | Math::Tf32 => 4,
         }
     }
+
+    /// The twin sources' tag of a 16-bit storage ([`crate::TWINS`]); None for f32.
+    pub fn twin_tag(self) -> Option<&'static str> {
+        match self {
+            Math::Bf16 => Some("bf16"),
+            Math::F16 => Some("f16"),
+            Math::F32 | Math::Tf32 => None,
+        }
+    }
+
+    /// Mixed precision for a GPU of compute capability `major`.x: bf16 from Ampere (8.0) on,
+    /// f16 with loss scaling before.
+    pub fn mixed_for(major: i32) -> Math {
+        if major >= 8 {
+            Math::Bf16
+        } else {
+            Math::F16
+        }
+    }
+}
+
+/// The compute capability of device `ordinal`, before choosing its [`Math`].
+pub fn capability(ordinal: usize) -> Result<(i32, i32)> {
+    check_libraries()?;
+    CudaContext::new(ordinal)
+        .map_err(err("opening the CUDA device"))?
+        .compute_capability()
+        .map_err(err("compute capability"))
 }
 
 /// What is missing when a library cannot be opened, and where to get it.
@@ -105,19 +137,33 @@ impl Gpu {
         let capability = ctx
             .compute_capability()
             .map_err(err("compute capability"))?;
-        let bf16 = math == Math::Bf16;
-        if bf16 && capability.0 < 8 {
+        let (major, minor) = capability;
+        if math == Math::Bf16 && major < 8 {
             return Err(format!(
-                "{name} (compute capability {}.{}) has no bf16 conversions: mixed precision \
-                 needs 8.0 or newer (A100, H100); use --math tf32 or f32",
-                capability.0, capability.1
+                "{name} (compute capability {major}.{minor}) has no bf16 conversions: bf16 mixed \
+                 precision needs 8.0 or newer (A100, H100); use --math f16 (mixed precision with \
+                 loss scaling) or f32"
             ));
         }
+        if math == Math::F16 && major < 7 {
+            return Err(format!(
+                "{name} (compute capability {major}.{minor}) has no f16 tensor cores: use --math f32"
+            ));
+        }
+        if math == Math::Tf32 && major < 8 {
+            eprintln!(
+                "effnet: {name} (compute capability {major}.{minor}) has no TF32: f32 products \
+                 run as plain f32"
+            );
+        }
         let mut kernels = HashMap::new();
-        // In bf16, a twinned source's twin is loaded under the original's names instead of it.
+        // With 16-bit storage, a twinned source's twin is loaded under the original's names
+        // instead of it; the other storages' twins are not compiled.
+        let storage = math.twin_tag();
         for (file, source) in crate::units() {
-            let twin = file.ends_with(".bf16.cu");
-            if twin != bf16 && (twin || crate::ACT_SOURCES.contains(&file.as_str())) {
+            let tag = crate::twin_tag(&file);
+            let replaced = storage.is_some() && crate::ACT_SOURCES.contains(&file.as_str());
+            if tag != storage && (tag.is_some() || replaced) {
                 continue;
             }
             let cubin = crate::compile_cubin(&file, &source, capability)?;
@@ -128,7 +174,8 @@ impl Gpu {
                 let f = module
                     .load_function(kernel)
                     .map_err(err(&format!("loading kernel {kernel}")))?;
-                let name = kernel.strip_suffix(crate::BF16_SUFFIX).unwrap_or(kernel);
+                let suffix = tag.map(|t| format!("_{t}")).unwrap_or_default();
+                let name = kernel.strip_suffix(suffix.as_str()).unwrap_or(kernel);
                 kernels.insert(name.to_string(), f);
             }
         }
@@ -140,9 +187,13 @@ impl Gpu {
                 .map_err(err("cublasSetStream"))?;
             cudarc::cudnn::result::set_stream(dnn, stream.cu_stream() as _)
                 .map_err(err("cudnnSetStream"))?;
+            // TF32 for f32 products where the chip has it (the small f32 products of mixed
+            // precision too); f16 products take tensor cores by default.
             let mode = match math {
-                Math::F32 => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
-                Math::Tf32 | Math::Bf16 => blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+                Math::Tf32 | Math::Bf16 | Math::F16 if major >= 8 => {
+                    blas_sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+                }
+                _ => blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH,
             };
             blas_sys::cublasSetMathMode(blas, mode)
                 .result()

@@ -95,6 +95,7 @@ pub fn sgemm(
 pub enum Elem {
     F32,
     Bf16,
+    F16,
 }
 
 impl Elem {
@@ -102,13 +103,14 @@ impl Elem {
         match self {
             Elem::F32 => cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
             Elem::Bf16 => cudarc::cublas::sys::cudaDataType::CUDA_R_16BF,
+            Elem::F16 => cudarc::cublas::sys::cudaDataType::CUDA_R_16F,
         }
     }
 }
 
 /// The row-major product `c = α·op(a)·op(b) + β·c` with `a` and `b` stored as `ab`, `c` as
 /// `c_type`, accumulated in f32 (cublasGemmEx; all f32 is [`sgemm`]): mixed precision's 1×1
-/// convolutions, bf16 × bf16 into bf16 activations or into f32 weight gradients.
+/// convolutions, 16-bit × 16-bit into 16-bit activations or into f32 weight gradients.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     gpu: &crate::device::Gpu,

@@ -7,9 +7,9 @@
 //! Every kernel works on NHWC tensors seen as `[rows, c]` (rows = n·h·w) or on flat buffers,
 //! with grid-stride loops (any grid covers any size). Each source's header says how the host
 //! sequences its kernels and which launch shape they expect. Activations are stored in f32, or
-//! in bf16 for mixed precision: the sources of [`ACT_SOURCES`] are compiled twice, the second
-//! time as `*.bf16.cu` with bf16 activation storage and every kernel named `NAME_bf16`
-//! ([`units`]).
+//! in bf16 or f16 for mixed precision: the sources of [`ACT_SOURCES`] are compiled three times,
+//! the others as `*.bf16.cu` and `*.f16.cu` with 16-bit activation storage and every kernel
+//! named `NAME_bf16` or `NAME_f16` ([`units`]).
 
 pub mod classify;
 pub mod conv;
@@ -43,34 +43,46 @@ pub const SOURCES: &[(&str, &str)] = &[
 ];
 
 /// The sources whose kernels read or write activations (type `act_t` in common.cuh): each has a
-/// bf16 twin.
+/// twin per 16-bit storage of [`TWINS`].
 pub const ACT_SOURCES: &[&str] = &["norm.cu", "se.cu", "pool.cu", "regularize.cu", "tensor.cu"];
 
-/// What the bf16 twins' kernels are called: `NAME` + this.
-pub const BF16_SUFFIX: &str = "_bf16";
+/// The 16-bit activation storages: (tag, the macro common.cuh reads). The twin of `STEM.cu` for
+/// tag T is `STEM.T.cu`, its kernels named `NAME_T`.
+pub const TWINS: &[(&str, &str)] = &[("bf16", "ACT_BF16"), ("f16", "ACT_F16")];
 
-/// The compilation units: (file name, source) for every source of [`SOURCES`], then the bf16
-/// twin of each of [`ACT_SOURCES`] as `STEM.bf16.cu`, its kernels renamed `NAME_bf16`
-/// ([`program`] compiles it with bf16 activations).
+/// The compilation units: (file name, source) for every source of [`SOURCES`], then the twins
+/// of each of [`ACT_SOURCES`] for every storage of [`TWINS`], kernels renamed ([`program`]
+/// compiles each with its storage).
 pub fn units() -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = SOURCES
         .iter()
         .map(|(name, source)| (name.to_string(), source.to_string()))
         .collect();
-    for (name, source) in SOURCES.iter().filter(|(n, _)| ACT_SOURCES.contains(n)) {
-        let twin = name.replace(".cu", ".bf16.cu");
-        out.push((twin, bf16_names(source)));
+    for (tag, _) in TWINS {
+        for (name, source) in SOURCES.iter().filter(|(n, _)| ACT_SOURCES.contains(n)) {
+            let twin = name.replace(".cu", &format!(".{tag}.cu"));
+            out.push((twin, twin_names(source, tag)));
+        }
     }
     out
 }
 
-/// `source` with each kernel declaration's name `NAME` turned into `NAME_bf16` (only the
+/// The storage tag of a unit's file name: `Some("bf16")` for `norm.bf16.cu`, None for an
+/// original source.
+pub fn twin_tag(file: &str) -> Option<&'static str> {
+    TWINS
+        .iter()
+        .map(|(tag, _)| *tag)
+        .find(|tag| file.ends_with(&format!(".{tag}.cu")))
+}
+
+/// `source` with each kernel declaration's name `NAME` turned into `NAME_tag` (only the
 /// declarations: kernels do not call each other).
-fn bf16_names(source: &str) -> String {
+fn twin_names(source: &str, tag: &str) -> String {
     source
         .split_inclusive('\n')
         .map(|line| match kernel_names(line).first() {
-            Some(name) => line.replacen(&format!("{name}("), &format!("{name}{BF16_SUFFIX}("), 1),
+            Some(name) => line.replacen(&format!("{name}("), &format!("{name}_{tag}("), 1),
             None => line.to_string(),
         })
         .collect()
@@ -193,13 +205,13 @@ pub fn compile(name: &str, source: &str) -> Result<String, String> {
 }
 
 /// What NVRTC compiles: [`COMMON`], then the source; `#line` makes NVRTC's messages point into
-/// `source`, not into the shared prefix. A `*.bf16.cu` unit gets bf16 activations (`ACT_BF16`).
+/// `source`, not into the shared prefix. A twin (`*.bf16.cu`, `*.f16.cu`) gets its 16-bit
+/// activation storage (`ACT_BF16`, `ACT_F16`).
 fn program(name: &str, source: &str) -> String {
-    let storage = if name.ends_with(".bf16.cu") {
-        "#define ACT_BF16 1\n"
-    } else {
-        ""
-    };
+    let storage = TWINS
+        .iter()
+        .find(|(tag, _)| twin_tag(name) == Some(tag))
+        .map_or(String::new(), |(_, define)| format!("#define {define} 1\n"));
     format!("{storage}{COMMON}\n#line 1 \"{name}\"\n{source}")
 }
 
@@ -295,24 +307,28 @@ mod tests {
     }
 
     #[test]
-    fn bf16_twins_rename_every_kernel_and_nothing_else() {
+    fn twins_rename_every_kernel_and_nothing_else() {
         let units = units();
-        assert_eq!(units.len(), SOURCES.len() + ACT_SOURCES.len());
-        let (name, twin) = units
-            .iter()
-            .find(|(n, _)| n == "norm.bf16.cu")
-            .expect("norm.cu has a twin");
-        assert_eq!(name, "norm.bf16.cu");
+        assert_eq!(units.len(), SOURCES.len() + TWINS.len() * ACT_SOURCES.len());
         let original = SOURCES.iter().find(|(n, _)| *n == "norm.cu").unwrap().1;
-        let want: Vec<String> = kernel_names(original)
-            .iter()
-            .map(|k| format!("{k}_bf16"))
-            .collect();
-        assert_eq!(kernel_names(twin), want);
-        // Only the declarations changed: the same lines, the same length plus the suffixes.
-        assert_eq!(twin.lines().count(), original.lines().count());
-        assert_eq!(twin.len(), original.len() + want.len() * BF16_SUFFIX.len());
-        assert!(program("norm.bf16.cu", twin).starts_with("#define ACT_BF16 1\n"));
-        assert!(!program("norm.cu", original).contains("#define ACT_BF16 1"));
+        assert_eq!(twin_tag("norm.cu"), None);
+        assert!(program("norm.cu", original).starts_with(COMMON));
+        for (tag, define) in TWINS {
+            let file = format!("norm.{tag}.cu");
+            let (_, twin) = units
+                .iter()
+                .find(|(n, _)| *n == file)
+                .expect("norm.cu has a twin");
+            assert_eq!(twin_tag(&file), Some(*tag));
+            let want: Vec<String> = kernel_names(original)
+                .iter()
+                .map(|k| format!("{k}_{tag}"))
+                .collect();
+            assert_eq!(kernel_names(twin), want);
+            // Only the declarations changed: the same lines, the same length plus the suffixes.
+            assert_eq!(twin.lines().count(), original.lines().count());
+            assert_eq!(twin.len(), original.len() + want.len() * (tag.len() + 1));
+            assert!(program(&file, twin).starts_with(&format!("#define {define} 1\n")));
+        }
     }
 }

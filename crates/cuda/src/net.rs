@@ -30,7 +30,7 @@ fn act_code(a: Act) -> i32 {
     }
 }
 
-/// Activations (or their gradients) in the device's storage type: f32 or bf16, as bytes.
+/// Activations (or their gradients) in the device's storage type: f32, bf16 or f16, as bytes.
 pub type ActBuf = CudaSlice<u8>;
 
 /// A buffer of `len` activations.
@@ -42,6 +42,7 @@ fn act_zeros(gpu: &Gpu, len: usize) -> Result<ActBuf> {
 fn act_elem(gpu: &Gpu) -> Elem {
     match gpu.math {
         Math::Bf16 => Elem::Bf16,
+        Math::F16 => Elem::F16,
         Math::F32 | Math::Tf32 => Elem::F32,
     }
 }
@@ -52,17 +53,32 @@ fn read_acts(gpu: &Gpu, buf: &ActBuf, len: usize) -> Result<Vec<f32>> {
     Ok(decode_acts(&bytes, gpu.math))
 }
 
-/// Activations stored as `math` says (little-endian f32, or bf16: an f32's upper half), as f32.
+/// Activations stored as `math` says (little-endian f32, bf16: an f32's upper half, or IEEE
+/// f16), as f32.
 fn decode_acts(bytes: &[u8], math: Math) -> Vec<f32> {
+    let halves = bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]));
     match math {
-        Math::Bf16 => bytes
-            .chunks_exact(2)
-            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-            .collect(),
+        Math::Bf16 => halves.map(|h| f32::from_bits((h as u32) << 16)).collect(),
+        Math::F16 => halves.map(f16_to_f32).collect(),
         Math::F32 | Math::Tf32 => bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect(),
+    }
+}
+
+/// An IEEE binary16 value, exactly, as f32.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exponent = ((h >> 10) & 0x1f) as i32;
+    let mantissa = (h & 0x3ff) as f32;
+    sign * match exponent {
+        0 => mantissa * 2f32.powi(-24), // subnormal
+        31 if mantissa == 0.0 => f32::INFINITY,
+        31 => f32::NAN,
+        e => (1.0 + mantissa / 1024.0) * 2f32.powi(e - 15),
     }
 }
 
@@ -267,8 +283,8 @@ impl GpuNet {
                     max_parts = max_parts.max(bn_parts(y.rows()));
                     let pointwise = u.conv == ConvKind::Dense && u.kernel == 1 && u.stride == 1;
                     if pointwise {
-                        if gpu.math == Math::Bf16 {
-                            packed = packed.max(u.cout * u.cin); // the weight in bf16
+                        if gpu.math.twin_tag().is_some() {
+                            packed = packed.max(u.cout * u.cin); // the weight in 16 bits
                         }
                         convs.push(None);
                         continue;
@@ -733,9 +749,9 @@ impl GpuNet {
     }
 
     /// A 1×1 convolution's weight (`len` f32 at `w`) as its product reads it: itself in f32,
-    /// its bf16 copy in `ws.packed` for mixed precision (cuBLAS multiplies like types).
+    /// its 16-bit copy in `ws.packed` for mixed precision (cuBLAS multiplies like types).
     fn product_weight(&self, gpu: &Gpu, ws: &GpuWorkspace, w: u64, len: usize) -> Result<u64> {
-        if gpu.math != Math::Bf16 {
+        if gpu.math.twin_tag().is_none() {
             return Ok(w);
         }
         let packed = addr(&ws.packed, &gpu.stream, 0);
@@ -1127,5 +1143,15 @@ mod tests {
             back[3]
         );
         assert_eq!(back[4], f32::INFINITY);
+        // f16: 1.0 = 0x3c00, −2.5 = 0xc100, 65504 (the largest) = 0x7bff, 2⁻²⁴ (the smallest
+        // subnormal) = 0x0001, +inf = 0x7c00.
+        let f16_bytes: Vec<u8> = [0x3c00u16, 0xc100, 0x0000, 0x7bff, 0x0001, 0x7c00]
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        let back = decode_acts(&f16_bytes, Math::F16);
+        let want = [1.0, -2.5, 0.0, 65504.0, 2f32.powi(-24), f32::INFINITY];
+        assert_eq!(back, want);
+        assert!(decode_acts(&0x7e00u16.to_le_bytes(), Math::F16)[0].is_nan());
     }
 }

@@ -5,7 +5,8 @@
 //! non-finite step). Each (batch, resolution) runs its forward and backward passes directly
 //! once (cuDNN settles its algorithms, kernels load), then captures them as CUDA graphs and
 //! replays those; the optimizer step follows on the device, with gradients averaged over NCCL
-//! between processes (`mpirun -np N`, one GPU each).
+//! between processes (`mpirun -np N`, one GPU each). With f16 activations the loss is scaled
+//! dynamically ([`LossScale`]).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,13 +14,52 @@ use std::sync::Arc;
 use effnet_dist::Communicator;
 use effnet_engine::rng::Rng;
 use effnet_model::{Mode, Network, Weights};
-use effnet_train::trainer::{Passes, Replicas, StateMut, StateRef, Update};
+use effnet_train::trainer::{Passes, Replicas, StateMut, StateRef, Stepped, Update};
 
 use crate::classify::GpuClassifier;
-use crate::device::{Gpu, Result};
+use crate::device::{Gpu, Math, Result};
 use crate::net::{GpuNet, GpuWorkspace};
 use crate::replay::Replay;
 use crate::state::{DeviceState, Exchange};
+
+/// f16 mixed precision's dynamic loss scale, as Keras' `LossScaleOptimizer` (the reference's
+/// `mixed_float16` policy): d loss/d logits is multiplied by the scale so that small gradients
+/// stay above f16's smallest values, the parameter gradients are divided by it before the
+/// step, and a step whose gradients overflowed is skipped and the scale halved; after 2000
+/// steps in a row without overflow it doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub scale: f32,
+    good_steps: u32,
+}
+
+impl LossScale {
+    /// Keras' starting scale, 2¹⁵.
+    pub const INITIAL: f32 = 32768.0;
+    const GROWTH_STEPS: u32 = 2000;
+
+    pub fn new(scale: f32) -> LossScale {
+        LossScale {
+            scale,
+            good_steps: 0,
+        }
+    }
+
+    /// After a step: applied or overflowed.
+    fn after(&mut self, applied: bool) {
+        if applied {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_STEPS {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            // Never below 1: a gradient that overflows unscaled is the loss's own problem.
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+        }
+    }
+}
 
 /// A training workspace and the passes captured on it.
 struct Planned {
@@ -45,11 +85,14 @@ pub struct GpuPasses {
     /// Evaluation runs on the weights the trainer loads (raw or EMA), kept apart from `net`.
     eval: Option<GpuClassifier>,
     train: Option<Planned>,
+    /// With f16 activations: the dynamic loss scale (f32 and bf16 need none).
+    loss_scale: Option<LossScale>,
 }
 
 impl GpuPasses {
     pub fn new(gpu: Rc<Gpu>, net: &Network, weights: &Weights) -> Result<GpuPasses> {
         let net = GpuNet::new(&gpu, net, weights)?;
+        let loss_scale = (gpu.math == Math::F16).then(|| LossScale::new(LossScale::INITIAL));
         Ok(GpuPasses {
             gpu,
             net,
@@ -57,7 +100,21 @@ impl GpuPasses {
             exchange: Exchange::default(),
             eval: None,
             train: None,
+            loss_scale,
         })
+    }
+
+    /// The dynamic loss scale now (f16 only).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.loss_scale
+    }
+
+    /// Starts the loss scale at `scale` (f16 only; the self-test starts lower so that its
+    /// random network's first step does not overflow).
+    pub fn set_loss_scale(&mut self, scale: f32) {
+        if let Some(ls) = &mut self.loss_scale {
+            *ls = LossScale::new(scale);
+        }
     }
 }
 
@@ -133,7 +190,13 @@ impl Passes for GpuPasses {
             .as_mut()
             .ok_or("backward before a training forward pass")?;
         let gpu = &self.gpu;
-        self.net.write_dlogits(gpu, &mut planned.ws, dlogits)?;
+        match self.loss_scale {
+            Some(ls) => {
+                let scaled: Vec<f32> = dlogits.iter().map(|d| d * ls.scale).collect();
+                self.net.write_dlogits(gpu, &mut planned.ws, &scaled)?;
+            }
+            None => self.net.write_dlogits(gpu, &mut planned.ws, dlogits)?,
+        }
         let (net, ws) = (&self.net, &mut planned.ws);
         planned
             .backward
@@ -230,14 +293,63 @@ impl Passes for GpuPasses {
             .read(&self.gpu, &self.net, state)
     }
 
-    fn update(&mut self, update: &Update<'_>) -> Result<f64> {
-        self.state
-            .as_mut()
-            .ok_or("no training state on the GPU")?
-            .update(&self.gpu, &mut self.net, update, &mut self.exchange)
+    fn update(&mut self, update: &Update<'_>) -> Result<Stepped> {
+        let state = self.state.as_mut().ok_or("no training state on the GPU")?;
+        let Some(ls) = &mut self.loss_scale else {
+            return state.update(&self.gpu, &mut self.net, update, &mut self.exchange, false);
+        };
+        let unscaled = Update {
+            grad_scale: update.grad_scale / ls.scale,
+            ..*update
+        };
+        let stepped = state.update(
+            &self.gpu,
+            &mut self.net,
+            &unscaled,
+            &mut self.exchange,
+            true,
+        )?;
+        ls.after(stepped.applied);
+        if !stepped.applied {
+            eprintln!(
+                "effnet: f16 gradients overflowed: step skipped, loss scale now {}",
+                ls.scale
+            );
+        }
+        Ok(stepped)
     }
 
     fn discard_gradients(&mut self) -> Result<()> {
         self.net.zero_grads(&self.gpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loss_scale_halves_on_overflow_and_doubles_after_2000_good_steps() {
+        let mut ls = LossScale::new(LossScale::INITIAL);
+        ls.after(false);
+        assert_eq!(ls.scale, 16384.0);
+        for _ in 0..1999 {
+            ls.after(true);
+        }
+        assert_eq!(ls.scale, 16384.0, "not yet");
+        ls.after(true);
+        assert_eq!(ls.scale, 32768.0);
+        // An overflow restarts the count.
+        for _ in 0..1000 {
+            ls.after(true);
+        }
+        ls.after(false);
+        for _ in 0..1999 {
+            ls.after(true);
+        }
+        assert_eq!(ls.scale, 16384.0);
+        let mut low = LossScale::new(1.0);
+        low.after(false);
+        assert_eq!(low.scale, 1.0, "never below 1");
     }
 }

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use cudarc::driver::CudaSlice;
 use effnet_train::optim::{adam_step_size, decay_mask, Kind};
-use effnet_train::trainer::{StateMut, StateRef, Update};
+use effnet_train::trainer::{StateMut, StateRef, Stepped, Update};
 
 use crate::device::{addr, linear, Gpu, Result};
 use crate::nccl::{nccl_present, Nccl, NCCL_HELP};
@@ -81,15 +81,17 @@ impl DeviceState {
         Ok(())
     }
 
-    /// One optimizer step from `net.grads` (see [`effnet_train::trainer::Passes::update`]);
-    /// returns the seconds the exchange took (the stream is drained around it to time it).
+    /// One optimizer step from `net.grads` (see [`effnet_train::trainer::Passes::update`]), the
+    /// exchange timed (the stream is drained around it). With `check_finite` (loss scaling), the
+    /// averaged gradients' norm is read first, and a non-finite one takes no step.
     pub fn update(
         &mut self,
         gpu: &Gpu,
         net: &mut GpuNet,
         u: &Update<'_>,
         exchange: &mut Exchange,
-    ) -> Result<f64> {
+        check_finite: bool,
+    ) -> Result<Stepped> {
         net.has_grads()?;
         let n = net.net.layout.param_len;
         let s = &gpu.stream;
@@ -106,11 +108,19 @@ impl DeviceState {
             gpu.sync()?;
             exchange_seconds = started.elapsed().as_secs_f64();
         }
-        if u.clip_norm > 0.0 {
-            let norm = self.norm(gpu, g, n)?;
-            if norm > u.clip_norm as f64 {
-                scale(gpu, g, n, (u.clip_norm as f64 / norm) as f32)?;
-            }
+        let norm = match check_finite || u.clip_norm > 0.0 {
+            true => self.norm(gpu, g, n)?,
+            false => 0.0,
+        };
+        if !norm.is_finite() {
+            // Every replica sees the same sum, so all skip together.
+            return Ok(Stepped {
+                exchange_seconds,
+                applied: false,
+            });
+        }
+        if u.clip_norm > 0.0 && norm > u.clip_norm as f64 {
+            scale(gpu, g, n, (u.clip_norm as f64 / norm) as f32)?;
         }
         let opt = u.optimizer;
         let (a, b, m) = (
@@ -185,7 +195,10 @@ impl DeviceState {
                 )?;
             }
         }
-        Ok(exchange_seconds)
+        Ok(Stepped {
+            exchange_seconds,
+            applied: true,
+        })
     }
 
     /// The gradients' global L2 norm (waits for the stream).

@@ -2,7 +2,7 @@
 //! NVRTC is missing: set `EFFNET_NVRTC_DIR` (see `effnet_cuda::NVRTC_HELP`).
 
 use effnet_cuda::{
-    compile, compile_all, compile_cubin, ensure_nvrtc, kernel_names, nvrtc_version, units,
+    compile, compile_all, compile_cubin, ensure_nvrtc, kernel_names, nvrtc_version, twin_tag, units,
 };
 
 /// Fails with directions when NVRTC cannot be had from `EFFNET_NVRTC_DIR`.
@@ -84,4 +84,15 @@ fn every_source_compiles_to_a_cubin_for_hopper() {
         err.contains("broken.cu(1)") && err.contains("sm_90"),
         "{err}"
     );
+}
+
+/// Volta (V100, compute capability 7.0) runs f32 and f16 mixed precision: every unit but the
+/// bf16 twins (bf16 conversions need 8.0) compiles for it.
+#[test]
+fn all_but_the_bf16_twins_compile_for_volta() {
+    require_nvrtc();
+    for (name, source) in units().iter().filter(|(n, _)| twin_tag(n) != Some("bf16")) {
+        let cubin = compile_cubin(name, source, (7, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{name}: not an ELF image");
+    }
 }

@@ -44,8 +44,29 @@ pub struct MicroResult {
     /// Whether this micro-batch completed an optimizer step.
     pub stepped: bool,
     /// The step it completed was skipped: a micro-batch of it, on some replica, had a non-finite
-    /// loss (as a dynamic loss scale skips a step), so no weight moved.
+    /// loss (as a dynamic loss scale skips a step), or its scaled gradients overflowed on the
+    /// device (`overflow`), so no weight moved.
     pub skipped: bool,
+    /// The skip was the device's: f16 loss scaling found the gradients non-finite, lowered its
+    /// scale and took no step (the usual, early in a run).
+    pub overflow: bool,
+}
+
+/// How an optimizer step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StepOutcome {
+    Applied,
+    NonFiniteLoss,
+    Overflow,
+}
+
+/// What [`Passes::update`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stepped {
+    /// Seconds spent exchanging gradients.
+    pub exchange_seconds: f64,
+    /// False when the device found the (loss-scaled) gradients non-finite and took no step.
+    pub applied: bool,
 }
 
 /// How the replicas of a data-parallel run cooperate (one process: [`Replicas::single`]).
@@ -155,9 +176,10 @@ pub trait Passes {
 
     /// One optimizer step on the device from the gradients accumulated since the last one:
     /// scaled by `grad_scale`, averaged over the replicas, clipped, applied, then the EMA (the
-    /// trainer zeroes the gradients after, with [`Passes::discard_gradients`]). Returns the
-    /// seconds spent exchanging gradients.
-    fn update(&mut self, _update: &Update<'_>) -> Result<f64, String> {
+    /// trainer zeroes the gradients after, with [`Passes::discard_gradients`]). A device that
+    /// scales the loss may find the gradients non-finite and take no step
+    /// ([`Stepped::applied`]).
+    fn update(&mut self, _update: &Update<'_>) -> Result<Stepped, String> {
         Err(NOT_HELD.into())
     }
 
@@ -449,18 +471,23 @@ impl Trainer {
             .count();
         self.pending += 1;
         let stepped = self.pending == self.config.accumulation.max(1);
-        let skipped = stepped && !self.apply_step()?;
+        let outcome = match stepped {
+            true => self.apply_step()?,
+            false => StepOutcome::Applied,
+        };
         Ok(MicroResult {
             loss: value,
             correct,
             stepped,
-            skipped,
+            skipped: outcome != StepOutcome::Applied,
+            overflow: outcome == StepOutcome::Overflow,
         })
     }
 
     /// Averages the accumulated gradients over micro-batches and replicas and takes one
-    /// optimizer step; returns false when the step was skipped for a non-finite loss.
-    fn apply_step(&mut self) -> Result<bool, String> {
+    /// optimizer step, unless a micro-batch's loss was non-finite or the device's gradients
+    /// overflowed.
+    fn apply_step(&mut self) -> Result<StepOutcome, String> {
         let comm = self.replicas.comm.clone();
         let mut bad = [self.pending_bad as u8 as f64];
         if comm.size() > 1 {
@@ -468,7 +495,7 @@ impl Trainer {
         }
         if bad[0] > 0.0 {
             self.discard_pending()?;
-            return Ok(false);
+            return Ok(StepOutcome::NonFiniteLoss);
         }
         let scale = 1.0 / self.config.accumulation.max(1) as f32;
         let lr = self.config.schedule.at(self.optimizer.step) as f32;
@@ -476,7 +503,7 @@ impl Trainer {
             self.optimizer.step += 1;
             let step = self.optimizer.step;
             self.host_stale = true;
-            self.exchange_seconds += self.passes.update(&Update {
+            let stepped = self.passes.update(&Update {
                 optimizer: &self.optimizer,
                 lr,
                 grad_scale: scale,
@@ -484,8 +511,14 @@ impl Trainer {
                 ema_decay: self.ema.as_ref().map(|e| e.decay_at(step) as f32),
                 replicas: &self.replicas,
             })?;
+            self.exchange_seconds += stepped.exchange_seconds;
             self.discard_pending()?;
-            return Ok(true);
+            if !stepped.applied {
+                // Not a step: the schedule and the EMA's warm-up do not advance.
+                self.optimizer.step -= 1;
+                return Ok(StepOutcome::Overflow);
+            }
+            return Ok(StepOutcome::Applied);
         }
         if scale != 1.0 {
             self.grads
@@ -510,7 +543,7 @@ impl Trainer {
             ema.update(&self.weights, self.optimizer.step);
         }
         self.discard_pending()?;
-        Ok(true)
+        Ok(StepOutcome::Applied)
     }
 
     /// Makes every replica start from rank 0's state: weights, running statistics, optimizer

@@ -12,7 +12,7 @@ use effnet_train::checkpoint::{self, RunState};
 use effnet_train::ema::Ema;
 use effnet_train::optim::{self, Optimizer};
 use effnet_train::trainer::{
-    smoothed, CpuPasses, Passes, Replicas, StateMut, StateRef, Trainer, Update,
+    smoothed, CpuPasses, Passes, Replicas, StateMut, StateRef, Stepped, Trainer, Update,
 };
 
 /// The CPU passes over a state of their own, which the trainer never sees directly.
@@ -27,6 +27,8 @@ struct Held {
     ema: Option<Ema>,
     /// The weights evaluations read, copied in once per evaluation as a GPU does.
     eval_weights: Option<Weights>,
+    /// Updates refused as a loss-scaling device refuses overflowing gradients.
+    refuse: usize,
 }
 
 impl Held {
@@ -39,6 +41,7 @@ impl Held {
             optimizer: None,
             ema: None,
             eval_weights: None,
+            refuse: 0,
         }
     }
 
@@ -133,7 +136,14 @@ impl Passes for Held {
         Ok(())
     }
 
-    fn update(&mut self, u: &Update<'_>) -> Result<f64, String> {
+    fn update(&mut self, u: &Update<'_>) -> Result<Stepped, String> {
+        if self.refuse > 0 {
+            self.refuse -= 1;
+            return Ok(Stepped {
+                exchange_seconds: 0.0,
+                applied: false,
+            });
+        }
         let params = self.params.as_mut().ok_or("no state")?;
         let opt = self.optimizer.as_mut().ok_or("no state")?;
         self.grads.iter_mut().for_each(|g| *g *= u.grad_scale);
@@ -151,7 +161,10 @@ impl Passes for Held {
             };
             ema.update(&current, u.optimizer.step);
         }
-        Ok(0.0)
+        Ok(Stepped {
+            exchange_seconds: 0.0,
+            applied: true,
+        })
     }
 
     fn discard_gradients(&mut self) -> Result<(), String> {
@@ -243,4 +256,41 @@ fn a_device_holding_the_state_trains_bit_for_bit_as_the_host() {
     run(&mut straight, 0..8);
     assert_eq!(ema_weights.params, straight.ema.as_ref().unwrap().params);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// An update the device refuses (f16 loss scaling's overflow) is a skipped step: not counted,
+/// no weight moved, so the run goes on as if that micro-batch had not been trained on.
+#[test]
+fn a_step_the_device_refuses_is_skipped_and_not_counted() {
+    let net = tiny(0.2);
+    let w = Weights::init(&net, 4);
+    let mut rng = Rng::new(8);
+    let batches: Vec<(Vec<f32>, Vec<usize>)> = (0..3).map(|_| batch(&mut rng, 6)).collect();
+    let mut device = Trainer::new(net.clone(), w.clone(), config(1, 0.02));
+    let mut held = Held::new();
+    held.refuse = 1;
+    device.set_passes(Box::new(held)).unwrap();
+    let results: Vec<_> = batches
+        .iter()
+        .map(|(x, y)| device.micro_step(x, 6, 12, &smoothed(y, 3, 0.1)).unwrap())
+        .collect();
+    assert!(
+        results[0].skipped && results[0].overflow,
+        "{:?}",
+        results[0]
+    );
+    assert!(results[1..].iter().all(|r| !r.skipped && !r.overflow));
+    assert_eq!(device.step(), 2);
+    // The same parameters, slots and EMA as a run that never saw the first batch.
+    let mut host = Trainer::new(net.clone(), w, config(1, 0.02));
+    for (x, y) in &batches[1..] {
+        host.micro_step(x, 6, 12, &smoothed(y, 3, 0.1)).unwrap();
+    }
+    device.sync_host().unwrap();
+    assert_eq!(device.weights.params, host.weights.params);
+    assert_eq!(device.optimizer, host.optimizer);
+    assert_eq!(
+        device.ema.as_ref().map(|e| &e.params),
+        host.ema.as_ref().map(|e| &e.params)
+    );
 }

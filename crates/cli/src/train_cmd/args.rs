@@ -400,11 +400,12 @@ pub struct TrainArgs {
     pub use_xla: bool,
     /// Where training runs: `cpu`, or `cuda` (the GPU of this process's local rank; a build with
     /// `--features cuda`): passes, weights, optimizer and EMA on the GPU, `--use-amp` there
-    /// storing activations in bf16.
+    /// storing activations in bf16 (f16 with dynamic loss scaling before Ampere).
     #[arg(long, default_value = "cpu", help_heading = "Precision")]
     pub device: String,
-    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, or `bf16` (as
-    /// `--use-amp`).
+    /// GPU math: `tf32` (tensor cores for f32, the reference's default), `f32`, `bf16` (as
+    /// `--use-amp` from Ampere on), or `f16` (16-bit activations with dynamic loss scaling, as
+    /// the reference's `mixed_float16`; `--use-amp` before Ampere).
     #[arg(long, default_value = "tf32", help_heading = "Precision")]
     pub math: String,
 

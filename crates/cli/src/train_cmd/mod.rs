@@ -214,8 +214,9 @@ fn apply_precision(args: &TrainArgs, say: bool) {
         if say {
             eprintln!(
                 "effnet: --use-amp: on the GPU, activations and their gradients are stored in \
-                 bf16 and convolutions run on bf16 tensor cores with f32 sums; weights, \
-                 optimizer, EMA and batch-norm statistics stay f32"
+                 bf16 (f16 with dynamic loss scaling before Ampere) and convolutions run on \
+                 tensor cores with f32 sums; weights, optimizer, EMA and batch-norm statistics \
+                 stay f32"
             );
         }
     } else if args.use_amp {
@@ -374,9 +375,10 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         crate::Device::Cpu => {}
         #[cfg(feature = "cuda")]
         crate::Device::Cuda => {
-            // --use-amp on the GPU: bf16 activations, f32 sums and state (cuda::device::Math).
+            // --use-amp on the GPU: 16-bit activations (bf16, or f16 with loss scaling before
+            // Ampere), f32 sums and state (cuda::device::Math).
             let math = match args.use_amp {
-                true => effnet_cuda::device::Math::Bf16,
+                true => crate::cuda_cmd::mixed_math()?,
                 false => crate::cuda_cmd::parse_math(&args.math)?,
             };
             let gpu = crate::cuda_cmd::open_gpu("cuda", math)?;
@@ -592,7 +594,8 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
                     epoch + 1
                 );
             }
-            if r.skipped && root {
+            // (An f16 overflow's skip is the GPU's to report, with its new loss scale.)
+            if r.skipped && !r.overflow && root {
                 eprintln!("effnet: step skipped: a micro-batch had a non-finite loss");
             }
             if r.loss.is_finite() {
