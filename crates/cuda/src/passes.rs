@@ -310,7 +310,7 @@ impl Passes for GpuPasses {
             true,
         )?;
         ls.after(stepped.applied);
-        if !stepped.applied {
+        if !stepped.applied && update.replicas.comm.rank() == 0 {
             eprintln!(
                 "effnet: f16 gradients overflowed: step skipped, loss scale now {}",
                 ls.scale
