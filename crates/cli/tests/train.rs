@@ -155,11 +155,14 @@ fn a_run_resumed_inside_an_epoch_ends_as_the_uninterrupted_one() {
     };
     run(&whole, &[]);
     run(&parts, &["--checkpoint-steps", "8", "--keep-last", "5"]);
-    // Keep only the checkpoint 8 steps in, then continue from it.
+    // Keep the checkpoint 8 steps in and damage the one after it (a copy cut short): the
+    // resume reports the damaged one and continues from the one before.
     let mid = parts.join("checkpoint-epoch0000-batch000008.safetensors");
     assert!(mid.exists());
     std::fs::remove_file(parts.join("checkpoint-epoch0001.safetensors")).unwrap();
-    std::fs::remove_file(parts.join("checkpoint-epoch0000-batch000016.safetensors")).unwrap();
+    let damaged = parts.join("checkpoint-epoch0000-batch000016.safetensors");
+    let bytes = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
     let out = run(&parts, &["--resume"]);
     assert!(
         out.contains("resumed from") && out.contains("batch 8"),

@@ -701,6 +701,9 @@ pub fn write_shards(
             samples.len()
         ));
     }
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(format!("{}: a file, not a folder", out_dir.display()));
+    }
     std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
     (0..shards)
         .into_par_iter()

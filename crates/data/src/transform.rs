@@ -82,8 +82,10 @@ impl Normalize {
                     v.try_into().map_err(|_| bad())
                 };
                 let (mean, std) = (three(m)?, three(sd)?);
-                if std.iter().any(|&v| v <= 0.0) {
-                    return Err(bad());
+                if std.iter().any(|&v| v.is_nan() || v <= 0.0) {
+                    return Err(format!(
+                        "normalization {s:?}: each standard deviation must be above 0"
+                    ));
                 }
                 n(mean, std)
             }

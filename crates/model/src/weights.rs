@@ -274,7 +274,13 @@ pub fn rename_lukemelas(net: &Network, tensors: Vec<RawTensor>) -> Result<Vec<Ra
                     ("_project_conv", false) => "conv_pw",
                     ("_bn2", true) => "bn3",
                     ("_bn2", false) => "bn2",
-                    _ => return Err(format!("tensor {:?}: no timm counterpart", t.name)),
+                    _ => {
+                        return Err(format!(
+                            "tensor {:?}: no timm counterpart in {} (is --arch the weights' \
+                             architecture?)",
+                            t.name, net.config.name
+                        ))
+                    }
                 };
                 format!("blocks.{s}.{j}.{to}.{field}")
             } else {

@@ -396,16 +396,34 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
         batch_in_epoch: 0,
     };
     if args.resume && root {
-        if let Some(path) = files.newest_checkpoint()? {
-            position = checkpoint::load(&path, &mut t)?;
-            println!(
-                "resumed from {} (epoch {}, batch {}, step {})",
-                path.display(),
-                position.epoch,
-                position.batch_in_epoch,
-                t.step()
-            );
-        } else {
+        // The newest checkpoint that loads: a damaged one (a disk error, a copy cut short) is
+        // reported and the one before it taken; if none loads, the newest's error stands.
+        let found = files.checkpoints_newest_first()?;
+        let mut first_error = None;
+        for path in &found {
+            match checkpoint::load(path, &mut t) {
+                Ok(at) => {
+                    position = at;
+                    println!(
+                        "resumed from {} (epoch {}, batch {}, step {})",
+                        path.display(),
+                        position.epoch,
+                        position.batch_in_epoch,
+                        t.step()
+                    );
+                    first_error = None;
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("effnet: cannot resume from it: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if found.is_empty() {
             println!(
                 "--resume: no checkpoint in {}; training starts afresh",
                 args.model_dir.display()
@@ -613,8 +631,9 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
                 sums[1] / sums[0].max(1.0)
             );
             progress.update(m + 1, sums[0] as usize * world, &label, &status);
-            if r.stepped && args.checkpoint_steps > 0 && step.is_multiple_of(args.checkpoint_steps)
-            {
+            // A skipped step did not advance `step`: nothing new to save or log.
+            let advanced = r.stepped && !r.skipped;
+            if advanced && args.checkpoint_steps > 0 && step.is_multiple_of(args.checkpoint_steps) {
                 let here = RunState {
                     epoch,
                     batch_in_epoch: ((m + 1) / accum) as u64,
@@ -624,7 +643,7 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
                     files.save_checkpoint(&mut t, here)?;
                 }
             }
-            if r.stepped && step.is_multiple_of(args.log_steps.max(1)) {
+            if advanced && step.is_multiple_of(args.log_steps.max(1)) {
                 let secs = window.1.elapsed().as_secs_f64();
                 let ips = (window.0 * world) as f64 / secs;
                 let exchange = t.exchange_seconds - window.2;

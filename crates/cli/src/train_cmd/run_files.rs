@@ -61,6 +61,12 @@ impl RunFiles {
     pub fn new(args: &TrainArgs, root: bool) -> Result<RunFiles, String> {
         let dir = args.model_dir.clone();
         if root {
+            if dir.exists() && !dir.is_dir() {
+                return Err(format!(
+                    "--model-dir {}: a file, not a folder",
+                    dir.display()
+                ));
+            }
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let params = dir.join("params.yaml");
             std::fs::write(&params, args.to_yaml())
@@ -88,11 +94,14 @@ impl RunFiles {
         dllogger::log(Some(&self.log), start, step, data)
     }
 
-    pub fn newest_checkpoint(&self) -> Result<Option<PathBuf>, String> {
+    /// The run's checkpoints, newest first.
+    pub fn checkpoints_newest_first(&self) -> Result<Vec<PathBuf>, String> {
         if !self.dir.is_dir() {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        Ok(checkpoints(&self.dir)?.pop())
+        let mut found = checkpoints(&self.dir)?;
+        found.reverse();
+        Ok(found)
     }
 
     /// Writes a checkpoint atomically and deletes all but the newest `--keep-last`.
