@@ -635,7 +635,7 @@ fn compare_training(
 pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
     // `--precision bf16` asks for mixed precision, as on the CPU.
     let math = math_or_precision(&args.math, &args.precision)?;
-    let gpu = open_gpu("cuda", math)?;
+    let gpu = Rc::new(open_gpu("cuda", math)?);
     let net = Network::new(arch(&args.arch)?);
     let weights = Weights::init(&net, 0);
     let mut g = GpuNet::new(&gpu, &net, &weights)?;
@@ -718,33 +718,102 @@ pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }
-        times.sort_by(f64::total_cmp);
-        let median = crate::bench::percentile(&times, 50.0);
-        let img_s = n as f64 * 1000.0 / median;
-        if args.json {
-            let line = serde_json::json!({
-                "impl": format!(
-                    "effnet-{}-cuda-{}{}",
-                    env!("CARGO_PKG_VERSION"),
-                    math_name(math),
-                    if graph.is_some() { "-graph" } else { "" }
-                ),
-                "arch": format!("tf_{}", net.config.name),
-                "mode": mode_name,
-                "batch": n,
-                "res": s,
-                "median_ms": (median * 100.0).round() / 100.0,
-                "img_per_s": (img_s * 100.0).round() / 100.0,
-                "device": gpu.name,
-            });
-            println!("{line}");
-        } else {
-            println!(
-                "{} {mode_name} batch {n} at {s}×{s} ({}): {img_s:.1} img/s, median {median:.2} ms",
-                net.config.name,
-                math_name(math)
-            );
+        let suffix = if graph.is_some() { "-graph" } else { "" };
+        print_case(args, &gpu, &net, mode_name, suffix, n, &mut times);
+        if training {
+            drop((graph, ws)); // the trainer plans its own workspace
+            let mut times = trainer_step_times(&gpu, &net, &weights, args, n, &input, &labels)?;
+            print_case(args, &gpu, &net, mode_name, "-trainer", n, &mut times);
         }
     }
     Ok(())
+}
+
+/// One benchmark case's median, as a peers' JSON line or a sentence.
+fn print_case(
+    args: &BenchArgs,
+    gpu: &Gpu,
+    net: &Network,
+    mode_name: &str,
+    suffix: &str,
+    n: usize,
+    times: &mut [f64],
+) {
+    times.sort_by(f64::total_cmp);
+    let median = crate::bench::percentile(times, 50.0);
+    let img_s = n as f64 * 1000.0 / median;
+    let s = args.img_size;
+    let math = math_name(gpu.math);
+    if args.json {
+        let line = serde_json::json!({
+            "impl": format!("effnet-{}-cuda-{math}{suffix}", env!("CARGO_PKG_VERSION")),
+            "arch": format!("tf_{}", net.config.name),
+            "mode": mode_name,
+            "batch": n,
+            "res": s,
+            "median_ms": (median * 100.0).round() / 100.0,
+            "img_per_s": (img_s * 100.0).round() / 100.0,
+            "device": gpu.name,
+        });
+        println!("{line}");
+    } else {
+        let how = match suffix {
+            "-trainer" => " through the trainer: RMSProp, EMA, the loss on the host",
+            "-graph" => " as one CUDA graph",
+            _ => "",
+        };
+        println!(
+            "{} {mode_name} batch {n} at {s}×{s} ({math}){how}: {img_s:.1} img/s, median {median:.2} ms",
+            net.config.name,
+        );
+    }
+}
+
+/// Milliseconds of each timed micro-batch of `effnet train --device cuda`'s own step (the
+/// reference's recipe: RMSProp, label smoothing, EMA; images uploaded, the loss on the host,
+/// forward and backward replayed as graphs, the update on the device), beside the one-graph
+/// step above that matches the PyTorch peer's.
+fn trainer_step_times(
+    gpu: &Rc<Gpu>,
+    net: &Network,
+    weights: &Weights,
+    args: &BenchArgs,
+    n: usize,
+    input: &[f32],
+    labels: &[usize],
+) -> Result<Vec<f64>, String> {
+    let config = TrainConfig {
+        accumulation: 1,
+        label_smoothing: 0.1,
+        bn_momentum: 0.99,
+        optimizer: Kind::RmsProp {
+            rho: 0.9,
+            momentum: 0.9,
+            epsilon: 1e-3,
+        },
+        weight_decay: 1e-5,
+        schedule: Schedule {
+            peak: 0.01,
+            warmup_steps: 1,
+            total_steps: 1_000_000,
+            decay: Decay::Cosine,
+        },
+        ema_decay: Some(0.9999),
+        grad_clip_norm: 0.0,
+        seed: 1,
+    };
+    let mut t = Trainer::new(net.clone(), weights.clone(), config);
+    t.set_passes(Box::new(GpuPasses::new(gpu.clone(), net, weights)?))?;
+    let targets = effnet_train::trainer::smoothed(labels, net.classes, 0.1);
+    let s = args.img_size;
+    let mut times = Vec::new();
+    // Two more warm-up steps than asked: the first runs directly, the second is captured.
+    for step in 0..args.warmup + 2 + args.steps {
+        let started = Instant::now();
+        t.micro_step(input, n, s, &targets)?;
+        if step >= args.warmup + 2 {
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(times)
 }
