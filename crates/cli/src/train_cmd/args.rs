@@ -505,58 +505,28 @@ impl TrainArgs {
                 self.random_translate
             ));
         }
-        // (flag, value, lowest, highest, whether the highest is allowed)
-        for (flag, value, lo, hi, hi_ok) in [
-            ("--lr-init", self.lr_init, 0.0, f64::MAX, true),
-            (
-                "--lr-warmup-epochs",
-                self.lr_warmup_epochs,
-                0.0,
-                f64::MAX,
-                true,
-            ),
-            (
-                "--weight-decay",
-                self.weight_decay as f64,
-                0.0,
-                f64::MAX,
-                true,
-            ),
-            (
-                "--grad-clip-norm",
-                self.grad_clip_norm as f64,
-                0.0,
-                f64::MAX,
-                true,
-            ),
-            (
-                "--label-smoothing",
-                self.label_smoothing as f64,
-                0.0,
-                1.0,
-                false,
-            ),
-            (
-                "--moving-average-decay",
-                self.moving_average_decay,
-                0.0,
-                1.0,
-                false,
-            ),
-            ("--bn-momentum", self.bn_momentum as f64, 0.0, 1.0, true),
-            ("--mixup-alpha", self.mixup_alpha, 0.0, f64::MAX, true),
-            ("--cutmix-alpha", self.cutmix_alpha, 0.0, f64::MAX, true),
-        ] {
-            let inside = value >= lo && (value < hi || (hi_ok && value <= hi));
-            if !(value.is_finite() && inside) {
-                let range = match (hi == f64::MAX, hi_ok) {
-                    (true, _) => format!("a number ≥ {lo}"),
-                    (false, true) => format!("from {lo} to {hi}"),
-                    (false, false) => format!("from {lo} up to, not including, {hi}"),
-                };
-                return Err(format!("{flag} {value}: expected {range}"));
-            }
-        }
+        let non_negative = |flag: &str, v: f64| match v.is_finite() && v >= 0.0 {
+            true => Ok(()),
+            false => Err(format!("{flag} {v}: expected a number ≥ 0")),
+        };
+        let fraction = |flag: &str, v: f64, one_allowed: bool| match (0.0..1.0).contains(&v)
+            || (one_allowed && v == 1.0)
+        {
+            true => Ok(()),
+            false if one_allowed => Err(format!("{flag} {v}: expected from 0 to 1")),
+            false => Err(format!(
+                "{flag} {v}: expected from 0 up to, not including, 1"
+            )),
+        };
+        non_negative("--lr-init", self.lr_init)?;
+        non_negative("--lr-warmup-epochs", self.lr_warmup_epochs)?;
+        non_negative("--weight-decay", self.weight_decay as f64)?;
+        non_negative("--grad-clip-norm", self.grad_clip_norm as f64)?;
+        non_negative("--mixup-alpha", self.mixup_alpha)?;
+        non_negative("--cutmix-alpha", self.cutmix_alpha)?;
+        fraction("--label-smoothing", self.label_smoothing as f64, false)?;
+        fraction("--moving-average-decay", self.moving_average_decay, false)?;
+        fraction("--bn-momentum", self.bn_momentum as f64, true)?;
         Ok(())
     }
 
