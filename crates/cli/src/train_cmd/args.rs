@@ -96,9 +96,11 @@ pub struct TrainArgs {
         help_heading = "Data"
     )]
     pub max_eval_images: usize,
-    /// Loader threads decoding and augmenting ahead of the training step.
-    #[arg(long, default_value_t = 1, help_heading = "Data")]
-    pub workers: usize,
+    /// Loader threads decoding and augmenting ahead of the training step (default: 1 on the
+    /// CPU, whose cores the engine takes; with `--device cuda`, every core of this process's
+    /// share of the machine but one).
+    #[arg(long, help_heading = "Data")]
+    pub workers: Option<usize>,
 
     // --- Schedule
     #[arg(
@@ -474,13 +476,25 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// `--workers`, or its default for the device: a GPU leaves the cores to the loader (the
+    /// processes of one machine sharing them).
+    pub fn loader_workers(&self, local_processes: usize) -> usize {
+        self.workers.unwrap_or_else(|| match self.device.as_str() {
+            "cuda" => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores / local_processes.max(1)).saturating_sub(1).max(1)
+            }
+            _ => 1,
+        })
+    }
+
     /// Refuses values no run can use, before any data is read or anything trains.
     pub fn validate(&self) -> Result<(), String> {
         for (flag, value) in [
             ("--batch-size", self.batch_size as u64),
             ("--grad-accum-steps", self.grad_accum_steps as u64),
             ("--eval-batch-size", self.eval_batch_size as u64),
-            ("--workers", self.workers as u64),
+            ("--workers", self.workers.unwrap_or(1) as u64),
             ("--n-stages", self.n_stages as u64),
             ("--epochs", self.epochs),
             ("--num-epochs-between-eval", self.num_epochs_between_eval),

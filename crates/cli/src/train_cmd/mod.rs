@@ -513,12 +513,18 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
             .unwrap_or(stages[stages.len() - 1])
     };
     let first = stage_of(position.epoch);
+    // The processes sharing this machine's cores (Open MPI's or torchrun's count; 1 alone).
+    let local_processes = ["OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(1);
+    let workers = args.loader_workers(local_processes);
     let loader = Loader::new(
         Arc::new(source),
         LoaderConfig {
             rank,
             world,
-            ..LoaderConfig::train(args.batch_size, args.workers, args.seed)
+            ..LoaderConfig::train(args.batch_size, workers, args.seed)
         },
         Stage {
             size: first.img_size,
