@@ -241,8 +241,13 @@ pub fn train(args: &TrainArgs, mode: Mode) -> Result<(), String> {
     if comm.size() == 1 {
         return run(args, mode, comm);
     }
-    // Every rank gets the same verdict here, so every rank can simply return it.
-    comm.check_same(&args.shared_config())?;
+    // Every rank gets the same verdict here. Each says it, and they leave together: mpirun ends
+    // the other processes as soon as one exits non-zero, which could silence a slower rank.
+    if let Err(e) = comm.check_same(&args.shared_config()) {
+        eprintln!("effnet: {e}");
+        let _ = comm.barrier();
+        std::process::exit(1);
+    }
     // One write, so that the ranks' lines never interleave.
     let hello = format!(
         "effnet: rank {} of {} (local rank {}, pid {}): {}\n",
