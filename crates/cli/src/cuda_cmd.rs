@@ -506,6 +506,31 @@ fn compare_updates(
     Ok(())
 }
 
+/// The reference's training recipe in small (RMSProp, label smoothing 0.1, BN momentum 0.99,
+/// L2 1e-5, warm-up then cosine over `total_steps`, EMA 0.9999), for the GPU's trainer checks.
+fn recipe(total_steps: u64) -> TrainConfig {
+    TrainConfig {
+        accumulation: 1,
+        label_smoothing: 0.1,
+        bn_momentum: 0.99,
+        optimizer: Kind::RmsProp {
+            rho: 0.9,
+            momentum: 0.9,
+            epsilon: 1e-3,
+        },
+        weight_decay: 1e-5,
+        schedule: Schedule {
+            peak: 0.01,
+            warmup_steps: 1,
+            total_steps,
+            decay: Decay::Cosine,
+        },
+        ema_decay: Some(0.9999),
+        grad_clip_norm: 0.0,
+        seed: 1,
+    }
+}
+
 /// Four micro-batches (two accumulated steps, RMSProp, clipping, EMA) through the trainer on
 /// the GPU's passes — state held on the device, passes replayed from CUDA graphs after the
 /// first — against the same on the CPU engine: losses, then weights, slots and EMA.
@@ -519,25 +544,12 @@ fn compare_training(
 ) -> Result<(), String> {
     let config = TrainConfig {
         accumulation: 2,
-        label_smoothing: 0.1,
-        bn_momentum: 0.99,
-        optimizer: Kind::RmsProp {
-            rho: 0.9,
-            momentum: 0.9,
-            epsilon: 1e-3,
-        },
-        weight_decay: 1e-5,
-        schedule: Schedule {
-            peak: 0.01,
-            warmup_steps: 1,
-            total_steps: 10,
-            decay: Decay::Cosine,
-        },
-        ema_decay: Some(0.999),
         // Clipping to a norm of 1 would hide a wrong loss-scale division (both sides clip to
         // the same gradient): f16 trains unclipped here (compare_updates tests clipping).
         grad_clip_norm: if gpu.math == Math::F16 { 0.0 } else { 1.0 },
+        ema_decay: Some(0.999),
         seed: 3,
+        ..recipe(10)
     };
     let mut cpu = Trainer::new(net.clone(), w.clone(), config.clone());
     let mut dev = Trainer::new(net.clone(), w.clone(), config);
@@ -782,26 +794,7 @@ fn trainer_step_times(
     input: &[f32],
     labels: &[usize],
 ) -> Result<Vec<f64>, String> {
-    let config = TrainConfig {
-        accumulation: 1,
-        label_smoothing: 0.1,
-        bn_momentum: 0.99,
-        optimizer: Kind::RmsProp {
-            rho: 0.9,
-            momentum: 0.9,
-            epsilon: 1e-3,
-        },
-        weight_decay: 1e-5,
-        schedule: Schedule {
-            peak: 0.01,
-            warmup_steps: 1,
-            total_steps: 1_000_000,
-            decay: Decay::Cosine,
-        },
-        ema_decay: Some(0.9999),
-        grad_clip_norm: 0.0,
-        seed: 1,
-    };
+    let config = recipe(1_000_000);
     let mut t = Trainer::new(net.clone(), weights.clone(), config);
     t.set_passes(Box::new(GpuPasses::new(gpu.clone(), net, weights)?))?;
     let targets = effnet_train::trainer::smoothed(labels, net.classes, 0.1);
