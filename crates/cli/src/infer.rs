@@ -119,6 +119,64 @@ impl Classifier {
     }
 }
 
+impl Classifier {
+    /// Whether the passes leave the CPU's cores free while they run (then the next batch is
+    /// decoded meanwhile: [`pipelined`]).
+    fn frees_the_cpu(&self) -> bool {
+        match self {
+            Classifier::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            Classifier::Gpu(_) => true,
+        }
+    }
+}
+
+/// Runs `prepare` on each of `items` and `consume` on the results, in order. With `overlap`,
+/// item k + 1 is prepared on another thread while item k is consumed (a GPU's forward pass
+/// then hides the decoding of the next batch); without, one after the other (the CPU engine
+/// wants every core for its own passes). An error of `consume` stops both.
+fn pipelined<T: Sync, U: Send>(
+    items: &[T],
+    overlap: bool,
+    prepare: impl Fn(&T) -> U + Sync,
+    mut consume: impl FnMut(U) -> Result<(), String>,
+) -> Result<(), String> {
+    if !overlap {
+        return items.iter().try_for_each(|item| consume(prepare(item)));
+    }
+    std::thread::scope(|s| {
+        let (ready, prepared) = std::sync::mpsc::sync_channel(1);
+        let prepare = &prepare;
+        s.spawn(move || {
+            for item in items {
+                // A closed channel: the consumer stopped on an error.
+                if ready.send(prepare(item)).is_err() {
+                    break;
+                }
+            }
+        });
+        prepared.into_iter().try_for_each(&mut consume)
+    })
+}
+
+/// A batch of image files through the eval transform: their rows in `images` (or why each
+/// could not be read).
+struct Decoded<'a> {
+    paths: &'a [PathBuf],
+    rows: Vec<Result<usize, String>>,
+    images: Vec<f32>,
+}
+
+fn decode<'a>(t: &Transform, paths: &'a [PathBuf]) -> Decoded<'a> {
+    let mut images = Vec::new();
+    let rows = t.batch(paths, |p| read_image(p), &mut images);
+    Decoded {
+        paths,
+        rows,
+        images,
+    }
+}
+
 /// Runs eval-mode forward passes on the CPU, keeping one workspace per batch size seen.
 struct Runner {
     net: Network,
@@ -383,36 +441,42 @@ pub fn predict(args: &PredictArgs) -> Result<(), String> {
         let t = transform;
         eprintln!("preprocess: {}", t.describe());
         let mut failed = 0;
-        let mut batch = Vec::new();
-        for chunk in paths.chunks(batch_size) {
-            let rows = t.batch(chunk, |p| read_image(p), &mut batch);
-            let n = rows.iter().filter(|r| r.is_ok()).count();
-            let logits = if n > 0 {
-                classifier.logits(&batch, n, t.size)?
-            } else {
-                Vec::new()
-            };
-            for (path, row) in chunk.iter().zip(rows) {
-                match row {
-                    Ok(r) => {
-                        let l = &logits[r * classes..][..classes];
-                        print_prediction(
-                            args.format,
-                            &path.display().to_string(),
-                            &top_k(l, k),
-                            &names,
-                        );
-                    }
-                    Err(reason) => {
-                        eprintln!("effnet: {}: {reason}", path.display());
-                        failed += 1;
+        let chunks: Vec<&[PathBuf]> = paths.chunks(batch_size).collect();
+        let overlap = classifier.frees_the_cpu();
+        pipelined(
+            &chunks,
+            overlap,
+            |chunk| decode(&t, chunk),
+            |batch| {
+                let n = batch.rows.iter().filter(|r| r.is_ok()).count();
+                let logits = if n > 0 {
+                    classifier.logits(&batch.images, n, t.size)?
+                } else {
+                    Vec::new()
+                };
+                for (path, row) in batch.paths.iter().zip(batch.rows) {
+                    match row {
+                        Ok(r) => {
+                            let l = &logits[r * classes..][..classes];
+                            print_prediction(
+                                args.format,
+                                &path.display().to_string(),
+                                &top_k(l, k),
+                                &names,
+                            );
+                        }
+                        Err(reason) => {
+                            eprintln!("effnet: {}: {reason}", path.display());
+                            failed += 1;
+                        }
                     }
                 }
-            }
-            if args.logits_out.is_some() {
-                all_logits.extend(logits);
-            }
-        }
+                if args.logits_out.is_some() {
+                    all_logits.extend(logits);
+                }
+                Ok(())
+            },
+        )?;
         if let Some(out) = &args.logits_out {
             npy::write_f32(out, &[all_logits.len() / classes, classes], &all_logits)?;
         }
@@ -490,34 +554,47 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
     let (mut seen, mut top1, mut top5, mut loss_sum, mut failed) =
         (0usize, 0usize, 0usize, 0f64, 0usize);
     let mut batch_ms = Vec::new();
-    let mut batch = Vec::new();
-    for chunk in folder.samples.chunks(args.batch_size) {
-        let t0 = Instant::now();
-        let paths: Vec<PathBuf> = chunk.iter().map(|(p, _)| p.clone()).collect();
-        let rows = t.batch(&paths, |p| read_image(p), &mut batch);
-        let labels: Vec<usize> = chunk
-            .iter()
-            .zip(&rows)
-            .filter(|(_, r)| r.is_ok())
-            .map(|((_, l), _)| *l)
-            .collect();
-        for (path, r) in paths.iter().zip(&rows) {
-            if let Err(reason) = r {
-                eprintln!("effnet: {}: {reason}", path.display());
-                failed += 1;
+    let (paths, all_labels): (Vec<PathBuf>, Vec<usize>) = folder.samples.iter().cloned().unzip();
+    let chunks: Vec<(&[PathBuf], &[usize])> = paths
+        .chunks(args.batch_size)
+        .zip(all_labels.chunks(args.batch_size))
+        .collect();
+    let overlap = classifier.frees_the_cpu();
+    // A batch's time is the wall time from the previous result to its own: decoding and
+    // forward pass one after the other on the CPU, overlapped on a GPU.
+    let mut last = Instant::now();
+    pipelined(
+        &chunks,
+        overlap,
+        |(paths, labels)| (decode(&t, paths), *labels),
+        |(batch, labels)| {
+            let labels: Vec<usize> = labels
+                .iter()
+                .zip(&batch.rows)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(l, _)| *l)
+                .collect();
+            for (path, r) in batch.paths.iter().zip(&batch.rows) {
+                if let Err(reason) = r {
+                    eprintln!("effnet: {}: {reason}", path.display());
+                    failed += 1;
+                }
             }
-        }
-        if labels.is_empty() {
-            continue;
-        }
-        let logits = classifier.logits(&batch, labels.len(), t.size)?;
-        batch_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-        let scores = batch_scores(&logits, &labels, classes);
-        top1 += scores.top1;
-        top5 += scores.top5;
-        loss_sum += scores.loss_sum;
-        seen += labels.len();
-    }
+            if labels.is_empty() {
+                return Ok(());
+            }
+            let logits = classifier.logits(&batch.images, labels.len(), t.size)?;
+            let now = Instant::now();
+            batch_ms.push((now - last).as_secs_f64() * 1000.0);
+            last = now;
+            let scores = batch_scores(&logits, &labels, classes);
+            top1 += scores.top1;
+            top5 += scores.top5;
+            loss_sum += scores.loss_sum;
+            seen += labels.len();
+            Ok(())
+        },
+    )?;
     if seen == 0 {
         return Err(format!(
             "{}: no image could be read",
@@ -560,7 +637,8 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         );
     }
     println!(
-        "(latency: per batch of {}, decode + forward, true percentiles by nearest rank)",
+        "(latency: per batch of {}, wall time between results — decode then forward, or both \
+         at once on a GPU — true percentiles by nearest rank)",
         args.batch_size
     );
     dllogger::log(args.log_file.as_deref(), start, serde_json::json!([]), data)?;
@@ -571,4 +649,67 @@ pub fn eval(args: &EvalArgs) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pipelined;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn pipelined_keeps_the_order_overlaps_and_stops_at_an_error() {
+        let items: Vec<usize> = (0..50).collect();
+        for overlap in [false, true] {
+            let mut got = Vec::new();
+            pipelined(
+                &items,
+                overlap,
+                |i| i * 2,
+                |v| {
+                    got.push(v);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(got, (0..50).map(|i| i * 2).collect::<Vec<_>>());
+            // An error ends the run soon: at most the item in the channel and the one being
+            // prepared beyond the failing one.
+            let prepared = AtomicUsize::new(0);
+            let result = pipelined(
+                &items,
+                overlap,
+                |i| {
+                    prepared.fetch_add(1, Ordering::SeqCst);
+                    *i
+                },
+                |v| {
+                    if v == 3 {
+                        Err(format!("item {v}"))
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
+            assert_eq!(result, Err("item 3".to_string()));
+            let prepared = prepared.load(Ordering::SeqCst);
+            assert!(
+                (4..=6).contains(&prepared),
+                "overlap={overlap}: {prepared} prepared"
+            );
+        }
+        // With overlap the preparing happens on another thread.
+        let main = std::thread::current().id();
+        let mut ids = Vec::new();
+        pipelined(
+            &[1, 2, 3],
+            true,
+            |_| std::thread::current().id(),
+            |id| {
+                ids.push(id);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(ids.len() == 3 && ids.iter().all(|&id| id != main));
+    }
 }
