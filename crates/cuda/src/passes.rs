@@ -104,11 +104,6 @@ impl GpuPasses {
         })
     }
 
-    /// The dynamic loss scale now (f16 only).
-    pub fn loss_scale(&self) -> Option<LossScale> {
-        self.loss_scale
-    }
-
     /// Starts the loss scale at `scale` (f16 only; the self-test starts lower so that its
     /// random network's first step does not overflow).
     pub fn set_loss_scale(&mut self, scale: f32) {
