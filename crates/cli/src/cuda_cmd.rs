@@ -70,23 +70,18 @@ pub fn math_or_precision(math: &str, precision: &str) -> Result<Math, String> {
     }
 }
 
-/// Mixed precision for this process's GPU: bf16 from compute capability 8.0 (Ampere) on, f16
-/// with loss scaling on Volta and Turing (`train --use-amp`).
-pub fn mixed_math() -> Result<Math, String> {
-    let (major, _) = effnet_cuda::device::capability(local_rank())?;
-    Ok(Math::mixed_for(major))
-}
-
 /// The GPU of this process's local rank, announced on stderr (stdout may be JSON or CSV).
-pub fn open_gpu(device: &str, math: Math) -> Result<Gpu, String> {
+/// `math` None: mixed precision as the chip has it, bf16 from compute capability 8.0 (Ampere)
+/// on, f16 with loss scaling on Volta and Turing (`train --use-amp`).
+pub fn open_gpu(device: &str, math: Option<Math>) -> Result<Gpu, String> {
     if device != "cuda" {
         return Err(format!("unknown --device {device:?}: expected cuda"));
     }
     let ordinal = local_rank();
     let gpu = Gpu::new(ordinal, math)?;
     eprintln!(
-        "device {ordinal}: {} (compute capability {}.{}), math {math:?}",
-        gpu.name, gpu.capability.0, gpu.capability.1
+        "device {ordinal}: {} (compute capability {}.{}), math {:?}",
+        gpu.name, gpu.capability.0, gpu.capability.1, gpu.math
     );
     Ok(gpu)
 }
@@ -177,7 +172,7 @@ fn perturb_batch_norm(net: &Network, w: &mut Weights, rng: &mut Rng) {
 
 pub fn selftest(args: &SelftestArgs) -> Result<(), String> {
     let math = parse_math(&args.math)?;
-    let gpu = Rc::new(open_gpu(&args.device, math)?);
+    let gpu = Rc::new(open_gpu(&args.device, Some(math))?);
     let net = Network::new(arch(&args.arch)?);
     let (n, s) = (args.batch_size, args.img_size);
     if n < 2 || s < 8 {
@@ -647,7 +642,7 @@ fn compare_training(
 pub fn bench(args: &BenchArgs, training: bool) -> Result<(), String> {
     // `--precision bf16` asks for mixed precision, as on the CPU.
     let math = math_or_precision(&args.math, &args.precision)?;
-    let gpu = Rc::new(open_gpu("cuda", math)?);
+    let gpu = Rc::new(open_gpu("cuda", Some(math))?);
     let net = Network::new(arch(&args.arch)?);
     let weights = Weights::init(&net, 0);
     let mut g = GpuNet::new(&gpu, &net, &weights)?;

@@ -78,7 +78,7 @@ impl ComputeArgs {
             #[cfg(feature = "cuda")]
             crate::Device::Cuda => {
                 let math = crate::cuda_cmd::math_or_precision(&self.math, &self.precision)?;
-                let gpu = crate::cuda_cmd::open_gpu("cuda", math)?;
+                let gpu = crate::cuda_cmd::open_gpu("cuda", Some(math))?;
                 Ok(Backend::Gpu(std::rc::Rc::new(gpu)))
             }
         }

@@ -64,15 +64,6 @@ impl Math {
     }
 }
 
-/// The compute capability of device `ordinal`, before choosing its [`Math`].
-pub fn capability(ordinal: usize) -> Result<(i32, i32)> {
-    check_libraries()?;
-    CudaContext::new(ordinal)
-        .map_err(err("opening the CUDA device"))?
-        .compute_capability()
-        .map_err(err("compute capability"))
-}
-
 /// What is missing when a library cannot be opened, and where to get it.
 const LIBRARY_HELP: &str = "The CUDA device needs the NVIDIA driver (libcuda.so.1), cuBLAS \
 (libcublas.so.13 or .12), cuDNN 9 (libcudnn.so.9) and NVRTC (libnvrtc.so.13 or .12) on the \
@@ -125,8 +116,8 @@ fn check_libraries() -> Result<()> {
 
 impl Gpu {
     /// Opens device `ordinal`, compiles and loads the kernels, and creates the library handles
-    /// on one stream.
-    pub fn new(ordinal: usize, math: Math) -> Result<Gpu> {
+    /// on one stream. `math` None: mixed precision as the chip has it ([`Math::mixed_for`]).
+    pub fn new(ordinal: usize, math: Option<Math>) -> Result<Gpu> {
         check_libraries()?;
         let ctx = CudaContext::new(ordinal).map_err(err("opening the CUDA device"))?;
         // SAFETY: every buffer and call of this device runs on the one stream created below, in
@@ -138,6 +129,7 @@ impl Gpu {
             .compute_capability()
             .map_err(err("compute capability"))?;
         let (major, minor) = capability;
+        let math = math.unwrap_or(Math::mixed_for(major));
         if math == Math::Bf16 && major < 8 {
             return Err(format!(
                 "{name} (compute capability {major}.{minor}) has no bf16 conversions: bf16 mixed \

@@ -383,8 +383,8 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
             // --use-amp on the GPU: 16-bit activations (bf16, or f16 with loss scaling before
             // Ampere), f32 sums and state (cuda::device::Math).
             let math = match args.use_amp {
-                true => crate::cuda_cmd::mixed_math()?,
-                false => crate::cuda_cmd::parse_math(&args.math)?,
+                true => None,
+                false => Some(crate::cuda_cmd::parse_math(&args.math)?),
             };
             let gpu = crate::cuda_cmd::open_gpu("cuda", math)?;
             let passes =
