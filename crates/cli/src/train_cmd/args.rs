@@ -523,11 +523,8 @@ impl TrainArgs {
             true => Ok(()),
             false => Err(format!("{flag} {v}: expected a number ≥ 0")),
         };
-        let fraction = |flag: &str, v: f64, one_allowed: bool| match (0.0..1.0).contains(&v)
-            || (one_allowed && v == 1.0)
-        {
+        let fraction = |flag: &str, v: f64| match (0.0..1.0).contains(&v) {
             true => Ok(()),
-            false if one_allowed => Err(format!("{flag} {v}: expected from 0 to 1")),
             false => Err(format!(
                 "{flag} {v}: expected from 0 up to, not including, 1"
             )),
@@ -538,9 +535,19 @@ impl TrainArgs {
         non_negative("--grad-clip-norm", self.grad_clip_norm as f64)?;
         non_negative("--mixup-alpha", self.mixup_alpha)?;
         non_negative("--cutmix-alpha", self.cutmix_alpha)?;
-        fraction("--label-smoothing", self.label_smoothing as f64, false)?;
-        fraction("--moving-average-decay", self.moving_average_decay, false)?;
-        fraction("--bn-momentum", self.bn_momentum as f64, true)?;
+        fraction("--label-smoothing", self.label_smoothing as f64)?;
+        fraction("--moving-average-decay", self.moving_average_decay)?;
+        for (flag, value) in [
+            ("--translate-const", self.translate_const),
+            ("--cutout-const", self.cutout_const),
+        ] {
+            if value.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                return Err(format!("{flag} is a size in pixels: a number ≥ 0"));
+            }
+        }
+        if self.crop_area_range.is_some() && !self.random_crop {
+            return Err("--crop-area-range shapes the random crop: add --random-crop".into());
+        }
         Ok(())
     }
 

@@ -140,8 +140,9 @@ fn model_overrides(args: &TrainArgs) -> Result<(f32, Option<f32>, Option<f32>), 
             }
         }
     }
+    // Here rather than in TrainArgs::validate: --mparams may set it too.
     if !(0.0..=1.0).contains(&bn) {
-        return Err(format!("the BN momentum {bn}: expected from 0 to 1"));
+        return Err(format!("--bn-momentum {bn}: expected from 0 to 1"));
     }
     for (name, rate) in [("dropout", dropout), ("drop-connect", drop_connect)] {
         if rate.is_some_and(|r| !(0.0..1.0).contains(&r)) {
@@ -272,17 +273,6 @@ fn run(args: &TrainArgs, mode: Mode, comm: Arc<dyn Communicator>) -> Result<(), 
     let (rank, world) = (comm.rank(), comm.size());
     let root = rank == 0;
     args.validate()?;
-    for (flag, value) in [
-        ("--translate-const", args.translate_const),
-        ("--cutout-const", args.cutout_const),
-    ] {
-        if value.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
-            return Err(format!("{flag} is a size in pixels: a number ≥ 0"));
-        }
-    }
-    if args.crop_area_range.is_some() && !args.random_crop {
-        return Err("--crop-area-range shapes the random crop: add --random-crop".into());
-    }
     apply_precision(args, root);
     let (bn_momentum, dropout, drop_connect) = model_overrides(args)?;
     let data = Data::open(&args.data_dir, args.max_train_images, args.max_eval_images)?;
