@@ -109,17 +109,6 @@ impl Classifier {
         })
     }
 
-    /// Logits for `n` NHWC images of `size`×`size`.
-    fn logits(&mut self, input: &[f32], n: usize, size: usize) -> Result<Vec<f32>, String> {
-        match self {
-            Classifier::Cpu(runner) => Ok(runner.logits(input, n, size)),
-            #[cfg(feature = "cuda")]
-            Classifier::Gpu(gpu) => gpu.logits(input, n, size),
-        }
-    }
-}
-
-impl Classifier {
     /// Whether the passes leave the CPU's cores free while they run (then the next batch is
     /// decoded meanwhile: [`pipelined`]).
     fn frees_the_cpu(&self) -> bool {
@@ -127,6 +116,15 @@ impl Classifier {
             Classifier::Cpu(_) => false,
             #[cfg(feature = "cuda")]
             Classifier::Gpu(_) => true,
+        }
+    }
+
+    /// Logits for `n` NHWC images of `size`×`size`.
+    fn logits(&mut self, input: &[f32], n: usize, size: usize) -> Result<Vec<f32>, String> {
+        match self {
+            Classifier::Cpu(runner) => Ok(runner.logits(input, n, size)),
+            #[cfg(feature = "cuda")]
+            Classifier::Gpu(gpu) => gpu.logits(input, n, size),
         }
     }
 }
